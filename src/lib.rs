@@ -2,6 +2,7 @@
 //! (Crate docs are completed below once the engine exists.)
 
 pub mod clock;
+mod engine;
 mod error;
 mod function;
 mod in_flight;
@@ -15,3 +16,8 @@ pub use function::{from_fn, AsyncFunction, Fallback, FnFunction, Outputs, Output
 pub use metrics::MetricsSnapshot;
 pub use operator::{AsyncWait, Element, Emitted, OperatorConfig, OutputMode};
 pub use retry::{Backoff, Jitter, RetryPolicy};
+pub use engine::{
+    default_shards, hash_key, plan, usable_cores, Consumer, Output, Pinning, Producer, Routing,
+    ShardContext, ShardPlacement, Stage, StageBuilder, StageHandle, DEFAULT_IO_MEMORY,
+    DEFAULT_RING_DEPTH,
+};

@@ -201,3 +201,106 @@ pub fn ms(n: u64) -> Duration {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("simulated lookup failure: {0}")]
 pub struct SimError(pub &'static str);
+
+/// One input element as the test pushed it: a record (seq, key) or a watermark (seq, ts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum In {
+    Rec { seq: u64, key: u64 },
+    Wm { seq: u64, ts: u64 },
+}
+
+/// One merged output element: the input seq of a record, or a watermark timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Out {
+    Rec(u64),
+    Wm(u64),
+}
+
+/// Checks a merged output against the plain model of each mode:
+/// - every record exactly once (nothing lost, nothing duplicated);
+/// - every watermark once, in increasing order, with every record pushed before it ahead of
+///   it and every record pushed after it behind it (the barrier, all modes);
+/// - `Ordered`: records in input order; `KeyOrdered`: records of one key in input order.
+///
+/// Assumes the input's watermarks strictly increase.
+pub fn check_merged(mode: sluice::OutputMode, input: &[In], output: &[Out]) {
+    use std::collections::HashMap;
+    let mut position = HashMap::new();
+    for (i, o) in output.iter().enumerate() {
+        if let Out::Rec(seq) = o {
+            assert!(position.insert(*seq, i).is_none(), "record {seq} emitted twice");
+        }
+    }
+    let records: Vec<(u64, u64)> = input
+        .iter()
+        .filter_map(|e| match e {
+            In::Rec { seq, key } => Some((*seq, *key)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(position.len(), records.len(), "records lost: output {output:?}");
+    for (seq, _) in &records {
+        assert!(position.contains_key(seq), "record {seq} lost");
+    }
+    let wm_pos: HashMap<u64, usize> = output
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| match o {
+            Out::Wm(ts) => Some((*ts, i)),
+            _ => None,
+        })
+        .collect();
+    let in_wms: Vec<(u64, u64)> = input
+        .iter()
+        .filter_map(|e| match e {
+            In::Wm { seq, ts } => Some((*seq, *ts)),
+            _ => None,
+        })
+        .collect();
+    let out_wms: Vec<u64> = output
+        .iter()
+        .filter_map(|o| match o {
+            Out::Wm(ts) => Some(*ts),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(out_wms, in_wms.iter().map(|w| w.1).collect::<Vec<_>>(), "watermarks");
+    for &(wseq, ts) in &in_wms {
+        let wp = wm_pos[&ts];
+        for &(seq, _) in &records {
+            let rp = position[&seq];
+            if seq < wseq {
+                assert!(rp < wp, "record {seq} overtaken by watermark {ts}: {output:?}");
+            } else {
+                assert!(rp > wp, "record {seq} overtook watermark {ts}: {output:?}");
+            }
+        }
+    }
+    match mode {
+        sluice::OutputMode::Ordered => {
+            let order: Vec<u64> = output
+                .iter()
+                .filter_map(|o| match o {
+                    Out::Rec(s) => Some(*s),
+                    _ => None,
+                })
+                .collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(order, sorted, "ordered mode out of input order");
+        }
+        sluice::OutputMode::KeyOrdered => {
+            let mut last: HashMap<u64, u64> = HashMap::new();
+            let key_of: HashMap<u64, u64> = records.iter().copied().collect();
+            for o in output {
+                if let Out::Rec(seq) = o {
+                    let key = key_of[seq];
+                    if let Some(prev) = last.insert(key, *seq) {
+                        assert!(prev < *seq, "key {key}: record {seq} overtook {prev}");
+                    }
+                }
+            }
+        }
+        sluice::OutputMode::Unordered => {}
+    }
+}

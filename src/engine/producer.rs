@@ -1,0 +1,141 @@
+//! `Producer`: the stage's input side. Assigns sequence numbers, routes records to shards
+//! (round-robin or by key hash) and broadcasts watermarks, over bounded flume channels.
+//!
+//! Owns: the global input order. Invariants: every element gets the next sequence number, so
+//! sequence numbers are dense; a record goes to exactly one shard, a watermark to every shard
+//! with one sequence number; a full shard channel blocks (or awaits), it never drops; a push
+//! that fails hands the element back.
+
+use crate::error::PushError;
+use crate::operator::Element;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub(crate) type KeyFn<I> = Arc<dyn Fn(&I) -> u64 + Send + Sync>;
+
+/// How records are spread over shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// In turn; ignores keys.
+    RoundRobin,
+    /// By the hash of the record's key: one key always goes to one shard.
+    ByKey,
+}
+
+/// The input side of a stage. Not `Clone`: one producer defines one input order.
+pub struct Producer<I> {
+    senders: Vec<flume::Sender<Element<I>>>,
+    next_seq: u64,
+    next_shard: usize,
+    key_fn: Option<KeyFn<I>>,
+    routing: Routing,
+}
+
+/// Spreads a user key over shards; the key may have little entropy (small integers).
+pub(crate) fn shard_of(key: u64, shards: usize) -> usize {
+    let mixed = (key ^ (key >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    ((mixed ^ (mixed >> 33)) % shards as u64) as usize
+}
+
+impl<I> Producer<I> {
+    pub(crate) fn new(
+        senders: Vec<flume::Sender<Element<I>>>,
+        key_fn: Option<KeyFn<I>>,
+        routing: Routing,
+    ) -> Self {
+        assert!(!senders.is_empty(), "a stage has at least one shard");
+        assert!(
+            routing == Routing::RoundRobin || key_fn.is_some(),
+            "key routing needs a key function"
+        );
+        Producer {
+            senders,
+            next_seq: 0,
+            next_shard: 0,
+            key_fn,
+            routing,
+        }
+    }
+
+    /// The sequence number the next element will get (also: elements pushed so far).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    fn route(&mut self, input: I) -> (usize, Element<I>) {
+        let seq = self.next_seq;
+        let key = self.key_fn.as_ref().map_or(seq, |f| f(&input));
+        let shard = match self.routing {
+            Routing::ByKey => shard_of(key, self.senders.len()),
+            Routing::RoundRobin => {
+                let s = self.next_shard;
+                self.next_shard = (s + 1) % self.senders.len();
+                s
+            }
+        };
+        let element = Element::Record {
+            seq,
+            key,
+            input,
+            pushed_at: Instant::now(),
+        };
+        (shard, element)
+    }
+
+    fn unwrap_record(element: Element<I>) -> I {
+        match element {
+            Element::Record { input, .. } => input,
+            Element::Watermark { .. } => unreachable!("a record was sent"),
+        }
+    }
+
+    /// Pushes a record, blocking while its shard is full. Returns the record's sequence number.
+    pub fn push(&mut self, input: I) -> Result<u64, PushError<I>> {
+        let (shard, element) = self.route(input);
+        match self.senders[shard].send(element) {
+            Ok(()) => Ok(self.take_seq()),
+            Err(flume::SendError(e)) => Err(PushError::Closed(Self::unwrap_record(e))),
+        }
+    }
+
+    /// Pushes a record, awaiting while its shard is full (usable from any async runtime).
+    pub async fn push_async(&mut self, input: I) -> Result<u64, PushError<I>> {
+        let (shard, element) = self.route(input);
+        match self.senders[shard].send_async(element).await {
+            Ok(()) => Ok(self.take_seq()),
+            Err(flume::SendError(e)) => Err(PushError::Closed(Self::unwrap_record(e))),
+        }
+    }
+
+    /// Broadcasts a watermark to every shard, blocking while a shard is full.
+    pub fn push_watermark(&mut self, timestamp: u64) -> Result<u64, PushError<u64>> {
+        let seq = self.next_seq;
+        for sender in &self.senders {
+            sender
+                .send(Element::Watermark { seq, timestamp })
+                .map_err(|_| PushError::Closed(timestamp))?;
+        }
+        Ok(self.take_seq())
+    }
+
+    /// Broadcasts a watermark to every shard, awaiting while a shard is full.
+    pub async fn push_watermark_async(&mut self, timestamp: u64) -> Result<u64, PushError<u64>> {
+        let seq = self.next_seq;
+        for sender in &self.senders {
+            sender
+                .send_async(Element::Watermark { seq, timestamp })
+                .await
+                .map_err(|_| PushError::Closed(timestamp))?;
+        }
+        Ok(self.take_seq())
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// Ends the input: shards finish what they hold, then the consumer's stream ends.
+    pub fn finish(self) {}
+}

@@ -1,0 +1,180 @@
+//! The engine on real glommio executors: 1, 2 and 4 shards (4 shards on a 2-core machine run
+//! unpinned), every mode, records with varying latency and watermarks every few records. The
+//! merged output must keep each mode's guarantees across shards.
+
+mod common;
+
+use common::{check_merged, In, Out};
+use sluice::{from_fn, Output, OutputMode, Outputs, Stage};
+use std::time::Duration;
+
+/// Input: (seq, key, latency in microseconds). Output: the seq, after the latency.
+fn run(mode: OutputMode, shards: usize, records: u64) {
+    let stage = Stage::builder(|_ctx| {
+        from_fn(|&(seq, _key, latency_us): &(u64, u64, u64)| async move {
+            glommio::timer::sleep(Duration::from_micros(latency_us)).await;
+            Ok::<_, std::io::Error>(Outputs::One(seq))
+        })
+    })
+    .shards(shards)
+    .capacity(8)
+    .timeout(Duration::from_secs(30))
+    .mode(mode)
+    .key_by(|&(_, key, _): &(u64, u64, u64)| key)
+    .start()
+    .expect("stage starts");
+    let (mut producer, mut consumer, handle) = stage.split();
+    assert_eq!(handle.placements().len(), shards);
+
+    let feeder = std::thread::spawn(move || {
+        let mut pushed = vec![];
+        let mut ts = 0;
+        for i in 0..records {
+            // Deterministic pseudo-random latency in 0..2000 us and key in 0..5.
+            let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+            let (latency, key) = (h % 2000, h % 5);
+            let seq = producer.next_seq();
+            assert_eq!(producer.push((seq, key, latency)).unwrap(), seq);
+            pushed.push(In::Rec { seq, key });
+            if i % 7 == 6 {
+                ts += 10;
+                let seq = producer.push_watermark(ts).unwrap();
+                pushed.push(In::Wm { seq, ts });
+            }
+        }
+        producer.finish();
+        pushed
+    });
+    let mut output = vec![];
+    while let Some(item) = consumer.recv() {
+        match item.expect("no stage error") {
+            Output::Record { seq, value } => {
+                assert_eq!(seq, value, "output belongs to its input");
+                output.push(Out::Rec(seq));
+            }
+            Output::Watermark(ts) => output.push(Out::Wm(ts)),
+        }
+    }
+    let pushed = feeder.join().unwrap();
+    check_merged(mode, &pushed, &output);
+    // Shards publish their final metrics before they report finished.
+    let metrics = handle.metrics();
+    handle.join().expect("shards end cleanly");
+    assert_eq!((metrics.records_in, metrics.records_out), (records, records));
+    assert_eq!(metrics.invoke_to_emit_us.len(), records);
+    assert_eq!(metrics.in_flight, 0);
+}
+
+#[test]
+fn ordered_across_1_2_and_4_shards() {
+    for shards in [1, 2, 4] {
+        run(OutputMode::Ordered, shards, 300);
+    }
+}
+
+#[test]
+fn unordered_keeps_the_watermark_barrier_across_1_2_and_4_shards() {
+    for shards in [1, 2, 4] {
+        run(OutputMode::Unordered, shards, 300);
+    }
+}
+
+#[test]
+fn key_ordered_keeps_per_key_order_across_1_2_and_4_shards() {
+    for shards in [1, 2, 4] {
+        run(OutputMode::KeyOrdered, shards, 300);
+    }
+}
+
+#[test]
+fn a_function_error_fails_the_stage_and_hands_back_later_pushes() {
+    let stage = Stage::builder(|_ctx| {
+        from_fn(|&v: &u64| async move {
+            if v == 50 {
+                Err(std::io::Error::other("lookup refused"))
+            } else {
+                Ok(Outputs::One(v))
+            }
+        })
+    })
+    .shards(2)
+    .capacity(4)
+    .start()
+    .unwrap();
+    let (mut producer, mut consumer, handle) = stage.split();
+    let feeder = std::thread::spawn(move || {
+        for v in 0..10_000u64 {
+            if let Err(sluice::PushError::Closed(back)) = producer.push(v) {
+                return Some(back);
+            }
+        }
+        None
+    });
+    let mut error = None;
+    while let Some(item) = consumer.recv() {
+        if let Err(e) = item {
+            error = Some(e);
+        }
+    }
+    drop(consumer);
+    let handed_back = feeder.join().unwrap();
+    let error = error.expect("the error reaches the consumer");
+    assert!(error.to_string().contains("lookup refused"), "{error}");
+    assert!(error.to_string().contains("50"), "names the input: {error}");
+    assert!(handed_back.is_some(), "a push after the failure hands the record back");
+    handle.join().unwrap();
+}
+
+#[test]
+fn a_panic_in_the_function_is_reported_not_hung() {
+    let stage = Stage::builder(|_ctx| {
+        from_fn(|&v: &u64| {
+            assert!(v != 3, "boom at three");
+            async move { Ok::<_, std::io::Error>(Outputs::One(v)) }
+        })
+    })
+    .shards(2)
+    .start()
+    .unwrap();
+    let (mut producer, mut consumer, handle) = stage.split();
+    std::thread::spawn(move || {
+        for v in 0..10u64 {
+            if producer.push(v).is_err() {
+                break;
+            }
+        }
+    });
+    let mut error = None;
+    while let Some(item) = consumer.recv() {
+        if let Err(e) = item {
+            error = Some(e);
+        }
+    }
+    let error = error.expect("the panic reaches the consumer");
+    assert!(error.to_string().contains("boom at three"), "{error}");
+    drop(consumer);
+    let _ = handle.join();
+}
+
+#[test]
+fn more_shards_than_cores_still_runs_and_says_so() {
+    let cores = sluice::usable_cores().len();
+    let shards = cores + 2;
+    let stage = Stage::builder(|_ctx| from_fn(|&v: &u64| async move { Ok::<_, std::io::Error>(Outputs::One(v)) }))
+        .shards(shards)
+        .start()
+        .unwrap();
+    let (mut producer, mut consumer, handle) = stage.split();
+    assert!(handle.placements().iter().all(|p| p.core.is_none() && p.reason.is_some()));
+    for v in 0..100u64 {
+        producer.push(v).unwrap();
+    }
+    producer.finish();
+    let mut n = 0;
+    while let Some(item) = consumer.recv() {
+        item.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, 100);
+    handle.join().unwrap();
+}
