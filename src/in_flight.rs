@@ -159,7 +159,10 @@ mod tests {
         assert_eq!(set.poll_woken(&mut cx, |_, _| panic!("nothing woken")), 0);
         tx_b.send(9).unwrap();
         let mut seen = vec![];
-        assert_eq!(set.poll_woken(&mut cx, |s, v| seen.push((s, v.unwrap()))), 1);
+        assert_eq!(
+            set.poll_woken(&mut cx, |s, v| seen.push((s, v.unwrap()))),
+            1
+        );
         assert_eq!(seen, vec![(129, 9)]);
         set.cancel(3);
         assert_eq!(set.len(), 0);

@@ -8,8 +8,9 @@
 //! Invariants:
 //! - occupied slots (records in flight or completed but not emitted, plus watermarks)
 //!   `<= capacity`; the slots, the queue and the futures' storage are allocated in `new`;
-//! - each record's outcome is decided once: by its last attempt, by `on_error`, or by its
-//!   deadline (`timeout`), whichever comes first; the other paths find the slot already settled;
+//! - each record's outcome is decided once: by its last attempt, by `on_error`, or by
+//!   `timeout` (its deadline passed, or a wanted retry cannot start before it), whichever comes
+//!   first; the other paths find the slot already settled;
 //! - a retry is scheduled only before the record's deadline, which covers all attempts;
 //! - at end of input, pending retry delays fire at once and every entry is emitted (or the
 //!   stage fails) before the stream ends (Flink's `endInput`);
@@ -128,6 +129,8 @@ struct Slot<I, O> {
     first_invoke_at: Instant,
 }
 
+type AttemptOutcome<F> = Result<Outputs<<F as AsyncFunction>::Out>, <F as AsyncFunction>::Error>;
+
 /// See the module documentation. Build one with [`AsyncWait::new`].
 pub struct AsyncWait<S, F: AsyncFunction, C: Clock> {
     input: S,
@@ -146,7 +149,7 @@ pub struct AsyncWait<S, F: AsyncFunction, C: Clock> {
     retries: BinaryHeap<Reverse<(Instant, u64, u32)>>,
     queue: ElementQueue,
     /// Reused buffer for attempts finished in one poll.
-    finished: Vec<(u32, Result<Outputs<F::Out>, F::Error>)>,
+    finished: Vec<(u32, AttemptOutcome<F>)>,
     failure: Option<StageError>,
     terminated: bool,
     metrics: OperatorMetrics,
@@ -320,7 +323,10 @@ where
                     .backoff()
                     .delay(s.attempt, s.previous_delay, &mut self.rng)
             };
-            let deadline = self.deadlines.deadline(slot).expect("running slot has a deadline");
+            let deadline = self
+                .deadlines
+                .deadline(slot)
+                .expect("running slot has a deadline");
             let retry_at = now + delay;
             if retry_at < deadline {
                 s.state = SlotState::Backoff;
@@ -328,7 +334,11 @@ where
                 self.retries.push(Reverse((retry_at, s.seq, slot)));
                 return;
             }
-            // The next attempt would start after the deadline: give up now with this outcome.
+            // No further attempt can start before the deadline: the record times out now
+            // rather than idling until then (Flink calls `timeout()` when the deadline passes
+            // during a retry wait).
+            self.time_out(slot);
+            return;
         }
         match outcome {
             Ok(outputs) => self.settle(slot, outputs),
@@ -383,26 +393,31 @@ where
                 break;
             }
             expired = true;
-            self.deadlines.remove(slot);
-            self.in_flight.cancel(slot);
-            self.metrics.local.timeouts += 1;
-            let s = &mut self.slots[slot as usize];
-            // A pending retry is now stale: `fire_retries` skips slots that are not in Backoff.
-            s.state = SlotState::Running;
-            let input = s.input.as_ref().expect("pending slot holds its input");
-            match self.func.timeout(input) {
-                Fallback::Emit(outputs) => self.settle(slot, outputs),
-                Fallback::Fail => {
-                    let error = StageError::Timeout {
-                        seq: s.seq,
-                        input: describe_input(input),
-                        timeout: self.timeout,
-                    };
-                    self.failure.get_or_insert(error);
-                }
-            }
+            self.time_out(slot);
         }
         expired
+    }
+
+    /// Settles a pending record by its timeout handler; cancels its attempt if one runs.
+    fn time_out(&mut self, slot: u32) {
+        self.deadlines.remove(slot);
+        self.in_flight.cancel(slot);
+        self.metrics.local.timeouts += 1;
+        let s = &mut self.slots[slot as usize];
+        // A pending retry is now stale: `fire_retries` skips slots that are not in Backoff.
+        s.state = SlotState::Running;
+        let input = s.input.as_ref().expect("pending slot holds its input");
+        match self.func.timeout(input) {
+            Fallback::Emit(outputs) => self.settle(slot, outputs),
+            Fallback::Fail => {
+                let error = StageError::Timeout {
+                    seq: s.seq,
+                    input: describe_input(input),
+                    timeout: self.timeout,
+                };
+                self.failure.get_or_insert(error);
+            }
+        }
     }
 
     fn emit(&mut self, slot: u32, now: Instant) -> Emitted<F::Out> {

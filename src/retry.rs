@@ -250,7 +250,10 @@ mod tests {
         let delays: Vec<_> = (1..=6)
             .map(|n| b.delay(n, Duration::ZERO, &mut rng))
             .collect();
-        assert_eq!(delays, vec![ms(10), ms(20), ms(40), ms(80), ms(100), ms(100)]);
+        assert_eq!(
+            delays,
+            vec![ms(10), ms(20), ms(40), ms(80), ms(100), ms(100)]
+        );
     }
 
     #[test]
@@ -279,8 +282,7 @@ mod tests {
 
     #[test]
     fn predicates_and_attempt_limit_decide_retries() {
-        let p: RetryPolicy<u8, std::io::Error> =
-            RetryPolicy::fixed(3, ms(1)).on_empty_result();
+        let p: RetryPolicy<u8, std::io::Error> = RetryPolicy::fixed(3, ms(1)).on_empty_result();
         assert!(p.wants_retry(1, &Ok(&[])));
         assert!(p.wants_retry(2, &Ok(&[])));
         assert!(!p.wants_retry(3, &Ok(&[])), "third attempt is the last");
@@ -289,6 +291,9 @@ mod tests {
         assert!(!p.wants_retry(1, &Err(&err)), "no error predicate set");
         let p = p.on_error(|e: &std::io::Error| e.kind() == std::io::ErrorKind::Other);
         assert!(p.wants_retry(1, &Err(&err)));
-        assert_eq!(RetryPolicy::<u8, std::io::Error>::fixed(0, ms(1)).max_attempts(), 1);
+        assert_eq!(
+            RetryPolicy::<u8, std::io::Error>::fixed(0, ms(1)).max_attempts(),
+            1
+        );
     }
 }

@@ -6,8 +6,8 @@ mod common;
 use common::*;
 use sluice::clock::SimClock;
 use sluice::{
-    from_fn, AsyncFunction, AsyncWait, Emitted, Fallback, Jitter, OutputMode, Outputs,
-    RetryPolicy, StageError,
+    from_fn, AsyncFunction, AsyncWait, Emitted, Fallback, Jitter, OutputMode, Outputs, RetryPolicy,
+    StageError,
 };
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -48,7 +48,12 @@ fn outputs(items: &[Emitted<u64>]) -> Vec<u64> {
 fn event_time_ordered() {
     let clock = SimClock::new();
     let source = Source::new();
-    let mut op = op_with(&clock, &source, delayed(&clock), config(10, 1_000, OutputMode::Ordered));
+    let mut op = op_with(
+        &clock,
+        &source,
+        delayed(&clock),
+        config(10, 1_000, OutputMode::Ordered),
+    );
     source.record((1, 30));
     source.record((2, 10));
     source.watermark(2);
@@ -59,7 +64,10 @@ fn event_time_ordered() {
     source.close();
     let out = run_to_end(&mut op, &clock, ms(1), 1_000);
     assert!(out.error.is_none());
-    assert_eq!(tokens(&out.items), ["R0", "R1", "W2", "R3", "R4", "W4", "R6"]);
+    assert_eq!(
+        tokens(&out.items),
+        ["R0", "R1", "W2", "R3", "R4", "W4", "R6"]
+    );
     assert_eq!(outputs(&out.items), [10, 20, 30, 40, 50]);
 }
 
@@ -67,7 +75,12 @@ fn event_time_ordered() {
 fn watermark_in_unordered_stays_between_its_records() {
     let clock = SimClock::new();
     let source = Source::new();
-    let mut op = op_with(&clock, &source, delayed(&clock), config(10, 1_000, OutputMode::Unordered));
+    let mut op = op_with(
+        &clock,
+        &source,
+        delayed(&clock),
+        config(10, 1_000, OutputMode::Unordered),
+    );
     source.record((1, 30));
     source.record((2, 10));
     source.watermark(2);
@@ -133,7 +146,12 @@ fn processing_time_unordered_with_capacity_smaller_than_input() {
 fn queue_full_blocks_and_resumes_after_one_completion() {
     let clock = SimClock::new();
     let source = Source::new();
-    let mut op = op_with(&clock, &source, delayed(&clock), config(2, 1_000, OutputMode::Unordered));
+    let mut op = op_with(
+        &clock,
+        &source,
+        delayed(&clock),
+        config(2, 1_000, OutputMode::Unordered),
+    );
     source.record((1, 50));
     source.record((2, 10));
     source.record((3, 50));
@@ -141,7 +159,11 @@ fn queue_full_blocks_and_resumes_after_one_completion() {
     let d = drain(&mut op);
     assert!(d.items.is_empty());
     assert_eq!(op.occupied(), 2);
-    assert_eq!(source.waiting(), 2, "the full queue stops taking input; nothing dropped");
+    assert_eq!(
+        source.waiting(),
+        2,
+        "the full queue stops taking input; nothing dropped"
+    );
     clock.advance(ms(10));
     let d = drain(&mut op);
     assert_eq!(tokens(&d.items), ["R1"]);
@@ -153,14 +175,23 @@ fn queue_full_blocks_and_resumes_after_one_completion() {
 fn default_timeout_fails_with_error_naming_the_input() {
     let clock = SimClock::new();
     let source = Source::new();
-    let mut op = op_with(&clock, &source, delayed(&clock), config(4, 100, OutputMode::Ordered));
+    let mut op = op_with(
+        &clock,
+        &source,
+        delayed(&clock),
+        config(4, 100, OutputMode::Ordered),
+    );
     source.record((77, 10));
     source.record((4242, 500));
     source.close();
     let out = run_to_end(&mut op, &clock, ms(10), 100);
     assert_eq!(tokens(&out.items), ["R0"]);
     match out.error {
-        Some(StageError::Timeout { seq, ref input, timeout }) => {
+        Some(StageError::Timeout {
+            seq,
+            ref input,
+            timeout,
+        }) => {
             assert_eq!(seq, 1);
             assert_eq!(timeout, ms(100));
             assert!(input.contains("4242"), "error names the input: {input}");
@@ -168,7 +199,10 @@ fn default_timeout_fails_with_error_naming_the_input() {
         other => panic!("expected a timeout error, got {other:?}"),
     }
     let message = out.error.unwrap().to_string();
-    assert!(message.contains("4242") && message.contains("timed out"), "{message}");
+    assert!(
+        message.contains("4242") && message.contains("timed out"),
+        "{message}"
+    );
 }
 
 /// Times out every record with latency >= 100 and emits the fallback the test chooses.
@@ -243,14 +277,23 @@ fn overridden_timeout_emitting_nothing_does_not_stall_ordered_mode() {
 fn no_timer_left_after_completion() {
     let clock = SimClock::new();
     let source = Source::new();
-    let mut op = op_with(&clock, &source, delayed(&clock), config(4, 1_000, OutputMode::Unordered));
+    let mut op = op_with(
+        &clock,
+        &source,
+        delayed(&clock),
+        config(4, 1_000, OutputMode::Unordered),
+    );
     source.record((1, 10));
     drain(&mut op);
     assert_eq!(op.armed_until(), Some(clock_now(&clock) + ms(1_000)));
     clock.advance(ms(10));
     let d = drain(&mut op);
     assert_eq!(tokens(&d.items), ["R0"]);
-    assert_eq!(op.armed_until(), None, "a completed record leaves no timer behind");
+    assert_eq!(
+        op.armed_until(),
+        None,
+        "a completed record leaves no timer behind"
+    );
 }
 
 fn clock_now(clock: &SimClock) -> Instant {
@@ -278,7 +321,11 @@ fn timeout_not_called_after_completion() {
     clock.advance(ms(1_000));
     let d = drain(&mut op);
     assert!(d.error.is_none());
-    assert_eq!(timeouts.get(), 0, "timeout must not run for a completed record");
+    assert_eq!(
+        timeouts.get(),
+        0,
+        "timeout must not run for a completed record"
+    );
 }
 
 fn user_error_fails_cleanly_without_hanging(mode: OutputMode) {
@@ -308,7 +355,12 @@ fn user_error_fails_cleanly_without_hanging(mode: OutputMode) {
     let out = run_to_end(&mut op, &clock, ms(5), 10);
     assert!(out.ended, "the stream ends after the error");
     match out.error {
-        Some(StageError::Function { seq, ref input, attempts, .. }) => {
+        Some(StageError::Function {
+            seq,
+            ref input,
+            attempts,
+            ..
+        }) => {
             assert_eq!((seq, attempts), (1, 1));
             assert!(input.contains("13"));
         }
@@ -345,13 +397,21 @@ fn user_error_fails_cleanly_without_hanging_unordered() {
 fn results_completed_during_shutdown() {
     let clock = SimClock::new();
     let source = Source::new();
-    let mut op = op_with(&clock, &source, delayed(&clock), config(8, 1_000, OutputMode::Ordered));
+    let mut op = op_with(
+        &clock,
+        &source,
+        delayed(&clock),
+        config(8, 1_000, OutputMode::Ordered),
+    );
     for i in 0..5 {
         source.record((i, 100 - i * 10));
     }
     source.close();
     let d = drain(&mut op);
-    assert!(d.items.is_empty() && !d.ended, "input ended, results still in flight");
+    assert!(
+        d.items.is_empty() && !d.ended,
+        "input ended, results still in flight"
+    );
     let out = run_to_end(&mut op, &clock, ms(10), 100);
     assert!(out.error.is_none());
     assert_eq!(outputs(&out.items), [0, 10, 20, 30, 40]);
@@ -394,14 +454,23 @@ fn retry_on_empty_result_gives_up_after_max_attempts() {
     let calls = Rc::new(RefCell::new(vec![]));
     let mut cfg = config(4, 10_000, OutputMode::Ordered);
     cfg.retry = RetryPolicy::fixed(3, ms(10)).on_empty_result();
-    let mut op = op_with(&clock, &source, flaky(&clock, 100, ms(1), calls.clone()), cfg);
+    let mut op = op_with(
+        &clock,
+        &source,
+        flaky(&clock, 100, ms(1), calls.clone()),
+        cfg,
+    );
     source.record(7);
     source.close();
     let out = run_to_end(&mut op, &clock, ms(1), 1_000);
     assert!(out.error.is_none());
     assert_eq!(calls.borrow().len(), 3, "three attempts in all");
     assert_eq!(tokens(&out.items), ["R0"]);
-    assert_eq!(outputs(&out.items), Vec::<u64>::new(), "the last (empty) result is emitted");
+    assert_eq!(
+        outputs(&out.items),
+        Vec::<u64>::new(),
+        "the last (empty) result is emitted"
+    );
     assert_eq!(op.metrics().retries, 2);
 }
 
@@ -427,16 +496,36 @@ fn retries_bounded_by_the_timeout() {
     let calls = Rc::new(RefCell::new(vec![]));
     let mut cfg = config(4, 100, OutputMode::Ordered);
     cfg.retry = RetryPolicy::fixed(1_000, ms(30)).on_empty_result();
-    let mut op = op_with(&clock, &source, flaky(&clock, u32::MAX, ms(1), calls.clone()), cfg);
+    let mut op = op_with(
+        &clock,
+        &source,
+        flaky(&clock, u32::MAX, ms(1), calls.clone()),
+        cfg,
+    );
     source.record(7);
     let start = clock_now(&clock);
     let out = run_to_end_open(&mut op, &clock, &source);
     let calls = calls.borrow();
     // Calls at 0, 31, 62, 93; the next would start at 124 > 100.
-    assert_eq!(calls.len(), 4, "calls: {:?}", calls.iter().map(|t| *t - start).collect::<Vec<_>>());
-    assert!(calls.iter().all(|t| *t - start < ms(100)), "no attempt starts after the deadline");
-    assert!(out.error.is_none());
-    assert_eq!(tokens(&out.items), ["R0"]);
+    assert_eq!(
+        calls.len(),
+        4,
+        "calls: {:?}",
+        calls.iter().map(|t| *t - start).collect::<Vec<_>>()
+    );
+    assert!(
+        calls.iter().all(|t| *t - start < ms(100)),
+        "no attempt starts after the deadline"
+    );
+    // The retry the policy wants cannot start before the deadline: the record times out (the
+    // default timeout handler fails the stage), at once rather than idling until 100.
+    assert!(
+        matches!(out.error, Some(StageError::Timeout { seq: 0, .. })),
+        "{:?}",
+        out.error
+    );
+    assert!(out.items.is_empty());
+    assert_eq!(clock_now(&clock) - start, ms(94));
 }
 
 /// Runs until the first record is out, then closes the source and runs to the end.
@@ -519,7 +608,11 @@ fn timeout_racing_a_retry_completes_once() {
     let mut out = run_to_end(&mut op, &clock, ms(1), 1_000);
     out.items.splice(0..0, d.items);
     assert_eq!(timeouts.get(), 1);
-    assert_eq!(outputs(&out.items), [555], "the entry completes exactly once");
+    assert_eq!(
+        outputs(&out.items),
+        [555],
+        "the entry completes exactly once"
+    );
     assert_eq!(op.attempts_in_flight(), 0);
 }
 
@@ -530,7 +623,12 @@ fn exponential_backoff_delays_computed_per_attempt() {
     let calls = Rc::new(RefCell::new(vec![]));
     let mut cfg = config(4, 100_000, OutputMode::Ordered);
     cfg.retry = RetryPolicy::exponential(5, ms(10), ms(50), 2.0, Jitter::None).on_empty_result();
-    let mut op = op_with(&clock, &source, flaky(&clock, u32::MAX, Duration::ZERO, calls.clone()), cfg);
+    let mut op = op_with(
+        &clock,
+        &source,
+        flaky(&clock, u32::MAX, Duration::ZERO, calls.clone()),
+        cfg,
+    );
     source.record(7);
     let start = clock_now(&clock);
     let out = run_to_end_open(&mut op, &clock, &source);
@@ -547,13 +645,22 @@ fn pending_retries_fire_at_once_at_end_of_input() {
     let calls = Rc::new(RefCell::new(vec![]));
     let mut cfg = config(4, 100_000, OutputMode::Ordered);
     cfg.retry = RetryPolicy::fixed(3, ms(10_000)).on_empty_result();
-    let mut op = op_with(&clock, &source, flaky(&clock, 1, Duration::ZERO, calls.clone()), cfg);
+    let mut op = op_with(
+        &clock,
+        &source,
+        flaky(&clock, 1, Duration::ZERO, calls.clone()),
+        cfg,
+    );
     source.record(7);
     drain(&mut op);
     assert_eq!(calls.borrow().len(), 1);
     source.close();
     let d = drain(&mut op);
-    assert_eq!(calls.borrow().len(), 2, "the delayed retry fired at end of input");
+    assert_eq!(
+        calls.borrow().len(),
+        2,
+        "the delayed retry fired at end of input"
+    );
     assert_eq!(outputs(&d.items), [7]);
     assert!(d.ended);
 }
@@ -587,5 +694,12 @@ fn error_predicate_retries_only_matching_errors() {
     source.close();
     let out = run_to_end(&mut op, &clock, ms(1), 100);
     assert_eq!(outputs(&out.items), [1]);
-    assert!(matches!(out.error, Some(StageError::Function { seq: 1, attempts: 1, .. })));
+    assert!(matches!(
+        out.error,
+        Some(StageError::Function {
+            seq: 1,
+            attempts: 1,
+            ..
+        })
+    ));
 }

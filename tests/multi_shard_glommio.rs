@@ -60,7 +60,10 @@ fn run(mode: OutputMode, shards: usize, records: u64) {
     // Shards publish their final metrics before they report finished.
     let metrics = handle.metrics();
     handle.join().expect("shards end cleanly");
-    assert_eq!((metrics.records_in, metrics.records_out), (records, records));
+    assert_eq!(
+        (metrics.records_in, metrics.records_out),
+        (records, records)
+    );
     assert_eq!(metrics.invoke_to_emit_us.len(), records);
     assert_eq!(metrics.in_flight, 0);
 }
@@ -121,7 +124,10 @@ fn a_function_error_fails_the_stage_and_hands_back_later_pushes() {
     let error = error.expect("the error reaches the consumer");
     assert!(error.to_string().contains("lookup refused"), "{error}");
     assert!(error.to_string().contains("50"), "names the input: {error}");
-    assert!(handed_back.is_some(), "a push after the failure hands the record back");
+    assert!(
+        handed_back.is_some(),
+        "a push after the failure hands the record back"
+    );
     handle.join().unwrap();
 }
 
@@ -160,12 +166,17 @@ fn a_panic_in_the_function_is_reported_not_hung() {
 fn more_shards_than_cores_still_runs_and_says_so() {
     let cores = sluice::usable_cores().len();
     let shards = cores + 2;
-    let stage = Stage::builder(|_ctx| from_fn(|&v: &u64| async move { Ok::<_, std::io::Error>(Outputs::One(v)) }))
-        .shards(shards)
-        .start()
-        .unwrap();
+    let stage = Stage::builder(|_ctx| {
+        from_fn(|&v: &u64| async move { Ok::<_, std::io::Error>(Outputs::One(v)) })
+    })
+    .shards(shards)
+    .start()
+    .unwrap();
     let (mut producer, mut consumer, handle) = stage.split();
-    assert!(handle.placements().iter().all(|p| p.core.is_none() && p.reason.is_some()));
+    assert!(handle
+        .placements()
+        .iter()
+        .all(|p| p.core.is_none() && p.reason.is_some()));
     for v in 0..100u64 {
         producer.push(v).unwrap();
     }

@@ -115,7 +115,10 @@ impl<O: 'static> Consumer<O> {
         let seq = match &item {
             Emitted::Record { seq, .. } | Emitted::Watermark { seq, .. } => *seq,
         };
-        assert!(seq >= self.base_seq, "sequence {seq} arrived twice or out of shard order");
+        assert!(
+            seq >= self.base_seq,
+            "sequence {seq} arrived twice or out of shard order"
+        );
         let index = (seq - self.base_seq) as usize;
         if index >= self.window {
             return Some(item);
@@ -165,11 +168,8 @@ impl<O: 'static> Consumer<O> {
         let mut lowest: Option<(u64, u64)> = None;
         for port in &self.ports {
             match port.barrier {
-                Some((seq, ts)) => {
-                    if lowest.is_none_or(|(s, _)| seq < s) {
-                        lowest = Some((seq, ts));
-                    }
-                }
+                Some((seq, ts)) if lowest.is_none_or(|(s, _)| seq < s) => lowest = Some((seq, ts)),
+                Some(_) => {}
                 None if !port.finished => return None,
                 None => {}
             }

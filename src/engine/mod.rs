@@ -17,9 +17,10 @@ mod placement;
 mod producer;
 mod shard;
 
+pub(crate) use merge::Egress;
 pub use merge::{Consumer, Output};
 pub use placement::{default_shards, plan, usable_cores, Pinning, ShardPlacement};
-pub use producer::{Producer, Routing};
+pub use producer::{KeyFn, Producer, Routing};
 pub use shard::ShardContext;
 
 use crate::error::{BuildError, StageError};
@@ -28,7 +29,6 @@ use crate::metrics::{MetricsCell, MetricsSnapshot};
 use crate::operator::{OperatorConfig, OutputMode};
 use crate::retry::RetryPolicy;
 use glommio::{LocalExecutorBuilder, Placement};
-use producer::KeyFn;
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -182,11 +182,19 @@ where
     pub fn start(self) -> Result<Stage<F::In, F::Out>, BuildError> {
         let shards = self.shards.unwrap_or_else(default_shards);
         if shards == 0 || shards > 1024 {
-            return Err(Self::invalid("shards", format!("{shards} is not in 1..=1024")));
+            return Err(Self::invalid(
+                "shards",
+                format!("{shards} is not in 1..=1024"),
+            ));
         }
         let capacity = NonZeroUsize::new(self.capacity)
             .filter(|c| c.get() <= 1 << 20)
-            .ok_or_else(|| Self::invalid("capacity", format!("{} is not in 1..=1048576", self.capacity)))?;
+            .ok_or_else(|| {
+                Self::invalid(
+                    "capacity",
+                    format!("{} is not in 1..=1048576", self.capacity),
+                )
+            })?;
         if self.timeout.is_zero() {
             return Err(Self::invalid("timeout", "must be greater than zero"));
         }
@@ -195,7 +203,9 @@ where
         } else {
             Routing::RoundRobin
         });
-        if self.mode == OutputMode::KeyOrdered && (self.key_fn.is_none() || routing != Routing::ByKey) {
+        if self.mode == OutputMode::KeyOrdered
+            && (self.key_fn.is_none() || routing != Routing::ByKey)
+        {
             return Err(Self::invalid(
                 "mode",
                 "KeyOrdered needs key_by(..) and key routing, so one key stays on one shard",

@@ -117,7 +117,10 @@ mod tests {
     #[test]
     fn enough_cores_pins_one_shard_per_core() {
         let p = plan(2, &Pinning::Auto, &[3, 5]);
-        assert_eq!(p.iter().map(|s| s.core).collect::<Vec<_>>(), vec![Some(3), Some(5)]);
+        assert_eq!(
+            p.iter().map(|s| s.core).collect::<Vec<_>>(),
+            vec![Some(3), Some(5)]
+        );
         let p = plan(2, &Pinning::Cores(vec![5, 9]), &[3, 5]);
         assert_eq!(p[0].core, Some(5));
         assert!(p[1].core.is_none() && p[1].reason.is_some());

@@ -11,7 +11,8 @@ use crate::operator::Element;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub(crate) type KeyFn<I> = Arc<dyn Fn(&I) -> u64 + Send + Sync>;
+/// A record's key for routing and key order (see `StageBuilder::key_by`).
+pub type KeyFn<I> = Arc<dyn Fn(&I) -> u64 + Send + Sync>;
 
 /// How records are spread over shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -32,7 +32,10 @@ impl DeadlineList {
 
     pub(crate) fn push_back(&mut self, slot: u32, deadline: Instant) {
         let s = slot as usize;
-        assert!(self.deadline[s].is_none(), "slot {slot} already has a deadline");
+        assert!(
+            self.deadline[s].is_none(),
+            "slot {slot} already has a deadline"
+        );
         if self.tail != NIL {
             let tail_deadline = self.deadline[self.tail as usize].expect("tail is linked");
             assert!(
@@ -74,7 +77,12 @@ impl DeadlineList {
 
     /// The earliest pending deadline and its slot.
     pub(crate) fn front(&self) -> Option<(u32, Instant)> {
-        (self.head != NIL).then(|| (self.head, self.deadline[self.head as usize].expect("linked")))
+        (self.head != NIL).then(|| {
+            (
+                self.head,
+                self.deadline[self.head as usize].expect("linked"),
+            )
+        })
     }
 }
 

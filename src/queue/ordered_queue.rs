@@ -58,6 +58,9 @@ mod tests {
         q.on_complete(1);
         assert_eq!(q.pop(), None, "head 2 not complete");
         q.on_complete(2);
-        assert_eq!((q.pop(), q.pop(), q.pop(), q.pop()), (Some(2), Some(0), Some(1), None));
+        assert_eq!(
+            (q.pop(), q.pop(), q.pop(), q.pop()),
+            (Some(2), Some(0), Some(1), None)
+        );
     }
 }

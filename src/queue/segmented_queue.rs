@@ -196,7 +196,10 @@ impl SegmentedQueue {
             self.chains.remove(&key);
             return;
         }
-        self.chains.get_mut(&key).expect("popped slot heads its chain").head = next;
+        self.chains
+            .get_mut(&key)
+            .expect("popped slot heads its chain")
+            .head = next;
         if self.completed[next as usize] {
             self.append_ready(next);
         }
@@ -231,7 +234,10 @@ mod tests {
         assert_eq!(q.pop(), Some(1));
         assert_eq!(q.pop(), None, "record 3 is behind the watermark");
         q.on_complete(0);
-        assert_eq!((q.pop(), q.pop(), q.pop(), q.pop()), (Some(0), Some(2), Some(3), None));
+        assert_eq!(
+            (q.pop(), q.pop(), q.pop(), q.pop()),
+            (Some(0), Some(2), Some(3), None)
+        );
         assert_eq!(q.len(), 0);
     }
 
