@@ -46,12 +46,13 @@ pub enum OutputMode {
 /// (or by the single-threaded adapter) and increase by one per element.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Element<I> {
-    /// A record, with its routing/ordering key and the time it was pushed.
+    /// A record, with its routing/ordering key and the time it was pushed (`None`: no
+    /// queue-wait measurement, as in the single-threaded adapter where it is zero).
     Record {
         seq: u64,
         key: u64,
         input: I,
-        pushed_at: Instant,
+        pushed_at: Option<Instant>,
     },
     /// An event-time watermark.
     Watermark { seq: u64, timestamp: u64 },
@@ -153,7 +154,16 @@ pub struct AsyncWait<S, F: AsyncFunction, C: Clock> {
     failure: Option<StageError>,
     terminated: bool,
     metrics: OperatorMetrics,
+    /// The clock read once per few polls: reading it per record costs as much as the rest of
+    /// the operator's per-record work. See `refresh_now`.
+    now: Instant,
+    polls_since_now: u32,
 }
+
+/// A busy operator re-reads the clock at least every this many polls; an operator that went
+/// pending re-reads it on its next poll. So `now` lags real time by at most the time of this
+/// many polls (microseconds), never across a wait.
+const POLLS_PER_CLOCK_READ: u32 = 16;
 
 impl<S, F, C> AsyncWait<S, F, C>
 where
@@ -211,6 +221,8 @@ where
             failure: None,
             terminated: false,
             metrics: OperatorMetrics::new(metrics),
+            now,
+            polls_since_now: POLLS_PER_CLOCK_READ,
         }
     }
 
@@ -254,10 +266,12 @@ where
             } => {
                 let slot = self.free.pop().expect("accept is called with a free slot");
                 self.metrics.local.records_in += 1;
-                OperatorMetrics::record_latency(
-                    &mut self.metrics.local.queue_wait_us,
-                    now.saturating_duration_since(pushed_at),
-                );
+                if let Some(pushed_at) = pushed_at {
+                    OperatorMetrics::record_latency(
+                        &mut self.metrics.local.queue_wait_us,
+                        now.saturating_duration_since(pushed_at),
+                    );
+                }
                 let s = &mut self.slots[slot as usize];
                 s.seq = seq;
                 s.input = Some(input);
@@ -443,6 +457,11 @@ where
         }
     }
 
+    fn refresh_now(&mut self) {
+        self.now = self.clock.now();
+        self.polls_since_now = 0;
+    }
+
     fn next_wake(&self) -> Option<Instant> {
         let deadline = self.deadlines.front().map(|(_, at)| at);
         let retry = self.retries.peek().map(|Reverse((at, _, _))| *at);
@@ -470,8 +489,12 @@ where
         if this.terminated {
             return Poll::Ready(None);
         }
+        this.polls_since_now += 1;
+        if this.polls_since_now >= POLLS_PER_CLOCK_READ {
+            this.refresh_now();
+        }
         loop {
-            let now = this.clock.now();
+            let now = this.now;
             let mut progressed = false;
 
             // 1. Take input while a slot is free (a full queue is backpressure).
@@ -530,10 +553,13 @@ where
             }
             if let Some(at) = this.next_wake() {
                 if this.timer.poll_at(at, cx).is_ready() {
+                    this.refresh_now();
                     continue;
                 }
             }
             this.metrics.publish_if_stale(now, this.occupied());
+            // Time passes while pending: read the clock on the next poll.
+            this.polls_since_now = POLLS_PER_CLOCK_READ;
             return Poll::Pending;
         }
     }

@@ -12,7 +12,6 @@ use crate::operator::{AsyncWait, Element, Emitted, OperatorConfig};
 use futures::Stream;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 /// Tags each input with its position.
 pub struct Tagged<S> {
@@ -31,7 +30,7 @@ impl<S: Stream + Unpin> Stream for Tagged<S> {
                     seq,
                     key: seq,
                     input,
-                    pushed_at: Instant::now(),
+                    pushed_at: None,
                 }))
             }
             Poll::Ready(None) => Poll::Ready(None),

@@ -78,7 +78,7 @@ impl<I> Producer<I> {
             seq,
             key,
             input,
-            pushed_at: Instant::now(),
+            pushed_at: Some(Instant::now()),
         };
         (shard, element)
     }

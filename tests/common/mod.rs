@@ -65,7 +65,7 @@ impl<I> Source<I> {
             seq,
             key,
             input,
-            pushed_at: Instant::now(),
+            pushed_at: Some(Instant::now()),
         });
         if let Some(w) = s.waker.take() {
             w.wake();
