@@ -1,0 +1,405 @@
+//! The lookup server: RESP2 over glommio (io_uring) TCP, one executor per shard, all shards on
+//! one port (`SO_REUSEPORT`), each reply delayed by the latency model.
+//!
+//! Owns: connections, reply timing and fault injection. Invariants:
+//! - replies on a connection leave in request order; reply `i` leaves no earlier than its
+//!   request's arrival plus its sampled delay, and no earlier than reply `i - 1`;
+//! - delays are timers on the connection's executor, never a blocked thread;
+//! - a connection's pending replies are bounded (`MAX_PENDING_REPLIES`): past that the server
+//!   stops reading from it, and TCP pushes back on the client;
+//! - an injected error replaces one reply; an injected reset closes the connection without
+//!   answering what it has read.
+
+use crate::commands::{Action, Context, Overlay};
+use crate::keyspace::Keyspace;
+use crate::latency::LatencyModel;
+use futures::io::{AsyncReadExt, AsyncWriteExt};
+use futures::FutureExt;
+use glommio::channels::local_channel;
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use redis_protocol::resp2::decode::decode_range;
+use redis_protocol::resp2::types::RangeFrame;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Replies a connection may hold back (waiting for their delay) before reading stops.
+const MAX_PENDING_REPLIES: usize = 4096;
+/// Registered io_uring memory per server executor (3 rings x this count against memlock).
+const IO_MEMORY: usize = 256 * 1024;
+/// A request larger than this closes the connection (protects the server's memory).
+const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// The server's settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub addr: SocketAddr,
+    /// Executors (threads) serving connections.
+    pub shards: usize,
+    /// Pin shard `i` to `cores[i]` when given (one per shard).
+    pub cores: Option<Vec<usize>>,
+    /// Keys in the generated keyspace.
+    pub keys: u64,
+    /// Bytes per value.
+    pub value_size: usize,
+    /// Reply delay.
+    pub latency: LatencyModel,
+    /// Fraction of replies replaced by `-ERR injected failure`.
+    pub error_rate: f64,
+    /// Fraction of requests that close the connection instead of being answered.
+    pub reset_rate: f64,
+    /// Seeds delays and fault injection.
+    pub seed: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            shards: 1,
+            cores: None,
+            keys: 100_000,
+            value_size: 128,
+            latency: LatencyModel::Fixed(Duration::from_millis(1)),
+            error_rate: 0.0,
+            reset_rate: 0.0,
+            seed: 0x10ad,
+        }
+    }
+}
+
+/// What the server has served so far.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub connections: AtomicU64,
+    pub commands: AtomicU64,
+    pub gets: AtomicU64,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub sets: AtomicU64,
+    pub errors_injected: AtomicU64,
+    pub resets_injected: AtomicU64,
+}
+
+/// The server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("could not listen on {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+    #[error("could not start server shard {shard}: {reason}")]
+    Executor { shard: usize, reason: String },
+    #[error("invalid setting `{field}`: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+}
+
+/// A running server. Dropping it stops the server.
+pub struct Server {
+    addr: SocketAddr,
+    stats: Arc<ServerStats>,
+    stops: Vec<flume::Sender<()>>,
+    joins: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts the server's shards; returns once every shard listens.
+    pub fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        if config.shards == 0 {
+            return Err(ServerError::InvalidConfig {
+                field: "shards",
+                reason: "must be at least 1".into(),
+            });
+        }
+        for (field, rate) in [
+            ("error_rate", config.error_rate),
+            ("reset_rate", config.reset_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ServerError::InvalidConfig {
+                    field,
+                    reason: format!("{rate} is not in [0, 1]"),
+                });
+            }
+        }
+        let keyspace = Keyspace::new(config.keys, config.value_size);
+        let overlay: Overlay = Default::default();
+        let stats = Arc::new(ServerStats::default());
+        let mut server = Server {
+            addr: config.addr,
+            stats: stats.clone(),
+            stops: vec![],
+            joins: vec![],
+        };
+        for shard in 0..config.shards {
+            let (ready_tx, ready_rx) = flume::bounded::<Result<SocketAddr, String>>(1);
+            let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+            let placement = match config.cores.as_ref().and_then(|c| c.get(shard)) {
+                Some(&core) => Placement::Fixed(core),
+                None => Placement::Unbound,
+            };
+            let shard_ctx = ShardContext {
+                keyspace: keyspace.clone(),
+                overlay: overlay.clone(),
+                stats: stats.clone(),
+                latency: config.latency.clone(),
+                error_rate: config.error_rate,
+                reset_rate: config.reset_rate,
+                seed: config.seed.wrapping_add(shard as u64),
+            };
+            // Shards after the first bind the port the first one got.
+            let addr = server.addr;
+            let join = LocalExecutorBuilder::new(placement)
+                .name("lg-server")
+                .io_memory(IO_MEMORY)
+                .spawn(move || run_shard(addr, shard_ctx, ready_tx, stop_rx))
+                .map_err(|e| ServerError::Executor {
+                    shard,
+                    reason: e.to_string(),
+                })?;
+            server.joins.push(join);
+            server.stops.push(stop_tx);
+            match ready_rx.recv() {
+                Ok(Ok(bound)) => server.addr = bound,
+                Ok(Err(reason)) => return Err(ServerError::Bind { addr, reason }),
+                Err(_) => {
+                    return Err(ServerError::Executor {
+                        shard,
+                        reason: "the shard exited before listening".into(),
+                    })
+                }
+            }
+        }
+        Ok(server)
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Counters of what was served.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Stops every shard and waits for their threads.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        for join in self.joins.drain(..) {
+            let _ = join.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct ShardContext {
+    keyspace: Keyspace,
+    overlay: Overlay,
+    stats: Arc<ServerStats>,
+    latency: LatencyModel,
+    error_rate: f64,
+    reset_rate: f64,
+    seed: u64,
+}
+
+async fn run_shard(
+    addr: SocketAddr,
+    ctx: ShardContext,
+    ready: flume::Sender<Result<SocketAddr, String>>,
+    stop: flume::Receiver<()>,
+) {
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let _ = ready.send(listener.local_addr().map_err(|e| e.to_string()));
+    let ctx = Rc::new(ctx);
+    let mut connection_no = 0u64;
+    let accept_loop = async {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    connection_no += 1;
+                    ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    let seed = ctx.seed ^ connection_no.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    glommio::spawn_local(serve_connection(stream, ctx.clone(), seed)).detach();
+                }
+                // Out of file descriptors and the like: back off, keep serving the others.
+                Err(_) => glommio::timer::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    };
+    futures::select! {
+        _ = accept_loop.fuse() => {}
+        _ = stop.recv_async().fuse() => {}
+    }
+}
+
+async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.split();
+    let (tx, rx) = local_channel::new_bounded::<(Instant, Vec<u8>, bool)>(MAX_PENDING_REPLIES);
+    let writer_task = glommio::spawn_local(async move {
+        let mut out = Vec::with_capacity(64 * 1024);
+        let mut next: Option<(Instant, Vec<u8>, bool)> = None;
+        loop {
+            let (due, reply, close) = match next.take() {
+                Some(item) => item,
+                None => match rx.recv().await {
+                    Some(item) => item,
+                    None => return,
+                },
+            };
+            let now = Instant::now();
+            if due > now {
+                glommio::timer::sleep(due - now).await;
+            }
+            out.extend_from_slice(&reply);
+            let mut closing = close;
+            // Batch every reply that is already due into one write.
+            while !closing {
+                match rx.recv().now_or_never() {
+                    Some(Some((due, reply, close))) if due <= Instant::now() => {
+                        out.extend_from_slice(&reply);
+                        closing = close;
+                    }
+                    Some(Some(item)) => {
+                        next = Some(item);
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            if writer.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+            if closing {
+                let _ = writer.close().await;
+                return;
+            }
+        }
+    });
+
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut last_due = Instant::now();
+    let mut reset = false;
+    let context = Context {
+        keyspace: &ctx.keyspace,
+        overlay: &ctx.overlay,
+        stats: &ctx.stats,
+    };
+    'read: loop {
+        if end == buf.len() {
+            if start > 0 {
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+            } else if buf.len() < MAX_REQUEST_BYTES {
+                buf.resize(buf.len() * 2, 0);
+            } else {
+                break 'read; // a single request larger than the limit
+            }
+        }
+        let n = match reader.read(&mut buf[end..]).await {
+            Ok(0) | Err(_) => break 'read,
+            Ok(n) => n,
+        };
+        end += n;
+        loop {
+            let (frame, used) = match decode_range(&buf[start..end]) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => {
+                    let _ = tx
+                        .send((Instant::now(), b"-ERR Protocol error\r\n".to_vec(), true))
+                        .await;
+                    break 'read;
+                }
+            };
+            let args = match command_args(&buf[start..start + used], &frame) {
+                Some(args) => args,
+                None => {
+                    let _ = tx
+                        .send((
+                            Instant::now(),
+                            b"-ERR Protocol error: expected an array of bulk strings\r\n".to_vec(),
+                            true,
+                        ))
+                        .await;
+                    break 'read;
+                }
+            };
+            ctx.stats.commands.fetch_add(1, Ordering::Relaxed);
+            if ctx.reset_rate > 0.0 && rng.random_bool(ctx.reset_rate) {
+                ctx.stats.resets_injected.fetch_add(1, Ordering::Relaxed);
+                reset = true;
+                break 'read;
+            }
+            let action = if ctx.error_rate > 0.0 && rng.random_bool(ctx.error_rate) {
+                ctx.stats.errors_injected.fetch_add(1, Ordering::Relaxed);
+                Action::Reply(b"-ERR injected failure\r\n".to_vec())
+            } else {
+                context.execute(&args)
+            };
+            start += used;
+            let due = (Instant::now() + ctx.latency.sample(&mut rng)).max(last_due);
+            last_due = due;
+            let (reply, close) = match action {
+                Action::Reply(r) => (r, false),
+                Action::ReplyAndClose(r) => (r, true),
+            };
+            if tx.send((due, reply, close)).await.is_err() || close {
+                break 'read;
+            }
+        }
+        if start == end {
+            start = 0;
+            end = 0;
+        }
+    }
+    drop(tx);
+    if reset {
+        // Cancelling the writer drops the socket with the replies it still held.
+        drop(writer_task);
+    } else {
+        writer_task.await;
+    }
+}
+
+/// The arguments of a command frame (an array of bulk strings), as slices of `buf`.
+fn command_args<'a>(buf: &'a [u8], frame: &RangeFrame) -> Option<Vec<&'a [u8]>> {
+    match frame {
+        RangeFrame::Array(items) if !items.is_empty() => items
+            .iter()
+            .map(|f| match f {
+                RangeFrame::BulkString((s, e)) | RangeFrame::SimpleString((s, e)) => {
+                    buf.get(*s..*e)
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}

@@ -1,0 +1,154 @@
+//! The lookup server against a plain blocking client over real loopback TCP: commands and
+//! pipelining, reply delays, injected errors and resets.
+
+use loadgen::keyspace;
+use loadgen::{LatencyModel, Server, ServerConfig};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+fn start(latency: &str, error_rate: f64, reset_rate: f64) -> Server {
+    Server::start(ServerConfig {
+        keys: 1_000,
+        value_size: 100,
+        latency: latency.parse::<LatencyModel>().unwrap(),
+        error_rate,
+        reset_rate,
+        ..Default::default()
+    })
+    .expect("server starts")
+}
+
+fn command(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    out
+}
+
+/// Reads one RESP2 reply and renders it compactly.
+fn read_reply(r: &mut BufReader<TcpStream>) -> String {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("a reply line");
+    let line = line.trim_end().to_string();
+    match line.as_bytes()[0] {
+        b'$' => {
+            let len: i64 = line[1..].parse().unwrap();
+            if len < 0 {
+                return "nil".into();
+            }
+            let mut buf = vec![0; len as usize + 2];
+            r.read_exact(&mut buf).unwrap();
+            String::from_utf8(buf[..len as usize].to_vec()).unwrap()
+        }
+        b'*' => {
+            let n: usize = line[1..].parse().unwrap();
+            let items: Vec<String> = (0..n).map(|_| read_reply(r)).collect();
+            format!("[{}]", items.join(","))
+        }
+        _ => line,
+    }
+}
+
+#[test]
+fn pipelined_commands_are_answered_in_order() {
+    let server = start("0ms", 0.0, 0.0);
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    let mut batch = vec![];
+    for args in [
+        vec!["PING"],
+        vec!["GET", &keyspace::key(5)],
+        vec!["GET", "user:nobody"],
+        vec!["DBSIZE"],
+        vec!["SET", "k", "v"],
+        vec!["GET", "k"],
+        vec!["MGET", &keyspace::key(1), "nope"],
+        vec!["HELLO", "3"],
+        vec!["CLIENT", "SETNAME", "x"],
+        vec!["NOSUCH"],
+    ] {
+        batch.extend(command(&args));
+    }
+    stream.write_all(&batch).unwrap();
+    let mut r = BufReader::new(stream);
+    assert_eq!(read_reply(&mut r), "+PONG");
+    let value: serde_json::Value = serde_json::from_str(&read_reply(&mut r)).unwrap();
+    assert_eq!(value["user_id"], "user_000005");
+    assert_eq!(read_reply(&mut r), "nil");
+    assert_eq!(read_reply(&mut r), ":1000");
+    assert_eq!(read_reply(&mut r), "+OK");
+    assert_eq!(read_reply(&mut r), "v");
+    let mget = read_reply(&mut r);
+    assert!(
+        mget.contains("user_000001") && mget.ends_with(",nil]"),
+        "{mget}"
+    );
+    assert!(read_reply(&mut r).starts_with("-NOPROTO"));
+    assert_eq!(read_reply(&mut r), "+OK");
+    assert!(read_reply(&mut r).starts_with("-ERR unknown command"));
+    let stats = server.stats();
+    assert_eq!(stats.commands.load(Ordering::Relaxed), 10);
+    assert_eq!(stats.hits.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.misses.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn replies_wait_for_the_latency_model() {
+    let server = start("30ms", 0.0, 0.0);
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    let started = Instant::now();
+    stream.write_all(&command(&["PING"]).repeat(3)).unwrap();
+    let mut r = BufReader::new(stream);
+    for _ in 0..3 {
+        assert_eq!(read_reply(&mut r), "+PONG");
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(30),
+        "replied after {elapsed:?}"
+    );
+}
+
+#[test]
+fn injected_errors_replace_replies() {
+    let server = start("0ms", 1.0, 0.0);
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    stream
+        .write_all(&command(&["GET", &keyspace::key(1)]))
+        .unwrap();
+    let mut r = BufReader::new(stream);
+    assert_eq!(read_reply(&mut r), "-ERR injected failure");
+    assert_eq!(server.stats().errors_injected.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn injected_resets_close_the_connection() {
+    let server = start("0ms", 0.0, 1.0);
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(&command(&["PING"])).unwrap();
+    let mut buf = [0u8; 16];
+    let n = stream.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a reply");
+    assert_eq!(server.stats().resets_injected.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn two_shards_share_one_port() {
+    let server = Server::start(ServerConfig {
+        shards: 2,
+        latency: LatencyModel::Fixed(Duration::ZERO),
+        ..Default::default()
+    })
+    .unwrap();
+    for _ in 0..8 {
+        let mut stream = TcpStream::connect(server.addr()).unwrap();
+        stream.write_all(&command(&["PING"])).unwrap();
+        assert_eq!(read_reply(&mut BufReader::new(stream)), "+PONG");
+    }
+    assert_eq!(server.stats().connections.load(Ordering::Relaxed), 8);
+}
