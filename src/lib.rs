@@ -66,6 +66,7 @@ mod in_flight;
 mod metrics;
 mod operator;
 mod queue;
+pub mod redis;
 mod retry;
 pub mod sim;
 mod stream_ext;

@@ -144,7 +144,9 @@ impl Iterator for Generator {
             timestamp,
         };
         self.records += 1;
-        if self.config.watermark_every > 0 && self.records.is_multiple_of(self.config.watermark_every) {
+        if self.config.watermark_every > 0
+            && self.records.is_multiple_of(self.config.watermark_every)
+        {
             let w = self
                 .max_event_ms
                 .saturating_sub(self.config.max_out_of_orderness_ms + 1);

@@ -1,0 +1,441 @@
+//! `Connection`: one pipelined TCP connection to Redis on glommio (io_uring), driven by one
+//! task that writes queued requests and reads replies.
+//!
+//! Owns: the socket, the outgoing bytes and a ring of reply slots. Requests are encoded into
+//! `out` and get consecutive ids; replies arrive in request order (RESP has no ids), so reply
+//! `n` completes slot `n % ring`. Invariants:
+//! - `next_reply <= next_request <= next_reply + ring.len()`, and a request takes its slot
+//!   only when the slot is free (its previous request answered and read), so the ring never
+//!   overwrites a pending reply;
+//! - a slot is completed once; a request whose future was dropped (a timeout) is `Abandoned`
+//!   and its reply is discarded on arrival;
+//! - when the connection breaks, every pending request fails with a retryable
+//!   `ConnectionLost`, the queue is emptied, and the driver reconnects with exponential backoff;
+//!   while it waits, new requests fail at once with `Unavailable` (so the stage's retry policy,
+//!   not a hidden queue, decides what happens).
+
+use super::error::RedisError;
+use super::reply::Reply;
+use futures::io::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use redis_protocol::resp2::decode::decode_range;
+use redis_protocol::resp2::encode::encode_borrowed;
+use redis_protocol::resp2::types::BorrowedFrame;
+use std::cell::RefCell;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+const READ_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Status {
+    /// Connecting (at start or after a backoff): requests queue up.
+    Connecting,
+    Connected,
+    /// Waiting to reconnect: requests fail at once.
+    Down(String),
+    /// The client was dropped: the driver exits.
+    Closed,
+}
+
+enum Slot {
+    Free,
+    Waiting(Option<Waker>),
+    Done(Result<Reply, RedisError>),
+    Abandoned,
+}
+
+struct State {
+    status: Status,
+    out: Vec<u8>,
+    ring: Box<[Slot]>,
+    next_request: u64,
+    next_reply: u64,
+    driver: Option<Waker>,
+}
+
+/// Reconnect backoff.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    pub(crate) initial: Duration,
+    pub(crate) max: Duration,
+}
+
+pub(crate) struct Connection {
+    addr: SocketAddr,
+    state: RefCell<State>,
+}
+
+impl Connection {
+    /// A connection to `addr` whose driver must be spawned with [`Connection::drive`].
+    pub(crate) fn new(addr: SocketAddr, max_in_flight: usize) -> Rc<Connection> {
+        Rc::new(Connection {
+            addr,
+            state: RefCell::new(State {
+                status: Status::Connecting,
+                out: Vec::with_capacity(READ_CHUNK),
+                ring: (0..max_in_flight.max(1)).map(|_| Slot::Free).collect(),
+                next_request: 0,
+                next_reply: 0,
+                driver: None,
+            }),
+        })
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        let st = self.state.borrow();
+        (st.next_request - st.next_reply) as usize
+    }
+
+    /// Queues a command; the returned future resolves with its reply.
+    pub(crate) fn send(self: &Rc<Self>, args: &[&[u8]]) -> ReplyFuture {
+        let mut st = self.state.borrow_mut();
+        match &st.status {
+            Status::Connected | Status::Connecting => {}
+            Status::Down(reason) => {
+                return ReplyFuture::failed(RedisError::Unavailable {
+                    addr: self.addr,
+                    reason: reason.clone(),
+                })
+            }
+            Status::Closed => {
+                return ReplyFuture::failed(RedisError::Unavailable {
+                    addr: self.addr,
+                    reason: "the client was closed".into(),
+                })
+            }
+        }
+        let limit = st.ring.len();
+        let id = st.next_request;
+        let index = (id % limit as u64) as usize;
+        // The slot is busy while its earlier request is in flight, or answered but not yet
+        // read by its future.
+        if !matches!(st.ring[index], Slot::Free) {
+            return ReplyFuture::failed(RedisError::Overloaded {
+                addr: self.addr,
+                limit,
+            });
+        }
+        encode_command(&mut st.out, args);
+        st.next_request += 1;
+        st.ring[index] = Slot::Waiting(None);
+        if let Some(w) = &st.driver {
+            w.wake_by_ref();
+        }
+        ReplyFuture {
+            inner: Inner::Pending {
+                conn: self.clone(),
+                id,
+            },
+        }
+    }
+
+    /// Marks the connection closed and wakes its driver so it exits.
+    pub(crate) fn close(&self) {
+        let mut st = self.state.borrow_mut();
+        st.status = Status::Closed;
+        if let Some(w) = st.driver.take() {
+            w.wake();
+        }
+    }
+
+    fn fail_pending(&self, error: RedisError) {
+        let mut st = self.state.borrow_mut();
+        let limit = st.ring.len() as u64;
+        for id in st.next_reply..st.next_request {
+            let slot = &mut st.ring[(id % limit) as usize];
+            *slot = match std::mem::replace(slot, Slot::Free) {
+                Slot::Waiting(waker) => {
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                    Slot::Done(Err(error.clone()))
+                }
+                _ => Slot::Free,
+            };
+        }
+        st.next_reply = st.next_request;
+        st.out.clear();
+    }
+
+    fn set_status(&self, status: Status) -> bool {
+        let mut st = self.state.borrow_mut();
+        if st.status == Status::Closed {
+            return false;
+        }
+        st.status = status;
+        true
+    }
+
+    /// The connection's driver: connect, run, and on failure fail what is pending and
+    /// reconnect with backoff, until the client is dropped.
+    pub(crate) async fn drive(self: Rc<Self>, backoff: Backoff) {
+        let mut delay = backoff.initial;
+        loop {
+            let failure = match TcpStream::connect(self.addr).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    if !self.set_status(Status::Connected) {
+                        return;
+                    }
+                    delay = backoff.initial;
+                    let mut io = Io {
+                        conn: self.clone(),
+                        stream,
+                        writing: Vec::with_capacity(READ_CHUNK),
+                        written: 0,
+                        read: vec![0; READ_CHUNK],
+                        start: 0,
+                        end: 0,
+                    };
+                    match std::future::poll_fn(|cx| io.poll(cx)).await {
+                        Ok(()) => return, // closed by the client
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => RedisError::Connect {
+                    addr: self.addr,
+                    reason: e.to_string(),
+                },
+            };
+            let reason = failure.to_string();
+            let lost = match failure {
+                RedisError::Connect { .. } => failure,
+                RedisError::Protocol { .. } => failure,
+                other => RedisError::ConnectionLost {
+                    addr: self.addr,
+                    reason: other.to_string(),
+                },
+            };
+            if !self.set_status(Status::Down(reason)) {
+                return;
+            }
+            self.fail_pending(lost);
+            glommio::timer::sleep(delay).await;
+            delay = (delay * 2).min(backoff.max);
+            if !self.set_status(Status::Connecting) {
+                return;
+            }
+        }
+    }
+}
+
+/// Appends `args` as a RESP2 array of bulk strings.
+fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    let mut frames = [const { BorrowedFrame::Null }; 8];
+    let mut heap;
+    let frames: &[BorrowedFrame<'_>] = if args.len() <= frames.len() {
+        for (f, a) in frames.iter_mut().zip(args) {
+            *f = BorrowedFrame::BulkString(a);
+        }
+        &frames[..args.len()]
+    } else {
+        heap = Vec::with_capacity(args.len());
+        heap.extend(args.iter().map(|a| BorrowedFrame::BulkString(a)));
+        &heap
+    };
+    let frame = BorrowedFrame::Array(frames);
+    let at = out.len();
+    out.resize(at + frame.encode_len(false), 0);
+    let n = encode_borrowed(&mut out[at..], &frame, false).expect("sized by encode_len");
+    out.truncate(at + n);
+}
+
+struct Io {
+    conn: Rc<Connection>,
+    stream: TcpStream,
+    writing: Vec<u8>,
+    written: usize,
+    read: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Io {
+    fn broken(&self, reason: impl std::fmt::Display) -> RedisError {
+        RedisError::ConnectionLost {
+            addr: self.conn.addr,
+            reason: reason.to_string(),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RedisError>> {
+        {
+            let mut st = self.conn.state.borrow_mut();
+            if st.status == Status::Closed {
+                return Poll::Ready(Ok(()));
+            }
+            if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                st.driver = Some(cx.waker().clone());
+            }
+        }
+        // Write everything queued; requests queued while a write is pending go out together.
+        loop {
+            if self.written == self.writing.len() {
+                self.writing.clear();
+                self.written = 0;
+                std::mem::swap(&mut self.writing, &mut self.conn.state.borrow_mut().out);
+                if self.writing.is_empty() {
+                    break;
+                }
+            }
+            match Pin::new(&mut self.stream).poll_write(cx, &self.writing[self.written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(self.broken("the socket accepted no bytes")))
+                }
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.broken(e))),
+                Poll::Pending => break,
+            }
+        }
+        // Read and complete replies.
+        loop {
+            if self.end == self.read.len() {
+                if self.start > 0 {
+                    self.read.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    self.start = 0;
+                } else {
+                    // One reply larger than the buffer: grow it.
+                    self.read.resize(self.read.len() * 2, 0);
+                }
+            }
+            match Pin::new(&mut self.stream).poll_read(cx, &mut self.read[self.end..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(self.broken("the server closed the connection")))
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.end += n;
+                    if let Err(e) = self.complete_replies() {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.broken(e))),
+                Poll::Pending => break,
+            }
+        }
+        Poll::Pending
+    }
+
+    fn complete_replies(&mut self) -> Result<(), RedisError> {
+        let mut st = self.conn.state.borrow_mut();
+        let limit = st.ring.len() as u64;
+        loop {
+            let buf = &self.read[self.start..self.end];
+            let (frame, used) = match decode_range(buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(RedisError::Protocol {
+                        addr: self.conn.addr,
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            if st.next_reply == st.next_request {
+                return Err(RedisError::Protocol {
+                    addr: self.conn.addr,
+                    reason: "a reply arrived with no request pending".into(),
+                });
+            }
+            let result = match &frame {
+                redis_protocol::resp2::types::RangeFrame::Error((s, e)) => {
+                    Err(RedisError::ErrorReply {
+                        message: String::from_utf8_lossy(&buf[*s..*e]).into_owned(),
+                    })
+                }
+                _ => Ok(Reply::from_frame(buf, &frame)),
+            };
+            self.start += used;
+            let id = st.next_reply;
+            st.next_reply += 1;
+            let slot = &mut st.ring[(id % limit) as usize];
+            *slot = match std::mem::replace(slot, Slot::Free) {
+                Slot::Waiting(waker) => {
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                    Slot::Done(result)
+                }
+                Slot::Abandoned => Slot::Free,
+                Slot::Free | Slot::Done(_) => panic!("reply {id} completes a slot twice"),
+            };
+        }
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        Ok(())
+    }
+}
+
+enum Inner {
+    Failed(Option<RedisError>),
+    Pending { conn: Rc<Connection>, id: u64 },
+    Finished,
+}
+
+/// The reply to one request. Dropping it before it resolves abandons the request: its reply
+/// is discarded when it arrives.
+pub struct ReplyFuture {
+    inner: Inner,
+}
+
+impl ReplyFuture {
+    fn failed(error: RedisError) -> Self {
+        ReplyFuture {
+            inner: Inner::Failed(Some(error)),
+        }
+    }
+}
+
+impl Future for ReplyFuture {
+    type Output = Result<Reply, RedisError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = match &mut self.inner {
+            Inner::Failed(e) => Err(e.take().expect("polled after completion")),
+            Inner::Pending { conn, id } => {
+                let mut st = conn.state.borrow_mut();
+                let limit = st.ring.len() as u64;
+                let slot = &mut st.ring[(*id % limit) as usize];
+                match slot {
+                    Slot::Waiting(waker) => {
+                        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *waker = Some(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                    Slot::Done(_) => match std::mem::replace(slot, Slot::Free) {
+                        Slot::Done(r) => r,
+                        _ => unreachable!(),
+                    },
+                    Slot::Free | Slot::Abandoned => panic!("request {id} lost its reply slot"),
+                }
+            }
+            Inner::Finished => panic!("ReplyFuture polled after completion"),
+        };
+        self.inner = Inner::Finished;
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for ReplyFuture {
+    fn drop(&mut self) {
+        if let Inner::Pending { conn, id } = &self.inner {
+            let Ok(mut st) = conn.state.try_borrow_mut() else {
+                return;
+            };
+            let limit = st.ring.len() as u64;
+            let slot = &mut st.ring[(*id % limit) as usize];
+            *slot = match std::mem::replace(slot, Slot::Free) {
+                Slot::Waiting(_) => Slot::Abandoned,
+                // Completed but never read: the slot is free again.
+                _ => Slot::Free,
+            };
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! `RedisError`: what can go wrong talking to Redis, and whether a retry may help.
+
+use std::net::SocketAddr;
+
+/// A failed Redis request.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisError {
+    /// The connection could not be established.
+    #[error("cannot connect to Redis at {addr}: {reason}. Is the server running and reachable?")]
+    Connect { addr: SocketAddr, reason: String },
+    /// The connection broke with this request in flight; it may or may not have been executed.
+    #[error("connection to Redis at {addr} lost with the request in flight: {reason}")]
+    ConnectionLost { addr: SocketAddr, reason: String },
+    /// The connection is down and being re-established (with backoff).
+    #[error("Redis at {addr} is unavailable (reconnecting after: {reason})")]
+    Unavailable { addr: SocketAddr, reason: String },
+    /// More requests in flight on one connection than its reply ring holds.
+    #[error("more than {limit} requests in flight on one connection to {addr}; raise `max_in_flight` or lower the stage capacity")]
+    Overloaded { addr: SocketAddr, limit: usize },
+    /// Redis answered with an error reply.
+    #[error("Redis replied with an error: {message}")]
+    ErrorReply { message: String },
+    /// The server sent bytes that are not RESP2; the connection is closed.
+    #[error("protocol error from Redis at {addr}: {reason}")]
+    Protocol { addr: SocketAddr, reason: String },
+    /// A reply of an unexpected type for the command.
+    #[error("unexpected reply to {command}: {got}")]
+    UnexpectedReply { command: &'static str, got: String },
+    /// The `redis://` URL is malformed.
+    #[error("invalid Redis URL `{url}`: {reason}. Expected redis://HOST:PORT")]
+    InvalidUrl { url: String, reason: String },
+}
+
+impl RedisError {
+    /// Whether retrying the request may succeed: connection trouble and Redis's transient
+    /// error replies (`LOADING`, `BUSY`, `TRYAGAIN`, `MASTERDOWN`).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RedisError::Connect { .. }
+            | RedisError::ConnectionLost { .. }
+            | RedisError::Unavailable { .. }
+            | RedisError::Overloaded { .. } => true,
+            RedisError::ErrorReply { message } => ["LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN"]
+                .iter()
+                .any(|p| message.starts_with(p)),
+            _ => false,
+        }
+    }
+}

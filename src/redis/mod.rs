@@ -1,0 +1,168 @@
+//! A Redis client for a shard: glommio TCP on io_uring, a few connections per shard, many
+//! requests in flight per connection (pipelining, replies matched in order), reconnect with
+//! backoff. `!Send` on purpose: create one per shard, inside the shard's factory.
+//!
+//! Owns: the shard's connections. Invariant: requests spread round-robin over connections,
+//! and each connection's requests are answered in the order sent.
+
+mod connection;
+mod error;
+mod reply;
+
+pub use connection::ReplyFuture;
+pub use error::RedisError;
+pub use reply::Reply;
+
+use connection::{Backoff, Connection};
+use std::cell::Cell;
+use std::future::Future;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Connections per client (per shard).
+    pub connections: usize,
+    /// Requests in flight per connection (the reply ring's size); above it a request fails
+    /// with the retryable `Overloaded`.
+    pub max_in_flight: usize,
+    /// First reconnect delay; doubles up to `reconnect_max`.
+    pub reconnect_initial: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connections: 1,
+            max_in_flight: 4096,
+            reconnect_initial: Duration::from_millis(10),
+            reconnect_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Parses `redis://HOST:PORT[/0]` (or `HOST:PORT`) into a socket address.
+pub fn parse_url(url: &str) -> Result<SocketAddr, RedisError> {
+    let invalid = |reason: &str| RedisError::InvalidUrl {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let rest = url.strip_prefix("redis://").unwrap_or(url);
+    if url.starts_with("rediss://") || url.starts_with("unix:") {
+        return Err(invalid("TLS and unix sockets are not supported"));
+    }
+    let (hostport, db) = match rest.split_once('/') {
+        Some((h, db)) => (h, db),
+        None => (rest, ""),
+    };
+    if !(db.is_empty() || db == "0") {
+        return Err(invalid("only database 0 is supported"));
+    }
+    if hostport.contains('@') {
+        return Err(invalid("authentication is not supported"));
+    }
+    let hostport = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:6379")
+    };
+    hostport
+        .to_socket_addrs()
+        .map_err(|e| invalid(&e.to_string()))?
+        .next()
+        .ok_or_else(|| invalid("the host resolves to no address"))
+}
+
+/// See the module documentation.
+pub struct RedisClient {
+    connections: Vec<Rc<Connection>>,
+    next: Cell<usize>,
+}
+
+impl RedisClient {
+    /// Creates the connections and spawns their drivers on the current glommio executor.
+    /// Connecting happens in the background: requests sent meanwhile are queued and sent once
+    /// connected (or fail with `Connect` if the server cannot be reached).
+    pub fn new(addr: SocketAddr, config: &ClientConfig) -> RedisClient {
+        let backoff = Backoff {
+            initial: config.reconnect_initial,
+            max: config.reconnect_max.max(config.reconnect_initial),
+        };
+        let connections = (0..config.connections.max(1))
+            .map(|_| {
+                let conn = Connection::new(addr, config.max_in_flight);
+                glommio::spawn_local(conn.clone().drive(backoff)).detach();
+                conn
+            })
+            .collect();
+        RedisClient {
+            connections,
+            next: Cell::new(0),
+        }
+    }
+
+    /// Sends any command, e.g. `&[b"GET", key]`.
+    pub fn command(&self, args: &[&[u8]]) -> ReplyFuture {
+        let i = self.next.get();
+        self.next.set((i + 1) % self.connections.len());
+        self.connections[i].send(args)
+    }
+
+    /// `GET key`: the value, or `None` for a missing key.
+    pub fn get(&self, key: &[u8]) -> GetFuture {
+        GetFuture(self.command(&[b"GET", key]))
+    }
+
+    /// Requests in flight over all connections.
+    pub fn in_flight(&self) -> usize {
+        self.connections.iter().map(|c| c.in_flight()).sum()
+    }
+}
+
+impl Drop for RedisClient {
+    fn drop(&mut self) {
+        for c in &self.connections {
+            c.close();
+        }
+    }
+}
+
+/// See [`RedisClient::get`].
+pub struct GetFuture(ReplyFuture);
+
+impl Future for GetFuture {
+    type Output = Result<Option<Vec<u8>>, RedisError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| match r? {
+            Reply::Bulk(v) => Ok(Some(v)),
+            Reply::Nil => Ok(None),
+            other => Err(RedisError::UnexpectedReply {
+                command: "GET",
+                got: other.describe(),
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_or_say_why_not() {
+        assert_eq!(parse_url("redis://127.0.0.1:7000").unwrap().port(), 7000);
+        assert_eq!(parse_url("127.0.0.1").unwrap().port(), 6379);
+        assert_eq!(parse_url("redis://127.0.0.1:7000/0").unwrap().port(), 7000);
+        let e = parse_url("redis://127.0.0.1:7000/3")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("database 0"), "{e}");
+        assert!(parse_url("rediss://h:1").is_err());
+        assert!(parse_url("redis://user:pw@h:1").is_err());
+    }
+}

@@ -1,0 +1,44 @@
+//! `Reply`: an owned RESP2 reply, built from `redis-protocol`'s zero-copy range frames.
+
+use redis_protocol::resp2::types::RangeFrame;
+
+/// A RESP2 reply (error replies are `RedisError::ErrorReply` instead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Nil,
+    Status(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Array(Vec<Reply>),
+    /// An error nested inside an array (top-level errors become `Err`).
+    Error(String),
+}
+
+impl Reply {
+    /// Builds a reply from a frame whose ranges index `buf`.
+    pub(crate) fn from_frame(buf: &[u8], frame: &RangeFrame) -> Reply {
+        let text = |(s, e): (usize, usize)| String::from_utf8_lossy(&buf[s..e]).into_owned();
+        match frame {
+            RangeFrame::SimpleString(r) => Reply::Status(text(*r)),
+            RangeFrame::Error(r) => Reply::Error(text(*r)),
+            RangeFrame::Integer(i) => Reply::Int(*i),
+            RangeFrame::BulkString((s, e)) => Reply::Bulk(buf[*s..*e].to_vec()),
+            RangeFrame::Array(items) => {
+                Reply::Array(items.iter().map(|f| Reply::from_frame(buf, f)).collect())
+            }
+            RangeFrame::Null => Reply::Nil,
+        }
+    }
+
+    /// A short description for error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Reply::Nil => "nil".into(),
+            Reply::Status(s) => format!("status {s}"),
+            Reply::Int(i) => format!("integer {i}"),
+            Reply::Bulk(b) => format!("bulk string of {} bytes", b.len()),
+            Reply::Array(a) => format!("array of {}", a.len()),
+            Reply::Error(e) => format!("error {e}"),
+        }
+    }
+}
