@@ -58,6 +58,7 @@
 //! See `docs/architecture.md` for the data path and `docs/guarantees.md` for the semantics,
 //! point by point against Flink.
 
+pub mod bench;
 pub mod clock;
 mod engine;
 mod error;

@@ -1,0 +1,204 @@
+//! `sluice bench`: how much asynchronous enrichment gains over a synchronous `map`, and how
+//! close each contender comes to the limit, on a real network path.
+//!
+//! Owns: the sweep. For each repeat, for each shard count and capacity, every mode runs one
+//! point in turn (interleaved, so drift on a noisy machine hits all modes alike); each figure is
+//! the median over repeats. Invariants: all modes see the same server, key distribution and
+//! duration; the ideal is Little's law (`shards x capacity / round-trip latency`) capped by the
+//! server's measured limit; nothing is a hard-coded figure.
+
+mod blocking_client;
+pub mod cpu;
+mod report;
+mod runners;
+
+pub use report::{write_json, write_svg, Point, Report};
+pub use runners::{Measurement, Workload};
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// A contender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// One blocking client per shard, one request at a time (Flink's `MapFunction`).
+    SyncMap,
+    /// A pool of `shards x capacity` blocking clients (at most 512 threads).
+    ThreadPool,
+    /// tokio + redis-rs + `buffered` (ordered), one worker thread per shard.
+    TokioBuffered,
+    /// tokio + redis-rs + `buffer_unordered`.
+    TokioUnordered,
+    Ordered,
+    Unordered,
+    KeyOrdered,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 7] = [
+        Mode::SyncMap,
+        Mode::ThreadPool,
+        Mode::TokioBuffered,
+        Mode::TokioUnordered,
+        Mode::Ordered,
+        Mode::Unordered,
+        Mode::KeyOrdered,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::SyncMap => "sync-map",
+            Mode::ThreadPool => "thread-pool",
+            Mode::TokioBuffered => "tokio-buffered",
+            Mode::TokioUnordered => "tokio-unordered",
+            Mode::Ordered => "ordered",
+            Mode::Unordered => "unordered",
+            Mode::KeyOrdered => "key-ordered",
+        }
+    }
+
+    /// Requests in flight this mode may have at `shards` and `capacity`.
+    pub fn in_flight(self, shards: usize, capacity: usize) -> usize {
+        match self {
+            Mode::SyncMap => shards,
+            Mode::ThreadPool => (shards * capacity).min(512),
+            _ => shards * capacity,
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Mode::ALL.iter().map(|m| m.name()).collect();
+                format!("unknown mode `{s}`; modes are {}", names.join(", "))
+            })
+    }
+}
+
+/// The sweep's settings.
+#[derive(Debug, Clone)]
+pub struct SweepConfig {
+    pub addr: SocketAddr,
+    /// A label for the server (`loadgen 1ms` or the Redis URL).
+    pub server: String,
+    /// The server's configured latency, if known (embedded server).
+    pub configured_latency: Option<Duration>,
+    pub keys: u64,
+    pub modes: Vec<Mode>,
+    pub shards: Vec<usize>,
+    pub capacities: Vec<usize>,
+    pub duration: Duration,
+    pub repeat: usize,
+    pub seed: u64,
+}
+
+/// Called before each point with (done, total, label).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, &str);
+
+/// Measures the round trip of sequential GETs (Little's law needs the real latency).
+pub fn probe_round_trip(addr: SocketAddr, keys: u64) -> Result<Duration, String> {
+    let mut client = blocking_client::BlockingClient::connect(addr)
+        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+    let mut buf = [0u8; 32];
+    let mut samples = Vec::with_capacity(200);
+    for i in 0..200u64 {
+        let t = Instant::now();
+        client
+            .get(runners::key_of(i % keys, &mut buf))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "{addr} has no key user:user_{:06}: load the keyspace first",
+                    i % keys
+                )
+            })?;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Ok(samples[samples.len() / 2])
+}
+
+/// Runs the sweep and returns one point per (mode, shards, capacity), medians over repeats.
+pub fn sweep(
+    config: &SweepConfig,
+    server_limit_rps: f64,
+    round_trip: Duration,
+    progress: Progress<'_>,
+) -> Result<Report, String> {
+    let mut plan = vec![];
+    for &shards in &config.shards {
+        for &capacity in &config.capacities {
+            for &mode in &config.modes {
+                // sync-map ignores capacity: measure it once per shard count.
+                if mode == Mode::SyncMap && capacity != config.capacities[0] {
+                    continue;
+                }
+                plan.push((mode, shards, capacity));
+            }
+        }
+    }
+    let total = plan.len() * config.repeat;
+    let mut runs: std::collections::BTreeMap<(usize, usize, Mode), Vec<Measurement>> =
+        Default::default();
+    let mut done = 0;
+    for r in 0..config.repeat {
+        for &(mode, shards, capacity) in &plan {
+            progress(
+                done,
+                total,
+                &format!(
+                    "{mode} shards={shards} capacity={capacity} (repeat {})",
+                    r + 1
+                ),
+            );
+            let workload = Workload {
+                addr: config.addr,
+                keys: config.keys,
+                duration: config.duration,
+                seed: config.seed.wrapping_add(r as u64),
+            };
+            let m = runners::run(mode, shards, capacity, &workload)
+                .map_err(|e| format!("{mode} shards={shards} capacity={capacity}: {e}"))?;
+            runs.entry((shards, capacity, mode)).or_default().push(m);
+            done += 1;
+        }
+    }
+    progress(done, total, "done");
+    Ok(Report::from_runs(
+        config,
+        server_limit_rps,
+        round_trip,
+        runs,
+    ))
+}
+
+/// The server's limit: sluice unordered at capacity 256 per shard against a server that adds
+/// no latency, in records/s.
+pub fn runners_limit(
+    addr: SocketAddr,
+    keys: u64,
+    shards: usize,
+    duration: Duration,
+) -> Result<f64, String> {
+    let w = Workload {
+        addr,
+        keys,
+        duration,
+        seed: 1,
+    };
+    let m = runners::run(Mode::Unordered, shards, 256, &w)?;
+    Ok(m.records as f64 / m.elapsed.as_secs_f64())
+}

@@ -1,0 +1,325 @@
+//! The sweep's results: medians per point, the table, the JSON report and the SVG chart.
+//!
+//! Owns: presentation. Invariants: every figure comes from the measurements handed in; the
+//! JSON schema is the one in `docs/benchmarks.md`.
+
+use super::runners::Measurement;
+use super::{Mode, SweepConfig};
+use plotters::prelude::*;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// One (mode, shards, capacity) point: medians over its repeats.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub mode: String,
+    pub shards: usize,
+    pub capacity: usize,
+    /// Requests this mode keeps in flight at most.
+    pub in_flight: usize,
+    /// The server's configured latency (embedded server), else the measured round trip.
+    pub latency_ms: f64,
+    /// Records completed (median run).
+    pub records: u64,
+    pub rps: f64,
+    /// Little's law, capped by the server's measured limit.
+    pub ideal_rps: f64,
+    pub efficiency: f64,
+    pub speedup_vs_sync_map: Option<f64>,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub cpu_us_per_record: f64,
+    pub repeats: usize,
+}
+
+/// Everything a sweep produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub server: String,
+    pub machine: Machine,
+    pub duration_s: f64,
+    pub repeat: usize,
+    pub round_trip_us: f64,
+    pub server_limit_rps: f64,
+    pub points: Vec<Point>,
+}
+
+/// Where the figures were measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub memlock_kib: Option<u64>,
+}
+
+impl Machine {
+    pub fn probe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|r| r.split(':').nth(1))
+            })
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let memlock_kib = limits
+            .lines()
+            .find(|l| l.starts_with("Max locked memory"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|b| b / 1024);
+        Machine {
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel,
+            memlock_kib,
+        }
+    }
+}
+
+fn median_by<T: Clone>(items: &[T], key: impl Fn(&T) -> f64) -> T {
+    let mut sorted: Vec<&T> = items.iter().collect();
+    sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    sorted[sorted.len() / 2].clone()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+impl Report {
+    pub(crate) fn from_runs(
+        config: &SweepConfig,
+        server_limit_rps: f64,
+        round_trip: Duration,
+        runs: BTreeMap<(usize, usize, Mode), Vec<Measurement>>,
+    ) -> Report {
+        let latency = config.configured_latency.unwrap_or(round_trip);
+        let rps = |m: &Measurement| m.records as f64 / m.elapsed.as_secs_f64();
+        let mut sync_rps: BTreeMap<usize, f64> = BTreeMap::new();
+        for ((shards, _, mode), ms) in &runs {
+            if *mode == Mode::SyncMap {
+                sync_rps.insert(*shards, median(ms.iter().map(rps).collect()));
+            }
+        }
+        let points = runs
+            .iter()
+            .map(|((shards, capacity, mode), ms)| {
+                let typical = median_by(ms, rps);
+                let r = median(ms.iter().map(rps).collect());
+                let in_flight = mode.in_flight(*shards, *capacity);
+                let ideal = (in_flight as f64 / round_trip.as_secs_f64()).min(server_limit_rps);
+                let q = |quantile: f64| {
+                    median(
+                        ms.iter()
+                            .map(|m| m.latency_us.value_at_quantile(quantile) as f64)
+                            .collect(),
+                    ) as u64
+                };
+                Point {
+                    mode: mode.name().to_string(),
+                    shards: *shards,
+                    capacity: *capacity,
+                    in_flight,
+                    latency_ms: latency.as_secs_f64() * 1e3,
+                    records: typical.records,
+                    rps: r,
+                    ideal_rps: ideal,
+                    efficiency: r / ideal,
+                    speedup_vs_sync_map: sync_rps.get(shards).map(|s| r / s),
+                    p50_us: q(0.5),
+                    p99_us: q(0.99),
+                    p999_us: q(0.999),
+                    cpu_us_per_record: median(
+                        ms.iter()
+                            .map(|m| m.cpu.as_secs_f64() * 1e6 / m.records.max(1) as f64)
+                            .collect(),
+                    ),
+                    repeats: ms.len(),
+                }
+            })
+            .collect();
+        Report {
+            server: config.server.clone(),
+            machine: Machine::probe(),
+            duration_s: config.duration.as_secs_f64(),
+            repeat: config.repeat,
+            round_trip_us: round_trip.as_secs_f64() * 1e6,
+            server_limit_rps,
+            points,
+        }
+    }
+
+    /// The table, as printed after a sweep.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "server: {}; round trip {:.0} us; server limit {:.0} records/s; {} x {:.1} s per point\n\n",
+            self.server, self.round_trip_us, self.server_limit_rps, self.repeat, self.duration_s
+        );
+        out.push_str(&format!(
+            "{:<16} {:>6} {:>8} {:>12} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8}\n",
+            "mode",
+            "shards",
+            "capacity",
+            "records/s",
+            "speedup",
+            "eff.",
+            "p50 us",
+            "p99 us",
+            "p99.9 us",
+            "cpu us/r"
+        ));
+        for p in &self.points {
+            out.push_str(&format!(
+                "{:<16} {:>6} {:>8} {:>12.0} {:>8} {:>6.0}% {:>8} {:>8} {:>9} {:>8.2}\n",
+                p.mode,
+                p.shards,
+                if p.mode == "sync-map" {
+                    "-".to_string()
+                } else {
+                    p.capacity.to_string()
+                },
+                p.rps,
+                p.speedup_vs_sync_map
+                    .map_or("-".into(), |s| format!("{s:.1}x")),
+                p.efficiency * 100.0,
+                p.p50_us,
+                p.p99_us,
+                p.p999_us,
+                p.cpu_us_per_record
+            ));
+        }
+        out
+    }
+}
+
+/// Writes the report as JSON.
+pub fn write_json(report: &Report, path: &Path) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+const COLORS: [RGBColor; 7] = [
+    RGBColor(200, 30, 30),
+    RGBColor(120, 120, 120),
+    RGBColor(230, 140, 20),
+    RGBColor(170, 110, 40),
+    RGBColor(30, 90, 200),
+    RGBColor(20, 150, 60),
+    RGBColor(140, 50, 170),
+];
+
+/// Writes the throughput-against-capacity chart as SVG: one line per mode (and shard count).
+pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let capacities: Vec<usize> = {
+        let mut c: Vec<usize> = report.points.iter().map(|p| p.capacity).collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    };
+    let (min_cap, max_cap) = (
+        *capacities.first().ok_or("no points")? as f64,
+        *capacities.last().ok_or("no points")? as f64,
+    );
+    let max_rps = report
+        .points
+        .iter()
+        .map(|p| p.rps.max(p.ideal_rps.min(p.rps * 2.0)))
+        .fold(1.0, f64::max);
+    let shard_counts: Vec<usize> = {
+        let mut s: Vec<usize> = report.points.iter().map(|p| p.shards).collect();
+        s.sort_unstable();
+        s.dedup();
+        s
+    };
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("Throughput against capacity ({})", report.server),
+                ("sans-serif", 20),
+            )
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(80)
+            .build_cartesian_2d(
+                (min_cap.max(1.0)..max_cap.max(2.0)).log_scale(),
+                0.0..max_rps * 1.05,
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("capacity (requests in flight per shard)")
+            .y_desc("records/s")
+            .y_label_formatter(&|v| format!("{:.0}k", v / 1e3))
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .draw()?;
+        for (mi, mode) in Mode::ALL.iter().enumerate() {
+            for (si, shards) in shard_counts.iter().enumerate() {
+                let mut line: Vec<(f64, f64)> = report
+                    .points
+                    .iter()
+                    .filter(|p| p.mode == mode.name() && p.shards == *shards)
+                    .map(|p| (p.capacity as f64, p.rps))
+                    .collect();
+                if line.is_empty() {
+                    continue;
+                }
+                if *mode == Mode::SyncMap {
+                    // Capacity does not apply: a flat line across the sweep.
+                    let y = line[0].1;
+                    line = capacities.iter().map(|c| (*c as f64, y)).collect();
+                }
+                let color = COLORS[mi % COLORS.len()];
+                let style = if si == 0 {
+                    color.stroke_width(2)
+                } else {
+                    color.stroke_width(1)
+                };
+                let label = if shard_counts.len() > 1 {
+                    format!(
+                        "{mode} ({shards} shard{})",
+                        if *shards == 1 { "" } else { "s" }
+                    )
+                } else {
+                    mode.name().to_string()
+                };
+                chart
+                    .draw_series(LineSeries::new(line.clone(), style))?
+                    .label(label)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+                chart.draw_series(
+                    line.iter()
+                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+                )?;
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| format!("{}: {e}", path.display()))
+}

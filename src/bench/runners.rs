@@ -1,0 +1,436 @@
+//! One benchmark point per mode: the three baselines and sluice's three modes, each doing GETs
+//! of uniformly drawn keys against the same server for the same wall time.
+//!
+//! Owns: how each contender is driven. Invariants: every contender gets records from the same
+//! key distribution until the deadline, then finishes what it has in flight; `records` counts
+//! completed lookups only; a lookup that finds no value or fails is an error, never a record.
+
+use super::blocking_client::BlockingClient;
+use super::cpu::CpuMark;
+use super::Mode;
+use crate::function::{AsyncFunction, Outputs};
+use crate::redis::{ClientConfig, GetFuture, RedisClient, RedisError};
+use crate::{OutputMode, Stage};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// What one run of one point measured.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    pub records: u64,
+    pub elapsed: Duration,
+    /// Dispatch-to-result latency, microseconds.
+    pub latency_us: Histogram<u64>,
+    /// Client CPU (user + system) over the run.
+    pub cpu: Duration,
+}
+
+/// Where and what to look up.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub addr: SocketAddr,
+    pub keys: u64,
+    pub duration: Duration,
+    pub seed: u64,
+}
+
+pub(crate) fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds")
+}
+
+fn record_latency(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record((d.as_micros() as u64).max(1));
+}
+
+/// Writes key `i` (`user:user_000042`) into `buf` without allocating.
+pub(crate) fn key_of(i: u64, buf: &mut [u8; 32]) -> &[u8] {
+    const PREFIX: &[u8] = b"user:user_";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 20];
+    let mut n = i;
+    let mut len = 0;
+    while n > 0 || len < 6 {
+        digits[len] = b'0' + (n % 10) as u8;
+        n /= 10;
+        len += 1;
+    }
+    for j in 0..len {
+        buf[PREFIX.len() + j] = digits[len - 1 - j];
+    }
+    &buf[..PREFIX.len() + len]
+}
+
+/// Uniform keys, a different stream per worker.
+struct Keys(fastrand::Rng, u64);
+
+impl Keys {
+    fn new(seed: u64, worker: u64, keys: u64) -> Keys {
+        Keys(
+            fastrand::Rng::with_seed(seed ^ worker.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            keys,
+        )
+    }
+    fn next(&mut self) -> u64 {
+        self.0.u64(0..self.1)
+    }
+}
+
+fn missing(key: u64) -> String {
+    format!("key user:user_{key:06} has no value: is the keyspace the server's (--keys)?")
+}
+
+/// Runs one point of `mode`.
+pub fn run(
+    mode: Mode,
+    shards: usize,
+    capacity: usize,
+    w: &Workload,
+) -> Result<Measurement, String> {
+    match mode {
+        Mode::SyncMap => sync_map(shards, w),
+        Mode::ThreadPool => thread_pool((shards * capacity).min(512), w),
+        Mode::TokioBuffered => tokio_futures(shards, capacity, true, w),
+        Mode::TokioUnordered => tokio_futures(shards, capacity, false, w),
+        Mode::Ordered => sluice(OutputMode::Ordered, shards, capacity, w),
+        Mode::Unordered => sluice(OutputMode::Unordered, shards, capacity, w),
+        Mode::KeyOrdered => sluice(OutputMode::KeyOrdered, shards, capacity, w),
+    }
+}
+
+/// One blocking client per shard, one request at a time.
+fn sync_map(shards: usize, w: &Workload) -> Result<Measurement, String> {
+    let cpu = CpuMark::now();
+    let start = Instant::now();
+    let deadline = start + w.duration;
+    let workers: Vec<_> = (0..shards as u64)
+        .map(|s| {
+            let w = w.clone();
+            std::thread::spawn(move || -> WorkerResult {
+                let mut client = BlockingClient::connect(w.addr)
+                    .map_err(|e| format!("connect {}: {e}", w.addr))?;
+                let mut keys = Keys::new(w.seed, s, w.keys);
+                let mut hist = histogram();
+                let mut buf = [0u8; 32];
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    let k = keys.next();
+                    let t = Instant::now();
+                    client
+                        .get(key_of(k, &mut buf))
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| missing(k))?;
+                    record_latency(&mut hist, t.elapsed());
+                    n += 1;
+                }
+                Ok((n, hist))
+            })
+        })
+        .collect();
+    collect(workers, start, cpu)
+}
+
+/// A baseline worker's result: lookups done and their latencies.
+type WorkerResult = Result<(u64, Histogram<u64>), String>;
+
+fn collect(
+    workers: Vec<std::thread::JoinHandle<WorkerResult>>,
+    start: Instant,
+    cpu: CpuMark,
+) -> Result<Measurement, String> {
+    let mut records = 0;
+    let mut latency_us = histogram();
+    for w in workers {
+        let (n, h) = w.join().map_err(|_| "a worker panicked".to_string())??;
+        records += n;
+        latency_us.add(&h).expect("same bounds");
+    }
+    Ok(Measurement {
+        records,
+        elapsed: start.elapsed(),
+        latency_us,
+        cpu: cpu.client_since(),
+    })
+}
+
+/// A producer feeding a pool of blocking clients through a bounded queue.
+fn thread_pool(threads: usize, w: &Workload) -> Result<Measurement, String> {
+    let cpu = CpuMark::now();
+    let start = Instant::now();
+    let deadline = start + w.duration;
+    let (tx, rx) = flume::bounded::<u64>(threads);
+    let producer = {
+        let w = w.clone();
+        std::thread::spawn(move || {
+            let mut keys = Keys::new(w.seed, 0, w.keys);
+            let mut i = 0u64;
+            loop {
+                // Reading the clock costs as much as a queue push: check every 64 records.
+                if i % 64 == 0 && Instant::now() >= deadline {
+                    break;
+                }
+                if tx.send(keys.next()).is_err() {
+                    break;
+                }
+                i += 1;
+            }
+        })
+    };
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (rx, addr) = (rx.clone(), w.addr);
+            std::thread::spawn(move || -> WorkerResult {
+                let mut client =
+                    BlockingClient::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+                let mut hist = histogram();
+                let mut buf = [0u8; 32];
+                let mut n = 0;
+                for k in rx.iter() {
+                    let t = Instant::now();
+                    client
+                        .get(key_of(k, &mut buf))
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| missing(k))?;
+                    record_latency(&mut hist, t.elapsed());
+                    n += 1;
+                }
+                Ok((n, hist))
+            })
+        })
+        .collect();
+    drop(rx);
+    let result = collect(workers, start, cpu);
+    producer
+        .join()
+        .map_err(|_| "producer panicked".to_string())?;
+    result
+}
+
+/// What a Rust user writes by hand: tokio (one worker thread per shard), redis-rs's multiplexed
+/// connection, and `buffered` / `buffer_unordered`.
+fn tokio_futures(
+    shards: usize,
+    capacity: usize,
+    ordered: bool,
+    w: &Workload,
+) -> Result<Measurement, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(shards)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("redis://{}/", w.addr);
+    let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+    // Connect before the clock starts, as the other contenders do.
+    let connections: Vec<_> = runtime.block_on(async {
+        let mut v = vec![];
+        for _ in 0..shards {
+            v.push(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        Ok::<_, String>(v)
+    })?;
+    let cpu = CpuMark::now();
+    let start = Instant::now();
+    let deadline = start + w.duration;
+    let tasks: Vec<_> = connections
+        .into_iter()
+        .enumerate()
+        .map(|(s, conn)| {
+            let w = w.clone();
+            runtime.spawn(async move {
+                let mut keys = Keys::new(w.seed, s as u64, w.keys);
+                let lookups = futures::stream::iter(std::iter::from_fn(move || {
+                    (Instant::now() < deadline).then(|| keys.next())
+                }))
+                .map(move |k| {
+                    let mut conn = conn.clone();
+                    async move {
+                        let mut buf = [0u8; 32];
+                        let t = Instant::now();
+                        let v: Option<Vec<u8>> = redis::cmd("GET")
+                            .arg(key_of(k, &mut buf))
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        v.ok_or_else(|| missing(k))?;
+                        Ok::<_, String>(t.elapsed())
+                    }
+                });
+                let mut hist = histogram();
+                let mut n = 0;
+                if ordered {
+                    let mut s = lookups.buffered(capacity);
+                    while let Some(r) = s.next().await {
+                        record_latency(&mut hist, r?);
+                        n += 1;
+                    }
+                } else {
+                    let mut s = lookups.buffer_unordered(capacity);
+                    while let Some(r) = s.next().await {
+                        record_latency(&mut hist, r?);
+                        n += 1;
+                    }
+                }
+                Ok::<_, String>((n, hist))
+            })
+        })
+        .collect();
+    let mut records = 0;
+    let mut latency_us = histogram();
+    for t in tasks {
+        let (n, h) = runtime.block_on(t).map_err(|e| e.to_string())??;
+        records += n;
+        latency_us.add(&h).expect("same bounds");
+    }
+    let elapsed = start.elapsed();
+    let cpu = cpu.client_since();
+    runtime.shutdown_background();
+    Ok(Measurement {
+        records,
+        elapsed,
+        latency_us,
+        cpu,
+    })
+}
+
+/// GET of a key index; fails on a missing key.
+pub(crate) struct KeyLookup {
+    client: RedisClient,
+}
+
+impl KeyLookup {
+    pub(crate) fn new(addr: SocketAddr) -> KeyLookup {
+        KeyLookup {
+            client: RedisClient::new(addr, &ClientConfig::default()),
+        }
+    }
+}
+
+/// Error of [`KeyLookup`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LookupError {
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    #[error("{0}")]
+    Missing(String),
+}
+
+pub(crate) struct KeyLookupFuture {
+    get: GetFuture,
+    key: u64,
+}
+
+impl Future for KeyLookupFuture {
+    type Output = Result<Outputs<u32>, LookupError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let key = self.key;
+        Pin::new(&mut self.get).poll(cx).map(|r| match r? {
+            Some(v) => Ok(Outputs::One(v.len() as u32)),
+            None => Err(LookupError::Missing(missing(key))),
+        })
+    }
+}
+
+impl AsyncFunction for KeyLookup {
+    type In = u64;
+    type Out = u32;
+    type Error = LookupError;
+    type Future = KeyLookupFuture;
+    fn invoke(&self, key: &u64) -> KeyLookupFuture {
+        let mut buf = [0u8; 32];
+        KeyLookupFuture {
+            get: self.client.get(key_of(*key, &mut buf)),
+            key: *key,
+        }
+    }
+}
+
+fn sluice(
+    mode: OutputMode,
+    shards: usize,
+    capacity: usize,
+    w: &Workload,
+) -> Result<Measurement, String> {
+    let addr = w.addr;
+    let mut builder = Stage::builder(move |_| KeyLookup::new(addr))
+        .shards(shards)
+        .capacity(capacity)
+        .timeout(Duration::from_secs(10))
+        .mode(mode);
+    if mode == OutputMode::KeyOrdered {
+        builder = builder.key_by(|k: &u64| *k);
+    }
+    let (mut producer, mut consumer, handle) = builder.start().map_err(|e| e.to_string())?.split();
+    let cpu = CpuMark::now();
+    let start = Instant::now();
+    let deadline = start + w.duration;
+    let pushed = Arc::new(AtomicU64::new(0));
+    let feeder = {
+        let (w, pushed) = (w.clone(), pushed.clone());
+        std::thread::spawn(move || {
+            let mut keys = Keys::new(w.seed, 0, w.keys);
+            let mut i = 0u64;
+            loop {
+                if i % 64 == 0 && Instant::now() >= deadline {
+                    break;
+                }
+                if producer.push(keys.next()).is_err() {
+                    break;
+                }
+                i += 1;
+            }
+            pushed.store(i, Ordering::Relaxed);
+        })
+    };
+    let mut records = 0;
+    let mut failure = None;
+    while let Some(item) = consumer.recv() {
+        match item {
+            Ok(_) => records += 1,
+            Err(e) => failure = Some(e.to_string()),
+        }
+    }
+    let elapsed = start.elapsed();
+    let cpu = cpu.client_since();
+    feeder.join().map_err(|_| "feeder panicked".to_string())?;
+    let metrics = handle.metrics();
+    handle.join().map_err(|e| e.to_string())?;
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    assert_eq!(
+        records,
+        pushed.load(Ordering::Relaxed),
+        "every pushed record came back"
+    );
+    Ok(Measurement {
+        records,
+        elapsed,
+        latency_us: metrics.invoke_to_emit_us,
+        cpu,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_loadgens_keyspace() {
+        let mut buf = [0u8; 32];
+        for i in [0, 7, 99_999, 1_234_567] {
+            assert_eq!(key_of(i, &mut buf), loadgen::keyspace::key(i).as_bytes());
+        }
+    }
+}
