@@ -24,13 +24,22 @@ enum Command {
     Bench(BenchArgs),
 }
 
-fn list<T: std::str::FromStr>(s: &str) -> Result<Vec<T>, String>
+/// A comma-separated list on the command line (`1,2,4`). A newtype, because clap treats a
+/// bare `Vec` as "the flag may repeat".
+#[derive(Debug, Clone)]
+struct List<T>(Vec<T>);
+
+impl<T: std::str::FromStr> std::str::FromStr for List<T>
 where
     T::Err: std::fmt::Display,
 {
-    s.split(',')
-        .map(|p| p.trim().parse::<T>().map_err(|e| format!("`{p}`: {e}")))
-        .collect()
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(|p| p.trim().parse::<T>().map_err(|e| format!("`{p}`: {e}")))
+            .collect::<Result<Vec<T>, String>>()
+            .map(List)
+    }
 }
 
 #[derive(Args)]
@@ -40,18 +49,18 @@ struct BenchArgs {
     #[arg(long)]
     redis: Option<String>,
     /// Shard counts to sweep, e.g. `1,2`.
-    #[arg(long, value_parser = list::<usize>)]
-    shards: Option<Vec<usize>>,
+    #[arg(long)]
+    shards: Option<List<usize>>,
     /// Embedded server reply delay: `1ms`, `uniform:500us:2ms`, `longtail:1ms:20ms`.
     #[arg(long, default_value = "1ms")]
     latency: LatencyModel,
     /// Capacities (requests in flight per shard) to sweep.
-    #[arg(long, value_parser = list::<usize>)]
-    capacities: Option<Vec<usize>>,
+    #[arg(long)]
+    capacities: Option<List<usize>>,
     /// Modes to run: sync-map, thread-pool, tokio-buffered, tokio-unordered, ordered,
     /// unordered, key-ordered.
-    #[arg(long, value_parser = list::<Mode>)]
-    modes: Option<Vec<Mode>>,
+    #[arg(long)]
+    modes: Option<List<Mode>>,
     /// Wall time per point.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -91,8 +100,9 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     let quick = args.quick;
     let shards = args
         .shards
+        .map(|l| l.0)
         .unwrap_or_else(|| if quick { vec![1] } else { vec![1, 2] });
-    let capacities = args.capacities.unwrap_or_else(|| {
+    let capacities = args.capacities.map(|l| l.0).unwrap_or_else(|| {
         if quick {
             vec![1, 4, 16, 64, 256]
         } else {
@@ -105,7 +115,10 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         Duration::from_secs(1)
     });
     let repeat = args.repeat.unwrap_or(1).max(1);
-    let modes = args.modes.unwrap_or_else(|| Mode::ALL.to_vec());
+    let modes = args
+        .modes
+        .map(|l| l.0)
+        .unwrap_or_else(|| Mode::ALL.to_vec());
     if shards.contains(&0) || capacities.contains(&0) {
         return Err("shards and capacities must be at least 1".into());
     }

@@ -176,7 +176,7 @@ impl<F: AsyncFunction> SimStage<F> {
                 return progressed;
             }
             match Pin::new(&mut shard.op).poll_next(cx) {
-                Poll::Ready(Some(Ok(e))) => shard.held = Some(Egress::Item(e)),
+                Poll::Ready(Some(Ok(e))) => shard.held = Some(Egress::Items(vec![e])),
                 Poll::Ready(Some(Err(e))) => {
                     shard.ended = true;
                     shard.held = Some(Egress::Failed(e));

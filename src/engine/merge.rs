@@ -2,10 +2,13 @@
 //! keeps each mode's guarantees across shards.
 //!
 //! Owns: the egress order. Invariants:
+//! - shards send batches; each port keeps the rest of its current batch in `buffer` and reads
+//!   its channel only when the buffer is empty, so memory per port is one batch;
 //! - `Ordered`: outputs leave in global sequence order. A bounded reorder window (`window`
 //!   sequence numbers) holds early arrivals; a shard whose next item lies beyond the window is
-//!   not read (its item waits in `held`), which backpressures that shard instead of growing
-//!   memory. No deadlock: the shard holding the next sequence number emits it first.
+//!   not read further (the item waits at the front of its buffer), which backpressures that
+//!   shard instead of growing memory. No deadlock: the shard holding the next sequence number
+//!   emits it first.
 //! - `Unordered`/`KeyOrdered`: a shard that emitted watermark W is not read again until every
 //!   shard has reached W (barrier), so no record overtakes a watermark and no watermark
 //!   overtakes a record in the merged output, even across shards. Shards may fold consecutive
@@ -23,7 +26,8 @@ use std::task::{Context, Poll};
 
 /// What a shard sends to the merge.
 pub(crate) enum Egress<O> {
-    Item(Emitted<O>),
+    /// Outputs in the shard's emission order.
+    Items(Vec<Emitted<O>>),
     Failed(StageError),
     Finished,
 }
@@ -39,7 +43,7 @@ pub enum Output<O> {
 
 struct Port<O: 'static> {
     rx: flume::r#async::RecvStream<'static, Egress<O>>,
-    held: Option<Emitted<O>>,
+    buffer: VecDeque<Emitted<O>>,
     finished: bool,
     /// Unordered modes: the watermark (seq, timestamp) this shard is waiting at.
     barrier: Option<(u64, u64)>,
@@ -81,7 +85,7 @@ impl<O: 'static> Consumer<O> {
                 .into_iter()
                 .map(|rx| Port {
                     rx: rx.into_stream(),
-                    held: None,
+                    buffer: VecDeque::new(),
                     finished: false,
                     barrier: None,
                 })
@@ -110,20 +114,26 @@ impl<O: 'static> Consumer<O> {
         Some(Output::Watermark(timestamp))
     }
 
-    /// Ordered: places an item in the reorder window. Returns it back if it lies beyond.
-    fn place(&mut self, item: Emitted<O>) -> Option<Emitted<O>> {
-        let seq = match &item {
+    fn seq_of(item: &Emitted<O>) -> u64 {
+        match item {
             Emitted::Record { seq, .. } | Emitted::Watermark { seq, .. } => *seq,
-        };
+        }
+    }
+
+    /// Ordered: whether `item` fits the reorder window now.
+    fn fits(&self, item: &Emitted<O>) -> bool {
+        let seq = Self::seq_of(item);
         assert!(
             seq >= self.base_seq,
             "sequence {seq} arrived twice or out of shard order"
         );
-        let index = (seq - self.base_seq) as usize;
-        if index >= self.window {
-            return Some(item);
-        }
-        let slot = &mut self.reorder[index];
+        ((seq - self.base_seq) as usize) < self.window
+    }
+
+    /// Ordered: places an item that fits in the reorder window.
+    fn place(&mut self, item: Emitted<O>) {
+        let seq = Self::seq_of(&item);
+        let slot = &mut self.reorder[(seq - self.base_seq) as usize];
         match (item, &mut *slot) {
             (Emitted::Record { outputs, .. }, Pending::Empty) => *slot = Pending::Record(outputs),
             (Emitted::Watermark { timestamp, .. }, Pending::Empty) => {
@@ -135,7 +145,6 @@ impl<O: 'static> Consumer<O> {
             (Emitted::Watermark { .. }, Pending::Watermark { arrivals, .. }) => *arrivals += 1,
             _ => panic!("sequence {seq} delivered twice"),
         }
-        None
     }
 
     /// Ordered: releases the head of the window if complete.
@@ -183,25 +192,39 @@ impl<O: 'static> Consumer<O> {
         Some(self.advancing_watermark(timestamp))
     }
 
-    fn accept(&mut self, port: usize, item: Emitted<O>) -> Option<Output<O>> {
-        match self.mode {
-            OutputMode::Ordered => {
-                if let Some(beyond) = self.place(item) {
-                    self.ports[port].held = Some(beyond);
+    /// Takes items from the front of port `p`'s buffer while the mode allows. Returns true
+    /// when it took anything.
+    fn take_from(&mut self, p: usize) -> bool {
+        let mut took = false;
+        while self.current.is_none() {
+            let Some(front) = self.ports[p].buffer.front() else {
+                break;
+            };
+            match self.mode {
+                OutputMode::Ordered => {
+                    if !self.fits(front) {
+                        break; // beyond the window: wait for the head to advance
+                    }
+                    let item = self.ports[p].buffer.pop_front().expect("front exists");
+                    self.place(item);
                 }
-                None
+                OutputMode::Unordered | OutputMode::KeyOrdered => {
+                    if self.ports[p].barrier.is_some() {
+                        break;
+                    }
+                    match self.ports[p].buffer.pop_front().expect("front exists") {
+                        Emitted::Record { seq, outputs } => {
+                            self.current = Some((seq, outputs.into_iter()))
+                        }
+                        Emitted::Watermark { seq, timestamp } => {
+                            self.ports[p].barrier = Some((seq, timestamp))
+                        }
+                    }
+                }
             }
-            OutputMode::Unordered | OutputMode::KeyOrdered => match item {
-                Emitted::Record { seq, outputs } => {
-                    self.current = Some((seq, outputs.into_iter()));
-                    None
-                }
-                Emitted::Watermark { seq, timestamp } => {
-                    self.ports[port].barrier = Some((seq, timestamp));
-                    None
-                }
-            },
+            took = true;
         }
+        took
     }
 
     fn poll_merge(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Output<O>, StageError>>> {
@@ -218,42 +241,29 @@ impl<O: 'static> Consumer<O> {
                 _ => self.release_barrier(),
             };
             if let Some(out) = released {
-                if self.mode == OutputMode::Ordered {
-                    // Held items may fit the window now.
-                    for p in 0..self.ports.len() {
-                        if let Some(item) = self.ports[p].held.take() {
-                            if let Some(beyond) = self.place(item) {
-                                self.ports[p].held = Some(beyond);
-                            }
-                        }
-                    }
-                }
                 if let Some(out) = out {
                     return Poll::Ready(Some(Ok(out)));
                 }
                 continue;
             }
-            if self.ports.iter().all(|p| p.finished) {
-                self.done = true;
-                return Poll::Ready(None);
-            }
-            // Read from the shards that may be read, starting at a rotating port for fairness.
+            // Take buffered items; read a port's channel only when its buffer is empty.
             let n = self.ports.len();
             let mut progressed = false;
             for i in 0..n {
                 let p = (self.next_port + i) % n;
+                if self.take_from(p) {
+                    progressed = true;
+                    self.next_port = (p + 1) % n;
+                    break;
+                }
                 let port = &mut self.ports[p];
-                if port.finished || port.held.is_some() || port.barrier.is_some() {
+                if port.finished || !port.buffer.is_empty() || port.barrier.is_some() {
                     continue;
                 }
                 match port.rx.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Egress::Item(item))) => {
-                        self.next_port = (p + 1) % n;
-                        if let Some(out) = self.accept(p, item) {
-                            return Poll::Ready(Some(Ok(out)));
-                        }
+                    Poll::Ready(Some(Egress::Items(items))) => {
+                        port.buffer.extend(items);
                         progressed = true;
-                        break;
                     }
                     Poll::Ready(Some(Egress::Finished)) => {
                         port.finished = true;
@@ -275,9 +285,14 @@ impl<O: 'static> Consumer<O> {
                     Poll::Pending => {}
                 }
             }
-            if !progressed {
-                return Poll::Pending;
+            if progressed {
+                continue;
             }
+            if self.ports.iter().all(|p| p.finished && p.buffer.is_empty()) {
+                self.done = true;
+                return Poll::Ready(None);
+            }
+            return Poll::Pending;
         }
     }
 }
