@@ -53,26 +53,29 @@ pub struct GlommioTimer {
 
 impl Timer for GlommioTimer {
     fn poll_at(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        let now = Instant::now();
-        if now >= at {
-            return Poll::Ready(());
-        }
-        if self.armed_at != Some(at) {
-            let wait = at - now;
-            match &mut self.inner {
-                Some(t) => t.reset(wait),
-                None => self.inner = Some(glommio::timer::Timer::new(wait)),
+        loop {
+            let now = Instant::now();
+            if now >= at {
+                return Poll::Ready(());
             }
-            self.armed_at = Some(at);
-        }
-        let timer = self.inner.as_mut().expect("armed above");
-        match Pin::new(timer).poll(cx) {
-            Poll::Ready(_) => {
-                // The glommio timer is spent once it fired; force a reset on the next arm.
-                self.armed_at = None;
-                Poll::Ready(())
+            // Re-arm only to wake *earlier*. The operator's deadlines grow with time, so a
+            // timer armed for an earlier deadline stays armed: it fires early at most once per
+            // timeout period and is re-armed then, instead of a timer reset per record.
+            if self.armed_at.is_none_or(|armed| at < armed) {
+                let wait = at - now;
+                match &mut self.inner {
+                    Some(t) => t.reset(wait),
+                    None => self.inner = Some(glommio::timer::Timer::new(wait)),
+                }
+                self.armed_at = Some(at);
             }
-            Poll::Pending => Poll::Pending,
+            let timer = self.inner.as_mut().expect("armed above");
+            match Pin::new(timer).poll(cx) {
+                // Fired: spent until reset. If it fired for an earlier instant than `at`,
+                // loop to re-arm for `at`.
+                Poll::Ready(_) => self.armed_at = None,
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
