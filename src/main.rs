@@ -48,6 +48,9 @@ struct BenchArgs {
     /// must hold loadgen's keyspace (user:user_000000 ...; see docs/benchmarks.md).
     #[arg(long)]
     redis: Option<String>,
+    /// With --redis: first write loadgen's keyspace (--keys users, 128-byte values) into it.
+    #[arg(long, requires = "redis")]
+    load: bool,
     /// Shard counts to sweep, e.g. `1,2`.
     #[arg(long)]
     shards: Option<List<usize>>,
@@ -127,6 +130,10 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     let (_server, _limit_server, addr, limit_addr, label, configured) = match &args.redis {
         Some(url) => {
             let addr = sluice::redis::parse_url(url).map_err(|e| e.to_string())?;
+            if args.load {
+                eprintln!("sluice bench: loading {} keys into {url} ...", args.keys);
+                bench::load_keyspace(addr, args.keys, 128)?;
+            }
             (None, None, addr, addr, url.clone(), None)
         }
         None => {

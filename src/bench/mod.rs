@@ -202,3 +202,34 @@ pub fn runners_limit(
     let m = runners::run(Mode::Unordered, shards, 256, &w)?;
     Ok(m.records as f64 / m.elapsed.as_secs_f64())
 }
+
+/// Writes loadgen's keyspace (`keys` users, values of `value_size` bytes) into the Redis at
+/// `addr`, pipelined, so `--redis` benchmarks find every key.
+pub fn load_keyspace(addr: SocketAddr, keys: u64, value_size: usize) -> Result<(), String> {
+    glommio::LocalExecutorBuilder::default()
+        .io_memory(crate::DEFAULT_IO_MEMORY)
+        .spawn(move || async move {
+            let client = crate::redis::RedisClient::new(addr, &Default::default());
+            let mut start = 0;
+            while start < keys {
+                let end = (start + 1_000).min(keys);
+                let batch: Vec<_> = (start..end)
+                    .map(|i| {
+                        let (k, v) = (
+                            loadgen::keyspace::key(i),
+                            loadgen::keyspace::value(i, value_size),
+                        );
+                        client.command(&[b"SET", k.as_bytes(), &v])
+                    })
+                    .collect();
+                for reply in futures::future::join_all(batch).await {
+                    reply.map_err(|e| format!("loading the keyspace into {addr}: {e}"))?;
+                }
+                start = end;
+            }
+            Ok::<(), String>(())
+        })
+        .map_err(|e| e.to_string())?
+        .join()
+        .map_err(|e| e.to_string())?
+}

@@ -1,0 +1,100 @@
+//! The benchmark harness end to end on a tiny sweep against the embedded server: every mode
+//! produces a point, the derived columns are consistent with the measurements, and the JSON
+//! and SVG outputs are written and well formed. (No timing assertions: figures are for
+//! docs/benchmarks.md, measured with the full harness.)
+
+use loadgen::{LatencyModel, Server, ServerConfig};
+use sluice::bench::{self, Mode, SweepConfig};
+use std::time::Duration;
+
+#[test]
+fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
+    let server = Server::start(ServerConfig {
+        keys: 1_000,
+        latency: LatencyModel::Fixed(Duration::from_millis(1)),
+        ..Default::default()
+    })
+    .unwrap();
+    let round_trip = bench::probe_round_trip(server.addr(), 1_000).unwrap();
+    assert!(
+        round_trip >= Duration::from_millis(1),
+        "the server's delay is in the round trip"
+    );
+    let config = SweepConfig {
+        addr: server.addr(),
+        server: "test".into(),
+        configured_latency: Some(Duration::from_millis(1)),
+        keys: 1_000,
+        modes: Mode::ALL.to_vec(),
+        shards: vec![1, 2],
+        capacities: vec![1, 8],
+        duration: Duration::from_millis(100),
+        repeat: 2,
+        seed: 1,
+    };
+    let mut calls = 0;
+    let report = bench::sweep(&config, 1e9, round_trip, &mut |_, _, _| calls += 1).unwrap();
+    // sync-map once per shard count; the six others at both capacities.
+    assert_eq!(report.points.len(), 2 * (1 + 6 * 2));
+    assert_eq!(
+        calls,
+        2 * report.points.len() + 1,
+        "progress before each run and at the end"
+    );
+    for p in &report.points {
+        assert!(p.records > 0 && p.rps > 0.0, "{p:?}");
+        assert_eq!(p.repeats, 2);
+        assert!(
+            p.p50_us >= 1_000,
+            "every lookup waited for the server: {p:?}"
+        );
+        assert!(p.p50_us <= p.p99_us && p.p99_us <= p.p999_us);
+        let expected_ideal = p.in_flight as f64 / round_trip.as_secs_f64();
+        assert!((p.ideal_rps - expected_ideal).abs() < 1e-6 * expected_ideal);
+        assert!((p.efficiency - p.rps / p.ideal_rps).abs() < 1e-9);
+        assert!(p.cpu_us_per_record > 0.0);
+    }
+    let sync = report
+        .points
+        .iter()
+        .find(|p| p.mode == "sync-map" && p.shards == 1)
+        .unwrap();
+    assert_eq!(sync.speedup_vs_sync_map, Some(1.0));
+    let ordered8 = report
+        .points
+        .iter()
+        .find(|p| p.mode == "ordered" && p.shards == 2 && p.capacity == 8)
+        .unwrap();
+    assert_eq!(ordered8.in_flight, 16);
+
+    let dir = std::env::temp_dir().join(format!("sluice-bench-test-{}", std::process::id()));
+    let (json, svg) = (dir.join("r.json"), dir.join("c.svg"));
+    bench::write_json(&report, &json).unwrap();
+    bench::write_svg(&report, &svg).unwrap();
+    let parsed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let points = parsed["points"].as_array().unwrap();
+    assert_eq!(points.len(), report.points.len());
+    for key in [
+        "mode",
+        "shards",
+        "capacity",
+        "latency_ms",
+        "records",
+        "rps",
+        "ideal_rps",
+        "p50_us",
+        "p99_us",
+        "p999_us",
+        "cpu_us_per_record",
+    ] {
+        assert!(points[0].get(key).is_some(), "JSON point lacks `{key}`");
+    }
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        chart.starts_with("<svg") && chart.contains("key-ordered") && chart.contains("sync-map")
+    );
+    let table = report.table();
+    assert!(table.contains("tokio-unordered") && table.contains("records/s"));
+    std::fs::remove_dir_all(dir).ok();
+}
