@@ -61,7 +61,8 @@ struct BenchArgs {
     #[arg(long)]
     capacities: Option<List<usize>>,
     /// Modes to run: sync-map, thread-pool, tokio-buffered, tokio-unordered, ordered,
-    /// unordered, key-ordered.
+    /// unordered, key-ordered (the default set), and adapter-unordered (the operator as a
+    /// single-threaded Stream combinator).
     #[arg(long)]
     modes: Option<List<Mode>>,
     /// Wall time per point.

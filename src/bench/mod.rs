@@ -34,10 +34,26 @@ pub enum Mode {
     Ordered,
     Unordered,
     KeyOrdered,
+    /// The operator as a `Stream` combinator on one glommio executor: records generated and
+    /// consumed on that thread, as the tokio baseline and redis-benchmark do (no producer or
+    /// consumer thread).
+    AdapterUnordered,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 7] = [
+    pub const ALL: [Mode; 8] = [
+        Mode::SyncMap,
+        Mode::ThreadPool,
+        Mode::TokioBuffered,
+        Mode::TokioUnordered,
+        Mode::Ordered,
+        Mode::Unordered,
+        Mode::KeyOrdered,
+        Mode::AdapterUnordered,
+    ];
+
+    /// What `sluice bench` runs without `--modes` (the adapter mode is opt-in).
+    pub const DEFAULT: [Mode; 7] = [
         Mode::SyncMap,
         Mode::ThreadPool,
         Mode::TokioBuffered,
@@ -56,6 +72,7 @@ impl Mode {
             Mode::Ordered => "ordered",
             Mode::Unordered => "unordered",
             Mode::KeyOrdered => "key-ordered",
+            Mode::AdapterUnordered => "adapter-unordered",
         }
     }
 

@@ -212,7 +212,7 @@ pub fn write_json(report: &Report, path: &Path) -> Result<(), String> {
     std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-const COLORS: [RGBColor; 7] = [
+const COLORS: [RGBColor; 8] = [
     RGBColor(200, 30, 30),
     RGBColor(120, 120, 120),
     RGBColor(230, 140, 20),
@@ -220,6 +220,7 @@ const COLORS: [RGBColor; 7] = [
     RGBColor(30, 90, 200),
     RGBColor(20, 150, 60),
     RGBColor(140, 50, 170),
+    RGBColor(0, 160, 160),
 ];
 
 /// Writes the throughput-against-capacity chart as SVG: one line per mode (and shard count).

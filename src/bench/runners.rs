@@ -101,7 +101,63 @@ pub fn run(
         Mode::Ordered => sluice(OutputMode::Ordered, shards, capacity, w),
         Mode::Unordered => sluice(OutputMode::Unordered, shards, capacity, w),
         Mode::KeyOrdered => sluice(OutputMode::KeyOrdered, shards, capacity, w),
+        Mode::AdapterUnordered => adapter(shards, capacity, w),
     }
+}
+
+/// The operator as a single-threaded `Stream` combinator: one glommio executor per shard
+/// (pinned like the stage's shards), generating, looking up and consuming on that thread.
+fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, String> {
+    use crate::{AsyncWaitExt, OperatorConfig};
+    let cores = crate::usable_cores();
+    let cpu = CpuMark::now();
+    let start = Instant::now();
+    let deadline = start + w.duration;
+    let workers: Vec<_> = (0..shards)
+        .map(|s| {
+            let placement = match cores.get(s) {
+                Some(&core) if shards <= cores.len() => glommio::Placement::Fixed(core),
+                _ => glommio::Placement::Unbound,
+            };
+            let w = w.clone();
+            glommio::LocalExecutorBuilder::new(placement)
+                .io_memory(crate::DEFAULT_IO_MEMORY)
+                .spawn(move || async move {
+                    let mut keys = Keys::new(w.seed, s as u64, w.keys);
+                    let mut i = 0u64;
+                    // The clock costs as much as a lookup's bookkeeping: check it every 64.
+                    let input = futures::stream::iter(std::iter::from_fn(move || {
+                        i += 1;
+                        (i % 64 != 0 || Instant::now() < deadline).then(|| keys.next())
+                    }));
+                    let mut config = OperatorConfig::new();
+                    config.capacity = std::num::NonZeroUsize::new(capacity).expect("capacity >= 1");
+                    config.mode = OutputMode::Unordered;
+                    let mut outputs = input.async_wait(KeyLookup::new(w.addr), config);
+                    let mut n = 0u64;
+                    while let Some(r) = outputs.next().await {
+                        r.map_err(|e| e.to_string())?;
+                        n += 1;
+                    }
+                    let latency = outputs.operator().metrics().invoke_to_emit_us.clone();
+                    Ok::<_, String>((n, latency))
+                })
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let mut records = 0;
+    let mut latency_us = histogram();
+    for worker in workers {
+        let (n, h): (u64, Histogram<u64>) = worker.join().map_err(|e| e.to_string())??;
+        records += n;
+        latency_us.add(&h).map_err(|e| e.to_string())?;
+    }
+    Ok(Measurement {
+        records,
+        elapsed: start.elapsed(),
+        latency_us,
+        cpu: cpu.client_since(),
+    })
 }
 
 /// One blocking client per shard, one request at a time.
@@ -250,8 +306,11 @@ fn tokio_futures(
             let w = w.clone();
             runtime.spawn(async move {
                 let mut keys = Keys::new(w.seed, s as u64, w.keys);
+                let mut i = 0u64;
+                // Same clock check as the adapter mode: every 64 records.
                 let lookups = futures::stream::iter(std::iter::from_fn(move || {
-                    (Instant::now() < deadline).then(|| keys.next())
+                    i += 1;
+                    (i % 64 != 0 || Instant::now() < deadline).then(|| keys.next())
                 }))
                 .map(move |k| {
                     let mut conn = conn.clone();

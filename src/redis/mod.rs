@@ -9,9 +9,9 @@ mod connection;
 mod error;
 mod reply;
 
-pub use connection::ReplyFuture;
+pub use connection::{encode_command, ReplyFuture};
 pub use error::RedisError;
-pub use reply::Reply;
+pub use reply::{decode_reply, Reply};
 
 use connection::{Backoff, Connection};
 use std::cell::Cell;

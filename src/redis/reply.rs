@@ -1,6 +1,31 @@
 //! `Reply`: an owned RESP2 reply, built from `redis-protocol`'s zero-copy range frames.
 
+use super::RedisError;
+use redis_protocol::resp2::decode::decode_range;
 use redis_protocol::resp2::types::RangeFrame;
+
+/// Decodes the first reply in `buf`: `Ok(None)` when `buf` holds no complete reply yet,
+/// otherwise the reply (a top-level error frame becomes `Err(RedisError::ErrorReply)`) and the
+/// bytes it used. `Err` is a protocol violation: the stream cannot be resynchronised.
+/// Shared by the connection and the decoder's fuzz target.
+pub fn decode_reply(buf: &[u8]) -> Result<Option<(Result<Reply, RedisError>, usize)>, String> {
+    let (frame, used) = match decode_range(buf) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    assert!(
+        used <= buf.len(),
+        "the decoder used more bytes than it was given"
+    );
+    let reply = match &frame {
+        RangeFrame::Error((s, e)) => Err(RedisError::ErrorReply {
+            message: String::from_utf8_lossy(&buf[*s..*e]).into_owned(),
+        }),
+        _ => Ok(Reply::from_frame(buf, &frame)),
+    };
+    Ok(Some((reply, used)))
+}
 
 /// A RESP2 reply (error replies are `RedisError::ErrorReply` instead).
 #[derive(Debug, Clone, PartialEq, Eq)]

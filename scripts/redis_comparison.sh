@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# sluice against a real redis-server, beside redis-benchmark and the tokio + redis-rs baseline,
+# at the same requests in flight (64 = -c 4 -P 16, 256 = -c 8 -P 32). Server pinned to core 1,
+# every client to core 0. Writes docs/figures/redis-*.{json,svg,txt}. Needs redis-server,
+# redis-benchmark and taskset; run from the repository root after `cargo build --release`.
+set -euo pipefail
+port=${PORT:-16380}
+out=docs/figures
+mkdir -p "$out"
+taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+    --daemonize yes --logfile "/tmp/redis-$port.log"
+trap 'redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true' EXIT
+for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+# redis-benchmark's own keys (key:000000xxxxxx), 128-byte values, 100k keys.
+redis-benchmark -p "$port" -t set -n 300000 -r 100000 -d 128 -q >/dev/null
+{
+    for run in 1 2 3; do
+        for cp in "4 16" "8 32"; do
+            set -- $cp
+            printf 'run %s, -c %s -P %s (%s in flight): ' "$run" "$1" "$2" $(($1 * $2))
+            taskset -c 0 redis-benchmark -p "$port" -t get -c "$1" -P "$2" -n 3000000 -r 100000 -d 128 --csv |
+                tail -1
+        done
+    done
+} | tee "$out/redis-benchmark.txt"
+taskset -c 0 ./target/release/sluice bench --redis "redis://127.0.0.1:$port" --load --shards 1 \
+    --capacities 64,256 --modes tokio-buffered,tokio-unordered,ordered,unordered,key-ordered,adapter-unordered \
+    --duration 3s --repeat 3 --json "$out/redis-1shard.json" --svg "$out/redis-1shard.svg" |
+    tee "$out/redis-1shard.txt"
