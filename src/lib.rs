@@ -61,6 +61,7 @@
 pub mod bench;
 pub mod clock;
 mod engine;
+pub mod enrich;
 mod error;
 mod function;
 mod in_flight;

@@ -1,4 +1,5 @@
-//! The `sluice` command: `sluice bench` (the benchmark harness).
+//! The `sluice` command: `sluice bench` (the benchmark harness) and `sluice enrich` (JSON Lines
+//! enrichment from Redis).
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,6 +23,83 @@ struct Cli {
 enum Command {
     /// Compare async modes with synchronous baselines on a real network path.
     Bench(BenchArgs),
+    /// Enrich JSON Lines with values looked up in Redis (see docs/enrich.md).
+    Enrich(Box<EnrichArgs>),
+}
+
+#[derive(Args)]
+struct EnrichArgs {
+    /// The Redis to look up in, redis://HOST:PORT.
+    #[arg(long, required_unless_present = "loadgen", conflicts_with = "loadgen")]
+    redis: Option<String>,
+    /// Look up in an embedded loadgen server instead (keys user:user_000000 ..., JSON profiles),
+    /// to try the command with nothing installed.
+    #[arg(long)]
+    loadgen: bool,
+    /// Reply delay of the embedded server.
+    #[arg(long, default_value = "1ms", requires = "loadgen")]
+    loadgen_latency: LatencyModel,
+    /// Keys in the embedded server.
+    #[arg(long, default_value_t = 100_000, requires = "loadgen")]
+    loadgen_keys: u64,
+    /// The key template, one or more fields of the record: 'user:{user_id}'.
+    #[arg(long)]
+    key: String,
+    /// Input JSON Lines file, or - for standard input.
+    #[arg(long, default_value = "-")]
+    input: String,
+    /// Output JSON Lines file, or - for standard output.
+    #[arg(long, default_value = "-")]
+    output: String,
+    /// Merge the value's fields into the record's top level (the default).
+    #[arg(long, conflicts_with = "into")]
+    merge: bool,
+    /// Put the value under this field instead.
+    #[arg(long)]
+    into: Option<String>,
+    /// A key with no value: keep the record unchanged, drop it, or fail.
+    #[arg(long, default_value = "keep")]
+    on_missing: sluice::enrich::OnMissing,
+    /// With --on-missing keep: set this field to true on such records.
+    #[arg(long)]
+    missing_marker: Option<String>,
+    /// A line that is not a JSON object or lacks a key field: fail, skip, or dead-letter FILE.
+    #[arg(long, num_args = 1..=2, default_values_t = ["fail".to_string()])]
+    on_bad_record: Vec<String>,
+    /// ordered, unordered or key-ordered.
+    #[arg(long, default_value = "ordered")]
+    mode: String,
+    /// Lookups in flight per shard.
+    #[arg(long, default_value_t = 100)]
+    capacity: usize,
+    /// Shards (default: one per usable core).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Per-record timeout, all attempts included.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// none, fixed:ATTEMPTS:DELAY or exp:ATTEMPTS:INITIAL:MAX[:none|full|equal|decorrelated];
+    /// retries connection errors.
+    #[arg(long, default_value = "none")]
+    retry: sluice::enrich::RetrySpec,
+    /// A lookup that timed out: fail, emit (the record unenriched), drop, or dead-letter FILE.
+    #[arg(long, num_args = 1..=2, default_values_t = ["fail".to_string()])]
+    on_timeout: Vec<String>,
+    /// A lookup that failed after its retries: fail, emit, drop, or dead-letter FILE.
+    #[arg(long, num_args = 1..=2, default_values_t = ["fail".to_string()])]
+    on_error: Vec<String>,
+    /// The event-time field (epoch seconds, epoch milliseconds, or RFC 3339).
+    #[arg(long)]
+    event_time: Option<String>,
+    /// Watermarks trail the largest event time by this much (Flink's bounded out-of-orderness).
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration, requires = "event_time")]
+    max_out_of_orderness: Duration,
+    /// Write watermarks as {"watermark": <millis>} lines.
+    #[arg(long, requires = "event_time")]
+    emit_watermarks: bool,
+    /// Also write the summary as JSON here.
+    #[arg(long)]
+    metrics_json: Option<PathBuf>,
 }
 
 /// A comma-separated list on the command line (`1,2,4`). A newtype, because clap treats a
@@ -89,15 +167,115 @@ struct BenchArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench(args) => run_bench(args),
+        Command::Bench(args) => run_bench(args).map(|()| ExitCode::SUCCESS),
+        Command::Enrich(args) => run_enrich(*args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("sluice: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
+    use sluice::enrich::{self, EnrichConfig, KeyTemplate, OnBadRecord, OnFailedLookup, Placement};
+    use std::io::IsTerminal;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let key = KeyTemplate::parse(&args.key).map_err(|e| e.to_string())?;
+    let mode = match args.mode.as_str() {
+        "ordered" => sluice::OutputMode::Ordered,
+        "unordered" => sluice::OutputMode::Unordered,
+        "key-ordered" => sluice::OutputMode::KeyOrdered,
+        other => {
+            return Err(format!(
+                "--mode `{other}`: expected ordered, unordered or key-ordered"
+            ))
+        }
+    };
+    let path = |p: &str| (p != "-").then(|| PathBuf::from(p));
+    let _server;
+    let redis = match &args.redis {
+        Some(url) => sluice::redis::parse_url(url).map_err(|e| e.to_string())?,
+        None => {
+            let server = Server::start(ServerConfig {
+                keys: args.loadgen_keys,
+                latency: args.loadgen_latency.clone(),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+            let addr = server.addr();
+            _server = server;
+            addr
+        }
+    };
+    let config = EnrichConfig {
+        redis,
+        key,
+        input: path(&args.input),
+        output: path(&args.output),
+        placement: match args.into {
+            Some(field) => Placement::Into(field),
+            None => Placement::Merge,
+        },
+        on_missing: args.on_missing,
+        missing_marker: args.missing_marker,
+        on_bad_record: OnBadRecord::parse(&args.on_bad_record)?,
+        on_timeout: OnFailedLookup::parse("--on-timeout", &args.on_timeout)?,
+        on_error: OnFailedLookup::parse("--on-error", &args.on_error)?,
+        mode,
+        capacity: args.capacity,
+        shards: args.shards,
+        timeout: args.timeout,
+        retry: args.retry,
+        event_time: args.event_time,
+        max_out_of_orderness: args.max_out_of_orderness,
+        emit_watermarks: args.emit_watermarks,
+    };
+    let _ = args.merge; // the default; the flag exists to say so explicitly
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new_spinner();
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Some(bar)
+    } else {
+        None
+    };
+    let mut progress = |s: &enrich::Summary, in_flight: u64| {
+        if let Some(bar) = &bar {
+            let timeouts = s.timeouts_emitted + s.timeouts_dropped + s.timeouts_dead_lettered;
+            bar.set_message(format!(
+                "{} records, {:.0}/s, {in_flight} in flight, {timeouts} timeouts, {} retries",
+                s.lines_read,
+                s.lines_read as f64 / s.elapsed_s.max(1e-9),
+                s.retries
+            ));
+        }
+    };
+    let summary = enrich::run(&config, stop, &mut progress)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    eprint!("{}", summary.render());
+    if let Some(path) = &args.metrics_json {
+        let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(if let Some(failure) = &summary.failure {
+        eprintln!("sluice: {failure}");
+        ExitCode::FAILURE
+    } else if summary.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn run_bench(args: BenchArgs) -> Result<(), String> {

@@ -49,10 +49,16 @@ pub enum OnFailedLookup {
     DeadLetter(PathBuf),
 }
 
-fn with_file(values: &[String], flag: &str, choices: &str) -> Result<(String, Option<PathBuf>), String> {
+fn with_file(
+    values: &[String],
+    flag: &str,
+    choices: &str,
+) -> Result<(String, Option<PathBuf>), String> {
     match values {
         [policy] => match policy.split_once(':') {
-            Some(("dead-letter", path)) if !path.is_empty() => Ok(("dead-letter".into(), Some(path.into()))),
+            Some(("dead-letter", path)) if !path.is_empty() => {
+                Ok(("dead-letter".into(), Some(path.into())))
+            }
             _ => Ok((policy.clone(), None)),
         },
         [policy, file] => Ok((policy.clone(), Some(PathBuf::from(file)))),
@@ -91,18 +97,31 @@ impl OnFailedLookup {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RetrySpec {
     None,
-    Fixed { attempts: u32, delay: Duration },
-    Exponential { attempts: u32, initial: Duration, max: Duration, jitter: Jitter },
+    Fixed {
+        attempts: u32,
+        delay: Duration,
+    },
+    Exponential {
+        attempts: u32,
+        initial: Duration,
+        max: Duration,
+        jitter: Jitter,
+    },
 }
 
 impl FromStr for RetrySpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let err = |why: String| format!("--retry `{s}`: {why}; expected none, fixed:ATTEMPTS:DELAY or exp:ATTEMPTS:INITIAL:MAX[:none|full|equal|decorrelated]");
-        let duration = |d: &str| humantime::parse_duration(d).map_err(|e| err(format!("`{d}`: {e}")));
+        let err = |why: String| {
+            format!("--retry `{s}`: {why}; expected none, fixed:ATTEMPTS:DELAY or exp:ATTEMPTS:INITIAL:MAX[:none|full|equal|decorrelated]")
+        };
+        let duration =
+            |d: &str| humantime::parse_duration(d).map_err(|e| err(format!("`{d}`: {e}")));
         let attempts = |a: &str| match a.parse::<u32>() {
             Ok(n) if n >= 1 => Ok(n),
-            _ => Err(err(format!("`{a}` is not a number of attempts (1 or more)"))),
+            _ => Err(err(format!(
+                "`{a}` is not a number of attempts (1 or more)"
+            ))),
         };
         let parts: Vec<&str> = s.split(':').collect();
         match parts.as_slice() {
@@ -133,10 +152,15 @@ impl FromStr for RetrySpec {
 
 impl RetrySpec {
     /// The policy, retrying on errors that `retryable` accepts.
-    pub fn policy<O, E>(&self, retryable: impl Fn(&E) -> bool + Send + Sync + 'static) -> RetryPolicy<O, E> {
+    pub fn policy<O, E>(
+        &self,
+        retryable: impl Fn(&E) -> bool + Send + Sync + 'static,
+    ) -> RetryPolicy<O, E> {
         match *self {
             RetrySpec::None => RetryPolicy::none(),
-            RetrySpec::Fixed { attempts, delay } => RetryPolicy::fixed(attempts, delay).on_error(retryable),
+            RetrySpec::Fixed { attempts, delay } => {
+                RetryPolicy::fixed(attempts, delay).on_error(retryable)
+            }
             RetrySpec::Exponential {
                 attempts,
                 initial,
@@ -168,7 +192,10 @@ mod tests {
         );
         let e = OnFailedLookup::parse("--on-timeout", &v(&["maybe"])).unwrap_err();
         assert!(e.contains("maybe") && e.contains("emit"), "{e}");
-        assert!(OnBadRecord::parse(&v(&["dead-letter"])).is_err(), "dead-letter needs a file");
+        assert!(
+            OnBadRecord::parse(&v(&["dead-letter"])).is_err(),
+            "dead-letter needs a file"
+        );
         assert_eq!("keep".parse(), Ok(OnMissing::Keep));
     }
 
@@ -192,6 +219,9 @@ mod tests {
             })
         );
         assert!("fixed:0:1ms".parse::<RetrySpec>().is_err());
-        assert!("exp:3:1ms".parse::<RetrySpec>().unwrap_err().contains("expected none"));
+        assert!("exp:3:1ms"
+            .parse::<RetrySpec>()
+            .unwrap_err()
+            .contains("expected none"));
     }
 }

@@ -41,7 +41,10 @@ impl fmt::Display for KeyError {
         match self {
             KeyError::MissingField(field) => write!(f, "field `{field}` is missing"),
             KeyError::UnusableField { field, kind } => {
-                write!(f, "field `{field}` is {kind}; a key needs a string, number or boolean")
+                write!(
+                    f,
+                    "field `{field}` is {kind}; a key needs a string, number or boolean"
+                )
             }
         }
     }
@@ -93,7 +96,9 @@ impl KeyTemplate {
             parts.push(Part::Literal(literal));
         }
         if !parts.iter().any(|p| matches!(p, Part::Field(_))) {
-            return Err(err("no `{field}` in it, so every record would get the same key"));
+            return Err(err(
+                "no `{field}` in it, so every record would get the same key",
+            ));
         }
         Ok(KeyTemplate {
             parts,
@@ -161,12 +166,18 @@ mod tests {
         let r = obj(json!({"country": "NL", "user_id": 7}));
         assert_eq!(t.render(&r).unwrap(), "NL:7");
         let t = KeyTemplate::parse("user:{user_id}:{{x}}").unwrap();
-        assert_eq!(t.render(&obj(json!({"user_id": "u1"}))).unwrap(), "user:u1:{x}");
+        assert_eq!(
+            t.render(&obj(json!({"user_id": "u1"}))).unwrap(),
+            "user:u1:{x}"
+        );
     }
 
     #[test]
     fn bad_templates_and_records_say_what_is_wrong() {
-        assert!(KeyTemplate::parse("user:").unwrap_err().to_string().contains("no `{field}`"));
+        assert!(KeyTemplate::parse("user:")
+            .unwrap_err()
+            .to_string()
+            .contains("no `{field}`"));
         assert!(KeyTemplate::parse("user:{id").is_err());
         assert!(KeyTemplate::parse("user:{}").is_err());
         let t = KeyTemplate::parse("user:{user_id}").unwrap();

@@ -4,11 +4,14 @@ use super::RedisError;
 use redis_protocol::resp2::decode::decode_range;
 use redis_protocol::resp2::types::RangeFrame;
 
+/// A decoded reply (or error reply) and the bytes it used.
+pub type Decoded = (Result<Reply, RedisError>, usize);
+
 /// Decodes the first reply in `buf`: `Ok(None)` when `buf` holds no complete reply yet,
 /// otherwise the reply (a top-level error frame becomes `Err(RedisError::ErrorReply)`) and the
 /// bytes it used. `Err` is a protocol violation: the stream cannot be resynchronised.
 /// Shared by the connection and the decoder's fuzz target.
-pub fn decode_reply(buf: &[u8]) -> Result<Option<(Result<Reply, RedisError>, usize)>, String> {
+pub fn decode_reply(buf: &[u8]) -> Result<Option<Decoded>, String> {
     let (frame, used) = match decode_range(buf) {
         Ok(Some(found)) => found,
         Ok(None) => return Ok(None),
