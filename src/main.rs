@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Compare async modes with synchronous baselines on a real network path.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Enrich JSON Lines with values looked up in Redis (see docs/enrich.md).
     Enrich(Box<EnrichArgs>),
 }
@@ -167,7 +167,7 @@ struct BenchArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench(args) => run_bench(args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => run_bench(*args).map(|()| ExitCode::SUCCESS),
         Command::Enrich(args) => run_enrich(*args),
     };
     match result {
