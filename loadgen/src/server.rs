@@ -8,7 +8,9 @@
 //! - a connection's pending replies are bounded (`MAX_PENDING_REPLIES`): past that the server
 //!   stops reading from it, and TCP pushes back on the client;
 //! - an injected error replaces one reply; an injected reset closes the connection without
-//!   answering what it has read.
+//!   answering what it has read;
+//! - stopping the server closes every connection (as a stopping Redis does), so clients see
+//!   the connection end instead of silence.
 
 use crate::commands::{Action, Context, Overlay};
 use crate::keyspace::Keyspace;
@@ -233,6 +235,7 @@ async fn run_shard(
     };
     let _ = ready.send(listener.local_addr().map_err(|e| e.to_string()));
     let ctx = Rc::new(ctx);
+    let open: Rc<std::cell::RefCell<std::collections::HashSet<i32>>> = Default::default();
     let mut connection_no = 0u64;
     let accept_loop = async {
         loop {
@@ -241,7 +244,14 @@ async fn run_shard(
                     connection_no += 1;
                     ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
                     let seed = ctx.seed ^ connection_no.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    glommio::spawn_local(serve_connection(stream, ctx.clone(), seed)).detach();
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                    open.borrow_mut().insert(fd);
+                    let (ctx, open) = (ctx.clone(), open.clone());
+                    glommio::spawn_local(async move {
+                        serve_connection(stream, ctx, seed).await;
+                        open.borrow_mut().remove(&fd);
+                    })
+                    .detach();
                 }
                 // Out of file descriptors and the like: back off, keep serving the others.
                 Err(_) => glommio::timer::sleep(Duration::from_millis(10)).await,
@@ -251,6 +261,12 @@ async fn run_shard(
     futures::select! {
         _ = accept_loop.fuse() => {}
         _ = stop.recv_async().fuse() => {}
+    }
+    // Close what is still open: pending reads end, the peers see the connection close.
+    for fd in open.borrow().iter() {
+        // SAFETY: `fd` belongs to a connection of this shard that has not ended (ended
+        // connections remove themselves from `open` before their socket is dropped).
+        unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
     }
 }
 

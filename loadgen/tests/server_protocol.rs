@@ -152,3 +152,22 @@ fn two_shards_share_one_port() {
     }
     assert_eq!(server.stats().connections.load(Ordering::Relaxed), 8);
 }
+
+#[test]
+fn stopping_the_server_closes_open_connections() {
+    let server = start("0ms", 0.0, 0.0);
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    stream.write_all(&command(&["PING"])).unwrap();
+    let mut r = BufReader::new(stream.try_clone().unwrap());
+    assert_eq!(read_reply(&mut r), "+PONG");
+    server.stop();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        r.read(&mut buf).unwrap_or(0),
+        0,
+        "the client sees the connection end"
+    );
+}

@@ -1,0 +1,537 @@
+//! `sluice enrich` end to end: the real binary, JSON Lines files and pipes, against the embedded
+//! loadgen server (`--loadgen`), a loadgen server the test stops mid-run, and a real Redis when
+//! one is reachable (`REDIS_URL`, else 127.0.0.1:6379; required with SLUICE_REQUIRE_REDIS=1).
+
+use loadgen::{keyspace, Event, Generator, GeneratorConfig, LatencyModel, Server, ServerConfig};
+use serde_json::{Map, Value};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn sluice() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-enrich-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// `count` generated transactions (keys in 0..keys) as JSON Lines, event times increasing.
+fn transactions(path: &Path, count: usize, keys: u64) -> Vec<Map<String, Value>> {
+    let records: Vec<Map<String, Value>> = Generator::new(GeneratorConfig {
+        keys,
+        watermark_every: 0,
+        max_out_of_orderness_ms: 0,
+        ..Default::default()
+    })
+    .filter_map(|e| match e {
+        Event::Record(t) => Some(
+            serde_json::to_value(t)
+                .unwrap()
+                .as_object()
+                .unwrap()
+                .clone(),
+        ),
+        Event::Watermark(_) => None,
+    })
+    .take(count)
+    .collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    for r in &records {
+        writeln!(f, "{}", Value::Object(r.clone())).unwrap();
+    }
+    records
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("output line {l:?}: {e}")))
+        .collect()
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = sluice().args(args).output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// The expected enrichment of a record: its fields, then the profile's (loadgen keyspace).
+fn expected(record: &Map<String, Value>, value_size: usize) -> Value {
+    let id = record["user_id"].as_str().unwrap();
+    let i: u64 = id.trim_start_matches("user_").parse().unwrap();
+    let mut m = record.clone();
+    let profile: Value = serde_json::from_slice(&keyspace::value(i, value_size)).unwrap();
+    m.extend(profile.as_object().unwrap().clone());
+    Value::Object(m)
+}
+
+#[test]
+fn ordered_enrichment_is_correct_record_by_record_and_in_input_order() {
+    let (input, output, metrics) = (temp("in1.jsonl"), temp("out1.jsonl"), temp("m1.json"));
+    let records = transactions(&input, 3_000, 1_000);
+    let out = run(&[
+        "enrich",
+        "--loadgen",
+        "--loadgen-keys",
+        "1000",
+        "--key",
+        "user:{user_id}",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--capacity",
+        "32",
+        "--metrics-json",
+        metrics.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let got = lines(&output);
+    assert_eq!(got.len(), records.len());
+    for (r, g) in records.iter().zip(&got) {
+        assert_eq!(g, &expected(r, 128), "record enriched and in input order");
+    }
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    assert_eq!(summary["lines_read"], 3_000);
+    assert_eq!(summary["enriched"], 3_000);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("enriched"));
+}
+
+#[test]
+fn unordered_output_is_a_permutation_and_keeps_watermarks_as_barriers() {
+    let (input, output) = (temp("in2.jsonl"), temp("out2.jsonl"));
+    let records = transactions(&input, 2_000, 1_000);
+    let out = run(&[
+        "enrich",
+        "--loadgen",
+        "--loadgen-keys",
+        "1000",
+        "--loadgen-latency",
+        "uniform:0ms:2ms",
+        "--key",
+        "user:{user_id}",
+        "--mode",
+        "unordered",
+        "--shards",
+        "2",
+        "--event-time",
+        "timestamp",
+        "--emit-watermarks",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let got = lines(&output);
+    let mut ids: Vec<String> = got
+        .iter()
+        .filter_map(|v| {
+            v.get("transaction_id")
+                .map(|t| t.as_str().unwrap().to_string())
+        })
+        .collect();
+    let in_order = ids.clone();
+    ids.sort();
+    let mut expected_ids: Vec<String> = records
+        .iter()
+        .map(|r| r["transaction_id"].as_str().unwrap().to_string())
+        .collect();
+    expected_ids.sort();
+    assert_eq!(
+        ids, expected_ids,
+        "a permutation: nothing lost, nothing duplicated"
+    );
+    assert_ne!(
+        in_order,
+        records
+            .iter()
+            .map(|r| r["transaction_id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>(),
+        "unordered mode with random latency reorders"
+    );
+    // Event times strictly increase in the input and out-of-orderness is 0, so watermark W is
+    // emitted right after the record with timestamp W + 1: every record with timestamp <= W + 1
+    // belongs before it, every later one after it.
+    let watermarks: Vec<(usize, u64)> = got
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| v.get("watermark").map(|w| (i, w.as_u64().unwrap())))
+        .collect();
+    assert!(
+        watermarks.len() >= 19,
+        "a watermark every 100 records: {}",
+        watermarks.len()
+    );
+    for (pos, w) in &watermarks {
+        for (i, v) in got.iter().enumerate() {
+            if let Some(ts) = v.get("timestamp").and_then(Value::as_u64) {
+                assert_eq!(ts <= w + 1, i < *pos, "record {ts} vs watermark {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_record_fail_names_line_and_field_and_writes_everything_before() {
+    let (input, output) = (temp("in3.jsonl"), temp("out3.jsonl"));
+    let mut records = transactions(&input, 500, 1_000);
+    let mut text = std::fs::read_to_string(&input).unwrap();
+    text.push_str("{\"transaction_id\":\"no-user\"}\n");
+    for r in records.drain(..100).collect::<Vec<_>>() {
+        text.push_str(&format!("{}\n", Value::Object(r)));
+    }
+    std::fs::write(&input, text).unwrap();
+    let out = run(&[
+        "enrich",
+        "--loadgen",
+        "--loadgen-keys",
+        "1000",
+        "--key",
+        "user:{user_id}",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(
+        !out.status.success(),
+        "a bad record fails the run by default"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 501") && stderr.contains("user_id") && stderr.contains("no-user"),
+        "{stderr}"
+    );
+    assert_eq!(
+        lines(&output).len(),
+        500,
+        "every record before the bad one written and flushed"
+    );
+}
+
+#[test]
+fn bad_record_skip_and_dead_letter() {
+    let (input, output, dlq) = (temp("in4.jsonl"), temp("out4.jsonl"), temp("dlq4.jsonl"));
+    std::fs::write(
+        &input,
+        "{\"user_id\":\"user_000001\"}\nnot json\n[1,2]\n{\"user_id\":null}\n{\"user_id\":\"user_000002\"}\n",
+    )
+    .unwrap();
+    let base = [
+        "enrich",
+        "--loadgen",
+        "--loadgen-keys",
+        "10",
+        "--key",
+        "user:{user_id}",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    let out = run(&[&base[..], &["--on-bad-record", "skip"]].concat());
+    assert!(out.status.success());
+    assert_eq!(lines(&output).len(), 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad records, skipped"));
+    let out = run(&[
+        &base[..],
+        &["--on-bad-record", "dead-letter", dlq.to_str().unwrap()],
+    ]
+    .concat());
+    assert!(out.status.success());
+    assert_eq!(lines(&output).len(), 2);
+    let dead = lines(&dlq);
+    assert_eq!(
+        dead.iter()
+            .map(|d| d["line"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![2, 3, 4]
+    );
+    assert!(dead[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    assert!(dead[1]["error"].as_str().unwrap().contains("array"));
+    assert!(dead[2]["error"]
+        .as_str()
+        .unwrap()
+        .contains("`user_id` is null"));
+    assert_eq!(dead[0]["input"], "not json");
+}
+
+#[test]
+fn missing_keys_keep_drop_or_fail() {
+    let (input, output) = (temp("in5.jsonl"), temp("out5.jsonl"));
+    std::fs::write(
+        &input,
+        "{\"user_id\":\"user_000001\"}\n{\"user_id\":\"nobody\"}\n{\"user_id\":\"user_000002\"}\n",
+    )
+    .unwrap();
+    let base = [
+        "enrich",
+        "--loadgen",
+        "--loadgen-keys",
+        "10",
+        "--key",
+        "user:{user_id}",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    let out = run(&base);
+    assert!(out.status.success());
+    let got = lines(&output);
+    assert_eq!(
+        got[1],
+        serde_json::json!({"user_id": "nobody"}),
+        "keep: the record unchanged"
+    );
+    run(&[&base[..], &["--missing-marker", "_missing"]].concat());
+    assert_eq!(lines(&output)[1]["_missing"], true);
+    let out = run(&[&base[..], &["--on-missing", "drop"]].concat());
+    assert!(out.status.success());
+    assert_eq!(lines(&output).len(), 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing, dropped"));
+    let out = run(&[&base[..], &["--on-missing", "fail"]].concat());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 2") && stderr.contains("user:nobody"),
+        "{stderr}"
+    );
+    assert_eq!(
+        lines(&output).len(),
+        1,
+        "ordered: the record before the missing key was written"
+    );
+}
+
+#[test]
+fn into_field_and_non_json_values() {
+    let (input, output) = (temp("in6.jsonl"), temp("out6.jsonl"));
+    std::fs::write(&input, "{\"user_id\":\"user_000003\",\"n\":1}\n").unwrap();
+    let out = run(&[
+        "enrich",
+        "--loadgen",
+        "--loadgen-keys",
+        "10",
+        "--key",
+        "user:{user_id}",
+        "--into",
+        "profile",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let got = &lines(&output)[0];
+    assert_eq!(got["n"], 1);
+    assert_eq!(got["profile"]["user_id"], "user_000003");
+}
+
+#[test]
+fn a_server_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
+    let server = Server::start(ServerConfig {
+        keys: 1_000,
+        latency: LatencyModel::Fixed(Duration::from_millis(2)),
+        ..Default::default()
+    })
+    .unwrap();
+    let (input, output, metrics) = (temp("in7.jsonl"), temp("out7.jsonl"), temp("m7.json"));
+    transactions(&input, 1_500, 1_000);
+    let url = format!("redis://{}", server.addr());
+    let child = sluice()
+        .args([
+            "enrich",
+            "--redis",
+            &url,
+            "--key",
+            "user:{user_id}",
+            "--capacity",
+            "16",
+            "--shards",
+            "1",
+            "--timeout",
+            "300ms",
+            "--retry",
+            "fixed:3:20ms",
+            "--on-timeout",
+            "emit",
+            "--on-error",
+            "emit",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--metrics-json",
+            metrics.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // About 8 records per ms get through: stop the server a fraction of the way in.
+    std::thread::sleep(Duration::from_millis(100));
+    server.stop();
+    let out = child.wait_with_output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed lookups are emitted unenriched by policy"
+    );
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let n = |k: &str| s[k].as_u64().unwrap();
+    assert_eq!(n("lines_read"), 1_500);
+    assert!(
+        n("enriched") > 0 && n("enriched") < 1_500,
+        "the server served some: {s}"
+    );
+    assert!(n("errors_emitted") + n("timeouts_emitted") > 0, "{s}");
+    assert!(n("retries") > 0, "connection errors were retried: {s}");
+    assert_eq!(
+        n("enriched") + n("errors_emitted") + n("timeouts_emitted"),
+        1_500,
+        "counts add up"
+    );
+    assert_eq!(lines(&output).len(), 1_500, "every record written");
+}
+
+#[test]
+fn a_stdin_pipe_that_closes_early_ends_cleanly_and_sigint_drains() {
+    // Closed early: everything written, exit 0.
+    let mut child = sluice()
+        .args([
+            "enrich",
+            "--loadgen",
+            "--loadgen-keys",
+            "10",
+            "--key",
+            "user:{user_id}",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for i in 0..5 {
+        writeln!(stdin, "{{\"user_id\":\"user_00000{i}\"}}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 5);
+
+    // Still open, then SIGINT: what was sent is written, the summary says interrupted, 130.
+    let mut child = sluice()
+        .args([
+            "enrich",
+            "--loadgen",
+            "--loadgen-keys",
+            "10",
+            "--key",
+            "user:{user_id}",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for i in 0..3 {
+        writeln!(stdin, "{{\"user_id\":\"user_00000{i}\"}}").unwrap();
+    }
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert_eq!(
+        stdout.lines().count(),
+        3,
+        "records sent before the signal were written"
+    );
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    drop(stdin);
+}
+
+/// A real Redis, or `None` (skip) when unreachable and not required.
+fn real_redis() -> Option<SocketAddr> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let addr = sluice::redis::parse_url(&url).unwrap();
+    let reachable = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok();
+    if !reachable && std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+        panic!("SLUICE_REQUIRE_REDIS=1 but no Redis answers at {url}");
+    }
+    reachable.then_some(addr).or_else(|| {
+        eprintln!("skipping: no Redis at {url}");
+        None
+    })
+}
+
+#[test]
+fn real_redis_enrichment_with_a_composite_key() {
+    let Some(addr) = real_redis() else { return };
+    let prefix = format!("sluice-enrich-test-{}", std::process::id());
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    let mut send = |args: &[&str]| {
+        let mut cmd = format!("*{}\r\n", args.len());
+        for a in args {
+            cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        conn.write_all(cmd.as_bytes()).unwrap();
+        let mut buf = [0u8; 64];
+        let _ = conn.read(&mut buf).unwrap();
+    };
+    send(&[
+        "SET",
+        &format!("{prefix}:NL:7"),
+        r#"{"country_of_purchase":"NLD","state_of_purchase":"NH"}"#,
+    ]);
+    send(&["SET", &format!("{prefix}:US:8"), "plain text"]);
+    let (input, output) = (temp("in9.jsonl"), temp("out9.jsonl"));
+    std::fs::write(&input, format!(
+        "{{\"p\":\"{prefix}\",\"country\":\"NL\",\"user_id\":7}}\n{{\"p\":\"{prefix}\",\"country\":\"US\",\"user_id\":8}}\n{{\"p\":\"{prefix}\",\"country\":\"XX\",\"user_id\":9}}\n"
+    ))
+    .unwrap();
+    let url = format!("redis://{addr}");
+    let out = run(&[
+        "enrich",
+        "--redis",
+        &url,
+        "--key",
+        "{p}:{country}:{user_id}",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--missing-marker",
+        "_missing",
+    ]);
+    assert!(out.status.success());
+    let got = lines(&output);
+    assert_eq!(got[0]["state_of_purchase"], "NH");
+    assert_eq!(
+        got[1]["value"], "plain text",
+        "a non-JSON value goes under `value`"
+    );
+    assert_eq!(got[2]["_missing"], true);
+    send(&["DEL", &format!("{prefix}:NL:7"), &format!("{prefix}:US:8")]);
+}
