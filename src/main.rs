@@ -144,8 +144,12 @@ struct BenchArgs {
     #[arg(long)]
     modes: Option<List<Mode>>,
     /// Wall time per point.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "records")]
     duration: Option<Duration>,
+    /// Records per point instead of a wall time (a sync map at 1 ms does ~1000/s: keep it
+    /// small, or leave sync-map out with --modes).
+    #[arg(long)]
+    records: Option<u64>,
     /// Runs per point, interleaved across modes; figures are medians.
     #[arg(long)]
     repeat: Option<usize>,
@@ -300,7 +304,7 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     let modes = args
         .modes
         .map(|l| l.0)
-        .unwrap_or_else(|| Mode::ALL.to_vec());
+        .unwrap_or_else(|| Mode::DEFAULT.to_vec());
     if shards.contains(&0) || capacities.contains(&0) {
         return Err("shards and capacities must be at least 1".into());
     }
@@ -354,6 +358,7 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         shards,
         capacities,
         duration,
+        records: args.records,
         repeat,
         seed: 42,
     };

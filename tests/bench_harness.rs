@@ -29,6 +29,7 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
         shards: vec![1, 2],
         capacities: vec![1, 8],
         duration: Duration::from_millis(100),
+        records: None,
         repeat: 2,
         seed: 1,
     };
@@ -97,4 +98,36 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
     let table = report.table();
     assert!(table.contains("tokio-unordered") && table.contains("records/s"));
     std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_record_budget_runs_exactly_that_many_lookups_per_point() {
+    let server = Server::start(ServerConfig {
+        keys: 100,
+        latency: LatencyModel::Fixed(Duration::ZERO),
+        ..Default::default()
+    })
+    .unwrap();
+    let config = SweepConfig {
+        addr: server.addr(),
+        server: "test".into(),
+        configured_latency: None,
+        keys: 100,
+        modes: Mode::ALL.to_vec(),
+        shards: vec![2],
+        capacities: vec![4],
+        duration: Duration::from_secs(3600),
+        records: Some(333),
+        repeat: 1,
+        seed: 1,
+    };
+    let report = bench::sweep(&config, 1e9, Duration::from_micros(50), &mut |_, _, _| {}).unwrap();
+    assert_eq!(report.points.len(), 8);
+    for p in &report.points {
+        assert_eq!(
+            p.records, 333,
+            "{}: the budget is shared by the point's workers",
+            p.mode
+        );
+    }
 }

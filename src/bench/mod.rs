@@ -118,6 +118,8 @@ pub struct SweepConfig {
     pub shards: Vec<usize>,
     pub capacities: Vec<usize>,
     pub duration: Duration,
+    /// Instead of `duration`: records per point.
+    pub records: Option<u64>,
     pub repeat: usize,
     pub seed: u64,
 }
@@ -185,6 +187,7 @@ pub fn sweep(
                 addr: config.addr,
                 keys: config.keys,
                 duration: config.duration,
+                records: config.records,
                 seed: config.seed.wrapping_add(r as u64),
             };
             let m = runners::run(mode, shards, capacity, &workload)
@@ -214,6 +217,7 @@ pub fn runners_limit(
         addr,
         keys,
         duration,
+        records: None,
         seed: 1,
     };
     let m = runners::run(Mode::Unordered, shards, 256, &w)?;

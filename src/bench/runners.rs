@@ -38,7 +38,40 @@ pub struct Workload {
     pub addr: SocketAddr,
     pub keys: u64,
     pub duration: Duration,
+    /// Instead of `duration`: stop after this many records in all.
+    pub records: Option<u64>,
     pub seed: u64,
+}
+
+/// When a point stops producing records: after `Workload::records` records in all (shared by
+/// the point's workers), or at the deadline (the clock is read every 64 records: reading it
+/// per record costs as much as the bookkeeping being measured).
+#[derive(Clone)]
+pub(crate) struct Budget {
+    deadline: Instant,
+    remaining: Option<Arc<AtomicU64>>,
+    taken: u64,
+}
+
+impl Budget {
+    pub(crate) fn new(w: &Workload, start: Instant) -> Budget {
+        Budget {
+            deadline: start + w.duration,
+            remaining: w.records.map(|n| Arc::new(AtomicU64::new(n))),
+            taken: 0,
+        }
+    }
+
+    /// Whether one more record may be produced.
+    pub(crate) fn take(&mut self) -> bool {
+        if let Some(remaining) = &self.remaining {
+            return remaining
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+        }
+        self.taken += 1;
+        self.taken % 64 != 0 || Instant::now() < self.deadline
+    }
 }
 
 pub(crate) fn histogram() -> Histogram<u64> {
@@ -112,9 +145,10 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
     let cores = crate::usable_cores();
     let cpu = CpuMark::now();
     let start = Instant::now();
-    let deadline = start + w.duration;
+    let budget = Budget::new(w, start);
     let workers: Vec<_> = (0..shards)
         .map(|s| {
+            let mut budget = budget.clone();
             let placement = match cores.get(s) {
                 Some(&core) if shards <= cores.len() => glommio::Placement::Fixed(core),
                 _ => glommio::Placement::Unbound,
@@ -124,11 +158,8 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
                 .io_memory(crate::DEFAULT_IO_MEMORY)
                 .spawn(move || async move {
                     let mut keys = Keys::new(w.seed, s as u64, w.keys);
-                    let mut i = 0u64;
-                    // The clock costs as much as a lookup's bookkeeping: check it every 64.
                     let input = futures::stream::iter(std::iter::from_fn(move || {
-                        i += 1;
-                        (i % 64 != 0 || Instant::now() < deadline).then(|| keys.next())
+                        budget.take().then(|| keys.next())
                     }));
                     let mut config = OperatorConfig::new();
                     config.capacity = std::num::NonZeroUsize::new(capacity).expect("capacity >= 1");
@@ -164,10 +195,10 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
 fn sync_map(shards: usize, w: &Workload) -> Result<Measurement, String> {
     let cpu = CpuMark::now();
     let start = Instant::now();
-    let deadline = start + w.duration;
+    let budget = Budget::new(w, start);
     let workers: Vec<_> = (0..shards as u64)
         .map(|s| {
-            let w = w.clone();
+            let (w, mut budget) = (w.clone(), budget.clone());
             std::thread::spawn(move || -> WorkerResult {
                 let mut client = BlockingClient::connect(w.addr)
                     .map_err(|e| format!("connect {}: {e}", w.addr))?;
@@ -175,7 +206,7 @@ fn sync_map(shards: usize, w: &Workload) -> Result<Measurement, String> {
                 let mut hist = histogram();
                 let mut buf = [0u8; 32];
                 let mut n = 0;
-                while Instant::now() < deadline {
+                while budget.take() {
                     let k = keys.next();
                     let t = Instant::now();
                     client
@@ -219,22 +250,16 @@ fn collect(
 fn thread_pool(threads: usize, w: &Workload) -> Result<Measurement, String> {
     let cpu = CpuMark::now();
     let start = Instant::now();
-    let deadline = start + w.duration;
+    let mut budget = Budget::new(w, start);
     let (tx, rx) = flume::bounded::<u64>(threads);
     let producer = {
         let w = w.clone();
         std::thread::spawn(move || {
             let mut keys = Keys::new(w.seed, 0, w.keys);
-            let mut i = 0u64;
-            loop {
-                // Reading the clock costs as much as a queue push: check every 64 records.
-                if i % 64 == 0 && Instant::now() >= deadline {
-                    break;
-                }
+            while budget.take() {
                 if tx.send(keys.next()).is_err() {
                     break;
                 }
-                i += 1;
             }
         })
     };
@@ -298,19 +323,16 @@ fn tokio_futures(
     })?;
     let cpu = CpuMark::now();
     let start = Instant::now();
-    let deadline = start + w.duration;
+    let budget = Budget::new(w, start);
     let tasks: Vec<_> = connections
         .into_iter()
         .enumerate()
         .map(|(s, conn)| {
-            let w = w.clone();
+            let (w, mut budget) = (w.clone(), budget.clone());
             runtime.spawn(async move {
                 let mut keys = Keys::new(w.seed, s as u64, w.keys);
-                let mut i = 0u64;
-                // Same clock check as the adapter mode: every 64 records.
                 let lookups = futures::stream::iter(std::iter::from_fn(move || {
-                    i += 1;
-                    (i % 64 != 0 || Instant::now() < deadline).then(|| keys.next())
+                    budget.take().then(|| keys.next())
                 }))
                 .map(move |k| {
                     let mut conn = conn.clone();
@@ -433,17 +455,14 @@ fn sluice(
     let (mut producer, mut consumer, handle) = builder.start().map_err(|e| e.to_string())?.split();
     let cpu = CpuMark::now();
     let start = Instant::now();
-    let deadline = start + w.duration;
+    let mut budget = Budget::new(w, start);
     let pushed = Arc::new(AtomicU64::new(0));
     let feeder = {
         let (w, pushed) = (w.clone(), pushed.clone());
         std::thread::spawn(move || {
             let mut keys = Keys::new(w.seed, 0, w.keys);
             let mut i = 0u64;
-            loop {
-                if i % 64 == 0 && Instant::now() >= deadline {
-                    break;
-                }
+            while budget.take() {
                 if producer.push(keys.next()).is_err() {
                     break;
                 }
