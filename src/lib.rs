@@ -59,6 +59,7 @@
 //! point by point against Flink.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod clock;
 mod engine;
 pub mod enrich;

@@ -1,0 +1,89 @@
+//! `Manifest`: one checkpoint's id, source offset, sink position and files, as checksummed JSON.
+//!
+//! Layout: one line `sluice-manifest v<version> crc32=<hex>` then the JSON body; the CRC covers
+//! the body. Invariant: a manifest that parses has a matching checksum and version.
+
+use super::CheckpointError;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The manifest format this build writes and reads.
+pub const MANIFEST_VERSION: u16 = 1;
+
+/// A file of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// File name inside the checkpoint directory.
+    pub name: String,
+    pub len: u64,
+    pub crc32: u32,
+}
+
+/// A checkpoint's description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u16,
+    pub checkpoint_id: u64,
+    /// Where the source resumes (for a file source: its byte offset).
+    pub source_offset: u64,
+    /// What the sink had committed (for a file sink: its length).
+    pub sink_position: u64,
+    pub files: Vec<ManifestFile>,
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Result<Vec<u8>, CheckpointError> {
+        let body = serde_json::to_vec_pretty(self).map_err(|e| CheckpointError::Encode {
+            what: "manifest",
+            reason: e.to_string(),
+        })?;
+        let mut out = format!(
+            "sluice-manifest v{MANIFEST_VERSION} crc32={:08x}\n",
+            crc32fast::hash(&body)
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    pub fn decode(bytes: &[u8], path: &Path) -> Result<Manifest, CheckpointError> {
+        let corrupt = |reason: String| CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let newline = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or_else(|| corrupt("no header line (torn write?)".into()))?;
+        let header = std::str::from_utf8(&bytes[..newline])
+            .map_err(|_| corrupt("header is not text".into()))?;
+        let body = &bytes[newline + 1..];
+        let rest = header
+            .strip_prefix("sluice-manifest v")
+            .ok_or_else(|| corrupt("not a sluice manifest".into()))?;
+        let (version, crc) = rest
+            .split_once(" crc32=")
+            .ok_or_else(|| corrupt("header lacks its checksum".into()))?;
+        let version: u16 = version
+            .parse()
+            .map_err(|_| corrupt(format!("bad version `{version}`")))?;
+        if version != MANIFEST_VERSION {
+            return Err(CheckpointError::Version {
+                path: path.to_path_buf(),
+                found: version,
+                expected: MANIFEST_VERSION,
+            });
+        }
+        let crc =
+            u32::from_str_radix(crc, 16).map_err(|_| corrupt(format!("bad checksum `{crc}`")))?;
+        if crc32fast::hash(body) != crc {
+            return Err(corrupt("checksum mismatch (torn or altered)".into()));
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(body).map_err(|e| corrupt(format!("bad JSON: {e}")))?;
+        if manifest.format_version != MANIFEST_VERSION {
+            return Err(corrupt("body and header disagree on the version".into()));
+        }
+        Ok(manifest)
+    }
+}

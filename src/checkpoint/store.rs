@@ -1,0 +1,211 @@
+//! `CheckpointStore`: writes checkpoints durably and restores the newest valid one.
+//!
+//! Names: `chk-<id, 20 digits>.manifest` and `chk-<id>-shard-<n>.snap`, so lexical order is
+//! checkpoint order. See the module above for the invariants.
+
+use super::{CheckpointError, Manifest, ManifestFile, ShardSnapshot, MANIFEST_VERSION};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A restored checkpoint.
+#[derive(Debug)]
+pub struct Restored {
+    pub manifest: Manifest,
+    pub snapshots: Vec<ShardSnapshot>,
+    /// Why newer checkpoints were skipped (torn or corrupt), newest first.
+    pub skipped: Vec<String>,
+}
+
+/// See the module documentation.
+pub struct CheckpointStore {
+    dir: PathBuf,
+    keep: usize,
+}
+
+fn manifest_name(id: u64) -> String {
+    format!("chk-{id:020}.manifest")
+}
+
+fn snapshot_name(id: u64, shard: u32) -> String {
+    format!("chk-{id:020}-shard-{shard}.snap")
+}
+
+fn fsync(file: &File, path: &Path) -> Result<(), CheckpointError> {
+    file.sync_all().map_err(|source| CheckpointError::Fsync {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| CheckpointError::io(path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| CheckpointError::io(path, e))?;
+    fsync(&f, path)
+}
+
+impl CheckpointStore {
+    /// A store in `dir` (created if missing) keeping the last `keep` (at least 1) checkpoints.
+    pub fn open(dir: impl Into<PathBuf>, keep: usize) -> Result<CheckpointStore, CheckpointError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
+        Ok(CheckpointStore {
+            dir,
+            keep: keep.max(1),
+        })
+    }
+
+    /// Checkpoint ids with a manifest, ascending.
+    fn checkpoint_ids(&self) -> Result<Vec<u64>, CheckpointError> {
+        let mut ids: Vec<u64> = fs::read_dir(&self.dir)
+            .map_err(|e| CheckpointError::io(&self.dir, e))?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_prefix("chk-")?
+                    .strip_suffix(".manifest")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Writes checkpoint `id`: the snapshots, then the manifest, each made durable in order;
+    /// then removes checkpoints older than the last `keep`.
+    pub fn write(
+        &self,
+        id: u64,
+        source_offset: u64,
+        sink_position: u64,
+        snapshots: &[ShardSnapshot],
+    ) -> Result<(), CheckpointError> {
+        let mut files = Vec::with_capacity(snapshots.len());
+        for snapshot in snapshots {
+            assert_eq!(
+                snapshot.checkpoint_id, id,
+                "a snapshot belongs to its checkpoint"
+            );
+            let name = snapshot_name(id, snapshot.shard);
+            let bytes = snapshot.encode()?;
+            write_durably(&self.dir.join(&name), &bytes)?;
+            files.push(ManifestFile {
+                name,
+                len: bytes.len() as u64,
+                crc32: crc32fast::hash(&bytes),
+            });
+        }
+        let manifest = Manifest {
+            format_version: MANIFEST_VERSION,
+            checkpoint_id: id,
+            source_offset,
+            sink_position,
+            files,
+        };
+        let temp = self.dir.join(format!("{}.tmp", manifest_name(id)));
+        write_durably(&temp, &manifest.encode()?)?;
+        let final_path = self.dir.join(manifest_name(id));
+        fs::rename(&temp, &final_path).map_err(|e| CheckpointError::io(&final_path, e))?;
+        let dir = File::open(&self.dir).map_err(|e| CheckpointError::io(&self.dir, e))?;
+        fsync(&dir, &self.dir)?;
+        self.remove_older_than_kept()
+    }
+
+    fn remove_older_than_kept(&self) -> Result<(), CheckpointError> {
+        let ids = self.checkpoint_ids()?;
+        if ids.len() <= self.keep {
+            return Ok(());
+        }
+        let oldest_kept = ids[ids.len() - self.keep];
+        for entry in fs::read_dir(&self.dir)
+            .map_err(|e| CheckpointError::io(&self.dir, e))?
+            .flatten()
+        {
+            let name = entry.file_name().into_string().unwrap_or_default();
+            let id = name
+                .strip_prefix("chk-")
+                .and_then(|r| r.get(..20))
+                .and_then(|d| d.parse::<u64>().ok());
+            if id.is_some_and(|id| id < oldest_kept) {
+                // Manifest first: a checkpoint without its manifest no longer exists.
+                let path = entry.path();
+                fs::remove_file(&path).map_err(|e| CheckpointError::io(&path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn load(&self, id: u64) -> Result<(Manifest, Vec<ShardSnapshot>), CheckpointError> {
+        let path = self.dir.join(manifest_name(id));
+        let bytes = fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        let manifest = Manifest::decode(&bytes, &path)?;
+        if manifest.checkpoint_id != id {
+            return Err(CheckpointError::Corrupt {
+                path,
+                reason: format!(
+                    "names checkpoint {} in the file of {id}",
+                    manifest.checkpoint_id
+                ),
+            });
+        }
+        let mut snapshots = Vec::with_capacity(manifest.files.len());
+        for file in &manifest.files {
+            let path = self.dir.join(&file.name);
+            let bytes = fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+            if bytes.len() as u64 != file.len || crc32fast::hash(&bytes) != file.crc32 {
+                return Err(CheckpointError::Corrupt {
+                    path,
+                    reason: format!(
+                        "{} bytes with crc32 {:08x}; the manifest says {} bytes, {:08x}",
+                        bytes.len(),
+                        crc32fast::hash(&bytes),
+                        file.len,
+                        file.crc32
+                    ),
+                });
+            }
+            snapshots.push(ShardSnapshot::decode(&bytes, &path)?);
+        }
+        Ok((manifest, snapshots))
+    }
+
+    /// The newest checkpoint that passes every check, or `None` if there is none. A newer
+    /// checkpoint that fails is skipped with its reason in `Restored::skipped`.
+    pub fn restore(&self) -> Result<Option<Restored>, CheckpointError> {
+        let mut skipped = vec![];
+        for id in self.checkpoint_ids()?.into_iter().rev() {
+            match self.load(id) {
+                Ok((manifest, snapshots)) => {
+                    return Ok(Some(Restored {
+                        manifest,
+                        snapshots,
+                        skipped,
+                    }))
+                }
+                Err(
+                    e @ (CheckpointError::Corrupt { .. }
+                    | CheckpointError::Version { .. }
+                    | CheckpointError::Io { .. }),
+                ) => {
+                    skipped.push(format!("checkpoint {id} skipped: {e}"));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        if skipped.is_empty() {
+            Ok(None)
+        } else {
+            Err(CheckpointError::Corrupt {
+                path: self.dir.clone(),
+                reason: format!("no valid checkpoint: {}", skipped.join("; ")),
+            })
+        }
+    }
+}
