@@ -82,6 +82,6 @@ pub use engine::{
 pub use error::{BuildError, PushError, StageError};
 pub use function::{from_fn, AsyncFunction, Fallback, FnFunction, Outputs, OutputsIter};
 pub use metrics::MetricsSnapshot;
-pub use operator::{AsyncWait, Element, Emitted, OperatorConfig, OutputMode};
+pub use operator::{restore_elements, AsyncWait, Element, Emitted, OperatorConfig, OutputMode};
 pub use retry::{Backoff, Jitter, RetryPolicy};
 pub use stream_ext::{AsyncWaitExt, AsyncWaitStream, Tagged};

@@ -123,6 +123,7 @@ enum SlotState<O> {
 
 struct Slot<I, O> {
     seq: u64,
+    key: u64,
     input: Option<I>,
     state: SlotState<O>,
     attempt: u32,
@@ -204,6 +205,7 @@ where
             slots: (0..capacity)
                 .map(|_| Slot {
                     seq: 0,
+                    key: 0,
                     input: None,
                     state: SlotState::Free,
                     attempt: 0,
@@ -247,6 +249,40 @@ where
         &self.metrics.local
     }
 
+    /// The entries whose results have not left this operator (records in flight, backing off,
+    /// or completed but not yet emitted, and watermarks still queued), in sequence order, with
+    /// inputs encoded by `encode`. Re-issuing them (see [`restore_elements`]) before any new
+    /// input gives exactly-once results, as Flink's `AsyncWaitOperator.snapshotState` does.
+    pub fn snapshot(
+        &self,
+        encode: impl Fn(&F::In) -> Vec<u8>,
+    ) -> Vec<crate::checkpoint::EntrySnapshot> {
+        let mut entries: Vec<_> = self
+            .slots
+            .iter()
+            .filter_map(|s| match (&s.state, &s.input) {
+                (SlotState::Free, _) => None,
+                (SlotState::Watermark(ts), _) => Some(crate::checkpoint::EntrySnapshot {
+                    seq: s.seq,
+                    key: 0,
+                    attempts: 0,
+                    watermark: Some(*ts),
+                    input: vec![],
+                }),
+                (_, Some(input)) => Some(crate::checkpoint::EntrySnapshot {
+                    seq: s.seq,
+                    key: s.key,
+                    attempts: s.attempt,
+                    watermark: None,
+                    input: encode(input),
+                }),
+                (_, None) => panic!("an occupied record slot holds its input"),
+            })
+            .collect();
+        entries.sort_by_key(|e| e.seq);
+        entries
+    }
+
     /// Runs the function's `close` (once) and publishes the final metrics.
     pub fn close(&mut self) {
         if !self.closed {
@@ -274,6 +310,7 @@ where
                 }
                 let s = &mut self.slots[slot as usize];
                 s.seq = seq;
+                s.key = key;
                 s.input = Some(input);
                 s.attempt = 0;
                 s.previous_delay = Duration::ZERO;
@@ -470,6 +507,33 @@ where
             (a, b) => a.or(b),
         }
     }
+}
+
+/// The elements to feed a restored operator first, in their original order, from a snapshot
+/// taken with [`AsyncWait::snapshot`]; `decode` inverts the snapshot's `encode`. Chain the
+/// source, resumed after the last element the snapshotted operator had taken, behind them.
+pub fn restore_elements<I, E>(
+    entries: &[crate::checkpoint::EntrySnapshot],
+    decode: impl Fn(&[u8]) -> Result<I, E>,
+) -> Result<Vec<Element<I>>, E> {
+    let now = Instant::now();
+    entries
+        .iter()
+        .map(|e| {
+            Ok(match e.watermark {
+                Some(timestamp) => Element::Watermark {
+                    seq: e.seq,
+                    timestamp,
+                },
+                None => Element::Record {
+                    seq: e.seq,
+                    key: e.key,
+                    input: decode(&e.input)?,
+                    pushed_at: Some(now),
+                },
+            })
+        })
+        .collect()
 }
 
 // No field is ever pinned: the attempt futures live in the boxed in-flight set, the input is

@@ -22,6 +22,7 @@ fn snapshots(id: u64, entries: u64) -> Vec<ShardSnapshot> {
                     seq: id * 1000 + i * 2 + shard as u64,
                     key: i,
                     attempts: 1,
+                    watermark: None,
                     input: format!("{{\"user_id\":\"user_{i:06}\"}}").into_bytes(),
                 })
                 .collect(),

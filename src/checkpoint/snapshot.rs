@@ -23,15 +23,18 @@ const MAGIC: &[u8; 8] = b"SLUICESN";
 pub const SNAPSHOT_VERSION: u16 = 1;
 const HEADER_LEN: usize = 24;
 
-/// One in-flight entry: a record whose result has not left the shard.
+/// One in-flight entry: a record whose result has not left the shard, or a watermark still
+/// queued behind records.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct EntrySnapshot {
-    /// The record's sequence number (input order).
+    /// The element's sequence number (input order).
     pub seq: u64,
-    /// Its routing / ordering key.
+    /// Its routing / ordering key (0 for a watermark).
     pub key: u64,
     /// Attempts made so far (informational; a restored entry starts a fresh attempt count).
     pub attempts: u32,
+    /// `Some(timestamp)` for a watermark, whose `input` is empty.
+    pub watermark: Option<u64>,
     /// The input, encoded by the embedder's codec.
     pub input: Vec<u8>,
 }
@@ -124,6 +127,7 @@ mod tests {
                     seq: i * 2,
                     key: i,
                     attempts: 1,
+                    watermark: None,
                     input: format!("record {i}").into_bytes(),
                 })
                 .collect(),

@@ -76,6 +76,16 @@ impl<I> Source<I> {
         let key = self.inner.borrow().next_seq;
         self.record_keyed(input, key)
     }
+    /// Queues an element as given (its sequence number is kept).
+    pub fn element(&self, element: Element<I>) {
+        let mut s = self.inner.borrow_mut();
+        let seq = match &element {
+            Element::Record { seq, .. } | Element::Watermark { seq, .. } => *seq,
+        };
+        s.next_seq = s.next_seq.max(seq + 1);
+        s.items.push_back(element);
+    }
+
     pub fn watermark(&self, timestamp: u64) -> u64 {
         let mut s = self.inner.borrow_mut();
         let seq = s.next_seq;
