@@ -535,3 +535,137 @@ fn real_redis_enrichment_with_a_composite_key() {
     assert_eq!(got[2]["_missing"], true);
     send(&["DEL", &format!("{prefix}:NL:7"), &format!("{prefix}:US:8")]);
 }
+
+/// Starts a private `redis-server` on a free port, or `None` (skip) when the binary is missing
+/// and not required.
+fn private_redis_server() -> Option<(std::process::Child, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    match Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => {
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some((child, port));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            panic!("redis-server did not start on port {port}");
+        }
+        Err(e) if std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1") => {
+            panic!("SLUICE_REQUIRE_REDIS=1 but redis-server cannot start: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping: redis-server not available ({e})");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_real_redis_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
+    let Some((mut redis, port)) = private_redis_server() else {
+        return;
+    };
+    let (input, output, metrics) = (temp("in10.jsonl"), temp("out10.jsonl"), temp("m10.json"));
+    transactions(&input, 20_000, 1_000);
+    // Load the 1 000 profiles the records refer to.
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut batch = String::new();
+    for i in 0..1_000u64 {
+        let (k, v) = (
+            keyspace::key(i),
+            String::from_utf8(keyspace::value(i, 128)).unwrap(),
+        );
+        batch.push_str(&format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+            k.len(),
+            v.len()
+        ));
+    }
+    conn.write_all(batch.as_bytes()).unwrap();
+    let mut replies = vec![0u8; 5 * 1_000];
+    conn.read_exact(&mut replies).unwrap();
+    assert!(replies.chunks(5).all(|r| r == b"+OK\r\n"));
+    let url = format!("redis://127.0.0.1:{port}");
+    let child = sluice()
+        .args([
+            "enrich",
+            "--redis",
+            &url,
+            "--key",
+            "user:{user_id}",
+            "--capacity",
+            "16",
+            "--shards",
+            "1",
+            "--timeout",
+            "300ms",
+            "--retry",
+            "fixed:2:1ms",
+            "--on-timeout",
+            "emit",
+            "--on-error",
+            "emit",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--metrics-json",
+            metrics.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stop Redis once some output has been written (the writer flushes every 256 KiB).
+    for _ in 0..10_000 {
+        if std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0) > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    conn.write_all(b"*2\r\n$8\r\nSHUTDOWN\r\n$6\r\nNOSAVE\r\n")
+        .unwrap();
+    let _ = redis.wait();
+    let out = child.wait_with_output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let n = |k: &str| s[k].as_u64().unwrap();
+    assert!(
+        n("enriched") > 0 && n("enriched") < 20_000,
+        "Redis stopped mid-run: {s}"
+    );
+    assert!(n("retries") > 0, "{s}");
+    assert_eq!(
+        n("enriched") + n("errors_emitted") + n("timeouts_emitted"),
+        20_000,
+        "counts add up: {s}"
+    );
+    let written = lines(&output);
+    assert_eq!(written.len(), 20_000);
+    let with_profile = written
+        .iter()
+        .filter(|v| v.get("country_of_purchase").is_some())
+        .count() as u64;
+    assert_eq!(
+        with_profile,
+        n("enriched"),
+        "enriched records carry the profile, the others do not"
+    );
+}
