@@ -304,7 +304,7 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     let modes = args
         .modes
         .map(|l| l.0)
-        .unwrap_or_else(|| Mode::DEFAULT.to_vec());
+        .unwrap_or_else(|| Mode::defaults().to_vec());
     if shards.contains(&0) || capacities.contains(&0) {
         return Err("shards and capacities must be at least 1".into());
     }

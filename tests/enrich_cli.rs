@@ -338,22 +338,19 @@ fn into_field_and_non_json_values() {
     assert_eq!(got["profile"]["user_id"], "user_000003");
 }
 
-#[test]
-fn a_server_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
-    let server = Server::start(ServerConfig {
-        keys: 1_000,
-        latency: LatencyModel::Fixed(Duration::from_millis(2)),
-        ..Default::default()
-    })
-    .unwrap();
-    let (input, output, metrics) = (temp("in7.jsonl"), temp("out7.jsonl"), temp("m7.json"));
-    transactions(&input, 1_500, 1_000);
-    let url = format!("redis://{}", server.addr());
-    let child = sluice()
+/// Starts `sluice enrich` against `url` with retries and emit-on-failure policies, for the
+/// tests that stop the server mid-run.
+fn enrich_that_outlives_its_server(
+    url: &str,
+    input: &Path,
+    output: &Path,
+    metrics: &Path,
+) -> std::process::Child {
+    sluice()
         .args([
             "enrich",
             "--redis",
-            &url,
+            url,
             "--key",
             "user:{user_id}",
             "--capacity",
@@ -363,7 +360,7 @@ fn a_server_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
             "--timeout",
             "300ms",
             "--retry",
-            "fixed:3:20ms",
+            "fixed:2:1ms",
             "--on-timeout",
             "emit",
             "--on-error",
@@ -377,36 +374,67 @@ fn a_server_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
         ])
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
-    // About 8 records per ms get through: stop the server a fraction of the way in.
-    std::thread::sleep(Duration::from_millis(100));
-    server.stop();
+        .unwrap()
+}
+
+/// The run succeeded, the server served some records and not all, failed lookups were retried
+/// and then emitted by policy, the counts add up, and every record was written. Returns the
+/// summary and the output.
+fn assert_outlived_its_server(
+    child: std::process::Child,
+    metrics: &Path,
+    output: &Path,
+    total: u64,
+) -> (Value, Vec<Value>) {
     let out = child.wait_with_output().unwrap();
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         out.status.success(),
         "failed lookups are emitted unenriched by policy"
     );
-    let s: Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(metrics).unwrap()).unwrap();
     let n = |k: &str| s[k].as_u64().unwrap();
-    assert_eq!(n("lines_read"), 1_500);
+    assert_eq!(n("lines_read"), total);
     assert!(
-        n("enriched") > 0 && n("enriched") < 1_500,
-        "the server served some: {s}"
+        n("enriched") > 0 && n("enriched") < total,
+        "the server stopped mid-run: {s}"
     );
     assert!(n("errors_emitted") + n("timeouts_emitted") > 0, "{s}");
     assert!(n("retries") > 0, "connection errors were retried: {s}");
     assert_eq!(
         n("enriched") + n("errors_emitted") + n("timeouts_emitted"),
-        1_500,
-        "counts add up"
+        total,
+        "counts add up: {s}"
     );
-    assert_eq!(lines(&output).len(), 1_500, "every record written");
+    let written = lines(output);
+    assert_eq!(written.len() as u64, total, "every record written");
+    (s, written)
 }
 
 #[test]
-fn a_stdin_pipe_that_closes_early_ends_cleanly_and_sigint_drains() {
-    // Closed early: everything written, exit 0.
+fn a_server_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
+    let server = Server::start(ServerConfig {
+        keys: 1_000,
+        latency: LatencyModel::Fixed(Duration::from_millis(2)),
+        ..Default::default()
+    })
+    .unwrap();
+    let (input, output, metrics) = (temp("in7.jsonl"), temp("out7.jsonl"), temp("m7.json"));
+    transactions(&input, 1_500, 1_000);
+    let child = enrich_that_outlives_its_server(
+        &format!("redis://{}", server.addr()),
+        &input,
+        &output,
+        &metrics,
+    );
+    // About 8 records per ms get through: stop the server a fraction of the way in.
+    std::thread::sleep(Duration::from_millis(100));
+    server.stop();
+    assert_outlived_its_server(child, &metrics, &output, 1_500);
+}
+
+/// `sluice enrich --loadgen` reading a pipe, after `records` lines were written to it.
+fn piped_enrich(records: u64) -> (std::process::Child, std::process::ChildStdin) {
     let mut child = sluice()
         .args([
             "enrich",
@@ -422,34 +450,24 @@ fn a_stdin_pipe_that_closes_early_ends_cleanly_and_sigint_drains() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    for i in 0..5 {
+    for i in 0..records {
         writeln!(stdin, "{{\"user_id\":\"user_00000{i}\"}}").unwrap();
     }
+    stdin.flush().unwrap();
+    (child, stdin)
+}
+
+#[test]
+fn a_stdin_pipe_that_closes_early_ends_cleanly_and_sigint_drains() {
+    // Closed early: everything written, exit 0.
+    let (child, stdin) = piped_enrich(5);
     drop(stdin);
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 5);
 
     // Still open, then SIGINT: what was sent is written, the summary says interrupted, 130.
-    let mut child = sluice()
-        .args([
-            "enrich",
-            "--loadgen",
-            "--loadgen-keys",
-            "10",
-            "--key",
-            "user:{user_id}",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    for i in 0..3 {
-        writeln!(stdin, "{{\"user_id\":\"user_00000{i}\"}}").unwrap();
-    }
-    stdin.flush().unwrap();
+    let (mut child, stdin) = piped_enrich(3);
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -603,35 +621,7 @@ fn a_real_redis_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
     conn.read_exact(&mut replies).unwrap();
     assert!(replies.chunks(5).all(|r| r == b"+OK\r\n"));
     let url = format!("redis://127.0.0.1:{port}");
-    let child = sluice()
-        .args([
-            "enrich",
-            "--redis",
-            &url,
-            "--key",
-            "user:{user_id}",
-            "--capacity",
-            "16",
-            "--shards",
-            "1",
-            "--timeout",
-            "300ms",
-            "--retry",
-            "fixed:2:1ms",
-            "--on-timeout",
-            "emit",
-            "--on-error",
-            "emit",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--metrics-json",
-            metrics.to_str().unwrap(),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = enrich_that_outlives_its_server(&url, &input, &output, &metrics);
     // Stop Redis once some output has been written (the writer flushes every 256 KiB).
     for _ in 0..10_000 {
         if std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0) > 0 {
@@ -642,30 +632,14 @@ fn a_real_redis_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
     conn.write_all(b"*2\r\n$8\r\nSHUTDOWN\r\n$6\r\nNOSAVE\r\n")
         .unwrap();
     let _ = redis.wait();
-    let out = child.wait_with_output().unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success());
-    let s: Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
-    let n = |k: &str| s[k].as_u64().unwrap();
-    assert!(
-        n("enriched") > 0 && n("enriched") < 20_000,
-        "Redis stopped mid-run: {s}"
-    );
-    assert!(n("retries") > 0, "{s}");
-    assert_eq!(
-        n("enriched") + n("errors_emitted") + n("timeouts_emitted"),
-        20_000,
-        "counts add up: {s}"
-    );
-    let written = lines(&output);
-    assert_eq!(written.len(), 20_000);
+    let (s, written) = assert_outlived_its_server(child, &metrics, &output, 20_000);
     let with_profile = written
         .iter()
         .filter(|v| v.get("country_of_purchase").is_some())
         .count() as u64;
     assert_eq!(
         with_profile,
-        n("enriched"),
+        s["enriched"].as_u64().unwrap(),
         "enriched records carry the profile, the others do not"
     );
 }

@@ -52,16 +52,10 @@ impl Mode {
         Mode::AdapterUnordered,
     ];
 
-    /// What `sluice bench` runs without `--modes` (the adapter mode is opt-in).
-    pub const DEFAULT: [Mode; 7] = [
-        Mode::SyncMap,
-        Mode::ThreadPool,
-        Mode::TokioBuffered,
-        Mode::TokioUnordered,
-        Mode::Ordered,
-        Mode::Unordered,
-        Mode::KeyOrdered,
-    ];
+    /// What `sluice bench` runs without `--modes`: all but the opt-in adapter mode.
+    pub fn defaults() -> &'static [Mode] {
+        &Mode::ALL[..Mode::ALL.len() - 1]
+    }
 
     pub fn name(self) -> &'static str {
         match self {
