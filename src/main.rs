@@ -160,6 +160,9 @@ struct BenchArgs {
     /// Keys in the embedded server's keyspace (and drawn from).
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
+    /// Measure nothing: print the table and write the chart (--svg) of a saved JSON report.
+    #[arg(long)]
+    replot: Option<PathBuf>,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/sluice-bench/report.json")]
     json: PathBuf,
@@ -283,6 +286,13 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
 }
 
 fn run_bench(args: BenchArgs) -> Result<(), String> {
+    if let Some(saved) = &args.replot {
+        let report = bench::read_json(saved)?;
+        print!("{}", report.table());
+        bench::write_svg(&report, &args.svg)?;
+        eprintln!("wrote {}", args.svg.display());
+        return Ok(());
+    }
     let quick = args.quick;
     let shards = args
         .shards

@@ -12,7 +12,7 @@ pub mod cpu;
 mod report;
 mod runners;
 
-pub use report::{write_json, write_svg, Point, Report};
+pub use report::{read_json, write_json, write_svg, Point, Report};
 pub use runners::{Measurement, Workload};
 
 use std::fmt;

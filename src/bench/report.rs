@@ -6,13 +6,13 @@
 use super::runners::Measurement;
 use super::{Mode, SweepConfig};
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 /// One (mode, shards, capacity) point: medians over its repeats.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
     pub mode: String,
     pub shards: usize,
@@ -36,7 +36,7 @@ pub struct Point {
 }
 
 /// Everything a sweep produced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub server: String,
     pub machine: Machine,
@@ -48,7 +48,7 @@ pub struct Report {
 }
 
 /// Where the figures were measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu: String,
     pub cores: usize,
@@ -203,6 +203,13 @@ impl Report {
     }
 }
 
+/// Reads a report written by [`write_json`].
+pub fn read_json(path: &Path) -> Result<Report, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not a sluice bench report: {e}", path.display()))
+}
+
 /// Writes the report as JSON.
 pub fn write_json(report: &Report, path: &Path) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -238,11 +245,13 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
         *capacities.first().ok_or("no points")? as f64,
         *capacities.last().ok_or("no points")? as f64,
     );
-    let max_rps = report
+    let max_rps = report.points.iter().map(|p| p.rps).fold(1.0, f64::max);
+    let min_rps = report
         .points
         .iter()
-        .map(|p| p.rps.max(p.ideal_rps.min(p.rps * 2.0)))
-        .fold(1.0, f64::max);
+        .map(|p| p.rps)
+        .fold(f64::INFINITY, f64::min)
+        .max(1.0);
     let shard_counts: Vec<usize> = {
         let mut s: Vec<usize> = report.points.iter().map(|p| p.shards).collect();
         s.sort_unstable();
@@ -260,15 +269,23 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
             .margin(15)
             .x_label_area_size(45)
             .y_label_area_size(80)
+            // Log scales on both axes: the sync map's hundreds of records/s and the async
+            // modes' hundreds of thousands on one picture.
             .build_cartesian_2d(
                 (min_cap.max(1.0)..max_cap.max(2.0)).log_scale(),
-                0.0..max_rps * 1.05,
+                (min_rps * 0.7..max_rps * 1.4).log_scale(),
             )?;
         chart
             .configure_mesh()
             .x_desc("capacity (requests in flight per shard)")
             .y_desc("records/s")
-            .y_label_formatter(&|v| format!("{:.0}k", v / 1e3))
+            .y_label_formatter(&|v| {
+                if *v >= 1e3 {
+                    format!("{:.0}k", v / 1e3)
+                } else {
+                    format!("{v:.0}")
+                }
+            })
             .x_label_formatter(&|v| format!("{v:.0}"))
             .draw()?;
         for (mi, mode) in Mode::ALL.iter().enumerate() {
@@ -288,25 +305,29 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
                     line = capacities.iter().map(|c| (*c as f64, y)).collect();
                 }
                 let color = COLORS[mi % COLORS.len()];
-                let style = if si == 0 {
-                    color.stroke_width(2)
-                } else {
-                    color.stroke_width(1)
-                };
+                let style = color.stroke_width(2);
                 let label = if shard_counts.len() > 1 {
-                    format!(
-                        "{mode} ({shards} shard{})",
-                        if *shards == 1 { "" } else { "s" }
-                    )
+                    let plural = if *shards == 1 { "" } else { "s" };
+                    let dashed = if si == 0 { "" } else { ", dashed" };
+                    format!("{mode} ({shards} shard{plural}{dashed})")
                 } else {
                     mode.name().to_string()
                 };
-                chart
-                    .draw_series(LineSeries::new(line.clone(), style))?
-                    .label(label)
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                    });
+                let legend = move |(x, y): (i32, i32)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                };
+                if si == 0 {
+                    chart
+                        .draw_series(LineSeries::new(line.clone(), style))?
+                        .label(label)
+                        .legend(legend);
+                } else {
+                    // Further shard counts: dashed, in the mode's colour.
+                    chart
+                        .draw_series(DashedLineSeries::new(line.clone(), 6, 4, style))?
+                        .label(label)
+                        .legend(legend);
+                }
                 chart.draw_series(
                     line.iter()
                         .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
