@@ -189,3 +189,90 @@ fn more_shards_than_cores_still_runs_and_says_so() {
     assert_eq!(n, 100);
     handle.join().unwrap();
 }
+
+/// Counts `close` calls; answers every record at once.
+struct Closing {
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::ThreadId,
+}
+
+impl sluice::AsyncFunction for Closing {
+    type In = u64;
+    type Out = u64;
+    type Error = std::io::Error;
+    type Future = futures::future::Ready<Result<Outputs<u64>, std::io::Error>>;
+    fn invoke(&self, v: &u64) -> Self::Future {
+        assert_eq!(
+            std::thread::current().id(),
+            self.thread,
+            "invoked on the shard's thread"
+        );
+        futures::future::ready(Ok(Outputs::One(*v)))
+    }
+    fn close(&mut self) {
+        assert_eq!(
+            std::thread::current().id(),
+            self.thread,
+            "closed on the shard's thread"
+        );
+        self.closed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn the_function_is_created_and_closed_once_per_shard_on_its_thread() {
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let created = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (c, k) = (closed.clone(), created.clone());
+    let stage = Stage::builder(move |_ctx| {
+        k.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Closing {
+            closed: c.clone(),
+            thread: std::thread::current().id(),
+        }
+    })
+    .shards(3)
+    .start()
+    .unwrap();
+    let (mut producer, mut consumer, handle) = stage.split();
+    for v in 0..50u64 {
+        producer.push(v).unwrap();
+    }
+    producer.finish();
+    let mut n = 0;
+    while let Some(item) = consumer.recv() {
+        item.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, 50);
+    handle.join().unwrap();
+    assert_eq!(created.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(
+        closed.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "close ran once per shard"
+    );
+}
+
+#[test]
+fn key_ordered_without_a_key_is_refused_with_a_clear_error() {
+    let result = Stage::builder(|_ctx| {
+        from_fn(|v: &u64| futures::future::ready(Ok::<_, std::io::Error>(Outputs::One(*v))))
+    })
+    .mode(OutputMode::KeyOrdered)
+    .start();
+    let Err(error) = result else {
+        panic!("KeyOrdered without key_by must not start")
+    };
+    assert!(error.to_string().contains("key_by"), "{error}");
+    let result = Stage::builder(|_ctx| {
+        from_fn(|v: &u64| futures::future::ready(Ok::<_, std::io::Error>(Outputs::One(*v))))
+    })
+    .capacity(0)
+    .start();
+    let Err(error) = result else {
+        panic!("capacity 0 must not start")
+    };
+    assert!(error.to_string().contains("capacity"), "{error}");
+}
