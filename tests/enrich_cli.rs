@@ -267,6 +267,48 @@ fn bad_record_skip_and_dead_letter() {
 }
 
 #[test]
+fn a_line_that_is_not_utf8_is_a_bad_record_and_crlf_lines_are_fine() {
+    let (input, output, dlq) = (temp("in11.jsonl"), temp("out11.jsonl"), temp("dlq11.jsonl"));
+    let mut bytes = b"{\"user_id\":\"user_000001\"}\r\n".to_vec();
+    bytes.extend(b"{\"user_id\":\"\xff\xfe\"}\n");
+    bytes.extend(b"{\"user_id\":\"user_000002\"}\n");
+    std::fs::write(&input, bytes).unwrap();
+    let base = [
+        "enrich",
+        "--loadgen",
+        "--loadgen-keys",
+        "10",
+        "--key",
+        "user:{user_id}",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    let out = run(&[
+        &base[..],
+        &["--on-bad-record", "dead-letter", dlq.to_str().unwrap()],
+    ]
+    .concat());
+    assert!(out.status.success());
+    let got = lines(&output);
+    assert_eq!(got.len(), 2, "the CRLF line and the last line are enriched");
+    assert_eq!(got[0]["user_id"], "user_000001");
+    assert!(got[0].get("country_of_purchase").is_some());
+    let dead = lines(&dlq);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["line"], 2);
+    assert!(
+        dead[0]["error"].as_str().unwrap().contains("not UTF-8"),
+        "{}",
+        dead[0]
+    );
+    let out = run(&base);
+    assert!(!out.status.success(), "fail is the default policy");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+}
+
+#[test]
 fn missing_keys_keep_drop_or_fail() {
     let (input, output) = (temp("in5.jsonl"), temp("out5.jsonl"));
     std::fs::write(

@@ -437,20 +437,36 @@ pub fn run(
                         None => p.push_watermark(watermark).is_ok(),
                     }
                 };
-                for (i, line) in input.lines().enumerate() {
+                // Bytes, not `lines()`: a line that is not UTF-8 is a bad record for the
+                // policy to handle, not the end of the run.
+                for (i, line) in input.split(b'\n').enumerate() {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
                     let line_no = i as u64 + 1;
-                    let text = match line {
-                        Ok(t) => t,
+                    let mut bytes = match line {
+                        Ok(b) => b,
                         Err(e) => {
                             fail(format!("reading line {line_no}: {e}"));
                             break;
                         }
                     };
+                    if bytes.last() == Some(&b'\r') {
+                        bytes.pop(); // CRLF line endings
+                    }
                     state.lines_read.fetch_add(1, Ordering::Relaxed);
-                    match parse_line(&config, line_no, &text) {
+                    let parsed = match String::from_utf8(bytes) {
+                        Ok(text) => parse_line(&config, line_no, &text),
+                        Err(e) => Parsed::Bad(BadRecord {
+                            line: line_no,
+                            reason: format!(
+                                "not UTF-8 (invalid byte at column {})",
+                                e.utf8_error().valid_up_to() + 1
+                            ),
+                            text: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                        }),
+                    };
+                    match parsed {
                         Parsed::Record(record, event_time) => {
                             if !push(Some(Arc::new(record)), 0) {
                                 break; // the stage stopped (the writer reports why) or a signal
