@@ -38,6 +38,11 @@ use std::time::Duration;
 /// each registration counts against `RLIMIT_MEMLOCK`, so a shard locks 3 x this: 768 KiB, which
 /// lets 10 executors share an 8 MiB limit. Network I/O does not use it; file I/O does.
 pub const DEFAULT_IO_MEMORY: usize = 256 * 1024;
+/// The default ingress/egress channel capacity is the queue capacity, but at least this: with
+/// key routing and a small capacity, a shallow channel makes the single producer wait on one
+/// busy shard while the others idle (head-of-line blocking at the producer). Channels hold
+/// records not yet started; requests in flight stay bounded by the queue capacity.
+pub const MIN_CHANNEL_CAPACITY: usize = 64;
 /// io_uring submission queue depth per ring.
 pub const DEFAULT_RING_DEPTH: usize = 128;
 
@@ -160,7 +165,8 @@ where
         self.ring_depth = depth;
         self
     }
-    /// Capacity of each shard's ingress and egress channel (default: the queue capacity).
+    /// Capacity of each shard's ingress and egress channel (default: the queue capacity, at
+    /// least [`MIN_CHANNEL_CAPACITY`]).
     pub fn channel_capacity(mut self, capacity: usize) -> Self {
         self.channel_capacity = Some(capacity);
         self
@@ -214,7 +220,10 @@ where
         if routing == Routing::ByKey && self.key_fn.is_none() {
             return Err(Self::invalid("routing", "ByKey routing needs key_by(..)"));
         }
-        let channel_capacity = self.channel_capacity.unwrap_or(capacity.get()).max(1);
+        let channel_capacity = self
+            .channel_capacity
+            .unwrap_or(capacity.get().max(MIN_CHANNEL_CAPACITY))
+            .max(1);
         let placements = plan(shards, &self.pinning, &usable_cores());
         let factory = Arc::new(self.factory);
         let mut senders = Vec::with_capacity(shards);
