@@ -303,6 +303,15 @@ impl StageHandle {
             .collect()
     }
 
+    /// One counter summed over the shards' last published metrics, without copying their
+    /// histograms (cheap enough for a progress line): `handle.sum(|m| m.retries)`.
+    pub fn sum(&self, counter: impl Fn(&MetricsSnapshot) -> u64) -> u64 {
+        self.cells
+            .iter()
+            .map(|c| counter(&c.lock().unwrap_or_else(|p| p.into_inner())))
+            .sum()
+    }
+
     /// All shards' metrics merged.
     pub fn metrics(&self) -> MetricsSnapshot {
         let mut total = MetricsSnapshot::default();

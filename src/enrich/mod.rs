@@ -11,7 +11,7 @@
 //! - memory is bounded by the stage (shards x (capacity + channels)), never by the input size:
 //!   the reader blocks when the stage is full;
 //! - every line read ends as an output line, a dead-letter line, or a counted drop or skip;
-//!   the summary's counts add up to the lines read (`Summary::accounted`);
+//!   the summary's counts add up to the lines read (checked by `tests/enrich_cli.rs`);
 //! - on a failure (a bad record under `fail`, a missing key under `fail`, a lookup that fails
 //!   under `fail`), the reader stops, every record already accepted is written (in ordered mode:
 //!   every record before the failing one) and flushed, and the error names the line;
@@ -106,23 +106,6 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Lines with a known fate (written, dead-lettered, skipped, dropped, or unwritten after
-    /// a failure). Equals `lines_read` minus the failing line itself, if any.
-    pub fn accounted(&self) -> u64 {
-        self.enriched
-            + self.missing_kept
-            + self.missing_dropped
-            + self.bad_skipped
-            + self.bad_dead_lettered
-            + self.timeouts_emitted
-            + self.timeouts_dropped
-            + self.timeouts_dead_lettered
-            + self.errors_emitted
-            + self.errors_dropped
-            + self.errors_dead_lettered
-            + self.unwritten_after_failure
-    }
-
     /// The human-readable summary printed on stderr.
     pub fn render(&self) -> String {
         let mut s = format!(
@@ -656,6 +639,7 @@ pub fn run(
         if written_since_progress >= 1024 || last_progress.elapsed() >= Duration::from_millis(200) {
             if last_progress.elapsed() >= Duration::from_millis(100) {
                 summary.lines_read = state.lines_read.load(Ordering::Relaxed);
+                summary.retries = handle.sum(|m| m.retries);
                 summary.elapsed_s = started.elapsed().as_secs_f64();
                 let in_flight = state
                     .accepted
