@@ -55,6 +55,31 @@ fn lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// `enrich --loadgen` with 10 keys and the key template `user:{user_id}`.
+const LOADGEN_ENRICH: [&str; 6] = [
+    "enrich",
+    "--loadgen",
+    "--loadgen-keys",
+    "10",
+    "--key",
+    "user:{user_id}",
+];
+
+/// [`LOADGEN_ENRICH`] from `input` to `output`.
+fn loadgen_args(input: &Path, output: &Path) -> Vec<String> {
+    let files = [
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    LOADGEN_ENRICH
+        .iter()
+        .chain(&files)
+        .map(|a| a.to_string())
+        .collect()
+}
+
 fn run(args: &[&str]) -> Output {
     let out = sluice().args(args).output().unwrap();
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
@@ -224,18 +249,8 @@ fn bad_record_skip_and_dead_letter() {
         "{\"user_id\":\"user_000001\"}\nnot json\n[1,2]\n{\"user_id\":null}\n{\"user_id\":\"user_000002\"}\n",
     )
     .unwrap();
-    let base = [
-        "enrich",
-        "--loadgen",
-        "--loadgen-keys",
-        "10",
-        "--key",
-        "user:{user_id}",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ];
+    let base = loadgen_args(&input, &output);
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
     let out = run(&[&base[..], &["--on-bad-record", "skip"]].concat());
     assert!(out.status.success());
     assert_eq!(lines(&output).len(), 2);
@@ -273,18 +288,8 @@ fn a_line_that_is_not_utf8_is_a_bad_record_and_crlf_lines_are_fine() {
     bytes.extend(b"{\"user_id\":\"\xff\xfe\"}\n");
     bytes.extend(b"{\"user_id\":\"user_000002\"}\n");
     std::fs::write(&input, bytes).unwrap();
-    let base = [
-        "enrich",
-        "--loadgen",
-        "--loadgen-keys",
-        "10",
-        "--key",
-        "user:{user_id}",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ];
+    let base = loadgen_args(&input, &output);
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
     let out = run(&[
         &base[..],
         &["--on-bad-record", "dead-letter", dlq.to_str().unwrap()],
@@ -316,18 +321,8 @@ fn missing_keys_keep_drop_or_fail() {
         "{\"user_id\":\"user_000001\"}\n{\"user_id\":\"nobody\"}\n{\"user_id\":\"user_000002\"}\n",
     )
     .unwrap();
-    let base = [
-        "enrich",
-        "--loadgen",
-        "--loadgen-keys",
-        "10",
-        "--key",
-        "user:{user_id}",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ];
+    let base = loadgen_args(&input, &output);
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
     let out = run(&base);
     assert!(out.status.success());
     let got = lines(&output);
@@ -360,20 +355,9 @@ fn missing_keys_keep_drop_or_fail() {
 fn into_field_and_non_json_values() {
     let (input, output) = (temp("in6.jsonl"), temp("out6.jsonl"));
     std::fs::write(&input, "{\"user_id\":\"user_000003\",\"n\":1}\n").unwrap();
-    let out = run(&[
-        "enrich",
-        "--loadgen",
-        "--loadgen-keys",
-        "10",
-        "--key",
-        "user:{user_id}",
-        "--into",
-        "profile",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let base = loadgen_args(&input, &output);
+    let base: Vec<&str> = base.iter().map(String::as_str).collect();
+    let out = run(&[&base[..], &["--into", "profile"]].concat());
     assert!(out.status.success());
     let got = &lines(&output)[0];
     assert_eq!(got["n"], 1);
@@ -478,14 +462,7 @@ fn a_server_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
 /// `sluice enrich --loadgen` reading a pipe, after `records` lines were written to it.
 fn piped_enrich(records: u64) -> (std::process::Child, std::process::ChildStdin) {
     let mut child = sluice()
-        .args([
-            "enrich",
-            "--loadgen",
-            "--loadgen-keys",
-            "10",
-            "--key",
-            "user:{user_id}",
-        ])
+        .args(LOADGEN_ENRICH)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -162,6 +162,24 @@ fn a_panic_in_the_function_is_reported_not_hung() {
     let _ = handle.join();
 }
 
+/// Pushes `0..n`, ends the input, and counts the outputs (each must be `Ok`).
+fn push_and_drain(
+    mut producer: sluice::Producer<u64>,
+    consumer: &mut sluice::Consumer<u64>,
+    n: u64,
+) -> u64 {
+    for v in 0..n {
+        producer.push(v).unwrap();
+    }
+    producer.finish();
+    let mut outputs = 0;
+    while let Some(item) = consumer.recv() {
+        item.unwrap();
+        outputs += 1;
+    }
+    outputs
+}
+
 #[test]
 fn more_shards_than_cores_still_runs_and_says_so() {
     let cores = sluice::usable_cores().len();
@@ -172,21 +190,12 @@ fn more_shards_than_cores_still_runs_and_says_so() {
     .shards(shards)
     .start()
     .unwrap();
-    let (mut producer, mut consumer, handle) = stage.split();
+    let (producer, mut consumer, handle) = stage.split();
     assert!(handle
         .placements()
         .iter()
         .all(|p| p.core.is_none() && p.reason.is_some()));
-    for v in 0..100u64 {
-        producer.push(v).unwrap();
-    }
-    producer.finish();
-    let mut n = 0;
-    while let Some(item) = consumer.recv() {
-        item.unwrap();
-        n += 1;
-    }
-    assert_eq!(n, 100);
+    assert_eq!(push_and_drain(producer, &mut consumer, 100), 100);
     handle.join().unwrap();
 }
 
@@ -235,17 +244,8 @@ fn the_function_is_created_and_closed_once_per_shard_on_its_thread() {
     .shards(3)
     .start()
     .unwrap();
-    let (mut producer, mut consumer, handle) = stage.split();
-    for v in 0..50u64 {
-        producer.push(v).unwrap();
-    }
-    producer.finish();
-    let mut n = 0;
-    while let Some(item) = consumer.recv() {
-        item.unwrap();
-        n += 1;
-    }
-    assert_eq!(n, 50);
+    let (producer, mut consumer, handle) = stage.split();
+    assert_eq!(push_and_drain(producer, &mut consumer, 50), 50);
     handle.join().unwrap();
     assert_eq!(created.load(std::sync::atomic::Ordering::SeqCst), 3);
     assert_eq!(
