@@ -62,6 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 total_cents += tx.amount_cents;
             }
             Output::Watermark(_) => watermarks += 1,
+            Output::Checkpoint(_) => unreachable!("this stage takes no checkpoints"),
         }
     }
     feeder.join().expect("feeder thread");

@@ -50,6 +50,9 @@ pub enum BuildError {
          and a locked-memory limit (ulimit -l) of at least 512 KiB per shard"
     )]
     Executor { shard: usize, reason: String },
+    /// The checkpoint directory could not be read, or its checkpoint does not fit this stage.
+    #[error("restoring from the checkpoint directory: {0}")]
+    Checkpoint(#[source] crate::checkpoint::CheckpointError),
 }
 
 /// A record or watermark could not be pushed: the stage has stopped.

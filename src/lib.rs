@@ -43,6 +43,7 @@
 //!             let _ = value;
 //!         }
 //!         Output::Watermark(ts) => assert_eq!(ts, 1_000),
+//!         Output::Checkpoint(_) => unreachable!("no checkpointing configured"),
 //!     }
 //! }
 //! assert_eq!(records, 100);
@@ -53,7 +54,9 @@
 //!
 //! On one thread, [`AsyncWaitExt::async_wait`] is the same operator as a `Stream` combinator
 //! (like `buffered`/`buffer_unordered`, plus timeouts, retries and metrics). [`sim::SimStage`]
-//! runs a whole stage deterministically on a simulated clock, for tests.
+//! runs a whole stage deterministically on a simulated clock, for tests. With
+//! `StageBuilder::checkpointing`, `Producer::checkpoint` takes exactly-once checkpoints of
+//! everything in flight (see [`checkpoint`] and `docs/embedding.md`).
 //!
 //! See `docs/architecture.md` for the data path and `docs/guarantees.md` for the semantics,
 //! point by point against Flink.

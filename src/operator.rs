@@ -283,6 +283,12 @@ where
         entries
     }
 
+    /// After a checkpoint's snapshot: the next watermark must not fold into one the snapshot
+    /// holds, since restore re-issues that one under its own sequence number.
+    pub(crate) fn seal_watermarks(&mut self) {
+        self.queue.seal();
+    }
+
     /// Runs the function's `close` (once) and publishes the final metrics.
     pub fn close(&mut self) {
         if !self.closed {

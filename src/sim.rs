@@ -6,17 +6,19 @@
 //! `run`'s steps; egress channels are bounded (2), so the merge's backpressure is exercised.
 
 use crate::clock::SimClock;
-use crate::engine::{Consumer, Egress, KeyFn, Output, Producer, Routing, ShardContext};
+use crate::engine::{
+    Consumer, Egress, GatedIngress, KeyFn, Output, Producer, Routing, ShardContext,
+};
 use crate::error::StageError;
 use crate::function::AsyncFunction;
-use crate::operator::{AsyncWait, Element, OperatorConfig, OutputMode};
+use crate::operator::{AsyncWait, OperatorConfig, OutputMode};
 use futures::task::noop_waker;
 use futures::Stream;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-type Ingress<I> = flume::r#async::RecvStream<'static, Element<I>>;
+type Ingress<I> = GatedIngress<I>;
 
 struct SimShard<F: AsyncFunction> {
     op: AsyncWait<Ingress<F::In>, F, SimClock>,
@@ -63,7 +65,7 @@ impl<F: AsyncFunction> SimStage<F> {
             let mut shard_config = config.clone();
             shard_config.seed = config.seed.wrapping_add(index as u64);
             let op = AsyncWait::new(
-                in_rx.into_stream(),
+                GatedIngress::new(in_rx, Default::default()),
                 factory(ShardContext { index, shards }),
                 shard_config,
                 clock.clone(),
@@ -80,9 +82,9 @@ impl<F: AsyncFunction> SimStage<F> {
         let capacity = config.capacity.get();
         SimStage {
             clock: clock.clone(),
-            producer: Some(Producer::new(senders, key, routing)),
+            producer: Some(Producer::new(senders, key, routing, None, 0)),
             shards: sim_shards,
-            consumer: Consumer::new(receivers, config.mode, shards * (capacity + 4)),
+            consumer: Consumer::new(receivers, config.mode, shards * (capacity + 4), None),
             capacity,
             max_occupied: 0,
         }

@@ -53,6 +53,7 @@ fn run(mode: OutputMode, shards: usize, records: u64) {
                 output.push(Out::Rec(seq));
             }
             Output::Watermark(ts) => output.push(Out::Wm(ts)),
+            Output::Checkpoint(id) => panic!("checkpoint {id} from a stage without checkpoints"),
         }
     }
     let pushed = feeder.join().unwrap();

@@ -158,6 +158,7 @@ fn simulate(mode: OutputMode, shards: usize, capacity: usize, elements: &[Gen]) 
                 Out::Rec(*seq)
             }
             Output::Watermark(ts) => Out::Wm(*ts),
+            Output::Checkpoint(id) => panic!("checkpoint {id} from a stage without checkpoints"),
         })
         .collect();
     check_merged(mode, &pushed, &merged);

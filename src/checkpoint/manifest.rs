@@ -26,6 +26,10 @@ pub struct Manifest {
     pub checkpoint_id: u64,
     /// Where the source resumes (for a file source: its byte offset).
     pub source_offset: u64,
+    /// Source records before `source_offset` (for a file source: lines), so numbering
+    /// resumes where it stopped.
+    #[serde(default)]
+    pub source_records: u64,
     /// What the sink had committed (for a file sink: its length).
     pub sink_position: u64,
     pub files: Vec<ManifestFile>,

@@ -1,9 +1,9 @@
 //! Checkpoints on disk: shard snapshots (rkyv) and a manifest per checkpoint, made durable in
 //! order, kept for the last `K` checkpoints, and restored with validation and fallback.
 //!
-//! This is the storage layer of exactly-once (issue 5). The checkpoint barrier through the
-//! shards and the merge, the operator's snapshot and re-issue of in-flight entries, and the
-//! `sluice enrich` integration build on it and are not done yet.
+//! The protocol that fills it (a barrier from the producer through every shard to the merge,
+//! see `docs/architecture.md`) lives in `coordinator.rs` and the engine; this module owns the
+//! files.
 //!
 //! Owns: the checkpoint directory. Invariants:
 //! - a checkpoint exists only once its manifest is durable: snapshot files are written and
@@ -16,13 +16,27 @@
 //! - an fsync error is `CheckpointError::Fsync`, which the caller must treat as fatal: the
 //!   file's state is unknown and retrying fsync on it can report success falsely (fsyncgate).
 
+mod codec;
+pub(crate) mod coordinator;
 mod manifest;
+mod merge_snapshot;
 mod snapshot;
 mod store;
 
+pub use codec::Codec;
+pub use coordinator::{CheckpointRefused, Checkpointing, RestoreInfo};
 pub use manifest::{Manifest, ManifestFile, MANIFEST_VERSION};
+pub use merge_snapshot::{HeldEntry, MergeSnapshot};
 pub use snapshot::{EntrySnapshot, ShardSnapshot, SNAPSHOT_VERSION};
 pub use store::{CheckpointStore, Restored};
+
+/// Where a source resumes after a restore: an offset in its own terms (a file's byte
+/// position, a log's offset) and how many records came before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourcePosition {
+    pub offset: u64,
+    pub records: u64,
+}
 
 use std::path::PathBuf;
 
@@ -62,10 +76,32 @@ pub enum CheckpointError {
     /// Serialising failed.
     #[error("cannot encode the {what}: {reason}")]
     Encode { what: &'static str, reason: String },
+    /// A restored input or output could not be decoded by the embedder's codec.
+    #[error("checkpoint {checkpoint_id}: cannot decode {what} #{seq}: {reason}")]
+    Decode {
+        checkpoint_id: u64,
+        what: &'static str,
+        seq: u64,
+        reason: String,
+    },
+    /// The checkpoint was taken by a stage of another shape.
+    #[error("checkpoint {checkpoint_id} was taken with {found}; this stage has {expected}. Restart with the same setting, or move the checkpoint directory away to start afresh")]
+    Mismatch {
+        checkpoint_id: u64,
+        found: String,
+        expected: String,
+    },
+    /// A shard did not deliver its snapshot file (it stopped, or its write hung).
+    #[error("checkpoint {checkpoint_id}: shard {shard} did not report its snapshot: {reason}")]
+    ShardMissing {
+        checkpoint_id: u64,
+        shard: usize,
+        reason: String,
+    },
 }
 
 impl CheckpointError {
-    fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();
         if source.raw_os_error() == Some(libc::ENOSPC) {
             CheckpointError::NoSpace { path }

@@ -9,6 +9,8 @@
 //!  "SLUICESN"  u16      u16 = 0
 //! ```
 //!
+//! The merge's snapshot (`MergeSnapshot`) uses the same header with magic `SLUICEMG`.
+//!
 //! Invariants: the CRC-32 of the payload is checked, and the length and version too, before
 //! `rkyv::access` sees a byte; `access` then validates the archive (bytecheck), so a truncated
 //! or bit-flipped file is an error, never undefined behaviour or a panic. Every persisted
@@ -58,59 +60,89 @@ impl ShardSnapshot {
                 what: "shard snapshot",
                 reason: e.to_string(),
             })?;
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
-        Ok(out)
+        Ok(frame(MAGIC, &payload))
     }
 
     /// Checks and decodes file bytes; `path` names the file in errors.
     pub fn decode(bytes: &[u8], path: &Path) -> Result<ShardSnapshot, CheckpointError> {
-        let corrupt = |reason: String| CheckpointError::Corrupt {
-            path: path.to_path_buf(),
-            reason,
-        };
-        if bytes.len() < HEADER_LEN {
-            return Err(corrupt(format!(
+        let aligned = unframe(bytes, MAGIC, path)?;
+        let archived = rkyv::access::<ArchivedShardSnapshot, rancor::Error>(&aligned)
+            .map_err(|e| corrupt(path, format!("invalid archive: {e}")))?;
+        rkyv::deserialize::<ShardSnapshot, rancor::Error>(archived)
+            .map_err(|e| corrupt(path, format!("cannot decode archive: {e}")))
+    }
+}
+
+pub(super) fn corrupt(path: &Path, reason: String) -> CheckpointError {
+    CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// Puts the header (magic, version, length, CRC-32) in front of an rkyv payload.
+pub(super) fn frame(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Checks the header and the checksum, and returns the payload in an aligned buffer (rkyv
+/// needs alignment) for `rkyv::access` to validate.
+pub(super) fn unframe(
+    bytes: &[u8],
+    magic: &[u8; 8],
+    path: &Path,
+) -> Result<rkyv::util::AlignedVec<16>, CheckpointError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(corrupt(
+            path,
+            format!(
                 "{} bytes, shorter than the {HEADER_LEN}-byte header",
                 bytes.len()
-            )));
-        }
-        if &bytes[0..8] != MAGIC {
-            return Err(corrupt("not a sluice snapshot (bad magic)".into()));
-        }
-        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != SNAPSHOT_VERSION {
-            return Err(CheckpointError::Version {
-                path: path.to_path_buf(),
-                found: version,
-                expected: SNAPSHOT_VERSION,
-            });
-        }
-        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
-        let crc = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
-        let payload = &bytes[HEADER_LEN..];
-        if payload.len() as u64 != len {
-            return Err(corrupt(format!(
+            ),
+        ));
+    }
+    if &bytes[0..8] != magic {
+        return Err(corrupt(
+            path,
+            format!(
+                "not a sluice {} (bad magic)",
+                String::from_utf8_lossy(magic)
+            ),
+        ));
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version != SNAPSHOT_VERSION {
+        return Err(CheckpointError::Version {
+            path: path.to_path_buf(),
+            found: version,
+            expected: SNAPSHOT_VERSION,
+        });
+    }
+    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    let crc = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
+    let payload = &bytes[HEADER_LEN..];
+    if payload.len() as u64 != len {
+        return Err(corrupt(
+            path,
+            format!(
                 "payload is {} bytes, the header says {len} (torn write?)",
                 payload.len()
-            )));
-        }
-        if crc32fast::hash(payload) != crc {
-            return Err(corrupt("checksum mismatch".into()));
-        }
-        // rkyv needs the payload aligned: copy it into an aligned buffer, then validate.
-        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
-        aligned.extend_from_slice(payload);
-        let archived = rkyv::access::<ArchivedShardSnapshot, rancor::Error>(&aligned)
-            .map_err(|e| corrupt(format!("invalid archive: {e}")))?;
-        rkyv::deserialize::<ShardSnapshot, rancor::Error>(archived)
-            .map_err(|e| corrupt(format!("cannot decode archive: {e}")))
+            ),
+        ));
     }
+    if crc32fast::hash(payload) != crc {
+        return Err(corrupt(path, "checksum mismatch".into()));
+    }
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
+    aligned.extend_from_slice(payload);
+    Ok(aligned)
 }
 
 #[cfg(test)]

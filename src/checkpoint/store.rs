@@ -1,9 +1,12 @@
 //! `CheckpointStore`: writes checkpoints durably and restores the newest valid one.
 //!
-//! Names: `chk-<id, 20 digits>.manifest` and `chk-<id>-shard-<n>.snap`, so lexical order is
-//! checkpoint order. See the module above for the invariants.
+//! Names: `chk-<id, 20 digits>.manifest`, `chk-<id>-shard-<n>.snap` and `chk-<id>-merge.snap`,
+//! so lexical order is checkpoint order. See the module above for the invariants.
 
-use super::{CheckpointError, Manifest, ManifestFile, ShardSnapshot, MANIFEST_VERSION};
+use super::{
+    CheckpointError, Manifest, ManifestFile, MergeSnapshot, ShardSnapshot, SourcePosition,
+    MANIFEST_VERSION,
+};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,7 +15,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct Restored {
     pub manifest: Manifest,
+    /// The shards' snapshots, in shard order.
     pub snapshots: Vec<ShardSnapshot>,
+    /// The merge's snapshot (absent in checkpoints written by [`CheckpointStore::write`]).
+    pub merge: Option<MergeSnapshot>,
     /// Why newer checkpoints were skipped (torn or corrupt), newest first.
     pub skipped: Vec<String>,
 }
@@ -27,8 +33,13 @@ fn manifest_name(id: u64) -> String {
     format!("chk-{id:020}.manifest")
 }
 
-fn snapshot_name(id: u64, shard: u32) -> String {
+/// The file name of shard `shard`'s snapshot in checkpoint `id`.
+pub(crate) fn snapshot_name(id: u64, shard: u32) -> String {
     format!("chk-{id:020}-shard-{shard}.snap")
+}
+
+fn merge_name(id: u64) -> String {
+    format!("chk-{id:020}-merge.snap")
 }
 
 fn fsync(file: &File, path: &Path) -> Result<(), CheckpointError> {
@@ -38,7 +49,8 @@ fn fsync(file: &File, path: &Path) -> Result<(), CheckpointError> {
     })
 }
 
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+/// Writes a whole file and fsyncs it.
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -78,8 +90,14 @@ impl CheckpointStore {
         Ok(ids)
     }
 
-    /// Writes checkpoint `id`: the snapshots, then the manifest, each made durable in order;
-    /// then removes checkpoints older than the last `keep`.
+    /// The directory holding the checkpoints.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes checkpoint `id` from this thread: the snapshots, then the manifest, each made
+    /// durable in order; then removes checkpoints older than the last `keep`. (A running stage
+    /// writes its shards' files on the shards, with io_uring, and then calls [`Self::commit`].)
     pub fn write(
         &self,
         id: u64,
@@ -94,18 +112,44 @@ impl CheckpointStore {
                 "a snapshot belongs to its checkpoint"
             );
             let name = snapshot_name(id, snapshot.shard);
-            let bytes = snapshot.encode()?;
-            write_durably(&self.dir.join(&name), &bytes)?;
-            files.push(ManifestFile {
-                name,
-                len: bytes.len() as u64,
-                crc32: crc32fast::hash(&bytes),
-            });
+            files.push(self.write_file(name, &snapshot.encode()?)?);
         }
+        let source = SourcePosition {
+            offset: source_offset,
+            records: 0,
+        };
+        self.commit(id, source, sink_position, files)
+    }
+
+    /// Writes the merge's snapshot of checkpoint `id`, durably.
+    pub fn write_merge(&self, snapshot: &MergeSnapshot) -> Result<ManifestFile, CheckpointError> {
+        self.write_file(merge_name(snapshot.checkpoint_id), &snapshot.encode()?)
+    }
+
+    fn write_file(&self, name: String, bytes: &[u8]) -> Result<ManifestFile, CheckpointError> {
+        write_durably(&self.dir.join(&name), bytes)?;
+        Ok(ManifestFile {
+            name,
+            len: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+        })
+    }
+
+    /// Makes checkpoint `id` exist: its `files` must already be durable. Writes the manifest
+    /// to a temporary name, fsyncs it, renames it, fsyncs the directory, then removes
+    /// checkpoints older than the last `keep`.
+    pub fn commit(
+        &self,
+        id: u64,
+        source: SourcePosition,
+        sink_position: u64,
+        files: Vec<ManifestFile>,
+    ) -> Result<(), CheckpointError> {
         let manifest = Manifest {
             format_version: MANIFEST_VERSION,
             checkpoint_id: id,
-            source_offset,
+            source_offset: source.offset,
+            source_records: source.records,
             sink_position,
             files,
         };
@@ -116,6 +160,20 @@ impl CheckpointStore {
         let dir = File::open(&self.dir).map_err(|e| CheckpointError::io(&self.dir, e))?;
         fsync(&dir, &self.dir)?;
         self.remove_older_than_kept()
+    }
+
+    /// Removes the files of a checkpoint that was not committed (best effort: a leftover file
+    /// without a manifest is ignored by restore and removed with older checkpoints).
+    pub fn discard(&self, id: u64) {
+        let prefix = format!("chk-{id:020}");
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().into_string().unwrap_or_default();
+                if name.starts_with(&prefix) && !name.ends_with(".manifest") {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 
     fn remove_older_than_kept(&self) -> Result<(), CheckpointError> {
@@ -142,7 +200,7 @@ impl CheckpointStore {
         Ok(())
     }
 
-    fn load(&self, id: u64) -> Result<(Manifest, Vec<ShardSnapshot>), CheckpointError> {
+    fn load(&self, id: u64) -> Result<Restored, CheckpointError> {
         let path = self.dir.join(manifest_name(id));
         let bytes = fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
         let manifest = Manifest::decode(&bytes, &path)?;
@@ -156,6 +214,7 @@ impl CheckpointStore {
             });
         }
         let mut snapshots = Vec::with_capacity(manifest.files.len());
+        let mut merge = None;
         for file in &manifest.files {
             let path = self.dir.join(&file.name);
             let bytes = fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
@@ -171,9 +230,19 @@ impl CheckpointStore {
                     ),
                 });
             }
-            snapshots.push(ShardSnapshot::decode(&bytes, &path)?);
+            if file.name == merge_name(id) {
+                merge = Some(MergeSnapshot::decode(&bytes, &path)?);
+            } else {
+                snapshots.push(ShardSnapshot::decode(&bytes, &path)?);
+            }
         }
-        Ok((manifest, snapshots))
+        snapshots.sort_by_key(|s| s.shard);
+        Ok(Restored {
+            manifest,
+            snapshots,
+            merge,
+            skipped: vec![],
+        })
     }
 
     /// The newest checkpoint that passes every check, or `None` if there is none. A newer
@@ -182,11 +251,10 @@ impl CheckpointStore {
         let mut skipped = vec![];
         for id in self.checkpoint_ids()?.into_iter().rev() {
             match self.load(id) {
-                Ok((manifest, snapshots)) => {
+                Ok(restored) => {
                     return Ok(Some(Restored {
-                        manifest,
-                        snapshots,
                         skipped,
+                        ..restored
                     }))
                 }
                 Err(

@@ -15,19 +15,37 @@
 //!   watermarks, so the barrier releases the smallest watermark sequence number first.
 //! - a watermark leaves only when it advances the merged watermark (the minimum over shards).
 //! - after an error the stream ends; a shard that vanished without finishing is an error.
+//! - checkpoints: the merge aligns a checkpoint's barriers (one per shard, at sequence number
+//!   `B`) and yields `Output::Checkpoint` when the last one arrives. What it has released by
+//!   then is the sink's part of the checkpoint; it snapshots what it holds that the shards
+//!   emitted before their barrier (ordered mode), and lists what it released that a shard
+//!   had in its snapshot (`released_in_flight`), so that restore re-issues the rest exactly
+//!   once. Nothing at or after `B` is released before alignment: in ordered mode the barrier
+//!   takes a window slot like a watermark; in the unordered modes a shard past its barrier is
+//!   not read beyond items below `B`. Shards emit their watermarks below `B` before any item
+//!   above it, so neither rule can deadlock the watermark barrier.
 
+use crate::checkpoint::coordinator::Coordinator;
+use crate::checkpoint::{CheckpointError, Codec, HeldEntry, MergeSnapshot};
 use crate::error::StageError;
-use crate::function::OutputsIter;
+use crate::function::{Outputs, OutputsIter};
 use crate::operator::{Emitted, OutputMode};
 use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// What a shard sends to the merge.
 pub(crate) enum Egress<O> {
     /// Outputs in the shard's emission order.
     Items(Vec<Emitted<O>>),
+    /// Checkpoint `id`'s barrier, with sequence number `seq`: what follows was emitted after
+    /// the shard's snapshot.
+    Barrier {
+        seq: u64,
+        id: u64,
+    },
     Failed(StageError),
     Finished,
 }
@@ -39,6 +57,9 @@ pub enum Output<O> {
     Record { seq: u64, value: O },
     /// The merged event-time watermark: no later output belongs before it.
     Watermark(u64),
+    /// Checkpoint `id` is aligned here: every output before this belongs to it, none after.
+    /// Make the sink's output so far durable, then call [`Consumer::commit_checkpoint`].
+    Checkpoint(u64),
 }
 
 struct Port<O: 'static> {
@@ -47,12 +68,44 @@ struct Port<O: 'static> {
     finished: bool,
     /// Unordered modes: the watermark (seq, timestamp) this shard is waiting at.
     barrier: Option<(u64, u64)>,
+    /// A checkpoint barrier (seq, id) read from the channel, not yet taken (ordered mode:
+    /// while it does not fit the window). The port is not read while it is here.
+    checkpoint_in: Option<(u64, u64)>,
+    /// This shard's barrier of the checkpoint being aligned has been taken.
+    passed_checkpoint: bool,
 }
 
 enum Pending<O> {
     Empty,
-    Record(crate::function::Outputs<O>),
-    Watermark { timestamp: u64, arrivals: usize },
+    /// `after_barrier`: arrived after its shard's checkpoint barrier (so it is also in the
+    /// shard's snapshot, and is not part of the merge's).
+    Record {
+        outputs: Outputs<O>,
+        after_barrier: bool,
+    },
+    Watermark {
+        timestamp: u64,
+        arrivals: usize,
+        arrivals_after_barrier: usize,
+    },
+    CheckpointBarrier {
+        arrivals: usize,
+    },
+}
+
+/// The checkpoint whose barriers are arriving.
+struct Aligning {
+    id: u64,
+    seq: u64,
+    arrivals: usize,
+    /// Sequence numbers below `seq` released since the first barrier arrived.
+    released: Vec<u64>,
+}
+
+/// The consumer's side of checkpointing.
+pub(crate) struct MergeCheckpoint<O> {
+    pub(crate) coordinator: Arc<Coordinator>,
+    pub(crate) output: Codec<O>,
 }
 
 /// The merged output of a stage: a `Stream`, or blocking via [`Consumer::recv`].
@@ -66,6 +119,12 @@ pub struct Consumer<O: 'static> {
     last_watermark: Option<u64>,
     next_port: usize,
     done: bool,
+    checkpoints: Option<MergeCheckpoint<O>>,
+    aligning: Option<Aligning>,
+    /// The snapshot of an aligned checkpoint, until the sink commits it.
+    aligned: Option<MergeSnapshot>,
+    /// `Output::Checkpoint` to yield before anything else.
+    marker: Option<u64>,
 }
 
 impl<O: 'static> Consumer<O> {
@@ -73,6 +132,7 @@ impl<O: 'static> Consumer<O> {
         receivers: Vec<flume::Receiver<Egress<O>>>,
         mode: OutputMode,
         window: usize,
+        checkpoints: Option<MergeCheckpoint<O>>,
     ) -> Self {
         assert!(window > 0, "the reorder window is non-empty");
         let reorder = if mode == OutputMode::Ordered {
@@ -88,6 +148,8 @@ impl<O: 'static> Consumer<O> {
                     buffer: VecDeque::new(),
                     finished: false,
                     barrier: None,
+                    checkpoint_in: None,
+                    passed_checkpoint: false,
                 })
                 .collect(),
             mode,
@@ -98,6 +160,173 @@ impl<O: 'static> Consumer<O> {
             last_watermark: None,
             next_port: 0,
             done: false,
+            checkpoints,
+            aligning: None,
+            aligned: None,
+            marker: None,
+        }
+    }
+
+    /// Continues from a checkpoint's merge snapshot (the stage checked its shape).
+    pub(crate) fn restore(&mut self, snapshot: &MergeSnapshot) -> Result<usize, CheckpointError> {
+        self.last_watermark = snapshot.last_watermark;
+        if self.mode != OutputMode::Ordered {
+            return Ok(0);
+        }
+        let codec = &self
+            .checkpoints
+            .as_ref()
+            .expect("restore needs a codec")
+            .output;
+        self.base_seq = snapshot.base_seq;
+        // The barrier's own slot must fit, whatever the window is now.
+        let span = (snapshot.barrier_seq - snapshot.base_seq) as usize + 1;
+        if span > self.window {
+            self.window = span;
+        }
+        self.reorder = (0..self.window).map(|_| Pending::Empty).collect();
+        let mut held = 0;
+        for entry in &snapshot.held {
+            let slot = &mut self.reorder[(entry.seq - self.base_seq) as usize];
+            *slot = match entry.watermark {
+                Some(timestamp) => Pending::Watermark {
+                    timestamp,
+                    arrivals: entry.arrivals as usize,
+                    arrivals_after_barrier: 0,
+                },
+                None => {
+                    held += 1;
+                    let mut outputs = Vec::with_capacity(entry.outputs.len());
+                    for bytes in &entry.outputs {
+                        outputs.push(codec.decode(bytes).map_err(|reason| {
+                            CheckpointError::Decode {
+                                checkpoint_id: snapshot.checkpoint_id,
+                                what: "held output of record",
+                                seq: entry.seq,
+                                reason,
+                            }
+                        })?);
+                    }
+                    Pending::Record {
+                        outputs: Outputs::from(outputs),
+                        after_barrier: false,
+                    }
+                }
+            };
+        }
+        // The barrier's sequence number produces nothing.
+        self.reorder[span - 1] = Pending::Record {
+            outputs: Outputs::None,
+            after_barrier: false,
+        };
+        Ok(held)
+    }
+
+    /// Commits checkpoint `id` after `Output::Checkpoint(id)`: `sink_position` (what the sink
+    /// holds, already durable) goes into its manifest with the shards' and the merge's files.
+    /// An `Err` means the checkpoint was not committed; `CheckpointError::Fsync` means the
+    /// process must stop (a failed fsync cannot be retried safely).
+    pub fn commit_checkpoint(
+        &mut self,
+        id: u64,
+        sink_position: u64,
+    ) -> Result<(), CheckpointError> {
+        let snapshot = match self.aligned.take() {
+            Some(s) if s.checkpoint_id == id => s,
+            other => panic!(
+                "commit_checkpoint({id}) without Output::Checkpoint({id}) (aligned: {:?})",
+                other.map(|s| s.checkpoint_id)
+            ),
+        };
+        let checkpoints = self.checkpoints.as_ref().expect("aligned, so configured");
+        checkpoints.coordinator.commit(&snapshot, sink_position)
+    }
+
+    /// Takes checkpoint barrier (`seq`, `id`) from port `p`; aligns when it is the last one.
+    fn checkpoint_arrived(&mut self, p: usize, seq: u64, id: u64) {
+        let aligning = self.aligning.get_or_insert(Aligning {
+            id,
+            seq,
+            arrivals: 0,
+            released: vec![],
+        });
+        assert!(
+            aligning.id == id && aligning.seq == seq,
+            "checkpoint {id} arrived while {} is aligning (one at a time)",
+            aligning.id
+        );
+        aligning.arrivals += 1;
+        self.ports[p].passed_checkpoint = true;
+        if aligning.arrivals == self.ports.len() {
+            self.align();
+        }
+    }
+
+    /// Every barrier of the checkpoint arrived: snapshot what the merge holds.
+    fn align(&mut self) {
+        let aligning = self.aligning.take().expect("aligning");
+        let codec = &self
+            .checkpoints
+            .as_ref()
+            .expect("barriers need checkpointing")
+            .output;
+        let mut held = vec![];
+        for (i, slot) in self.reorder.iter_mut().enumerate() {
+            let seq = self.base_seq + i as u64;
+            match slot {
+                _ if seq >= aligning.seq => {}
+                Pending::Record {
+                    outputs,
+                    after_barrier: false,
+                } => held.push(HeldEntry {
+                    seq,
+                    watermark: None,
+                    arrivals: 0,
+                    outputs: outputs.as_slice().iter().map(|o| codec.encode(o)).collect(),
+                }),
+                Pending::Watermark {
+                    timestamp,
+                    arrivals,
+                    arrivals_after_barrier,
+                } if *arrivals > *arrivals_after_barrier => held.push(HeldEntry {
+                    seq,
+                    watermark: Some(*timestamp),
+                    arrivals: (*arrivals - *arrivals_after_barrier) as u32,
+                    outputs: vec![],
+                }),
+                _ => {}
+            }
+            // From here on nothing is "after the barrier" of a checkpoint in progress.
+            match slot {
+                Pending::Record { after_barrier, .. } => *after_barrier = false,
+                Pending::Watermark {
+                    arrivals_after_barrier,
+                    ..
+                } => *arrivals_after_barrier = 0,
+                _ => {}
+            }
+        }
+        for port in &mut self.ports {
+            port.passed_checkpoint = false;
+        }
+        self.aligned = Some(MergeSnapshot {
+            checkpoint_id: aligning.id,
+            barrier_seq: aligning.seq,
+            shards: self.ports.len() as u32,
+            base_seq: self.base_seq,
+            last_watermark: self.last_watermark,
+            held,
+            released_in_flight: aligning.released,
+        });
+        self.marker = Some(aligning.id);
+    }
+
+    /// Notes a release while a checkpoint aligns (see `MergeSnapshot::released_in_flight`).
+    fn note_release(&mut self, seq: u64) {
+        if let Some(a) = &mut self.aligning {
+            if seq < a.seq {
+                a.released.push(seq);
+            }
         }
     }
 
@@ -130,21 +359,55 @@ impl<O: 'static> Consumer<O> {
         ((seq - self.base_seq) as usize) < self.window
     }
 
-    /// Ordered: places an item that fits in the reorder window.
-    fn place(&mut self, item: Emitted<O>) {
+    /// Ordered: places an item from port `p` that fits in the reorder window.
+    fn place(&mut self, p: usize, item: Emitted<O>) {
         let seq = Self::seq_of(&item);
+        let after = usize::from(self.ports[p].passed_checkpoint);
         let slot = &mut self.reorder[(seq - self.base_seq) as usize];
         match (item, &mut *slot) {
-            (Emitted::Record { outputs, .. }, Pending::Empty) => *slot = Pending::Record(outputs),
+            (Emitted::Record { outputs, .. }, Pending::Empty) => {
+                *slot = Pending::Record {
+                    outputs,
+                    after_barrier: after == 1,
+                }
+            }
             (Emitted::Watermark { timestamp, .. }, Pending::Empty) => {
                 *slot = Pending::Watermark {
                     timestamp,
                     arrivals: 1,
+                    arrivals_after_barrier: after,
                 }
             }
-            (Emitted::Watermark { .. }, Pending::Watermark { arrivals, .. }) => *arrivals += 1,
+            (
+                Emitted::Watermark { .. },
+                Pending::Watermark {
+                    arrivals,
+                    arrivals_after_barrier,
+                    ..
+                },
+            ) => {
+                *arrivals += 1;
+                *arrivals_after_barrier += after;
+            }
             _ => panic!("sequence {seq} delivered twice"),
         }
+    }
+
+    /// Ordered: places checkpoint barrier `seq` from port `p` if it fits the window.
+    fn place_checkpoint(&mut self, p: usize, seq: u64, id: u64) -> bool {
+        assert!(seq >= self.base_seq, "barrier {seq} arrived after its slot");
+        let index = (seq - self.base_seq) as usize;
+        if index >= self.window {
+            return false;
+        }
+        let slot = &mut self.reorder[index];
+        match slot {
+            Pending::Empty => *slot = Pending::CheckpointBarrier { arrivals: 1 },
+            Pending::CheckpointBarrier { arrivals } => *arrivals += 1,
+            _ => panic!("sequence {seq} is a checkpoint barrier and something else"),
+        }
+        self.checkpoint_arrived(p, seq, id);
+        true
     }
 
     /// Ordered: releases the head of the window if complete.
@@ -152,8 +415,10 @@ impl<O: 'static> Consumer<O> {
         let shards = self.ports.len();
         let ready = match self.reorder.front()? {
             Pending::Empty => false,
-            Pending::Record(_) => true,
-            Pending::Watermark { arrivals, .. } => *arrivals == shards,
+            Pending::Record { .. } => true,
+            Pending::Watermark { arrivals, .. } | Pending::CheckpointBarrier { arrivals } => {
+                *arrivals == shards
+            }
         };
         if !ready {
             return None;
@@ -163,11 +428,17 @@ impl<O: 'static> Consumer<O> {
         let seq = self.base_seq;
         self.base_seq += 1;
         Some(match head {
-            Pending::Record(outputs) => {
+            Pending::Record { outputs, .. } => {
+                self.note_release(seq);
                 self.current = Some((seq, outputs.into_iter()));
                 None
             }
-            Pending::Watermark { timestamp, .. } => self.advancing_watermark(timestamp),
+            Pending::Watermark { timestamp, .. } => {
+                self.note_release(seq);
+                self.advancing_watermark(timestamp)
+            }
+            // Aligned when its last barrier arrived; it releases nothing itself.
+            Pending::CheckpointBarrier { .. } => None,
             Pending::Empty => unreachable!(),
         })
     }
@@ -189,6 +460,7 @@ impl<O: 'static> Consumer<O> {
                 port.barrier = None;
             }
         }
+        self.note_release(seq);
         Some(self.advancing_watermark(timestamp))
     }
 
@@ -196,9 +468,22 @@ impl<O: 'static> Consumer<O> {
     /// when it took anything.
     fn take_from(&mut self, p: usize) -> bool {
         let mut took = false;
-        while self.current.is_none() {
+        while self.current.is_none() && self.marker.is_none() {
             let Some(front) = self.ports[p].buffer.front() else {
-                break;
+                // The buffer is empty: a checkpoint barrier read after it comes next.
+                let Some((seq, id)) = self.ports[p].checkpoint_in else {
+                    break;
+                };
+                if self.mode == OutputMode::Ordered {
+                    if !self.place_checkpoint(p, seq, id) {
+                        break; // beyond the window
+                    }
+                } else {
+                    self.checkpoint_arrived(p, seq, id);
+                }
+                self.ports[p].checkpoint_in = None;
+                took = true;
+                continue;
             };
             match self.mode {
                 OutputMode::Ordered => {
@@ -206,14 +491,23 @@ impl<O: 'static> Consumer<O> {
                         break; // beyond the window: wait for the head to advance
                     }
                     let item = self.ports[p].buffer.pop_front().expect("front exists");
-                    self.place(item);
+                    self.place(p, item);
                 }
                 OutputMode::Unordered | OutputMode::KeyOrdered => {
                     if self.ports[p].barrier.is_some() {
                         break;
                     }
+                    if self.ports[p].passed_checkpoint
+                        && self
+                            .aligning
+                            .as_ref()
+                            .is_some_and(|a| Self::seq_of(front) > a.seq)
+                    {
+                        break; // after the checkpoint: wait for it to align
+                    }
                     match self.ports[p].buffer.pop_front().expect("front exists") {
                         Emitted::Record { seq, outputs } => {
+                            self.note_release(seq);
                             self.current = Some((seq, outputs.into_iter()))
                         }
                         Emitted::Watermark { seq, timestamp } => {
@@ -229,6 +523,9 @@ impl<O: 'static> Consumer<O> {
 
     fn poll_merge(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Output<O>, StageError>>> {
         loop {
+            if let Some(id) = self.marker.take() {
+                return Poll::Ready(Some(Ok(Output::Checkpoint(id))));
+            }
             if let Some((seq, iter)) = &mut self.current {
                 if let Some(value) = iter.next() {
                     return Poll::Ready(Some(Ok(Output::Record { seq: *seq, value })));
@@ -257,12 +554,20 @@ impl<O: 'static> Consumer<O> {
                     break;
                 }
                 let port = &mut self.ports[p];
-                if port.finished || !port.buffer.is_empty() || port.barrier.is_some() {
+                if port.finished
+                    || !port.buffer.is_empty()
+                    || port.barrier.is_some()
+                    || port.checkpoint_in.is_some()
+                {
                     continue;
                 }
                 match port.rx.poll_next_unpin(cx) {
                     Poll::Ready(Some(Egress::Items(items))) => {
                         port.buffer.extend(items);
+                        progressed = true;
+                    }
+                    Poll::Ready(Some(Egress::Barrier { seq, id })) => {
+                        port.checkpoint_in = Some((seq, id));
                         progressed = true;
                     }
                     Poll::Ready(Some(Egress::Finished)) => {
@@ -288,7 +593,11 @@ impl<O: 'static> Consumer<O> {
             if progressed {
                 continue;
             }
-            if self.ports.iter().all(|p| p.finished && p.buffer.is_empty()) {
+            if self
+                .ports
+                .iter()
+                .all(|p| p.finished && p.buffer.is_empty() && p.checkpoint_in.is_none())
+            {
                 self.done = true;
                 return Poll::Ready(None);
             }

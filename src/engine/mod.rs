@@ -8,9 +8,12 @@
 //!  └──────────┘          └───────────────────────────────────┘          └──────────┘
 //! ```
 //!
-//! Owns: building and starting a stage. Invariants: every channel is bounded; a shard's queue
-//! is allocated on its own thread when it starts; a stage that could not start every shard
-//! stops the ones it started and reports which shard failed.
+//! Owns: building and starting a stage, and restoring it from a checkpoint. Invariants: every
+//! channel is bounded; a shard's queue is allocated on its own thread when it starts; a stage
+//! that could not start every shard stops the ones it started and reports which shard failed;
+//! a restored stage re-issues each shard's snapshot entries (less those the merge had already
+//! released) to the same shard before any new input, and numbers new input from the
+//! checkpoint barrier's sequence number on.
 
 mod merge;
 mod placement;
@@ -21,12 +24,17 @@ pub(crate) use merge::Egress;
 pub use merge::{Consumer, Output};
 pub use placement::{default_shards, plan, usable_cores, Pinning, ShardPlacement};
 pub use producer::{KeyFn, Producer, Routing};
+pub(crate) use shard::GatedIngress;
 pub use shard::ShardContext;
 
+use crate::checkpoint::coordinator::Coordinator;
+use crate::checkpoint::{
+    CheckpointError, CheckpointStore, Checkpointing, RestoreInfo, Restored, SourcePosition,
+};
 use crate::error::{BuildError, StageError};
 use crate::function::AsyncFunction;
 use crate::metrics::{MetricsCell, MetricsSnapshot};
-use crate::operator::{OperatorConfig, OutputMode};
+use crate::operator::{Element, OperatorConfig, OutputMode};
 use crate::retry::RetryPolicy;
 use glommio::{LocalExecutorBuilder, Placement};
 use std::hash::{Hash, Hasher};
@@ -69,6 +77,7 @@ pub struct StageBuilder<F: AsyncFunction, Fac> {
     ring_depth: usize,
     channel_capacity: Option<usize>,
     seed: u64,
+    checkpointing: Option<Checkpointing<F::In, F::Out>>,
 }
 
 /// A running stage, split into its three parts with [`Stage::split`].
@@ -76,6 +85,7 @@ pub struct Stage<I, O: 'static> {
     producer: Producer<I>,
     consumer: Consumer<O>,
     handle: StageHandle,
+    restored: Option<RestoreInfo>,
 }
 
 impl<I, O: 'static> Stage<I, O> {
@@ -99,7 +109,14 @@ impl<I, O: 'static> Stage<I, O> {
             ring_depth: DEFAULT_RING_DEPTH,
             channel_capacity: None,
             seed: 0x5eed,
+            checkpointing: None,
         }
+    }
+
+    /// What the stage restored from its checkpoint directory when it started, if anything:
+    /// resume the source at `source` and cut the sink back to `sink_position`.
+    pub fn restored(&self) -> Option<&RestoreInfo> {
+        self.restored.as_ref()
     }
 
     /// The producer (input), the consumer (merged output) and the handle (metrics, join).
@@ -177,6 +194,13 @@ where
         self
     }
 
+    /// Checkpoints to `checkpointing.dir` (see `Producer::checkpoint`), and restores the
+    /// newest valid checkpoint found there when the stage starts.
+    pub fn checkpointing(mut self, checkpointing: Checkpointing<F::In, F::Out>) -> Self {
+        self.checkpointing = Some(checkpointing);
+        self
+    }
+
     fn invalid(field: &'static str, reason: impl Into<String>) -> BuildError {
         BuildError::InvalidConfig {
             field,
@@ -224,6 +248,17 @@ where
             .channel_capacity
             .unwrap_or(capacity.get().max(MIN_CHANNEL_CAPACITY))
             .max(1);
+        let mut checkpoints = match &self.checkpointing {
+            None => None,
+            Some(c) => Some(Self::open_checkpoints(c, shards, self.mode)?),
+        };
+        let mut restores = match checkpoints.as_mut() {
+            Some((_, Some(restored), _)) => self.reissue(restored)?,
+            _ => (0..shards).map(|_| vec![]).collect(),
+        };
+        if let Some((_, _, Some(info))) = checkpoints.as_mut() {
+            info.reissued = restores.iter().map(Vec::len).sum();
+        }
         let placements = plan(shards, &self.pinning, &usable_cores());
         let factory = Arc::new(self.factory);
         let mut senders = Vec::with_capacity(shards);
@@ -249,6 +284,15 @@ where
                     seed: self.seed.wrapping_add(placement.shard as u64),
                 },
                 metrics: cell.clone(),
+                restore: std::mem::take(&mut restores[placement.shard]),
+                checkpoint: match (&self.checkpointing, &checkpoints) {
+                    (Some(c), Some((coordinator, _, _))) => Some(shard::ShardCheckpoint {
+                        dir: coordinator.dir().to_path_buf(),
+                        input: c.input.clone(),
+                        reports: coordinator.reports(),
+                    }),
+                    _ => None,
+                },
             };
             let glommio_placement = match placement.core {
                 Some(core) => Placement::Fixed(core),
@@ -270,15 +314,140 @@ where
             joins.push(join);
         }
         let window = (shards * (capacity.get() + 2 * channel_capacity)).max(64);
+        let (coordinator, restored, mut info) = match checkpoints {
+            Some((c, r, i)) => (Some(c), r, i),
+            None => (None, None, None),
+        };
+        let merge_checkpoint = match (&self.checkpointing, &coordinator) {
+            (Some(c), Some(coordinator)) => Some(merge::MergeCheckpoint {
+                coordinator: coordinator.clone(),
+                output: c.output.clone(),
+            }),
+            _ => None,
+        };
+        let mut consumer = Consumer::new(receivers, self.mode, window, merge_checkpoint);
+        let mut first_seq = 0;
+        if let (Some(restored), Some(info)) = (&restored, info.as_mut()) {
+            let merge = restored.merge.as_ref().expect("checked when opened");
+            info.held = consumer.restore(merge).map_err(BuildError::Checkpoint)?;
+            first_seq = merge.barrier_seq + 1;
+        }
         Ok(Stage {
-            producer: Producer::new(senders, self.key_fn, routing),
-            consumer: Consumer::new(receivers, self.mode, window),
+            producer: Producer::new(senders, self.key_fn, routing, coordinator, first_seq),
+            consumer,
             handle: StageHandle {
                 cells,
                 placements,
                 joins,
             },
+            restored: info,
         })
+    }
+
+    /// Opens the checkpoint directory and loads its newest valid checkpoint, checking that
+    /// it was taken by a stage of this shape.
+    #[allow(clippy::type_complexity)]
+    fn open_checkpoints(
+        c: &Checkpointing<F::In, F::Out>,
+        shards: usize,
+        mode: OutputMode,
+    ) -> Result<(Arc<Coordinator>, Option<Restored>, Option<RestoreInfo>), BuildError> {
+        let store = CheckpointStore::open(&c.dir, c.keep).map_err(BuildError::Checkpoint)?;
+        let restored = store.restore().map_err(BuildError::Checkpoint)?;
+        let next_id = restored
+            .as_ref()
+            .map_or(1, |r| r.manifest.checkpoint_id + 1);
+        let info = match &restored {
+            None => None,
+            Some(r) => {
+                let id = r.manifest.checkpoint_id;
+                let mismatch = |found: String, expected: String| {
+                    BuildError::Checkpoint(CheckpointError::Mismatch {
+                        checkpoint_id: id,
+                        found,
+                        expected,
+                    })
+                };
+                let merge = r.merge.as_ref().ok_or_else(|| {
+                    BuildError::Checkpoint(CheckpointError::Corrupt {
+                        path: c.dir.clone(),
+                        reason: format!("checkpoint {id} has no merge snapshot"),
+                    })
+                })?;
+                if merge.shards as usize != shards || r.snapshots.len() != shards {
+                    return Err(mismatch(
+                        format!("{} shards", merge.shards),
+                        format!("{shards} shards"),
+                    ));
+                }
+                if mode == OutputMode::Ordered && merge.base_seq > merge.barrier_seq {
+                    return Err(BuildError::Checkpoint(CheckpointError::Corrupt {
+                        path: c.dir.clone(),
+                        reason: format!("checkpoint {id}: merge position after its barrier"),
+                    }));
+                }
+                Some(RestoreInfo {
+                    checkpoint_id: id,
+                    source: SourcePosition {
+                        offset: r.manifest.source_offset,
+                        records: r.manifest.source_records,
+                    },
+                    sink_position: r.manifest.sink_position,
+                    skipped: r.skipped.clone(),
+                    reissued: 0,
+                    held: 0,
+                })
+            }
+        };
+        let coordinator = Arc::new(Coordinator::new(store, shards, next_id));
+        Ok((coordinator, restored, info))
+    }
+
+    /// Each shard's elements to re-issue: its snapshot's entries that the merge had not
+    /// already released, decoded.
+    fn reissue(&self, restored: &Restored) -> Result<Vec<Vec<Element<F::In>>>, BuildError> {
+        let c = self
+            .checkpointing
+            .as_ref()
+            .expect("restoring, so configured");
+        let merge = restored.merge.as_ref().expect("checked when opened");
+        let released: std::collections::HashSet<u64> =
+            merge.released_in_flight.iter().copied().collect();
+        let mut per_shard = Vec::with_capacity(restored.snapshots.len());
+        for snapshot in &restored.snapshots {
+            let mut elements = Vec::with_capacity(snapshot.entries.len());
+            for entry in snapshot
+                .entries
+                .iter()
+                .filter(|e| !released.contains(&e.seq))
+            {
+                assert!(
+                    entry.seq < merge.barrier_seq,
+                    "a shard snapshot holds only elements before its barrier"
+                );
+                elements.push(match entry.watermark {
+                    Some(timestamp) => Element::Watermark {
+                        seq: entry.seq,
+                        timestamp,
+                    },
+                    None => Element::Record {
+                        seq: entry.seq,
+                        key: entry.key,
+                        input: c.input.decode(&entry.input).map_err(|reason| {
+                            BuildError::Checkpoint(CheckpointError::Decode {
+                                checkpoint_id: merge.checkpoint_id,
+                                what: "input of record",
+                                seq: entry.seq,
+                                reason,
+                            })
+                        })?,
+                        pushed_at: Some(std::time::Instant::now()),
+                    },
+                });
+            }
+            per_shard.push(elements);
+        }
+        Ok(per_shard)
     }
 }
 

@@ -2,14 +2,23 @@
 //! (round-robin or by key hash) and broadcasts watermarks, over bounded flume channels.
 //!
 //! Owns: the global input order. Invariants: every element gets the next sequence number, so
-//! sequence numbers are dense; a record goes to exactly one shard, a watermark to every shard
-//! with one sequence number; a full shard channel blocks (or awaits), it never drops; a push
-//! that fails hands the element back.
+//! sequence numbers are dense; a record goes to exactly one shard, a watermark or a checkpoint
+//! barrier to every shard with one sequence number; a full shard channel blocks (or awaits),
+//! it never drops; a push that fails hands the element back.
 
+use crate::checkpoint::coordinator::Coordinator;
+use crate::checkpoint::{CheckpointRefused, SourcePosition};
 use crate::error::PushError;
 use crate::operator::Element;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// What travels to a shard: an element, or a checkpoint barrier (crate-private: only the
+/// producer makes barriers, and the shard takes them out before the operator sees its input).
+pub(crate) enum Inbound<I> {
+    Element(Element<I>),
+    Barrier { seq: u64, id: u64 },
+}
 
 /// A record's key for routing and key order (see `StageBuilder::key_by`).
 pub type KeyFn<I> = Arc<dyn Fn(&I) -> u64 + Send + Sync>;
@@ -25,7 +34,8 @@ pub enum Routing {
 
 /// The input side of a stage. Not `Clone`: one producer defines one input order.
 pub struct Producer<I> {
-    senders: Vec<flume::Sender<Element<I>>>,
+    senders: Vec<flume::Sender<Inbound<I>>>,
+    checkpoints: Option<Arc<Coordinator>>,
     next_seq: u64,
     next_shard: usize,
     key_fn: Option<KeyFn<I>>,
@@ -40,9 +50,11 @@ pub(crate) fn shard_of(key: u64, shards: usize) -> usize {
 
 impl<I> Producer<I> {
     pub(crate) fn new(
-        senders: Vec<flume::Sender<Element<I>>>,
+        senders: Vec<flume::Sender<Inbound<I>>>,
         key_fn: Option<KeyFn<I>>,
         routing: Routing,
+        checkpoints: Option<Arc<Coordinator>>,
+        first_seq: u64,
     ) -> Self {
         assert!(!senders.is_empty(), "a stage has at least one shard");
         assert!(
@@ -51,7 +63,8 @@ impl<I> Producer<I> {
         );
         Producer {
             senders,
-            next_seq: 0,
+            checkpoints,
+            next_seq: first_seq,
             next_shard: 0,
             key_fn,
             routing,
@@ -63,7 +76,7 @@ impl<I> Producer<I> {
         self.next_seq
     }
 
-    fn route(&mut self, input: I) -> (usize, Element<I>) {
+    fn route(&mut self, input: I) -> (usize, Inbound<I>) {
         let seq = self.next_seq;
         let key = self.key_fn.as_ref().map_or(seq, |f| f(&input));
         let shard = match self.routing {
@@ -80,13 +93,13 @@ impl<I> Producer<I> {
             input,
             pushed_at: Some(Instant::now()),
         };
-        (shard, element)
+        (shard, Inbound::Element(element))
     }
 
-    fn unwrap_record(element: Element<I>) -> I {
+    fn unwrap_record(element: Inbound<I>) -> I {
         match element {
-            Element::Record { input, .. } => input,
-            Element::Watermark { .. } => unreachable!("a record was sent"),
+            Inbound::Element(Element::Record { input, .. }) => input,
+            _ => unreachable!("a record was sent"),
         }
     }
 
@@ -113,7 +126,7 @@ impl<I> Producer<I> {
         let seq = self.next_seq;
         for sender in &self.senders {
             sender
-                .send(Element::Watermark { seq, timestamp })
+                .send(Inbound::Element(Element::Watermark { seq, timestamp }))
                 .map_err(|_| PushError::Closed(timestamp))?;
         }
         Ok(self.take_seq())
@@ -124,11 +137,33 @@ impl<I> Producer<I> {
         let seq = self.next_seq;
         for sender in &self.senders {
             sender
-                .send_async(Element::Watermark { seq, timestamp })
+                .send_async(Inbound::Element(Element::Watermark { seq, timestamp }))
                 .await
                 .map_err(|_| PushError::Closed(timestamp))?;
         }
         Ok(self.take_seq())
+    }
+
+    /// Starts a checkpoint whose source resumes at `source` (the position just after the last
+    /// element pushed), broadcasting its barrier to every shard (blocking while a shard's
+    /// channel is full). Returns the checkpoint id. The consumer yields
+    /// `Output::Checkpoint(id)` where the barrier reaches the output; the sink then makes its
+    /// output durable and calls `Consumer::commit_checkpoint`. One checkpoint at a time.
+    pub fn checkpoint(&mut self, source: SourcePosition) -> Result<u64, CheckpointRefused> {
+        let coordinator = self
+            .checkpoints
+            .as_ref()
+            .ok_or(CheckpointRefused::NotConfigured)?;
+        let id = coordinator.begin(source)?;
+        let seq = self.next_seq;
+        for sender in &self.senders {
+            if sender.send(Inbound::Barrier { seq, id }).is_err() {
+                coordinator.abort(id);
+                return Err(CheckpointRefused::Closed);
+            }
+        }
+        self.take_seq();
+        Ok(id)
     }
 
     fn take_seq(&mut self) -> u64 {

@@ -1,22 +1,33 @@
 //! A shard: one glommio `LocalExecutor` thread running one `AsyncWait` operator over its
 //! ingress channel, sending what it emits to its egress channel.
 //!
-//! Owns: the shard's thread and the user function's life cycle. Invariants: the function is
-//! created on the shard's thread and closed there after the last output; the shard always
+//! Owns: the shard's thread, the user function's life cycle and the shard's part of a
+//! checkpoint. Invariants: the function is created on the shard's thread and closed there
+//! after the last output; restored elements enter the operator before any new input; a
+//! checkpoint barrier stops the input (`GatedIngress`) until the shard has snapshotted the
+//! operator, which then holds every element before the barrier and none after it, and the
+//! barrier is forwarded to the merge after every output emitted before it; the snapshot file
+//! is written by a task of its own and awaited before the shard ends; the shard always
 //! ends its egress with `Finished` or `Failed` (a panic in user code becomes `Failed`), unless
 //! the consumer is gone; when the consumer is gone the shard stops and drops its input, so the
 //! producer's next push fails instead of blocking forever.
 
 use super::merge::Egress;
+use super::producer::Inbound;
+use crate::checkpoint::coordinator::{write_shard_snapshot, ShardReport};
+use crate::checkpoint::{Codec, ShardSnapshot};
 use crate::clock::GlommioClock;
 use crate::error::StageError;
 use crate::function::AsyncFunction;
 use crate::metrics::MetricsCell;
 use crate::operator::{AsyncWait, Element, OperatorConfig};
 use futures::{FutureExt, Stream, StreamExt};
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 
 /// Most outputs sent to the merge in one message.
@@ -59,6 +70,58 @@ impl<T: 'static> Stream for BatchedIngress<T> {
 
 impl<T: 'static> Unpin for BatchedIngress<T> {}
 
+/// A checkpoint barrier the input stopped at: (sequence number, checkpoint id).
+pub(crate) type Gate = Rc<Cell<Option<(u64, u64)>>>;
+
+/// The operator's input: elements from the channel until a checkpoint barrier, which closes
+/// the gate. While the gate is closed the input is pending; the shard loop sees the closed
+/// gate when the operator goes pending, snapshots, and opens it.
+pub(crate) struct GatedIngress<T: 'static> {
+    inner: BatchedIngress<Inbound<T>>,
+    gate: Gate,
+}
+
+impl<T: 'static> GatedIngress<T> {
+    pub(crate) fn new(rx: flume::Receiver<Inbound<T>>, gate: Gate) -> Self {
+        GatedIngress {
+            inner: BatchedIngress::new(rx),
+            gate,
+        }
+    }
+}
+
+impl<T: 'static> Stream for GatedIngress<T> {
+    type Item = Element<T>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Element<T>>> {
+        if self.gate.get().is_some() {
+            return Poll::Pending;
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Inbound::Element(element))) => Poll::Ready(Some(element)),
+            Poll::Ready(Some(Inbound::Barrier { seq, id })) => {
+                self.gate.set(Some((seq, id)));
+                Poll::Pending
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: 'static> Unpin for GatedIngress<T> {}
+
+/// A shard's checkpoint settings.
+pub(crate) struct ShardCheckpoint<I> {
+    pub(crate) dir: PathBuf,
+    pub(crate) input: Codec<I>,
+    pub(crate) reports: flume::Sender<ShardReport>,
+}
+
+enum Step<T> {
+    Item(Option<T>),
+    Barrier { seq: u64, id: u64 },
+}
+
 /// What a shard learns about itself when its function is created.
 #[derive(Debug, Clone, Copy)]
 pub struct ShardContext {
@@ -70,10 +133,13 @@ pub struct ShardContext {
 
 pub(crate) struct ShardParts<F: AsyncFunction> {
     pub(crate) context: ShardContext,
-    pub(crate) ingress: flume::Receiver<Element<F::In>>,
+    pub(crate) ingress: flume::Receiver<Inbound<F::In>>,
     pub(crate) egress: flume::Sender<Egress<F::Out>>,
     pub(crate) config: OperatorConfig<F::Out, F::Error>,
     pub(crate) metrics: MetricsCell,
+    /// Elements re-issued from a checkpoint, fed before the ingress.
+    pub(crate) restore: Vec<Element<F::In>>,
+    pub(crate) checkpoint: Option<ShardCheckpoint<F::In>>,
 }
 
 /// The body of a shard's executor.
@@ -88,18 +154,57 @@ where
         egress,
         config,
         metrics,
+        restore,
+        checkpoint,
     } = parts;
     let body = AssertUnwindSafe(async {
         let func = factory(context);
-        let mut op = AsyncWait::with_metrics(
-            BatchedIngress::new(ingress),
-            func,
-            config,
-            GlommioClock,
-            Some(metrics),
-        );
-        // Wait for one output, then take what else is ready now, and send them together.
-        while let Some(first) = op.next().await {
+        let gate: Gate = Rc::new(Cell::new(None));
+        let input = futures::stream::iter(restore).chain(GatedIngress::new(ingress, gate.clone()));
+        let mut op = AsyncWait::with_metrics(input, func, config, GlommioClock, Some(metrics));
+        let mut writes = Vec::new();
+        loop {
+            let step = futures::future::poll_fn(|cx| match op.poll_next_unpin(cx) {
+                Poll::Ready(item) => Poll::Ready(Step::Item(item)),
+                Poll::Pending => match gate.get() {
+                    Some((seq, id)) => Poll::Ready(Step::Barrier { seq, id }),
+                    None => Poll::Pending,
+                },
+            })
+            .await;
+            let first = match step {
+                Step::Item(Some(first)) => first,
+                Step::Item(None) => break,
+                Step::Barrier { seq, id } => {
+                    let checkpoint = checkpoint
+                        .as_ref()
+                        .expect("barriers come only from a stage with checkpointing");
+                    let snapshot = ShardSnapshot {
+                        checkpoint_id: id,
+                        shard: context.index as u32,
+                        watermark: None,
+                        entries: op.snapshot(|input| checkpoint.input.encode(input)),
+                    };
+                    op.seal_watermarks();
+                    let (dir, reports) = (checkpoint.dir.clone(), checkpoint.reports.clone());
+                    let shard = context.index;
+                    writes.push(glommio::spawn_local(async move {
+                        let result = write_shard_snapshot(dir, snapshot).await;
+                        let _ = reports.send_async(ShardReport { id, shard, result }).await;
+                    }));
+                    gate.set(None);
+                    if egress
+                        .send_async(Egress::Barrier { seq, id })
+                        .await
+                        .is_err()
+                    {
+                        op.close();
+                        return true;
+                    }
+                    continue;
+                }
+            };
+            // Send the first output with what else is ready now, together.
             let mut batch = Vec::new();
             let mut failure = None;
             let mut next = Some(first);
@@ -112,8 +217,8 @@ where
                     }
                 }
                 if batch.len() < MAX_EGRESS_BATCH {
-                    // A poll with a no-op waker; the next `op.next().await` polls again with
-                    // the task's waker before the shard sleeps, so no wake-up is lost.
+                    // A poll with a no-op waker; the next poll above uses the task's waker
+                    // before the shard sleeps, so no wake-up is lost.
                     next = op.next().now_or_never().flatten();
                 }
             }
@@ -129,6 +234,9 @@ where
             }
         }
         op.close();
+        for write in writes {
+            write.await;
+        }
         true
     });
     match body.catch_unwind().await {

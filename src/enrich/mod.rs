@@ -516,6 +516,7 @@ pub fn run(
                  item: Output<Enriched>|
      -> Result<(), String> {
         let enriched = match item {
+            Output::Checkpoint(_) => return Ok(()),
             Output::Watermark(ts) => {
                 summary.watermarks += 1;
                 if config.emit_watermarks {

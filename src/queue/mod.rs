@@ -57,6 +57,13 @@ impl ElementQueue {
         }
     }
 
+    /// The next watermark does not fold into an earlier one (see `SegmentedQueue::seal`).
+    pub(crate) fn seal(&mut self) {
+        if let ElementQueue::Segmented(q) = self {
+            q.seal();
+        }
+    }
+
     pub(crate) fn on_complete(&mut self, slot: u32) {
         match self {
             ElementQueue::Ordered(q) => q.on_complete(slot),

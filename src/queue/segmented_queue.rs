@@ -5,7 +5,9 @@
 //! A segment is the run of records between two watermarks, closed by the later watermark.
 //! Only the front segment emits; its watermark leaves once all its records left, and then the
 //! next segment starts to emit. A watermark that follows another with no record in between is
-//! folded into the earlier one's slot, so consecutive watermarks create no empty segment.
+//! folded into the earlier one's slot, so consecutive watermarks create no empty segment,
+//! unless the queue was sealed in between (a checkpoint barrier passed: the earlier watermark
+//! is in the snapshot and must leave under its own sequence number).
 //!
 //! In keyed mode the records of one key form a chain across segments; a completed record joins
 //! its segment's ready list only when it heads its chain, so same-key records leave in push
@@ -65,6 +67,8 @@ pub(crate) struct SegmentedQueue {
     chains: HashMap<u64, Chain, BuildHasherDefault<KeyHasher>>,
     len: usize,
     capacity: usize,
+    /// The next watermark must not fold (see `seal`).
+    sealed: bool,
 }
 
 impl SegmentedQueue {
@@ -85,7 +89,13 @@ impl SegmentedQueue {
             ),
             len: 0,
             capacity,
+            sealed: false,
         }
+    }
+
+    /// The next watermark does not fold into the last one.
+    pub(crate) fn seal(&mut self) {
+        self.sealed = true;
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -94,6 +104,7 @@ impl SegmentedQueue {
 
     pub(crate) fn push_record(&mut self, slot: u32, key: u64) {
         assert!(self.len < self.capacity, "segmented queue over capacity");
+        self.sealed = false;
         let open = matches!(self.segments.back(), Some(s) if s.closing == NIL);
         if !open {
             self.segments.push_back(Segment {
@@ -132,15 +143,17 @@ impl SegmentedQueue {
     }
 
     pub(crate) fn push_watermark(&mut self, slot: u32) -> WatermarkPush {
+        let sealed = std::mem::take(&mut self.sealed);
         match self.segments.back_mut() {
             // No record since the last watermark: fold into it.
-            Some(last) if last.closing != NIL => WatermarkPush::MergedInto(last.closing),
-            Some(last) => {
+            Some(last) if last.closing != NIL && !sealed => WatermarkPush::MergedInto(last.closing),
+            Some(last) if last.closing == NIL => {
                 last.closing = slot;
                 self.len += 1;
                 WatermarkPush::Took
             }
-            None => {
+            // No segment, or a sealed closed one: the watermark closes an empty segment.
+            _ => {
                 self.segments.push_back(Segment {
                     records_left: 0,
                     ready_head: NIL,
