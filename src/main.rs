@@ -100,6 +100,14 @@ struct EnrichArgs {
     /// Also write the summary as JSON here.
     #[arg(long)]
     metrics_json: Option<PathBuf>,
+    /// Take exactly-once checkpoints here and resume from the newest one when re-run with the
+    /// same command (needs --input FILE and --output FILE). A finished run leaves a
+    /// `completed` marker, and a re-run then does nothing.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Time between checkpoints.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "checkpoint_dir")]
+    checkpoint_interval: Duration,
 }
 
 /// A comma-separated list on the command line (`1,2,4`). A newtype, because clap treats a
@@ -241,6 +249,8 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
         event_time: args.event_time,
         max_out_of_orderness: args.max_out_of_orderness,
         emit_watermarks: args.emit_watermarks,
+        checkpoint_dir: args.checkpoint_dir,
+        checkpoint_interval: args.checkpoint_interval,
     };
     let _ = args.merge; // the default; the flag exists to say so explicitly
 

@@ -16,22 +16,28 @@
 //!   under `fail`), the reader stops, every record already accepted is written (in ordered mode:
 //!   every record before the failing one) and flushed, and the error names the line;
 //! - on SIGINT/SIGTERM (the `stop` flag) the reader stops, what is in flight drains and is
-//!   written, and the summary says the run was interrupted.
+//!   written, and the summary says the run was interrupted;
+//! - with a checkpoint directory, the reader starts a checkpoint every interval at the byte
+//!   just after the last line it handled, and the writer commits it after flushing and
+//!   fsyncing the output up to the checkpoint's marker (see `resume.rs`).
 
 mod lookup;
 mod options;
+mod resume;
 mod template;
 
 pub use lookup::{Enriched, Lookup, Record};
 pub use options::{OnBadRecord, OnFailedLookup, OnMissing, RetrySpec};
+pub use resume::completed_marker;
 pub use template::{KeyError, KeyTemplate, TemplateError};
 
+use crate::checkpoint::{CheckpointError, CheckpointRefused, Checkpointing, SourcePosition};
 use crate::{Output, OutputMode, Stage};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufWriter, Write};
+use std::io::{BufRead, BufWriter, Seek, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -73,6 +79,9 @@ pub struct EnrichConfig {
     pub event_time: Option<String>,
     pub max_out_of_orderness: Duration,
     pub emit_watermarks: bool,
+    /// Checkpoints here, and resumes from the newest one (needs file input and output).
+    pub checkpoint_dir: Option<PathBuf>,
+    pub checkpoint_interval: Duration,
 }
 
 /// Counts of what happened to every line.
@@ -103,11 +112,25 @@ pub struct Summary {
     pub interrupted: bool,
     /// Why the run failed, if it did.
     pub failure: Option<String>,
+    /// Checkpoints committed during this run.
+    pub checkpoints: u64,
+    /// Checkpoints that could not be committed (for example: disk full); the run went on.
+    pub checkpoint_failures: u64,
+    /// The checkpoint this run resumed from, and the input line it resumed after.
+    pub resumed_from: Option<u64>,
+    pub resumed_after_line: Option<u64>,
+    /// The checkpoint directory says a previous run finished: nothing was done.
+    pub already_completed: bool,
 }
 
 impl Summary {
     /// The human-readable summary printed on stderr.
     pub fn render(&self) -> String {
+        if self.already_completed {
+            return "sluice enrich: this run already completed (its checkpoint directory holds \
+                    the completed marker); nothing to do. Remove the directory to run again.\n"
+                .into();
+        }
         let mut s = format!(
             "sluice enrich: {} lines in {:.2} s ({:.0} records/s){}\n",
             self.lines_read,
@@ -134,7 +157,14 @@ impl Summary {
             ("not written (run failed)", self.unwritten_after_failure),
             ("watermarks", self.watermarks),
             ("retries", self.retries),
+            ("checkpoints", self.checkpoints),
+            ("checkpoints not committed", self.checkpoint_failures),
         ];
+        if let (Some(id), Some(line)) = (self.resumed_from, self.resumed_after_line) {
+            s.push_str(&format!(
+                "  resumed from checkpoint {id}, after input line {line}\n"
+            ));
+        }
         for (name, n) in rows.iter().filter(|(_, n)| *n > 0) {
             s.push_str(&format!("  {name:<34} {n}\n"));
         }
@@ -308,6 +338,48 @@ struct ReaderState {
     failure: Mutex<Option<String>>,
 }
 
+/// The output: standard output, or a file (which a checkpoint flushes and fsyncs).
+enum Sink {
+    Stdout(BufWriter<std::io::Stdout>),
+    File(BufWriter<File>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Stdout(w) => w.write(buf),
+            Sink::File(w) => w.write(buf),
+        }
+    }
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout(w) => w.write_all(buf),
+            Sink::File(w) => w.write_all(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout(w) => w.flush(),
+            Sink::File(w) => w.flush(),
+        }
+    }
+}
+
+impl Sink {
+    /// Flushes and fsyncs a file output; returns its length, now durable.
+    fn make_durable(&mut self) -> Result<u64, String> {
+        let Sink::File(w) = self else {
+            unreachable!("checkpoints need a file output (checked at start)")
+        };
+        w.flush().map_err(|e| format!("output: {e}"))?;
+        let file = w.get_mut();
+        file.sync_data().map_err(|e| {
+            format!("output: fsync failed: {e}; stopping (a failed fsync cannot be retried safely)")
+        })?;
+        file.stream_position().map_err(|e| format!("output: {e}"))
+    }
+}
+
 /// Runs the enrichment until the input ends, a failure, or `stop` is raised. The `Err` case is
 /// a setup error (files, Redis address); run failures are in `Summary::failure`.
 pub fn run(
@@ -336,20 +408,21 @@ pub fn run(
     {
         dead_letters.open(policy_file)?;
     }
-    let input: Box<dyn BufRead + Send> = match &config.input {
-        None => Box::new(std::io::BufReader::new(std::io::stdin())),
-        Some(p) => Box::new(std::io::BufReader::with_capacity(
-            256 * 1024,
-            File::open(p).map_err(|e| format!("input {}: {e}", p.display()))?,
-        )),
-    };
-    let mut output: Box<dyn Write> = match &config.output {
-        None => Box::new(BufWriter::with_capacity(256 * 1024, std::io::stdout())),
-        Some(p) => Box::new(BufWriter::with_capacity(
-            256 * 1024,
-            File::create(p).map_err(|e| format!("output {}: {e}", p.display()))?,
-        )),
-    };
+    if let Some(dir) = &config.checkpoint_dir {
+        if config.input.is_none() || config.output.is_none() {
+            return Err(format!(
+                "--checkpoint-dir {} needs --input FILE and --output FILE: standard input \
+                 cannot be re-read from an offset, nor standard output cut back on resume",
+                dir.display()
+            ));
+        }
+        if completed_marker(dir).exists() {
+            return Ok(Summary {
+                already_completed: true,
+                ..Summary::default()
+            });
+        }
+    }
 
     let addr = config.redis;
     let timeout_emits = config.on_timeout != OnFailedLookup::Fail;
@@ -370,7 +443,34 @@ pub fn run(
     if config.mode == OutputMode::KeyOrdered {
         builder = builder.key_by(|r: &Arc<Record>| crate::hash_key(&r.key));
     }
-    let (producer, mut consumer, handle) = builder.start().map_err(|e| e.to_string())?.split();
+    if let Some(dir) = &config.checkpoint_dir {
+        builder = builder.checkpointing(Checkpointing::new(
+            dir,
+            resume::record_codec(),
+            resume::enriched_codec(),
+        ));
+    }
+    let stage = builder.start().map_err(|e| e.to_string())?;
+    let restored = stage.restored().cloned();
+    for skipped in restored.iter().flat_map(|r| &r.skipped) {
+        eprintln!("sluice enrich: {skipped}");
+    }
+    let (input, first_offset, first_line): (Box<dyn BufRead + Send>, u64, u64) = match &config.input
+    {
+        None => (Box::new(std::io::BufReader::new(std::io::stdin())), 0, 0),
+        Some(p) => {
+            let (reader, offset, lines) = resume::open_source(p, restored.as_ref())?;
+            (Box::new(reader), offset, lines)
+        }
+    };
+    let mut output = match &config.output {
+        None => Sink::Stdout(BufWriter::with_capacity(256 * 1024, std::io::stdout())),
+        Some(p) => Sink::File(BufWriter::with_capacity(
+            256 * 1024,
+            resume::open_sink(p, restored.as_ref())?,
+        )),
+    };
+    let (producer, mut consumer, handle) = stage.split();
     // Shared so that a signal can end the input even while the reader is blocked reading an
     // idle pipe: the watcher takes the producer, the stage drains, the writer finishes.
     let producer = Arc::new(Mutex::new(Some(producer)));
@@ -410,6 +510,19 @@ pub fn run(
                         .unwrap_or_else(|p| p.into_inner())
                         .get_or_insert(message);
                 };
+                let checkpointing = config.checkpoint_dir.is_some();
+                let mut last_checkpoint = Instant::now();
+                let checkpoint = |at: SourcePosition| -> bool {
+                    let mut guard = producer.lock().unwrap_or_else(|p| p.into_inner());
+                    let Some(p) = guard.as_mut() else {
+                        return false;
+                    };
+                    match p.checkpoint(at) {
+                        // Still committing the previous one: try again at the next interval.
+                        Ok(_) | Err(CheckpointRefused::InProgress { .. }) => true,
+                        Err(_) => false,
+                    }
+                };
                 let push = |record: Option<Arc<Record>>, watermark: u64| -> bool {
                     let mut guard = producer.lock().unwrap_or_else(|p| p.into_inner());
                     let Some(p) = guard.as_mut() else {
@@ -420,20 +533,44 @@ pub fn run(
                         None => p.push_watermark(watermark).is_ok(),
                     }
                 };
+                let mut input = input;
+                let (mut offset, mut line_no) = (first_offset, first_line);
+                let mut buffer = Vec::with_capacity(1024);
                 // Bytes, not `lines()`: a line that is not UTF-8 is a bad record for the
                 // policy to handle, not the end of the run.
-                for (i, line) in input.split(b'\n').enumerate() {
+                loop {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let line_no = i as u64 + 1;
-                    let mut bytes = match line {
-                        Ok(b) => b,
+                    // Checkpoint between lines: everything before `offset` has been handled.
+                    if checkpointing
+                        && line_no % 64 == 0
+                        && last_checkpoint.elapsed() >= config.checkpoint_interval
+                    {
+                        let at = SourcePosition {
+                            offset,
+                            records: line_no,
+                        };
+                        if !checkpoint(at) {
+                            break;
+                        }
+                        last_checkpoint = Instant::now();
+                    }
+                    line_no += 1;
+                    let mut bytes = match input.read_until(b'\n', &mut buffer) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            offset += n as u64;
+                            std::mem::replace(&mut buffer, Vec::with_capacity(1024))
+                        }
                         Err(e) => {
                             fail(format!("reading line {line_no}: {e}"));
                             break;
                         }
                     };
+                    if bytes.last() == Some(&b'\n') {
+                        bytes.pop();
+                    }
                     if bytes.last() == Some(&b'\r') {
                         bytes.pop(); // CRLF line endings
                     }
@@ -511,116 +648,136 @@ pub fn run(
     let mut write_failure: Option<String> = None;
     let mut written_since_progress = 0u64;
     let mut last_progress = Instant::now();
-    let write = |summary: &mut Summary,
-                 output: &mut Box<dyn Write>,
-                 item: Output<Enriched>|
-     -> Result<(), String> {
-        let enriched = match item {
-            Output::Checkpoint(_) => return Ok(()),
-            Output::Watermark(ts) => {
-                summary.watermarks += 1;
-                if config.emit_watermarks {
-                    writeln!(output, "{{\"watermark\":{ts}}}")
-                        .map_err(|e| format!("output: {e}"))?;
-                }
-                return Ok(());
-            }
-            Output::Record { value, .. } => value,
-        };
-        let line = enriched.record.line;
-        let record = Arc::try_unwrap(enriched.record).unwrap_or_else(|shared| Record {
-            line: shared.line,
-            key: shared.key.clone(),
-            fields: shared.fields.clone(),
-        });
-        let mut fields = record.fields;
-        let write_record = match enriched.lookup {
-            Lookup::Found(bytes) => {
-                summary.enriched += 1;
-                match (serde_json::from_slice::<Value>(&bytes), &config.placement) {
-                    (Ok(Value::Object(found)), Placement::Merge) => fields.extend(found),
-                    (Ok(Value::Object(found)), Placement::Into(f)) => {
-                        fields.insert(f.clone(), Value::Object(found));
+    let write =
+        |summary: &mut Summary, output: &mut Sink, item: Output<Enriched>| -> Result<(), String> {
+            let enriched = match item {
+                Output::Checkpoint(_) => unreachable!("checkpoints are committed by the loop"),
+                Output::Watermark(ts) => {
+                    summary.watermarks += 1;
+                    if config.emit_watermarks {
+                        writeln!(output, "{{\"watermark\":{ts}}}")
+                            .map_err(|e| format!("output: {e}"))?;
                     }
-                    (_, placement) => {
-                        let field = match placement {
-                            Placement::Into(f) => f.clone(),
-                            Placement::Merge => "value".to_string(),
-                        };
-                        fields.insert(
-                            field,
-                            Value::String(String::from_utf8_lossy(&bytes).into_owned()),
-                        );
-                    }
+                    return Ok(());
                 }
-                true
-            }
-            Lookup::Missing => match config.on_missing {
-                OnMissing::Keep => {
-                    summary.missing_kept += 1;
-                    if let Some(marker) = &config.missing_marker {
-                        fields.insert(marker.clone(), Value::Bool(true));
+                Output::Record { value, .. } => value,
+            };
+            let line = enriched.record.line;
+            let record = Arc::try_unwrap(enriched.record).unwrap_or_else(|shared| Record {
+                line: shared.line,
+                key: shared.key.clone(),
+                fields: shared.fields.clone(),
+            });
+            let mut fields = record.fields;
+            let write_record = match enriched.lookup {
+                Lookup::Found(bytes) => {
+                    summary.enriched += 1;
+                    match (serde_json::from_slice::<Value>(&bytes), &config.placement) {
+                        (Ok(Value::Object(found)), Placement::Merge) => fields.extend(found),
+                        (Ok(Value::Object(found)), Placement::Into(f)) => {
+                            fields.insert(f.clone(), Value::Object(found));
+                        }
+                        (_, placement) => {
+                            let field = match placement {
+                                Placement::Into(f) => f.clone(),
+                                Placement::Merge => "value".to_string(),
+                            };
+                            fields.insert(
+                                field,
+                                Value::String(String::from_utf8_lossy(&bytes).into_owned()),
+                            );
+                        }
                     }
                     true
                 }
-                OnMissing::Drop => {
-                    summary.missing_dropped += 1;
-                    false
+                Lookup::Missing => match config.on_missing {
+                    OnMissing::Keep => {
+                        summary.missing_kept += 1;
+                        if let Some(marker) = &config.missing_marker {
+                            fields.insert(marker.clone(), Value::Bool(true));
+                        }
+                        true
+                    }
+                    OnMissing::Drop => {
+                        summary.missing_dropped += 1;
+                        false
+                    }
+                    OnMissing::Fail => {
+                        return Err(format!(
+                            "line {line}: key {:?} has no value (--on-missing fail)",
+                            record.key
+                        ))
+                    }
+                },
+                Lookup::TimedOut => {
+                    let counts = (
+                        &mut summary.timeouts_emitted,
+                        &mut summary.timeouts_dropped,
+                        &mut summary.timeouts_dead_lettered,
+                    );
+                    failed_lookup(
+                        &config.on_timeout,
+                        counts,
+                        &dead_letters,
+                        &record.key,
+                        line,
+                        &fields,
+                        "lookup timed out",
+                    )?
                 }
-                OnMissing::Fail => {
-                    return Err(format!(
-                        "line {line}: key {:?} has no value (--on-missing fail)",
-                        record.key
-                    ))
+                Lookup::Failed(error) => {
+                    let counts = (
+                        &mut summary.errors_emitted,
+                        &mut summary.errors_dropped,
+                        &mut summary.errors_dead_lettered,
+                    );
+                    let what = format!("lookup failed: {error}");
+                    failed_lookup(
+                        &config.on_error,
+                        counts,
+                        &dead_letters,
+                        &record.key,
+                        line,
+                        &fields,
+                        &what,
+                    )?
                 }
-            },
-            Lookup::TimedOut => {
-                let counts = (
-                    &mut summary.timeouts_emitted,
-                    &mut summary.timeouts_dropped,
-                    &mut summary.timeouts_dead_lettered,
-                );
-                failed_lookup(
-                    &config.on_timeout,
-                    counts,
-                    &dead_letters,
-                    &record.key,
-                    line,
-                    &fields,
-                    "lookup timed out",
-                )?
+            };
+            if write_record {
+                serde_json::to_writer(&mut *output, &Value::Object(fields))
+                    .map_err(|e| format!("output: {e}"))?;
+                output
+                    .write_all(b"\n")
+                    .map_err(|e| format!("output: {e}"))?;
             }
-            Lookup::Failed(error) => {
-                let counts = (
-                    &mut summary.errors_emitted,
-                    &mut summary.errors_dropped,
-                    &mut summary.errors_dead_lettered,
-                );
-                let what = format!("lookup failed: {error}");
-                failed_lookup(
-                    &config.on_error,
-                    counts,
-                    &dead_letters,
-                    &record.key,
-                    line,
-                    &fields,
-                    &what,
-                )?
-            }
+            Ok(())
         };
-        if write_record {
-            serde_json::to_writer(&mut *output, &Value::Object(fields))
-                .map_err(|e| format!("output: {e}"))?;
-            output
-                .write_all(b"\n")
-                .map_err(|e| format!("output: {e}"))?;
-        }
-        Ok(())
-    };
     let mut stage_failure = None;
     let mut handled = 0u64;
     while let Some(item) = consumer.recv() {
         match item {
+            Ok(Output::Checkpoint(id)) => {
+                let committed = output.make_durable().map_err(Some).and_then(|position| {
+                    consumer
+                        .commit_checkpoint(id, position)
+                        .map_err(|e| match e {
+                            CheckpointError::Fsync { .. } => Some(e.to_string()),
+                            other => {
+                                eprintln!("sluice enrich: checkpoint {id} not committed: {other}");
+                                None
+                            }
+                        })
+                });
+                match committed {
+                    Ok(()) => summary.checkpoints += 1,
+                    Err(None) => summary.checkpoint_failures += 1,
+                    Err(Some(fatal)) => {
+                        write_failure = Some(fatal);
+                        break;
+                    }
+                }
+                continue;
+            }
             Ok(out) => {
                 let is_record = matches!(out, Output::Record { .. });
                 if let Err(e) = write(&mut summary, &mut output, out) {
@@ -696,5 +853,18 @@ pub fn run(
         .or(reader_failure)
         .or(flushed.err());
     summary.interrupted = signalled;
+    summary.resumed_from = restored.as_ref().map(|r| r.checkpoint_id);
+    summary.resumed_after_line = restored.as_ref().map(|r| r.source.records);
+    if let Some(dir) = &config.checkpoint_dir {
+        if summary.failure.is_none() && !summary.interrupted {
+            let durable = output.make_durable().and_then(|_| {
+                let json = serde_json::to_string_pretty(&summary).expect("a summary serialises");
+                resume::mark_completed(dir, &json)
+            });
+            if let Err(e) = durable {
+                summary.failure = Some(e);
+            }
+        }
+    }
     Ok(summary)
 }
