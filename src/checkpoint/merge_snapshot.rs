@@ -35,6 +35,8 @@ pub struct MergeSnapshot {
     pub barrier_seq: u64,
     /// Shards of the stage that took the checkpoint (a restore needs the same number).
     pub shards: u32,
+    /// The output mode (0 ordered, 1 unordered, 2 key-ordered); a restore needs the same.
+    pub mode: u8,
     /// Ordered mode: the next sequence number to release.
     pub base_seq: u64,
     /// The merged watermark released so far.
@@ -77,6 +79,7 @@ mod tests {
             checkpoint_id: 3,
             barrier_seq: 40,
             shards: 2,
+            mode: 0,
             base_seq: 30,
             last_watermark: Some(7),
             held: vec![

@@ -27,7 +27,18 @@ const HEADER_LEN: usize = 24;
 
 /// One in-flight entry: a record whose result has not left the shard, or a watermark still
 /// queued behind records.
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+// serde too: the benchmark compares rkyv with serde JSON of the same entries.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct EntrySnapshot {
     /// The element's sequence number (input order).
     pub seq: u64,
@@ -42,7 +53,17 @@ pub struct EntrySnapshot {
 }
 
 /// A shard's state at a checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct ShardSnapshot {
     pub checkpoint_id: u64,
     pub shard: u32,

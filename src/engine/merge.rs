@@ -102,6 +102,15 @@ struct Aligning {
     released: Vec<u64>,
 }
 
+/// The output mode as a merge snapshot records it.
+pub(crate) fn mode_code(mode: OutputMode) -> u8 {
+    match mode {
+        OutputMode::Ordered => 0,
+        OutputMode::Unordered => 1,
+        OutputMode::KeyOrdered => 2,
+    }
+}
+
 /// The consumer's side of checkpointing.
 pub(crate) struct MergeCheckpoint<O> {
     pub(crate) coordinator: Arc<Coordinator>,
@@ -313,6 +322,7 @@ impl<O: 'static> Consumer<O> {
             checkpoint_id: aligning.id,
             barrier_seq: aligning.seq,
             shards: self.ports.len() as u32,
+            mode: mode_code(self.mode),
             base_seq: self.base_seq,
             last_watermark: self.last_watermark,
             held,

@@ -380,6 +380,12 @@ where
                         format!("{shards} shards"),
                     ));
                 }
+                if merge.mode != merge::mode_code(mode) {
+                    let name = ["Ordered", "Unordered", "KeyOrdered"]
+                        .get(merge.mode as usize)
+                        .unwrap_or(&"an unknown");
+                    return Err(mismatch(format!("mode {name}"), format!("mode {mode:?}")));
+                }
                 if mode == OutputMode::Ordered && merge.base_seq > merge.barrier_seq {
                     return Err(BuildError::Checkpoint(CheckpointError::Corrupt {
                         path: c.dir.clone(),
