@@ -2,29 +2,47 @@
 //! thread by a simulated clock, for deterministic tests of the engine and of user functions.
 //!
 //! Owns: nothing new; it wires the real `Producer`, `AsyncWait` and `Consumer` together without
-//! threads. Invariants: the same routing and merge code as a real `Stage`; time moves only in
-//! `run`'s steps; egress channels are bounded (2), so the merge's backpressure is exercised.
+//! threads. Invariants: the same routing, merge, checkpoint and restore code as a real `Stage`
+//! (a shard's snapshot file is written synchronously with std I/O instead of a glommio task);
+//! time moves only when the test says; egress channels are bounded (2), so the merge's
+//! backpressure is exercised.
 
+use crate::checkpoint::coordinator::ShardReport;
+use crate::checkpoint::{
+    CheckpointError, CheckpointRefused, Checkpointing, Codec, ManifestFile, RestoreInfo,
+    ShardSnapshot, SourcePosition,
+};
 use crate::clock::SimClock;
 use crate::engine::{
-    Consumer, Egress, GatedIngress, KeyFn, Output, Producer, Routing, ShardContext,
+    restore, Consumer, Egress, Gate, GatedIngress, KeyFn, MergeCheckpoint, Output, Producer,
+    Routing, ShardContext,
 };
-use crate::error::StageError;
+use crate::error::{BuildError, StageError};
 use crate::function::AsyncFunction;
-use crate::operator::{AsyncWait, OperatorConfig, OutputMode};
+use crate::operator::{AsyncWait, Element, OperatorConfig, OutputMode};
+use futures::stream::{Chain, Iter};
 use futures::task::noop_waker;
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-type Ingress<I> = GatedIngress<I>;
+type Ingress<I> = Chain<Iter<std::vec::IntoIter<Element<I>>>, GatedIngress<I>>;
 
 struct SimShard<F: AsyncFunction> {
+    index: usize,
     op: AsyncWait<Ingress<F::In>, F, SimClock>,
+    gate: Gate,
     egress: flume::Sender<Egress<F::Out>>,
     held: Option<Egress<F::Out>>,
     ended: bool,
+}
+
+struct SimCheckpoint<I> {
+    dir: PathBuf,
+    input: Codec<I>,
+    reports: flume::Sender<ShardReport>,
 }
 
 /// See the module documentation.
@@ -35,6 +53,8 @@ pub struct SimStage<F: AsyncFunction> {
     consumer: Consumer<F::Out>,
     capacity: usize,
     max_occupied: usize,
+    checkpoint: Option<SimCheckpoint<F::In>>,
+    restored: Option<RestoreInfo>,
 }
 
 impl<F: AsyncFunction> SimStage<F> {
@@ -46,6 +66,31 @@ impl<F: AsyncFunction> SimStage<F> {
         key: Option<KeyFn<F::In>>,
         factory: impl Fn(ShardContext) -> F,
     ) -> Self {
+        Self::build(clock, shards, config, key, factory, None)
+            .expect("a stage without checkpoints always builds")
+    }
+
+    /// As [`SimStage::new`], checkpointing to `checkpointing.dir` and restoring the newest
+    /// checkpoint there, as `StageBuilder::checkpointing` does.
+    pub fn with_checkpoints(
+        clock: &SimClock,
+        shards: usize,
+        config: OperatorConfig<F::Out, F::Error>,
+        key: Option<KeyFn<F::In>>,
+        factory: impl Fn(ShardContext) -> F,
+        checkpointing: Checkpointing<F::In, F::Out>,
+    ) -> Result<Self, BuildError> {
+        Self::build(clock, shards, config, key, factory, Some(checkpointing))
+    }
+
+    fn build(
+        clock: &SimClock,
+        shards: usize,
+        config: OperatorConfig<F::Out, F::Error>,
+        key: Option<KeyFn<F::In>>,
+        factory: impl Fn(ShardContext) -> F,
+        checkpointing: Option<Checkpointing<F::In, F::Out>>,
+    ) -> Result<Self, BuildError> {
         assert!(shards > 0, "a stage has at least one shard");
         assert!(
             config.mode != OutputMode::KeyOrdered || key.is_some(),
@@ -56,6 +101,22 @@ impl<F: AsyncFunction> SimStage<F> {
         } else {
             Routing::RoundRobin
         };
+        let mut opened = match &checkpointing {
+            Some(c) => Some(restore::open_checkpoints(c, shards, config.mode)?),
+            None => None,
+        };
+        let mut restores = match (&checkpointing, &opened) {
+            (
+                Some(c),
+                Some(restore::Opened {
+                    restored: Some(r), ..
+                }),
+            ) => restore::reissue(&c.input, r)?,
+            _ => (0..shards).map(|_| vec![]).collect(),
+        };
+        if let Some(info) = opened.as_mut().and_then(|o| o.info.as_mut()) {
+            info.reissued = restores.iter().map(Vec::len).sum();
+        }
         let mut senders = vec![];
         let mut receivers = vec![];
         let mut sim_shards = vec![];
@@ -64,8 +125,11 @@ impl<F: AsyncFunction> SimStage<F> {
             let (out_tx, out_rx) = flume::bounded(2);
             let mut shard_config = config.clone();
             shard_config.seed = config.seed.wrapping_add(index as u64);
+            let gate = Gate::default();
+            let input = futures::stream::iter(std::mem::take(&mut restores[index]))
+                .chain(GatedIngress::new(in_rx, gate.clone()));
             let op = AsyncWait::new(
-                GatedIngress::new(in_rx, Default::default()),
+                input,
                 factory(ShardContext { index, shards }),
                 shard_config,
                 clock.clone(),
@@ -73,21 +137,116 @@ impl<F: AsyncFunction> SimStage<F> {
             senders.push(in_tx);
             receivers.push(out_rx);
             sim_shards.push(SimShard {
+                index,
                 op,
+                gate,
                 egress: out_tx,
                 held: None,
                 ended: false,
             });
         }
         let capacity = config.capacity.get();
-        SimStage {
+        let merge_checkpoint = match (&checkpointing, &opened) {
+            (Some(c), Some(o)) => Some(MergeCheckpoint {
+                coordinator: o.coordinator.clone(),
+                output: c.output.clone(),
+            }),
+            _ => None,
+        };
+        let mut consumer = Consumer::new(
+            receivers,
+            config.mode,
+            shards * (capacity + 4),
+            merge_checkpoint,
+        );
+        let mut first_seq = 0;
+        let mut restored = None;
+        let mut coordinator = None;
+        let mut checkpoint = None;
+        if let (Some(c), Some(o)) = (&checkpointing, opened) {
+            if let (Some(r), Some(mut info)) = (&o.restored, o.info) {
+                let merge = r.merge.as_ref().expect("checked when opened");
+                info.held = consumer.restore(merge).map_err(BuildError::Checkpoint)?;
+                first_seq = merge.barrier_seq + 1;
+                restored = Some(info);
+            }
+            checkpoint = Some(SimCheckpoint {
+                dir: o.coordinator.dir().to_path_buf(),
+                input: c.input.clone(),
+                reports: o.coordinator.reports(),
+            });
+            coordinator = Some(o.coordinator);
+        }
+        Ok(SimStage {
             clock: clock.clone(),
-            producer: Some(Producer::new(senders, key, routing, None, 0)),
+            producer: Some(Producer::new(senders, key, routing, coordinator, first_seq)),
             shards: sim_shards,
-            consumer: Consumer::new(receivers, config.mode, shards * (capacity + 4), None),
+            consumer,
             capacity,
             max_occupied: 0,
+            checkpoint,
+            restored,
+        })
+    }
+
+    /// What this stage restored when it was built, if anything.
+    pub fn restored(&self) -> Option<&RestoreInfo> {
+        self.restored.as_ref()
+    }
+
+    /// Starts a checkpoint (see `Producer::checkpoint`).
+    pub fn checkpoint(&mut self, source: SourcePosition) -> Result<u64, CheckpointRefused> {
+        self.producer().checkpoint(source)
+    }
+
+    /// Commits a checkpoint after its `Output::Checkpoint` (see `Consumer::commit_checkpoint`).
+    pub fn commit_checkpoint(
+        &mut self,
+        id: u64,
+        sink_position: u64,
+    ) -> Result<(), CheckpointError> {
+        self.consumer.commit_checkpoint(id, sink_position)
+    }
+
+    /// Runs until nothing can happen without the clock moving; returns the outputs so far.
+    pub fn run_until_idle(&mut self) -> Result<Vec<Output<F::Out>>, StageError> {
+        let waker = noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out = vec![];
+        loop {
+            let mut progressed = false;
+            for shard in &mut self.shards {
+                progressed |= Self::pump(shard, self.checkpoint.as_ref(), &mut cx);
+                self.max_occupied = self.max_occupied.max(shard.op.occupied());
+                assert!(
+                    shard.op.occupied() <= self.capacity,
+                    "in flight exceeds capacity"
+                );
+            }
+            loop {
+                match Pin::new(&mut self.consumer).poll_next(&mut cx) {
+                    Poll::Ready(Some(Ok(o))) => {
+                        out.push(o);
+                        progressed = true;
+                        // The caller commits at the marker: hand it over at once.
+                        if matches!(out.last(), Some(Output::Checkpoint(_))) {
+                            return Ok(out);
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => return Err(e),
+                    Poll::Ready(None) => return Ok(out),
+                    Poll::Pending => break,
+                }
+            }
+            if !progressed {
+                return Ok(out);
+            }
         }
+    }
+
+    /// Moves the simulated clock.
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
     }
 
     fn producer(&mut self) -> &mut Producer<F::In> {
@@ -133,7 +292,7 @@ impl<F: AsyncFunction> SimStage<F> {
             loop {
                 let mut progressed = false;
                 for shard in &mut self.shards {
-                    progressed |= Self::pump(shard, &mut cx);
+                    progressed |= Self::pump(shard, self.checkpoint.as_ref(), &mut cx);
                     self.max_occupied = self.max_occupied.max(shard.op.occupied());
                     assert!(
                         shard.op.occupied() <= self.capacity,
@@ -161,7 +320,11 @@ impl<F: AsyncFunction> SimStage<F> {
     }
 
     /// Moves one shard's outputs into its bounded egress. Returns whether anything moved.
-    fn pump(shard: &mut SimShard<F>, cx: &mut Context<'_>) -> bool {
+    fn pump(
+        shard: &mut SimShard<F>,
+        checkpoint: Option<&SimCheckpoint<F::In>>,
+        cx: &mut Context<'_>,
+    ) -> bool {
         let mut progressed = false;
         loop {
             if let Some(item) = shard.held.take() {
@@ -188,8 +351,44 @@ impl<F: AsyncFunction> SimStage<F> {
                     shard.op.close();
                     shard.held = Some(Egress::Finished);
                 }
-                Poll::Pending => return progressed,
+                Poll::Pending => match shard.gate.get() {
+                    Some((seq, id)) => {
+                        let checkpoint = checkpoint.expect("barriers need checkpointing");
+                        let snapshot = ShardSnapshot {
+                            checkpoint_id: id,
+                            shard: shard.index as u32,
+                            watermark: None,
+                            entries: shard.op.snapshot(|i| checkpoint.input.encode(i)),
+                        };
+                        shard.op.seal_watermarks();
+                        let result = write_snapshot(&checkpoint.dir, &snapshot);
+                        let report = ShardReport {
+                            id,
+                            shard: shard.index,
+                            result,
+                        };
+                        let _ = checkpoint.reports.try_send(report);
+                        shard.gate.set(None);
+                        shard.held = Some(Egress::Barrier { seq, id });
+                        progressed = true;
+                    }
+                    None => return progressed,
+                },
             }
         }
     }
+}
+
+fn write_snapshot(
+    dir: &std::path::Path,
+    snapshot: &ShardSnapshot,
+) -> Result<ManifestFile, CheckpointError> {
+    let name = crate::checkpoint::store_snapshot_name(snapshot.checkpoint_id, snapshot.shard);
+    let bytes = snapshot.encode()?;
+    crate::checkpoint::store_write_durably(&dir.join(&name), &bytes)?;
+    Ok(ManifestFile {
+        name,
+        len: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+    })
 }

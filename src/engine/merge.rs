@@ -20,10 +20,12 @@
 //!   then is the sink's part of the checkpoint; it snapshots what it holds that the shards
 //!   emitted before their barrier (ordered mode), and lists what it released that a shard
 //!   had in its snapshot (`released_in_flight`), so that restore re-issues the rest exactly
-//!   once. Nothing at or after `B` is released before alignment: in ordered mode the barrier
-//!   takes a window slot like a watermark; in the unordered modes a shard past its barrier is
-//!   not read beyond items below `B`. Shards emit their watermarks below `B` before any item
-//!   above it, so neither rule can deadlock the watermark barrier.
+//!   once. Nothing at or after `B` is released before alignment: in ordered mode the window
+//!   does not pass `B` until it is aligned (then `B` is skipped; the barrier never takes a
+//!   window slot, since a shard sends it ahead of earlier results and a slot beyond the window
+//!   would block the port that holds the window's head); in the unordered modes a shard past
+//!   its barrier is not read beyond items below `B`. Shards emit their watermarks below `B`
+//!   before any item above it, so neither rule can deadlock the watermark barrier.
 
 use crate::checkpoint::coordinator::Coordinator;
 use crate::checkpoint::{CheckpointError, Codec, HeldEntry, MergeSnapshot};
@@ -68,8 +70,8 @@ struct Port<O: 'static> {
     finished: bool,
     /// Unordered modes: the watermark (seq, timestamp) this shard is waiting at.
     barrier: Option<(u64, u64)>,
-    /// A checkpoint barrier (seq, id) read from the channel, not yet taken (ordered mode:
-    /// while it does not fit the window). The port is not read while it is here.
+    /// A checkpoint barrier (seq, id) read from the channel, taken once the port's buffer
+    /// is empty. The port is not read while it is here.
     checkpoint_in: Option<(u64, u64)>,
     /// This shard's barrier of the checkpoint being aligned has been taken.
     passed_checkpoint: bool,
@@ -87,9 +89,6 @@ enum Pending<O> {
         timestamp: u64,
         arrivals: usize,
         arrivals_after_barrier: usize,
-    },
-    CheckpointBarrier {
-        arrivals: usize,
     },
 }
 
@@ -134,6 +133,9 @@ pub struct Consumer<O: 'static> {
     aligned: Option<MergeSnapshot>,
     /// `Output::Checkpoint` to yield before anything else.
     marker: Option<u64>,
+    /// Ordered: aligned checkpoint barriers' sequence numbers the window has not passed yet
+    /// (ascending); their slots stay empty and are skipped.
+    skip: VecDeque<u64>,
 }
 
 impl<O: 'static> Consumer<O> {
@@ -173,6 +175,7 @@ impl<O: 'static> Consumer<O> {
             aligning: None,
             aligned: None,
             marker: None,
+            skip: VecDeque::new(),
         }
     }
 
@@ -315,6 +318,18 @@ impl<O: 'static> Consumer<O> {
                 _ => {}
             }
         }
+        // Earlier checkpoints' barriers the window has not passed: their sequence numbers
+        // produce nothing, and no shard will send them again.
+        held.extend(self.skip.iter().map(|&seq| HeldEntry {
+            seq,
+            watermark: None,
+            arrivals: 0,
+            outputs: vec![],
+        }));
+        held.sort_by_key(|h| h.seq);
+        if self.mode == OutputMode::Ordered {
+            self.skip.push_back(aligning.seq);
+        }
         for port in &mut self.ports {
             port.passed_checkpoint = false;
         }
@@ -403,32 +418,14 @@ impl<O: 'static> Consumer<O> {
         }
     }
 
-    /// Ordered: places checkpoint barrier `seq` from port `p` if it fits the window.
-    fn place_checkpoint(&mut self, p: usize, seq: u64, id: u64) -> bool {
-        assert!(seq >= self.base_seq, "barrier {seq} arrived after its slot");
-        let index = (seq - self.base_seq) as usize;
-        if index >= self.window {
-            return false;
-        }
-        let slot = &mut self.reorder[index];
-        match slot {
-            Pending::Empty => *slot = Pending::CheckpointBarrier { arrivals: 1 },
-            Pending::CheckpointBarrier { arrivals } => *arrivals += 1,
-            _ => panic!("sequence {seq} is a checkpoint barrier and something else"),
-        }
-        self.checkpoint_arrived(p, seq, id);
-        true
-    }
-
     /// Ordered: releases the head of the window if complete.
     fn pop_ordered(&mut self) -> Option<Option<Output<O>>> {
         let shards = self.ports.len();
         let ready = match self.reorder.front()? {
-            Pending::Empty => false,
+            // An aligned checkpoint's barrier: nothing to release.
+            Pending::Empty => self.skip.front() == Some(&self.base_seq),
             Pending::Record { .. } => true,
-            Pending::Watermark { arrivals, .. } | Pending::CheckpointBarrier { arrivals } => {
-                *arrivals == shards
-            }
+            Pending::Watermark { arrivals, .. } => *arrivals == shards,
         };
         if !ready {
             return None;
@@ -447,9 +444,10 @@ impl<O: 'static> Consumer<O> {
                 self.note_release(seq);
                 self.advancing_watermark(timestamp)
             }
-            // Aligned when its last barrier arrived; it releases nothing itself.
-            Pending::CheckpointBarrier { .. } => None,
-            Pending::Empty => unreachable!(),
+            Pending::Empty => {
+                self.skip.pop_front();
+                None
+            }
         })
     }
 
@@ -484,13 +482,7 @@ impl<O: 'static> Consumer<O> {
                 let Some((seq, id)) = self.ports[p].checkpoint_in else {
                     break;
                 };
-                if self.mode == OutputMode::Ordered {
-                    if !self.place_checkpoint(p, seq, id) {
-                        break; // beyond the window
-                    }
-                } else {
-                    self.checkpoint_arrived(p, seq, id);
-                }
+                self.checkpoint_arrived(p, seq, id);
                 self.ports[p].checkpoint_in = None;
                 took = true;
                 continue;

@@ -18,23 +18,22 @@
 mod merge;
 mod placement;
 mod producer;
+pub(crate) mod restore;
 mod shard;
 
 pub(crate) use merge::Egress;
+pub(crate) use merge::MergeCheckpoint;
 pub use merge::{Consumer, Output};
 pub use placement::{default_shards, plan, usable_cores, Pinning, ShardPlacement};
 pub use producer::{KeyFn, Producer, Routing};
-pub(crate) use shard::GatedIngress;
 pub use shard::ShardContext;
+pub(crate) use shard::{Gate, GatedIngress};
 
-use crate::checkpoint::coordinator::Coordinator;
-use crate::checkpoint::{
-    CheckpointError, CheckpointStore, Checkpointing, RestoreInfo, Restored, SourcePosition,
-};
+use crate::checkpoint::{Checkpointing, RestoreInfo};
 use crate::error::{BuildError, StageError};
 use crate::function::AsyncFunction;
 use crate::metrics::{MetricsCell, MetricsSnapshot};
-use crate::operator::{Element, OperatorConfig, OutputMode};
+use crate::operator::{OperatorConfig, OutputMode};
 use crate::retry::RetryPolicy;
 use glommio::{LocalExecutorBuilder, Placement};
 use std::hash::{Hash, Hasher};
@@ -248,15 +247,21 @@ where
             .channel_capacity
             .unwrap_or(capacity.get().max(MIN_CHANNEL_CAPACITY))
             .max(1);
-        let mut checkpoints = match &self.checkpointing {
+        let mut opened = match &self.checkpointing {
             None => None,
-            Some(c) => Some(Self::open_checkpoints(c, shards, self.mode)?),
+            Some(c) => Some(restore::open_checkpoints(c, shards, self.mode)?),
         };
-        let mut restores = match checkpoints.as_mut() {
-            Some((_, Some(restored), _)) => self.reissue(restored)?,
+        let mut restores = match (&self.checkpointing, &opened) {
+            (
+                Some(c),
+                Some(restore::Opened {
+                    restored: Some(restored),
+                    ..
+                }),
+            ) => restore::reissue(&c.input, restored)?,
             _ => (0..shards).map(|_| vec![]).collect(),
         };
-        if let Some((_, _, Some(info))) = checkpoints.as_mut() {
+        if let Some(info) = opened.as_mut().and_then(|o| o.info.as_mut()) {
             info.reissued = restores.iter().map(Vec::len).sum();
         }
         let placements = plan(shards, &self.pinning, &usable_cores());
@@ -285,11 +290,11 @@ where
                 },
                 metrics: cell.clone(),
                 restore: std::mem::take(&mut restores[placement.shard]),
-                checkpoint: match (&self.checkpointing, &checkpoints) {
-                    (Some(c), Some((coordinator, _, _))) => Some(shard::ShardCheckpoint {
-                        dir: coordinator.dir().to_path_buf(),
+                checkpoint: match (&self.checkpointing, &opened) {
+                    (Some(c), Some(o)) => Some(shard::ShardCheckpoint {
+                        dir: o.coordinator.dir().to_path_buf(),
                         input: c.input.clone(),
-                        reports: coordinator.reports(),
+                        reports: o.coordinator.reports(),
                     }),
                     _ => None,
                 },
@@ -314,8 +319,8 @@ where
             joins.push(join);
         }
         let window = (shards * (capacity.get() + 2 * channel_capacity)).max(64);
-        let (coordinator, restored, mut info) = match checkpoints {
-            Some((c, r, i)) => (Some(c), r, i),
+        let (coordinator, restored, mut info) = match opened {
+            Some(o) => (Some(o.coordinator), o.restored, o.info),
             None => (None, None, None),
         };
         let merge_checkpoint = match (&self.checkpointing, &coordinator) {
@@ -342,118 +347,6 @@ where
             },
             restored: info,
         })
-    }
-
-    /// Opens the checkpoint directory and loads its newest valid checkpoint, checking that
-    /// it was taken by a stage of this shape.
-    #[allow(clippy::type_complexity)]
-    fn open_checkpoints(
-        c: &Checkpointing<F::In, F::Out>,
-        shards: usize,
-        mode: OutputMode,
-    ) -> Result<(Arc<Coordinator>, Option<Restored>, Option<RestoreInfo>), BuildError> {
-        let store = CheckpointStore::open(&c.dir, c.keep).map_err(BuildError::Checkpoint)?;
-        let restored = store.restore().map_err(BuildError::Checkpoint)?;
-        let next_id = restored
-            .as_ref()
-            .map_or(1, |r| r.manifest.checkpoint_id + 1);
-        let info = match &restored {
-            None => None,
-            Some(r) => {
-                let id = r.manifest.checkpoint_id;
-                let mismatch = |found: String, expected: String| {
-                    BuildError::Checkpoint(CheckpointError::Mismatch {
-                        checkpoint_id: id,
-                        found,
-                        expected,
-                    })
-                };
-                let merge = r.merge.as_ref().ok_or_else(|| {
-                    BuildError::Checkpoint(CheckpointError::Corrupt {
-                        path: c.dir.clone(),
-                        reason: format!("checkpoint {id} has no merge snapshot"),
-                    })
-                })?;
-                if merge.shards as usize != shards || r.snapshots.len() != shards {
-                    return Err(mismatch(
-                        format!("{} shards", merge.shards),
-                        format!("{shards} shards"),
-                    ));
-                }
-                if merge.mode != merge::mode_code(mode) {
-                    let name = ["Ordered", "Unordered", "KeyOrdered"]
-                        .get(merge.mode as usize)
-                        .unwrap_or(&"an unknown");
-                    return Err(mismatch(format!("mode {name}"), format!("mode {mode:?}")));
-                }
-                if mode == OutputMode::Ordered && merge.base_seq > merge.barrier_seq {
-                    return Err(BuildError::Checkpoint(CheckpointError::Corrupt {
-                        path: c.dir.clone(),
-                        reason: format!("checkpoint {id}: merge position after its barrier"),
-                    }));
-                }
-                Some(RestoreInfo {
-                    checkpoint_id: id,
-                    source: SourcePosition {
-                        offset: r.manifest.source_offset,
-                        records: r.manifest.source_records,
-                    },
-                    sink_position: r.manifest.sink_position,
-                    skipped: r.skipped.clone(),
-                    reissued: 0,
-                    held: 0,
-                })
-            }
-        };
-        let coordinator = Arc::new(Coordinator::new(store, shards, next_id));
-        Ok((coordinator, restored, info))
-    }
-
-    /// Each shard's elements to re-issue: its snapshot's entries that the merge had not
-    /// already released, decoded.
-    fn reissue(&self, restored: &Restored) -> Result<Vec<Vec<Element<F::In>>>, BuildError> {
-        let c = self
-            .checkpointing
-            .as_ref()
-            .expect("restoring, so configured");
-        let merge = restored.merge.as_ref().expect("checked when opened");
-        let released: std::collections::HashSet<u64> =
-            merge.released_in_flight.iter().copied().collect();
-        let mut per_shard = Vec::with_capacity(restored.snapshots.len());
-        for snapshot in &restored.snapshots {
-            let mut elements = Vec::with_capacity(snapshot.entries.len());
-            for entry in snapshot
-                .entries
-                .iter()
-                .filter(|e| !released.contains(&e.seq))
-            {
-                assert!(
-                    entry.seq < merge.barrier_seq,
-                    "a shard snapshot holds only elements before its barrier"
-                );
-                elements.push(match entry.watermark {
-                    Some(timestamp) => Element::Watermark {
-                        seq: entry.seq,
-                        timestamp,
-                    },
-                    None => Element::Record {
-                        seq: entry.seq,
-                        key: entry.key,
-                        input: c.input.decode(&entry.input).map_err(|reason| {
-                            BuildError::Checkpoint(CheckpointError::Decode {
-                                checkpoint_id: merge.checkpoint_id,
-                                what: "input of record",
-                                seq: entry.seq,
-                                reason,
-                            })
-                        })?,
-                        pushed_at: Some(std::time::Instant::now()),
-                    },
-                });
-            }
-            per_shard.push(elements);
-        }
-        Ok(per_shard)
     }
 }
 
