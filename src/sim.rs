@@ -105,7 +105,7 @@ impl<F: AsyncFunction> SimStage<F> {
             Some(c) => Some(restore::open_checkpoints(c, shards, config.mode)?),
             None => None,
         };
-        let mut restores = match (&checkpointing, &opened) {
+        let restores = match (&checkpointing, &opened) {
             (
                 Some(c),
                 Some(restore::Opened {
@@ -120,14 +120,14 @@ impl<F: AsyncFunction> SimStage<F> {
         let mut senders = vec![];
         let mut receivers = vec![];
         let mut sim_shards = vec![];
-        for index in 0..shards {
+        for (index, restore) in restores.into_iter().enumerate() {
             let (in_tx, in_rx) = flume::unbounded();
             let (out_tx, out_rx) = flume::bounded(2);
             let mut shard_config = config.clone();
             shard_config.seed = config.seed.wrapping_add(index as u64);
             let gate = Gate::default();
-            let input = futures::stream::iter(std::mem::take(&mut restores[index]))
-                .chain(GatedIngress::new(in_rx, gate.clone()));
+            let input =
+                futures::stream::iter(restore).chain(GatedIngress::new(in_rx, gate.clone()));
             let op = AsyncWait::new(
                 input,
                 factory(ShardContext { index, shards }),
