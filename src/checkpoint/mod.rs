@@ -113,3 +113,17 @@ impl CheckpointError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_no_space_and_other_errors_are_io() {
+        let full = CheckpointError::io("f", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(matches!(full, CheckpointError::NoSpace { .. }), "{full:?}");
+        assert!(full.to_string().contains("not committed"));
+        let other = CheckpointError::io("f", std::io::Error::from_raw_os_error(libc::EACCES));
+        assert!(matches!(other, CheckpointError::Io { .. }), "{other:?}");
+    }
+}
