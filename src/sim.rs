@@ -45,6 +45,14 @@ struct SimCheckpoint<I> {
     reports: flume::Sender<ShardReport>,
 }
 
+/// Where `SimStage::run_now` stopped.
+enum Now {
+    /// Nothing moves without the clock (or a marker is out).
+    Idle,
+    Ended,
+    Failed(StageError),
+}
+
 /// See the module documentation.
 pub struct SimStage<F: AsyncFunction> {
     clock: SimClock,
@@ -208,11 +216,21 @@ impl<F: AsyncFunction> SimStage<F> {
         self.consumer.commit_checkpoint(id, sink_position)
     }
 
-    /// Runs until nothing can happen without the clock moving; returns the outputs so far.
+    /// Runs until nothing can happen without the clock moving, or until a checkpoint marker
+    /// (which the caller commits before going on); returns the outputs so far.
     pub fn run_until_idle(&mut self) -> Result<Vec<Output<F::Out>>, StageError> {
+        let mut out = vec![];
+        match self.run_now(&mut out, true) {
+            Now::Failed(e) => Err(e),
+            Now::Idle | Now::Ended => Ok(out),
+        }
+    }
+
+    /// Pumps every shard and the merge until nothing moves without the clock (or, with
+    /// `stop_at_marker`, until a checkpoint marker is out), appending the outputs to `out`.
+    fn run_now(&mut self, out: &mut Vec<Output<F::Out>>, stop_at_marker: bool) -> Now {
         let waker = noop_waker();
         let mut cx = Context::from_waker(&waker);
-        let mut out = vec![];
         loop {
             let mut progressed = false;
             for shard in &mut self.shards {
@@ -226,20 +244,20 @@ impl<F: AsyncFunction> SimStage<F> {
             loop {
                 match Pin::new(&mut self.consumer).poll_next(&mut cx) {
                     Poll::Ready(Some(Ok(o))) => {
+                        let marker = matches!(o, Output::Checkpoint(_));
                         out.push(o);
                         progressed = true;
-                        // The caller commits at the marker: hand it over at once.
-                        if matches!(out.last(), Some(Output::Checkpoint(_))) {
-                            return Ok(out);
+                        if marker && stop_at_marker {
+                            return Now::Idle;
                         }
                     }
-                    Poll::Ready(Some(Err(e))) => return Err(e),
-                    Poll::Ready(None) => return Ok(out),
+                    Poll::Ready(Some(Err(e))) => return Now::Failed(e),
+                    Poll::Ready(None) => return Now::Ended,
                     Poll::Pending => break,
                 }
             }
             if !progressed {
-                return Ok(out);
+                return Now::Idle;
             }
         }
     }
@@ -285,36 +303,13 @@ impl<F: AsyncFunction> SimStage<F> {
         step: Duration,
         max_steps: usize,
     ) -> (Vec<Output<F::Out>>, Option<StageError>) {
-        let waker = noop_waker();
-        let mut cx = Context::from_waker(&waker);
         let mut out = vec![];
         for _ in 0..max_steps {
-            loop {
-                let mut progressed = false;
-                for shard in &mut self.shards {
-                    progressed |= Self::pump(shard, self.checkpoint.as_ref(), &mut cx);
-                    self.max_occupied = self.max_occupied.max(shard.op.occupied());
-                    assert!(
-                        shard.op.occupied() <= self.capacity,
-                        "in flight exceeds capacity"
-                    );
-                }
-                loop {
-                    match Pin::new(&mut self.consumer).poll_next(&mut cx) {
-                        Poll::Ready(Some(Ok(o))) => {
-                            out.push(o);
-                            progressed = true;
-                        }
-                        Poll::Ready(Some(Err(e))) => return (out, Some(e)),
-                        Poll::Ready(None) => return (out, None),
-                        Poll::Pending => break,
-                    }
-                }
-                if !progressed {
-                    break;
-                }
+            match self.run_now(&mut out, false) {
+                Now::Idle => self.clock.advance(step),
+                Now::Ended => return (out, None),
+                Now::Failed(e) => return (out, Some(e)),
             }
-            self.clock.advance(step);
         }
         panic!("the simulated stage did not finish within {max_steps} steps");
     }

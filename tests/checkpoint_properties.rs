@@ -262,6 +262,19 @@ proptest! {
     }
 }
 
+fn r(latency_ms: u64) -> Gen {
+    Gen::Record { key: 0, latency_ms }
+}
+
+fn t(push: usize, checkpoint: bool, crash: bool, advance_ms: u64) -> Tick {
+    Tick {
+        push,
+        checkpoint,
+        crash,
+        advance_ms,
+    }
+}
+
 /// Found by the property above: checkpoint 1's barrier (sequence 7) was aligned but still in
 /// the ordered merge's window behind a slow record (6) when checkpoint 2 (barrier 8) aligned.
 /// The merge's snapshot did not mention slot 7, so after a restore from checkpoint 2 the window
@@ -269,13 +282,6 @@ proptest! {
 /// barrier is now part of the snapshot, restored as a completed slot with no output.
 #[test]
 fn an_earlier_barrier_still_in_the_window_is_restored() {
-    let r = |latency_ms| Gen::Record { key: 0, latency_ms };
-    let t = |push, checkpoint, crash, advance_ms| Tick {
-        push,
-        checkpoint,
-        crash,
-        advance_ms,
-    };
     run(
         OutputMode::Ordered,
         1,
@@ -302,13 +308,6 @@ fn an_earlier_barrier_still_in_the_window_is_restored() {
 /// skipped when the window reaches it.
 #[test]
 fn many_checkpoints_behind_a_slow_record_do_not_deadlock() {
-    let r = |latency_ms| Gen::Record { key: 0, latency_ms };
-    let t = |push, checkpoint, crash, advance_ms| Tick {
-        push,
-        checkpoint,
-        crash,
-        advance_ms,
-    };
     let mut ticks = vec![
         t(1, false, false, 1),
         t(0, false, false, 4),
