@@ -209,7 +209,7 @@ fn without_crashes_the_output_is_complete() {
 }
 
 #[test]
-fn a_checkpoint_of_another_shape_is_refused() {
+fn a_checkpoint_of_another_shard_count_or_mode_is_refused() {
     let dir = tempdir("shape");
     let input = logical_input(200);
     {
@@ -249,6 +249,22 @@ fn a_checkpoint_of_another_shape_is_refused() {
     };
     assert!(
         error.contains("2 shards") && error.contains("3 shards"),
+        "{error}"
+    );
+    // Held outputs of an ordered merge mean nothing to an unordered one: refused too.
+    let error = match Stage::builder(|_ctx| {
+        from_fn(|&(p, _, _): &Input| async move { Ok::<_, std::io::Error>(Outputs::One(p)) })
+    })
+    .shards(2)
+    .mode(OutputMode::Unordered)
+    .checkpointing(Checkpointing::new(&dir, input_codec(), Codec::u64()))
+    .start()
+    {
+        Ok(_) => panic!("an ordered checkpoint restored into an unordered stage"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("mode Ordered") && error.contains("mode Unordered"),
         "{error}"
     );
     let _ = std::fs::remove_dir_all(&dir);
