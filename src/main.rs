@@ -168,6 +168,10 @@ struct BenchArgs {
     /// Keys in the embedded server's keyspace (and drawn from).
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
+    /// Pin the embedded server's executor to this core (by default it floats and competes
+    /// with the client for the same cores).
+    #[arg(long, conflicts_with = "redis")]
+    server_core: Option<usize>,
     /// Measure nothing: print the table and write the chart (--svg) of a saved JSON report.
     #[arg(long)]
     replot: Option<PathBuf>,
@@ -330,7 +334,7 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     }
 
     // The server under test, and a zero-latency twin to measure the server's limit.
-    let (_server, _limit_server, addr, limit_addr, label, configured) = match &args.redis {
+    let (server, _limit_server, addr, limit_addr, label, configured) = match &args.redis {
         Some(url) => {
             let addr = sluice::redis::parse_url(url).map_err(|e| e.to_string())?;
             if args.load {
@@ -344,6 +348,7 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
                 Server::start(ServerConfig {
                     keys: args.keys,
                     latency,
+                    cores: args.server_core.map(|c| vec![c]),
                     ..Default::default()
                 })
                 .map_err(|e| e.to_string())
@@ -362,6 +367,16 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
             )
         }
     };
+    // The embedded server's own delay beyond the configured one, over the sweep.
+    let late_mark = server.as_ref().map(|s: &Server| {
+        let st = s.stats();
+        (
+            st.replies_written
+                .load(std::sync::atomic::Ordering::Relaxed),
+            st.reply_lateness_us
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    });
     let round_trip = bench::probe_round_trip(addr, args.keys)?;
     let max_shards = *shards.iter().max().expect("non-empty");
     eprintln!(
@@ -395,6 +410,22 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     let report = bench::sweep(&config, limit, round_trip, &mut progress)?;
     bar.finish_and_clear();
     print!("{}", report.table());
+    if let (Some(server), Some((n0, l0))) = (server.as_ref(), late_mark) {
+        let st = server.stats();
+        let n = st
+            .replies_written
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - n0;
+        let l = st
+            .reply_lateness_us
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - l0;
+        eprintln!(
+            "embedded server: {n} replies, handed to the socket {:.1} us after their due time on \
+             average (its timers and write batching)",
+            l as f64 / n.max(1) as f64
+        );
+    }
     bench::write_json(&report, &args.json)?;
     bench::write_svg(&report, &args.svg)?;
     eprintln!("wrote {} and {}", args.json.display(), args.svg.display());

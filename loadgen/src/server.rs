@@ -87,6 +87,10 @@ pub struct ServerStats {
     pub sets: AtomicU64,
     pub errors_injected: AtomicU64,
     pub resets_injected: AtomicU64,
+    /// Replies written, and the sum of how late each was handed to the socket after its due
+    /// time (arrival + delay), in microseconds: the server's own contribution to latency.
+    pub replies_written: AtomicU64,
+    pub reply_lateness_us: AtomicU64,
 }
 
 /// The server could not start.
@@ -274,7 +278,9 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.split();
     let (tx, rx) = local_channel::new_bounded::<(Instant, Vec<u8>, bool)>(MAX_PENDING_REPLIES);
+    let writer_ctx = ctx.clone();
     let writer_task = glommio::spawn_local(async move {
+        let stats = &writer_ctx.stats;
         let mut out = Vec::with_capacity(64 * 1024);
         let mut next: Option<(Instant, Vec<u8>, bool)> = None;
         loop {
@@ -289,6 +295,9 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
             if due > now {
                 glommio::timer::sleep(due - now).await;
             }
+            let now = Instant::now();
+            let (mut replies, mut late_us) =
+                (1u64, now.saturating_duration_since(due).as_micros() as u64);
             out.extend_from_slice(&reply);
             let mut closing = close;
             // Batch every reply that is already due into one write.
@@ -297,6 +306,8 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
                     Some(Some((due, reply, close))) if due <= Instant::now() => {
                         out.extend_from_slice(&reply);
                         closing = close;
+                        replies += 1;
+                        late_us += now.saturating_duration_since(due).as_micros() as u64;
                     }
                     Some(Some(item)) => {
                         next = Some(item);
@@ -305,6 +316,10 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
                     _ => break,
                 }
             }
+            stats.replies_written.fetch_add(replies, Ordering::Relaxed);
+            stats
+                .reply_lateness_us
+                .fetch_add(late_us, Ordering::Relaxed);
             if writer.write_all(&out).await.is_err() {
                 return;
             }
