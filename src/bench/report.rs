@@ -32,6 +32,10 @@ pub struct Point {
     pub p99_us: u64,
     pub p999_us: u64,
     pub cpu_us_per_record: f64,
+    /// sluice's modes: median time on the wire (request handed to the socket -> reply read);
+    /// `p50_us` minus this is the client's own queueing. Absent in older reports.
+    #[serde(default)]
+    pub wire_p50_us: Option<u64>,
     pub repeats: usize,
 }
 
@@ -145,6 +149,11 @@ impl Report {
                             .map(|m| m.cpu.as_secs_f64() * 1e6 / m.records.max(1) as f64)
                             .collect(),
                     ),
+                    wire_p50_us: ms
+                        .iter()
+                        .map(|m| m.wire_us.as_ref().map(|h| h.value_at_quantile(0.5) as f64))
+                        .collect::<Option<Vec<f64>>>()
+                        .map(|v| median(v) as u64),
                     repeats: ms.len(),
                 }
             })
@@ -167,7 +176,7 @@ impl Report {
             self.server, self.round_trip_us, self.server_limit_rps, self.repeat, self.duration_s
         );
         out.push_str(&format!(
-            "{:<16} {:>6} {:>8} {:>12} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8}\n",
+            "{:<16} {:>6} {:>8} {:>12} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8}\n",
             "mode",
             "shards",
             "capacity",
@@ -177,11 +186,12 @@ impl Report {
             "p50 us",
             "p99 us",
             "p99.9 us",
-            "cpu us/r"
+            "cpu us/r",
+            "wire p50"
         ));
         for p in &self.points {
             out.push_str(&format!(
-                "{:<16} {:>6} {:>8} {:>12.0} {:>8} {:>6.0}% {:>8} {:>8} {:>9} {:>8.2}\n",
+                "{:<16} {:>6} {:>8} {:>12.0} {:>8} {:>6.0}% {:>8} {:>8} {:>9} {:>8.2} {:>8}\n",
                 p.mode,
                 p.shards,
                 if p.mode == "sync-map" {
@@ -196,7 +206,8 @@ impl Report {
                 p.p50_us,
                 p.p99_us,
                 p.p999_us,
-                p.cpu_us_per_record
+                p.cpu_us_per_record,
+                p.wire_p50_us.map_or("-".into(), |w| w.to_string())
             ));
         }
         out

@@ -16,8 +16,9 @@ use hdrhistogram::Histogram;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,9 @@ pub struct Measurement {
     pub latency_us: Histogram<u64>,
     /// Client CPU (user + system) over the run.
     pub cpu: Duration,
+    /// sluice's modes: each request's time on the wire (handed to the socket -> reply read),
+    /// microseconds; the rest of `latency_us` is the client's own queueing.
+    pub wire_us: Option<Histogram<u64>>,
 }
 
 /// Where and what to look up.
@@ -164,30 +168,36 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
                     let mut config = OperatorConfig::new();
                     config.capacity = std::num::NonZeroUsize::new(capacity).expect("capacity >= 1");
                     config.mode = OutputMode::Unordered;
-                    let mut outputs = input.async_wait(KeyLookup::new(w.addr), config);
+                    let client = Rc::new(RedisClient::new(w.addr, &ClientConfig::default()));
+                    let lookup = KeyLookup::new(client.clone(), None);
+                    let mut outputs = input.async_wait(lookup, config);
                     let mut n = 0u64;
                     while let Some(r) = outputs.next().await {
                         r.map_err(|e| e.to_string())?;
                         n += 1;
                     }
                     let latency = outputs.operator().metrics().invoke_to_emit_us.clone();
-                    Ok::<_, String>((n, latency))
+                    Ok::<_, String>((n, latency, client.wire_latency()))
                 })
                 .map_err(|e| e.to_string())
         })
         .collect::<Result<_, _>>()?;
     let mut records = 0;
     let mut latency_us = histogram();
+    let mut wire_us = histogram();
     for worker in workers {
-        let (n, h): (u64, Histogram<u64>) = worker.join().map_err(|e| e.to_string())??;
+        let (n, h, wire) = worker.join().map_err(|e| e.to_string())??;
         records += n;
         latency_us.add(&h).map_err(|e| e.to_string())?;
+        wire_us.add(&wire).map_err(|e| e.to_string())?;
     }
+    let wire_us = Some(wire_us);
     Ok(Measurement {
         records,
         elapsed: start.elapsed(),
         latency_us,
         cpu: cpu.client_since(),
+        wire_us,
     })
 }
 
@@ -243,6 +253,7 @@ fn collect(
         elapsed: start.elapsed(),
         latency_us,
         cpu: cpu.client_since(),
+        wire_us: None,
     })
 }
 
@@ -384,19 +395,23 @@ fn tokio_futures(
         elapsed,
         latency_us,
         cpu,
+        wire_us: None,
     })
 }
 
 /// GET of a key index; fails on a missing key.
 pub(crate) struct KeyLookup {
-    client: RedisClient,
+    client: Rc<RedisClient>,
+    /// Where `close` adds the client's wire times (the stage's shards).
+    wire_sink: Option<Arc<Mutex<Histogram<u64>>>>,
 }
 
 impl KeyLookup {
-    pub(crate) fn new(addr: SocketAddr) -> KeyLookup {
-        KeyLookup {
-            client: RedisClient::new(addr, &ClientConfig::default()),
-        }
+    pub(crate) fn new(
+        client: Rc<RedisClient>,
+        wire_sink: Option<Arc<Mutex<Histogram<u64>>>>,
+    ) -> Self {
+        KeyLookup { client, wire_sink }
     }
 }
 
@@ -437,6 +452,13 @@ impl AsyncFunction for KeyLookup {
             key: *key,
         }
     }
+
+    fn close(&mut self) {
+        if let Some(sink) = &self.wire_sink {
+            let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+            sink.add(self.client.wire_latency()).expect("same bounds");
+        }
+    }
 }
 
 fn sluice(
@@ -446,11 +468,16 @@ fn sluice(
     w: &Workload,
 ) -> Result<Measurement, String> {
     let addr = w.addr;
-    let mut builder = Stage::builder(move |_| KeyLookup::new(addr))
-        .shards(shards)
-        .capacity(capacity)
-        .timeout(Duration::from_secs(10))
-        .mode(mode);
+    let wire_sink = Arc::new(Mutex::new(histogram()));
+    let sink = wire_sink.clone();
+    let mut builder = Stage::builder(move |_| {
+        let client = Rc::new(RedisClient::new(addr, &ClientConfig::default()));
+        KeyLookup::new(client, Some(sink.clone()))
+    })
+    .shards(shards)
+    .capacity(capacity)
+    .timeout(Duration::from_secs(10))
+    .mode(mode);
     if mode == OutputMode::KeyOrdered {
         builder = builder.key_by(|k: &u64| *k);
     }
@@ -494,11 +521,13 @@ fn sluice(
         pushed.load(Ordering::Relaxed),
         "every pushed record came back"
     );
+    let wire_us = Some(wire_sink.lock().unwrap_or_else(|p| p.into_inner()).clone());
     Ok(Measurement {
         records,
         elapsed,
         latency_us: metrics.invoke_to_emit_us,
         cpu,
+        wire_us,
     })
 }
 

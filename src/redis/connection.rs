@@ -12,7 +12,9 @@
 //! - when the connection breaks, every pending request fails with a retryable
 //!   `ConnectionLost`, the queue is emptied, and the driver reconnects with exponential backoff;
 //!   while it waits, new requests fail at once with `Unavailable` (so the stage's retry policy,
-//!   not a hidden queue, decides what happens).
+//!   not a hidden queue, decides what happens);
+//! - every answered request's time on the wire (handed to the socket -> its reply read) goes
+//!   into `wire_us`, so a caller can tell the server and network apart from its own queueing.
 
 use super::error::RedisError;
 use super::reply::{decode_reply, Reply};
@@ -24,7 +26,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -52,6 +54,11 @@ struct State {
     ring: Box<[Slot]>,
     next_request: u64,
     next_reply: u64,
+    /// The first request not yet handed to the socket.
+    next_unsent: u64,
+    /// When each slot's request was handed to the socket.
+    sent_at: Box<[Instant]>,
+    wire_us: hdrhistogram::Histogram<u64>,
     driver: Option<Waker>,
 }
 
@@ -78,9 +85,17 @@ impl Connection {
                 ring: (0..max_in_flight.max(1)).map(|_| Slot::Free).collect(),
                 next_request: 0,
                 next_reply: 0,
+                next_unsent: 0,
+                sent_at: vec![Instant::now(); max_in_flight.max(1)].into_boxed_slice(),
+                wire_us: wire_histogram(),
                 driver: None,
             }),
         })
+    }
+
+    /// Time on the wire of every answered request so far, in microseconds.
+    pub(crate) fn wire_latency(&self) -> hdrhistogram::Histogram<u64> {
+        self.state.borrow().wire_us.clone()
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -156,6 +171,7 @@ impl Connection {
             };
         }
         st.next_reply = st.next_request;
+        st.next_unsent = st.next_request;
         st.out.clear();
     }
 
@@ -219,6 +235,10 @@ impl Connection {
             }
         }
     }
+}
+
+fn wire_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
 /// Appends `args` as a RESP2 array of bulk strings.
@@ -285,10 +305,16 @@ impl Io {
             if self.written == self.writing.len() {
                 self.writing.clear();
                 self.written = 0;
-                std::mem::swap(&mut self.writing, &mut self.conn.state.borrow_mut().out);
+                let mut st = self.conn.state.borrow_mut();
+                std::mem::swap(&mut self.writing, &mut st.out);
                 if self.writing.is_empty() {
                     break;
                 }
+                let (now, limit) = (Instant::now(), st.ring.len() as u64);
+                for id in st.next_unsent..st.next_request {
+                    st.sent_at[(id % limit) as usize] = now;
+                }
+                st.next_unsent = st.next_request;
             }
             match Pin::new(&mut self.stream).poll_write(cx, &self.writing[self.written..]) {
                 Poll::Ready(Ok(0)) => {
@@ -331,6 +357,7 @@ impl Io {
     fn complete_replies(&mut self) -> Result<(), RedisError> {
         let mut st = self.conn.state.borrow_mut();
         let limit = st.ring.len() as u64;
+        let now = Instant::now();
         loop {
             let (result, used) = match decode_reply(&self.read[self.start..self.end]) {
                 Ok(Some(found)) => found,
@@ -351,6 +378,8 @@ impl Io {
             self.start += used;
             let id = st.next_reply;
             st.next_reply += 1;
+            let wire = now.saturating_duration_since(st.sent_at[(id % limit) as usize]);
+            st.wire_us.saturating_record(wire.as_micros() as u64);
             let slot = &mut st.ring[(id % limit) as usize];
             *slot = match std::mem::replace(slot, Slot::Free) {
                 Slot::Waiting(waker) => {

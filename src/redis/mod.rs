@@ -118,6 +118,17 @@ impl RedisClient {
         GetFuture(self.command(&[b"GET", key]))
     }
 
+    /// Each answered request's time on the wire (from being handed to the socket to its
+    /// reply being read), in microseconds, over all connections: the server and the network,
+    /// without this client's own queueing before the write and after the read.
+    pub fn wire_latency(&self) -> hdrhistogram::Histogram<u64> {
+        let mut total = self.connections[0].wire_latency();
+        for c in &self.connections[1..] {
+            total.add(c.wire_latency()).expect("same bounds");
+        }
+        total
+    }
+
     /// Requests in flight over all connections.
     pub fn in_flight(&self) -> usize {
         self.connections.iter().map(|c| c.in_flight()).sum()
