@@ -213,3 +213,25 @@ fn real_redis_set_get_mget_errors_and_pipelining() {
         assert_eq!(client.command(&del).await.unwrap(), Reply::Int(500));
     });
 }
+
+#[test]
+fn time_on_the_wire_covers_the_server_delay_of_every_answered_request() {
+    let server = loadgen("3ms", 0.0, 0.0);
+    let addr = server.addr();
+    let wire = run(move || async move {
+        let client = RedisClient::new(addr, &ClientConfig::default());
+        let keys: Vec<String> = (0..200).map(keyspace::key).collect();
+        for r in join_all(keys.iter().map(|k| client.get(k.as_bytes()))).await {
+            r.unwrap();
+        }
+        client.wire_latency()
+    });
+    assert_eq!(wire.len(), 200, "one sample per answered request");
+    // The server holds each reply 3 ms; the wire time includes that, and the loopback is fast.
+    assert!(wire.min() >= 3_000, "min {} us", wire.min());
+    assert!(
+        wire.value_at_quantile(0.5) < 1_000_000,
+        "p50 {} us",
+        wire.value_at_quantile(0.5)
+    );
+}
