@@ -525,21 +525,28 @@ pub fn restore_elements<I, E>(
     let now = Instant::now();
     entries
         .iter()
-        .map(|e| {
-            Ok(match e.watermark {
-                Some(timestamp) => Element::Watermark {
-                    seq: e.seq,
-                    timestamp,
-                },
-                None => Element::Record {
-                    seq: e.seq,
-                    key: e.key,
-                    input: decode(&e.input)?,
-                    pushed_at: Some(now),
-                },
-            })
-        })
+        .map(|e| element_of(e, now, &decode))
         .collect()
+}
+
+/// One snapshot entry back as the element it was, pushed at `now`.
+pub(crate) fn element_of<I, E>(
+    e: &crate::checkpoint::EntrySnapshot,
+    now: Instant,
+    decode: impl Fn(&[u8]) -> Result<I, E>,
+) -> Result<Element<I>, E> {
+    Ok(match e.watermark {
+        Some(timestamp) => Element::Watermark {
+            seq: e.seq,
+            timestamp,
+        },
+        None => Element::Record {
+            seq: e.seq,
+            key: e.key,
+            input: decode(&e.input)?,
+            pushed_at: Some(now),
+        },
+    })
 }
 
 // No field is ever pinned: the attempt futures live in the boxed in-flight set, the input is

@@ -11,7 +11,7 @@ use crate::checkpoint::{
     CheckpointError, CheckpointStore, Checkpointing, Codec, RestoreInfo, Restored, SourcePosition,
 };
 use crate::error::BuildError;
-use crate::operator::{Element, OutputMode};
+use crate::operator::{element_of, Element, OutputMode};
 use std::sync::Arc;
 
 /// A stage's checkpoint directory, opened.
@@ -99,6 +99,7 @@ pub(crate) fn reissue<I>(
     let merge = restored.merge.as_ref().expect("checked when opened");
     let released: std::collections::HashSet<u64> =
         merge.released_in_flight.iter().copied().collect();
+    let now = std::time::Instant::now();
     let mut per_shard = Vec::with_capacity(restored.snapshots.len());
     for snapshot in &restored.snapshots {
         let mut elements = Vec::with_capacity(snapshot.entries.len());
@@ -111,25 +112,15 @@ pub(crate) fn reissue<I>(
                 entry.seq < merge.barrier_seq,
                 "a shard snapshot holds only elements before its barrier"
             );
-            elements.push(match entry.watermark {
-                Some(timestamp) => Element::Watermark {
+            let element = element_of(entry, now, |b| input.decode(b)).map_err(|reason| {
+                BuildError::Checkpoint(CheckpointError::Decode {
+                    checkpoint_id: merge.checkpoint_id,
+                    what: "input of record",
                     seq: entry.seq,
-                    timestamp,
-                },
-                None => Element::Record {
-                    seq: entry.seq,
-                    key: entry.key,
-                    input: input.decode(&entry.input).map_err(|reason| {
-                        BuildError::Checkpoint(CheckpointError::Decode {
-                            checkpoint_id: merge.checkpoint_id,
-                            what: "input of record",
-                            seq: entry.seq,
-                            reason,
-                        })
-                    })?,
-                    pushed_at: Some(std::time::Instant::now()),
-                },
-            });
+                    reason,
+                })
+            })?;
+            elements.push(element);
         }
         per_shard.push(elements);
     }
