@@ -1,9 +1,10 @@
 //! The crash test of exactly-once: `sluice enrich --checkpoint-dir` over a large input, with
 //! a lookup server (loadgen, in this process) that answers slowly, killed with SIGKILL at
-//! seeded random moments (checkpoints every 20 ms, so some kills land inside one), and
-//! re-run with the same command until it finishes. The output must then hold every input
-//! line exactly once, correctly enriched, in input order for ordered mode. A re-run after
-//! the finish must do nothing (completed marker).
+//! seeded random moments, every third kill aimed inside a checkpoint (its shard files written,
+//! its manifest not yet: the test asserts some kills landed there), and re-run with the same
+//! command until it finishes. The output must then hold every input line exactly once,
+//! correctly enriched, in input order for ordered mode. A re-run after the finish must do
+//! nothing (completed marker).
 
 use loadgen::{keyspace, LatencyModel, Server, ServerConfig};
 use serde_json::Value;
@@ -50,28 +51,63 @@ fn enrich(server: &Server, dir: &Path, mode: &str) -> Command {
     c
 }
 
-/// Runs, kills at random moments, re-runs until a run finishes; returns the number of kills.
-fn run_until_done(server: &Server, dir: &Path, mode: &str, seed: u64) -> usize {
+/// Whether a kill left a checkpoint begun but not committed: snapshot files of a checkpoint
+/// newer than the newest manifest.
+fn killed_inside_a_checkpoint(dir: &Path) -> bool {
+    let id_of = |name: &str| name.get(4..24).and_then(|d| d.parse::<u64>().ok());
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let newest_manifest = names
+        .iter()
+        .filter(|n| n.ends_with(".manifest"))
+        .filter_map(|n| id_of(n))
+        .max();
+    names
+        .iter()
+        .filter(|n| n.ends_with(".snap"))
+        .filter_map(|n| id_of(n))
+        .any(|id| newest_manifest.is_none_or(|m| id > m))
+}
+
+/// Runs, kills at random moments, re-runs until a run finishes; returns the number of kills,
+/// and how many of them landed inside a checkpoint.
+fn run_until_done(server: &Server, dir: &Path, mode: &str, seed: u64) -> (usize, usize) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let started = Instant::now();
-    let mut kills = 0;
+    let checkpoints = dir.join("checkpoints");
+    let (mut kills, mut inside) = (0, 0);
     loop {
         assert!(
             started.elapsed() < Duration::from_secs(240),
             "{mode}: not finished after {kills} kills in 240 s"
         );
         let mut child = enrich(server, dir, mode).spawn().unwrap();
-        // Mostly short lives, so most runs die mid-way; after 20 kills let it finish.
+        // Mostly short lives, so most runs die mid-way; after 20 kills let it finish. Every
+        // third kill waits for a checkpoint to be begun but not committed (shard files newer
+        // than the newest manifest) and kills right then.
         let life = Duration::from_millis(rng.u64(30..400));
         let deadline = Instant::now() + life;
+        let aim_inside = kills % 3 == 2;
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {
                 break Some(status);
             }
-            if kills < 20 && Instant::now() >= deadline {
-                break None;
+            if kills < 20 {
+                let due = if aim_inside {
+                    killed_inside_a_checkpoint(&checkpoints) || Instant::now() >= deadline + life
+                } else {
+                    Instant::now() >= deadline
+                };
+                if due {
+                    break None;
+                }
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_micros(if aim_inside { 200 } else { 2000 }));
         };
         match status {
             Some(status) => {
@@ -81,13 +117,18 @@ fn run_until_done(server: &Server, dir: &Path, mode: &str, seed: u64) -> usize {
                     kills == 0 || stderr.contains("resumed from checkpoint"),
                     "{mode}: the last run did not resume: {stderr}"
                 );
-                eprintln!("{mode}: finished after {kills} kills:\n{stderr}");
-                return kills;
+                eprintln!(
+                    "{mode}: finished after {kills} kills ({inside} inside a checkpoint):\n{stderr}"
+                );
+                return (kills, inside);
             }
             None => {
                 child.kill().unwrap(); // SIGKILL
                 child.wait().unwrap();
                 kills += 1;
+                if killed_inside_a_checkpoint(&checkpoints) {
+                    inside += 1;
+                }
             }
         }
     }
@@ -133,8 +174,9 @@ fn crash_test(mode: &str, seed: u64) {
     let dir = temp_dir(mode);
     let lines = 100_000;
     write_input(&dir.join("in.jsonl"), lines);
-    let kills = run_until_done(&server, &dir, mode, seed);
+    let (kills, inside) = run_until_done(&server, &dir, mode, seed);
     assert!(kills >= 5, "only {kills} kills: the test did not test much");
+    assert!(inside >= 1, "no kill landed inside a checkpoint");
     check_output(&dir, lines, mode == "ordered");
     // A re-run of a finished job does nothing.
     let before = std::fs::read(dir.join("out.jsonl")).unwrap();
