@@ -7,7 +7,9 @@
 //! cargo runs each test file in its own process); SIGXFSZ is ignored so that the write returns
 //! EFBIG instead of the signal ending the process.
 
-use sluice::checkpoint::{CheckpointError, CheckpointStore, Checkpointing, Codec, SourcePosition};
+use sluice::checkpoint::{
+    CheckpointError, CheckpointRefused, CheckpointStore, Checkpointing, Codec, SourcePosition,
+};
 use sluice::{from_fn, Output, OutputMode, Outputs, Stage};
 use std::time::Duration;
 
@@ -54,7 +56,14 @@ fn a_checkpoint_that_cannot_be_written_fails_cleanly_and_the_next_one_commits() 
                     offset: i + 1,
                     records: i + 1,
                 };
-                producer.checkpoint(at).unwrap();
+                // Checkpoint 1 may still be committing when the second is due: wait for it.
+                while let Err(refused) = producer.checkpoint(at) {
+                    assert!(
+                        matches!(refused, CheckpointRefused::InProgress { .. }),
+                        "{refused}"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
         }
     });
