@@ -3,8 +3,8 @@
 //! seeded random moments, every third kill aimed inside a checkpoint (its shard files written,
 //! its manifest not yet: the test asserts some kills landed there), and re-run with the same
 //! command until it finishes. The output must then hold every input line exactly once,
-//! correctly enriched, in input order for ordered mode. A re-run after the finish must do
-//! nothing (completed marker).
+//! correctly enriched, in input order for ordered mode and per user for key-ordered mode. A
+//! re-run after the finish must do nothing (completed marker).
 
 use loadgen::{keyspace, LatencyModel, Server, ServerConfig};
 use serde_json::Value;
@@ -134,10 +134,13 @@ fn run_until_done(server: &Server, dir: &Path, mode: &str, seed: u64) -> (usize,
     }
 }
 
-fn check_output(dir: &Path, lines: u64, ordered: bool) {
+/// Every line once, enriched with its user's profile; in input order (`ordered`), or in input
+/// order per user (`key-ordered`), or in any order (`unordered`).
+fn check_output(dir: &Path, lines: u64, mode: &str) {
     let text = std::fs::read_to_string(dir.join("out.jsonl")).unwrap();
     let mut seen = vec![false; lines as usize];
     let mut previous = None;
+    let mut previous_of_user = std::collections::HashMap::new();
     let mut count = 0;
     for (i, line) in text.lines().enumerate() {
         let v: Value = serde_json::from_str(line)
@@ -145,10 +148,15 @@ fn check_output(dir: &Path, lines: u64, ordered: bool) {
         let n = v["n"].as_u64().expect("n");
         assert!(!seen[n as usize], "input {n} written twice");
         seen[n as usize] = true;
-        if ordered {
+        if mode == "ordered" {
             assert_eq!(n, previous.map_or(0, |p: u64| p + 1), "out of order");
         }
         previous = Some(n);
+        if let Some(before) = previous_of_user.insert(user_of(n), n) {
+            if mode == "key-ordered" {
+                assert!(before < n, "user {}: {before} after {n}", user_of(n));
+            }
+        }
         let profile: Value =
             serde_json::from_slice(&keyspace::value(user_of(n), VALUE_SIZE)).unwrap();
         for (field, value) in profile.as_object().unwrap() {
@@ -177,7 +185,7 @@ fn crash_test(mode: &str, seed: u64) {
     let (kills, inside) = run_until_done(&server, &dir, mode, seed);
     assert!(kills >= 5, "only {kills} kills: the test did not test much");
     assert!(inside >= 1, "no kill landed inside a checkpoint");
-    check_output(&dir, lines, mode == "ordered");
+    check_output(&dir, lines, mode);
     // A re-run of a finished job does nothing.
     let before = std::fs::read(dir.join("out.jsonl")).unwrap();
     let rerun = enrich(&server, &dir, mode).output().unwrap();
@@ -197,4 +205,9 @@ fn ordered_enrich_survives_sigkill() {
 #[test]
 fn unordered_enrich_survives_sigkill() {
     crash_test("unordered", 12);
+}
+
+#[test]
+fn key_ordered_enrich_survives_sigkill() {
+    crash_test("key-ordered", 13);
 }

@@ -219,7 +219,12 @@ pub fn runners_limit(
         records: None,
         seed: 1,
     };
-    let m = runners::run(Mode::AdapterUnordered, shards, LIMIT_IN_FLIGHT_PER_SHARD, &w)?;
+    let m = runners::run(
+        Mode::AdapterUnordered,
+        shards,
+        LIMIT_IN_FLIGHT_PER_SHARD,
+        &w,
+    )?;
     Ok(m.records as f64 / m.elapsed.as_secs_f64())
 }
 
