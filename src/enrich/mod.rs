@@ -557,33 +557,34 @@ pub fn run(
                         last_checkpoint = Instant::now();
                     }
                     line_no += 1;
-                    let mut bytes = match input.read_until(b'\n', &mut buffer) {
+                    // One buffer for every line: parsing borrows it, so a line costs no
+                    // allocation of its own.
+                    buffer.clear();
+                    match input.read_until(b'\n', &mut buffer) {
                         Ok(0) => break,
-                        Ok(n) => {
-                            offset += n as u64;
-                            std::mem::replace(&mut buffer, Vec::with_capacity(1024))
-                        }
+                        Ok(n) => offset += n as u64,
                         Err(e) => {
                             fail(format!("reading line {line_no}: {e}"));
                             break;
                         }
-                    };
-                    if bytes.last() == Some(&b'\n') {
-                        bytes.pop();
                     }
-                    if bytes.last() == Some(&b'\r') {
-                        bytes.pop(); // CRLF line endings
+                    let mut bytes = buffer.as_slice();
+                    if let [rest @ .., b'\n'] = bytes {
+                        bytes = rest;
+                    }
+                    if let [rest @ .., b'\r'] = bytes {
+                        bytes = rest; // CRLF line endings
                     }
                     state.lines_read.fetch_add(1, Ordering::Relaxed);
-                    let parsed = match String::from_utf8(bytes) {
-                        Ok(text) => parse_line(&config, line_no, &text),
+                    let parsed = match std::str::from_utf8(bytes) {
+                        Ok(text) => parse_line(&config, line_no, text),
                         Err(e) => Parsed::Bad(BadRecord {
                             line: line_no,
                             reason: format!(
                                 "not UTF-8 (invalid byte at column {})",
-                                e.utf8_error().valid_up_to() + 1
+                                e.valid_up_to() + 1
                             ),
-                            text: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                            text: String::from_utf8_lossy(bytes).into_owned(),
                         }),
                     };
                     match parsed {
