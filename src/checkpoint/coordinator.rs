@@ -163,21 +163,13 @@ impl Coordinator {
                 other.map(|(i, _)| i)
             ),
         };
-        let result = self.write_files(merge).and_then(|files| {
-            self.store
-                .commit(id, source, sink_position, files)
-                .inspect_err(|e| {
-                    if !matches!(e, CheckpointError::Fsync { .. }) {
-                        self.store.discard(id);
-                    }
-                })
-        });
+        let result = self
+            .write_files(merge)
+            .and_then(|files| self.store.commit(id, source, sink_position, files));
         match &result {
-            Err(CheckpointError::Fsync { .. }) => {
-                self.state().in_progress = None;
-            }
+            // Leave the files of a failed fsync alone: the process is about to stop.
+            Ok(()) | Err(CheckpointError::Fsync { .. }) => self.state().in_progress = None,
             Err(_) => self.abort(id),
-            Ok(()) => self.state().in_progress = None,
         }
         result
     }
