@@ -7,7 +7,7 @@
 //! checkpoint barrier stops the input (`GatedIngress`) until the shard has snapshotted the
 //! operator, which then holds every element before the barrier and none after it, and the
 //! barrier is forwarded to the merge after every output emitted before it; the snapshot file
-//! is written by a task of its own and awaited before the shard ends; the shard always
+//! is written by a task of its own, and the last one is awaited before the shard ends; the shard always
 //! ends its egress with `Finished` or `Failed` (a panic in user code becomes `Failed`), unless
 //! the consumer is gone; when the consumer is gone the shard stops and drops its input, so the
 //! producer's next push fails instead of blocking forever.
@@ -162,7 +162,10 @@ where
         let gate: Gate = Rc::new(Cell::new(None));
         let input = futures::stream::iter(restore).chain(GatedIngress::new(ingress, gate.clone()));
         let mut op = AsyncWait::with_metrics(input, func, config, GlommioClock, Some(metrics));
-        let mut writes = Vec::new();
+        // The last checkpoint's file write. One checkpoint is in progress at a time and the
+        // next begins only after every shard reported, so earlier writes have finished (or,
+        // after an aborted commit, are left to finish on their own): keep one, not a list.
+        let mut last_write: Option<glommio::Task<()>> = None;
         loop {
             let step = futures::future::poll_fn(|cx| match op.poll_next_unpin(cx) {
                 Poll::Ready(item) => Poll::Ready(Step::Item(item)),
@@ -188,10 +191,13 @@ where
                     op.seal_watermarks();
                     let (dir, reports) = (checkpoint.dir.clone(), checkpoint.reports.clone());
                     let shard = context.index;
-                    writes.push(glommio::spawn_local(async move {
+                    let write = glommio::spawn_local(async move {
                         let result = write_shard_snapshot(dir, snapshot).await;
                         let _ = reports.send_async(ShardReport { id, shard, result }).await;
-                    }));
+                    });
+                    if let Some(previous) = last_write.replace(write) {
+                        previous.detach();
+                    }
                     gate.set(None);
                     if egress
                         .send_async(Egress::Barrier { seq, id })
@@ -234,7 +240,7 @@ where
             }
         }
         op.close();
-        for write in writes {
+        if let Some(write) = last_write {
             write.await;
         }
         true
