@@ -96,7 +96,6 @@ enum Pending<O> {
 struct Aligning {
     id: u64,
     seq: u64,
-    arrivals: usize,
     /// Sequence numbers below `seq` released since the first barrier arrived.
     released: Vec<u64>,
 }
@@ -259,7 +258,6 @@ impl<O: 'static> Consumer<O> {
         let aligning = self.aligning.get_or_insert(Aligning {
             id,
             seq,
-            arrivals: 0,
             released: vec![],
         });
         assert!(
@@ -267,9 +265,12 @@ impl<O: 'static> Consumer<O> {
             "checkpoint {id} arrived while {} is aligning (one at a time)",
             aligning.id
         );
-        aligning.arrivals += 1;
+        assert!(
+            !self.ports[p].passed_checkpoint,
+            "shard {p} delivered checkpoint {id}'s barrier twice"
+        );
         self.ports[p].passed_checkpoint = true;
-        if aligning.arrivals == self.ports.len() {
+        if self.ports.iter().all(|port| port.passed_checkpoint) {
             self.align();
         }
     }
