@@ -210,23 +210,11 @@ fn sync_map(shards: usize, w: &Workload) -> Result<Measurement, String> {
         .map(|s| {
             let (w, mut budget) = (w.clone(), budget.clone());
             std::thread::spawn(move || -> WorkerResult {
-                let mut client = BlockingClient::connect(w.addr)
-                    .map_err(|e| format!("connect {}: {e}", w.addr))?;
                 let mut keys = Keys::new(w.seed, s, w.keys);
-                let mut hist = histogram();
-                let mut buf = [0u8; 32];
-                let mut n = 0;
-                while budget.take() {
-                    let k = keys.next();
-                    let t = Instant::now();
-                    client
-                        .get(key_of(k, &mut buf))
-                        .map_err(|e| e.to_string())?
-                        .ok_or_else(|| missing(k))?;
-                    record_latency(&mut hist, t.elapsed());
-                    n += 1;
-                }
-                Ok((n, hist))
+                blocking_lookups(
+                    w.addr,
+                    std::iter::from_fn(|| budget.take().then(|| keys.next())),
+                )
             })
         })
         .collect();
@@ -235,6 +223,24 @@ fn sync_map(shards: usize, w: &Workload) -> Result<Measurement, String> {
 
 /// A baseline worker's result: lookups done and their latencies.
 type WorkerResult = Result<(u64, Histogram<u64>), String>;
+
+/// One blocking client looking up `keys` one at a time, timing each.
+fn blocking_lookups(addr: SocketAddr, keys: impl Iterator<Item = u64>) -> WorkerResult {
+    let mut client = BlockingClient::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut hist = histogram();
+    let mut buf = [0u8; 32];
+    let mut n = 0;
+    for k in keys {
+        let t = Instant::now();
+        client
+            .get(key_of(k, &mut buf))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| missing(k))?;
+        record_latency(&mut hist, t.elapsed());
+        n += 1;
+    }
+    Ok((n, hist))
+}
 
 fn collect(
     workers: Vec<std::thread::JoinHandle<WorkerResult>>,
@@ -277,23 +283,7 @@ fn thread_pool(threads: usize, w: &Workload) -> Result<Measurement, String> {
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             let (rx, addr) = (rx.clone(), w.addr);
-            std::thread::spawn(move || -> WorkerResult {
-                let mut client =
-                    BlockingClient::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-                let mut hist = histogram();
-                let mut buf = [0u8; 32];
-                let mut n = 0;
-                for k in rx.iter() {
-                    let t = Instant::now();
-                    client
-                        .get(key_of(k, &mut buf))
-                        .map_err(|e| e.to_string())?
-                        .ok_or_else(|| missing(k))?;
-                    record_latency(&mut hist, t.elapsed());
-                    n += 1;
-                }
-                Ok((n, hist))
-            })
+            std::thread::spawn(move || -> WorkerResult { blocking_lookups(addr, rx.iter()) })
         })
         .collect();
     drop(rx);
