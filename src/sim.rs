@@ -378,12 +378,6 @@ fn write_snapshot(
     dir: &std::path::Path,
     snapshot: &ShardSnapshot,
 ) -> Result<ManifestFile, CheckpointError> {
-    let name = crate::checkpoint::store_snapshot_name(snapshot.checkpoint_id, snapshot.shard);
-    let bytes = snapshot.encode()?;
-    crate::checkpoint::store_write_durably(&dir.join(&name), &bytes)?;
-    Ok(ManifestFile {
-        name,
-        len: bytes.len() as u64,
-        crc32: crc32fast::hash(&bytes),
-    })
+    let name = crate::checkpoint::snapshot_name(snapshot.checkpoint_id, snapshot.shard);
+    crate::checkpoint::write_file_durably(dir, name, &snapshot.encode()?)
 }

@@ -12,8 +12,8 @@
 //!   the caller must stop the process.
 
 use super::{
-    store, CheckpointError, CheckpointStore, Codec, ManifestFile, MergeSnapshot, ShardSnapshot,
-    SourcePosition,
+    snapshot_name, CheckpointError, CheckpointStore, Codec, ManifestFile, MergeSnapshot,
+    ShardSnapshot, SourcePosition,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -202,7 +202,7 @@ pub(crate) async fn write_shard_snapshot(
     dir: PathBuf,
     snapshot: ShardSnapshot,
 ) -> Result<ManifestFile, CheckpointError> {
-    let name = store::snapshot_name(snapshot.checkpoint_id, snapshot.shard);
+    let name = snapshot_name(snapshot.checkpoint_id, snapshot.shard);
     let path = dir.join(&name);
     let bytes = snapshot.encode()?;
     let io = |e: glommio::GlommioError<()>| CheckpointError::io(&path, e.into());
@@ -226,9 +226,5 @@ pub(crate) async fn write_shard_snapshot(
         source: e.into(),
     })?;
     file.close().await.map_err(io)?;
-    Ok(ManifestFile {
-        name,
-        len: bytes.len() as u64,
-        crc32: crc32fast::hash(&bytes),
-    })
+    Ok(ManifestFile::of(name, &bytes))
 }

@@ -19,6 +19,17 @@ pub struct ManifestFile {
     pub crc32: u32,
 }
 
+impl ManifestFile {
+    /// The entry for file `name` holding `bytes`.
+    pub fn of(name: String, bytes: &[u8]) -> ManifestFile {
+        ManifestFile {
+            name,
+            len: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+        }
+    }
+}
+
 /// A checkpoint's description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {

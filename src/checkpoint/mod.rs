@@ -28,9 +28,7 @@ pub use coordinator::{CheckpointRefused, Checkpointing, RestoreInfo};
 pub use manifest::{Manifest, ManifestFile, MANIFEST_VERSION};
 pub use merge_snapshot::{HeldEntry, MergeSnapshot};
 pub use snapshot::{EntrySnapshot, ShardSnapshot, SNAPSHOT_VERSION};
-pub(crate) use store::{
-    snapshot_name as store_snapshot_name, write_durably as store_write_durably,
-};
+pub(crate) use store::{replace_durably, snapshot_name, write_file_durably};
 pub use store::{CheckpointStore, Restored};
 
 /// Where a source resumes after a restore: an offset in its own terms (a file's byte

@@ -49,8 +49,30 @@ fn fsync(file: &File, path: &Path) -> Result<(), CheckpointError> {
     })
 }
 
+/// Writes file `name` in `dir` durably and describes it for a manifest.
+pub(crate) fn write_file_durably(
+    dir: &Path,
+    name: String,
+    bytes: &[u8],
+) -> Result<ManifestFile, CheckpointError> {
+    write_durably(&dir.join(&name), bytes)?;
+    Ok(ManifestFile::of(name, bytes))
+}
+
+/// Makes `dir/name` hold `bytes` atomically and durably: written to a temporary name and
+/// fsynced, renamed over `name`, then the directory fsynced. A crash leaves the old file or the
+/// new one, never a part.
+pub(crate) fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let temp = dir.join(format!("{name}.tmp"));
+    write_durably(&temp, bytes)?;
+    let final_path = dir.join(name);
+    fs::rename(&temp, &final_path).map_err(|e| CheckpointError::io(&final_path, e))?;
+    let handle = File::open(dir).map_err(|e| CheckpointError::io(dir, e))?;
+    fsync(&handle, dir)
+}
+
 /// Writes a whole file and fsyncs it.
-pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -127,12 +149,7 @@ impl CheckpointStore {
     }
 
     fn write_file(&self, name: String, bytes: &[u8]) -> Result<ManifestFile, CheckpointError> {
-        write_durably(&self.dir.join(&name), bytes)?;
-        Ok(ManifestFile {
-            name,
-            len: bytes.len() as u64,
-            crc32: crc32fast::hash(bytes),
-        })
+        write_file_durably(&self.dir, name, bytes)
     }
 
     /// Makes checkpoint `id` exist: its `files` must already be durable. Writes the manifest
@@ -153,12 +170,7 @@ impl CheckpointStore {
             sink_position,
             files,
         };
-        let temp = self.dir.join(format!("{}.tmp", manifest_name(id)));
-        write_durably(&temp, &manifest.encode()?)?;
-        let final_path = self.dir.join(manifest_name(id));
-        fs::rename(&temp, &final_path).map_err(|e| CheckpointError::io(&final_path, e))?;
-        let dir = File::open(&self.dir).map_err(|e| CheckpointError::io(&self.dir, e))?;
-        fsync(&dir, &self.dir)?;
+        replace_durably(&self.dir, &manifest_name(id), &manifest.encode()?)?;
         self.remove_older_than_kept()
     }
 

@@ -14,7 +14,7 @@ use super::{Enriched, Lookup, Record};
 use crate::checkpoint::{Codec, RestoreInfo};
 use serde_json::{Map, Value};
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Seek, SeekFrom, Write};
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,16 +23,10 @@ pub fn completed_marker(dir: &Path) -> PathBuf {
     dir.join("completed")
 }
 
-/// Writes the completed marker durably (file fsynced, then the directory).
+/// Writes the completed marker durably (see `replace_durably`).
 pub(crate) fn mark_completed(dir: &Path, summary_json: &str) -> Result<(), String> {
-    let path = completed_marker(dir);
-    let temp = dir.join("completed.tmp");
-    let error = |e: std::io::Error| format!("completed marker {}: {e}", path.display());
-    let mut f = File::create(&temp).map_err(error)?;
-    f.write_all(summary_json.as_bytes()).map_err(error)?;
-    f.sync_all().map_err(error)?;
-    std::fs::rename(&temp, &path).map_err(error)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(error)
+    crate::checkpoint::replace_durably(dir, "completed", summary_json.as_bytes())
+        .map_err(|e| format!("completed marker: {e}"))
 }
 
 /// Opens the input at the restored position (or its start); returns it with the number of
