@@ -283,10 +283,23 @@ where
         entries
     }
 
-    /// After a checkpoint's snapshot: the next watermark must not fold into one the snapshot
-    /// holds, since restore re-issues that one under its own sequence number.
-    pub(crate) fn seal_watermarks(&mut self) {
+    /// A shard's part of checkpoint `checkpoint_id`, taken where its input stopped at the
+    /// barrier: [`Self::snapshot`], after which the next watermark no longer folds into one the
+    /// snapshot holds (restore re-issues that one under its own sequence number).
+    pub(crate) fn checkpoint(
+        &mut self,
+        checkpoint_id: u64,
+        shard: usize,
+        encode: impl Fn(&F::In) -> Vec<u8>,
+    ) -> crate::checkpoint::ShardSnapshot {
+        let entries = self.snapshot(encode);
         self.queue.seal();
+        crate::checkpoint::ShardSnapshot {
+            checkpoint_id,
+            shard: shard as u32,
+            watermark: None,
+            entries,
+        }
     }
 
     /// Runs the function's `close` (once) and publishes the final metrics.

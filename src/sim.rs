@@ -349,13 +349,9 @@ impl<F: AsyncFunction> SimStage<F> {
                 Poll::Pending => match shard.gate.get() {
                     Some((seq, id)) => {
                         let checkpoint = checkpoint.expect("barriers need checkpointing");
-                        let snapshot = ShardSnapshot {
-                            checkpoint_id: id,
-                            shard: shard.index as u32,
-                            watermark: None,
-                            entries: shard.op.snapshot(|i| checkpoint.input.encode(i)),
-                        };
-                        shard.op.seal_watermarks();
+                        let snapshot = shard
+                            .op
+                            .checkpoint(id, shard.index, |i| checkpoint.input.encode(i));
                         let result = write_snapshot(&checkpoint.dir, &snapshot);
                         let report = ShardReport {
                             id,

@@ -15,7 +15,7 @@
 use super::merge::Egress;
 use super::producer::Inbound;
 use crate::checkpoint::coordinator::{write_shard_snapshot, ShardReport};
-use crate::checkpoint::{Codec, ShardSnapshot};
+use crate::checkpoint::Codec;
 use crate::clock::GlommioClock;
 use crate::error::StageError;
 use crate::function::AsyncFunction;
@@ -182,13 +182,8 @@ where
                     let checkpoint = checkpoint
                         .as_ref()
                         .expect("barriers come only from a stage with checkpointing");
-                    let snapshot = ShardSnapshot {
-                        checkpoint_id: id,
-                        shard: context.index as u32,
-                        watermark: None,
-                        entries: op.snapshot(|input| checkpoint.input.encode(input)),
-                    };
-                    op.seal_watermarks();
+                    let snapshot =
+                        op.checkpoint(id, context.index, |input| checkpoint.input.encode(input));
                     let (dir, reports) = (checkpoint.dir.clone(), checkpoint.reports.clone());
                     let shard = context.index;
                     let write = glommio::spawn_local(async move {
