@@ -14,7 +14,6 @@ fn snapshot(entries: u64) -> ShardSnapshot {
     ShardSnapshot {
         checkpoint_id: 1,
         shard: 0,
-        watermark: Some(1_700_000_000_000),
         entries: (0..entries)
             .map(|i| {
                 let mut input = i.to_le_bytes().to_vec();

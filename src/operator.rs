@@ -297,7 +297,6 @@ where
         crate::checkpoint::ShardSnapshot {
             checkpoint_id,
             shard: shard as u32,
-            watermark: None,
             entries,
         }
     }

@@ -16,7 +16,6 @@ fn snapshots(id: u64, entries: u64) -> Vec<ShardSnapshot> {
         .map(|shard| ShardSnapshot {
             checkpoint_id: id,
             shard,
-            watermark: Some(id * 10),
             entries: (0..entries)
                 .map(|i| EntrySnapshot {
                     seq: id * 1000 + i * 2 + shard as u64,

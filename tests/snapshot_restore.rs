@@ -114,7 +114,6 @@ fn crash_and_restore(
     let snapshot = ShardSnapshot {
         checkpoint_id: 1,
         shard: 0,
-        watermark: None,
         entries,
     };
     store

@@ -107,7 +107,6 @@ mod tests {
         let shard = super::super::ShardSnapshot {
             checkpoint_id: 3,
             shard: 0,
-            watermark: None,
             entries: vec![],
         };
         assert!(MergeSnapshot::decode(&shard.encode().unwrap(), Path::new("m")).is_err());

@@ -67,8 +67,6 @@ pub struct EntrySnapshot {
 pub struct ShardSnapshot {
     pub checkpoint_id: u64,
     pub shard: u32,
-    /// The last watermark the shard had emitted, if any.
-    pub watermark: Option<u64>,
     /// In-flight entries, in sequence order.
     pub entries: Vec<EntrySnapshot>,
 }
@@ -174,7 +172,6 @@ mod tests {
         ShardSnapshot {
             checkpoint_id: 7,
             shard: 1,
-            watermark: Some(99),
             entries: (0..5)
                 .map(|i| EntrySnapshot {
                     seq: i * 2,
