@@ -172,6 +172,11 @@ struct BenchArgs {
     /// with the client for the same cores).
     #[arg(long, conflicts_with = "redis")]
     server_core: Option<usize>,
+    /// The sluice modes' Redis client completes at most 1/N of a connection's requests in
+    /// flight per turn before writing the requests those completions issued (1: all that
+    /// arrived; see docs/benchmarks.md, section 3).
+    #[arg(long, default_value_t = sluice::redis::ClientConfig::default().reply_split)]
+    reply_split: usize,
     /// Measure nothing: print the table and write the chart (--svg) of a saved JSON report.
     #[arg(long)]
     replot: Option<PathBuf>,
@@ -332,6 +337,11 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     if shards.contains(&0) || capacities.contains(&0) {
         return Err("shards and capacities must be at least 1".into());
     }
+    if args.reply_split == 0 {
+        return Err(
+            "--reply-split must be at least 1 (1 completes every reply that arrived)".into(),
+        );
+    }
 
     // The server under test, and a zero-latency twin to measure the server's limit.
     let (server, _limit_server, addr, limit_addr, label, configured) = match &args.redis {
@@ -396,6 +406,10 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         records: args.records,
         repeat,
         seed: 42,
+        client: sluice::redis::ClientConfig {
+            reply_split: args.reply_split,
+            ..Default::default()
+        },
     };
     let bar = ProgressBar::new(1);
     bar.set_style(

@@ -62,6 +62,43 @@ fn gets_hits_and_misses_pipelined_against_loadgen() {
     assert_eq!((hits, misses), (1_000, 200));
 }
 
+/// The driver completes a share of the window per turn and writes the requests those
+/// completions issue before completing more: with any split, a closed loop (new requests as
+/// replies arrive, as the operator does) gets every reply, matched to its request, in order.
+#[test]
+fn every_reply_split_matches_replies_to_requests_in_a_closed_loop() {
+    use futures::StreamExt;
+    let server = loadgen("200us", 0.0, 0.0);
+    let addr = server.addr();
+    for reply_split in [1, 2, 4, 1_000] {
+        let answered = run(move || async move {
+            let client = RedisClient::new(
+                addr,
+                &ClientConfig {
+                    reply_split,
+                    ..Default::default()
+                },
+            );
+            let client = &client;
+            let mut replies = futures::stream::iter(0..3_000u64)
+                .map(|i| async move { (i, client.get(keyspace::key(i % 1_000).as_bytes()).await) })
+                .buffered(64);
+            let mut answered = 0u64;
+            while let Some((i, reply)) = replies.next().await {
+                assert_eq!(i, answered, "split {reply_split}: replies in request order");
+                assert_eq!(
+                    reply.unwrap(),
+                    Some(keyspace::value(i % 1_000, 128)),
+                    "split {reply_split}: reply {i} matched to its request"
+                );
+                answered += 1;
+            }
+            answered
+        });
+        assert_eq!(answered, 3_000, "split {reply_split}");
+    }
+}
+
 #[test]
 fn error_replies_are_typed_and_not_retryable() {
     let server = loadgen("0ms", 1.0, 0.0);

@@ -116,6 +116,8 @@ pub struct SweepConfig {
     pub records: Option<u64>,
     pub repeat: usize,
     pub seed: u64,
+    /// The sluice modes' Redis client settings.
+    pub client: crate::redis::ClientConfig,
 }
 
 /// Called before each point with (done, total, label).
@@ -183,6 +185,7 @@ pub fn sweep(
                 duration: config.duration,
                 records: config.records,
                 seed: config.seed.wrapping_add(r as u64),
+                client: config.client.clone(),
             };
             let m = runners::run(mode, shards, capacity, &workload)
                 .map_err(|e| format!("{mode} shards={shards} capacity={capacity}: {e}"))?;
@@ -218,6 +221,7 @@ pub fn runners_limit(
         duration,
         records: None,
         seed: 1,
+        client: Default::default(),
     };
     let m = runners::run(
         Mode::AdapterUnordered,

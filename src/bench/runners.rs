@@ -45,6 +45,8 @@ pub struct Workload {
     /// Instead of `duration`: stop after this many records in all.
     pub records: Option<u64>,
     pub seed: u64,
+    /// The sluice modes' Redis client settings (`--reply-split`).
+    pub client: ClientConfig,
 }
 
 /// When a point stops producing records: after `Workload::records` records in all (shared by
@@ -168,7 +170,7 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
                     let mut config = OperatorConfig::new();
                     config.capacity = std::num::NonZeroUsize::new(capacity).expect("capacity >= 1");
                     config.mode = OutputMode::Unordered;
-                    let client = Rc::new(RedisClient::new(w.addr, &ClientConfig::default()));
+                    let client = Rc::new(RedisClient::new(w.addr, &w.client));
                     let lookup = KeyLookup::new(client.clone(), None);
                     let mut outputs = input.async_wait(lookup, config);
                     let mut n = 0u64;
@@ -457,11 +459,11 @@ fn sluice(
     capacity: usize,
     w: &Workload,
 ) -> Result<Measurement, String> {
-    let addr = w.addr;
+    let (addr, client_config) = (w.addr, w.client.clone());
     let wire_sink = Arc::new(Mutex::new(histogram()));
     let sink = wire_sink.clone();
     let mut builder = Stage::builder(move |_| {
-        let client = Rc::new(RedisClient::new(addr, &ClientConfig::default()));
+        let client = Rc::new(RedisClient::new(addr, &client_config));
         KeyLookup::new(client, Some(sink.clone()))
     })
     .shards(shards)

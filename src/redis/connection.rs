@@ -71,14 +71,22 @@ pub(crate) struct Backoff {
 
 pub(crate) struct Connection {
     addr: SocketAddr,
+    reply_split: usize,
     state: RefCell<State>,
 }
 
 impl Connection {
     /// A connection to `addr` whose driver must be spawned with [`Connection::drive`].
-    pub(crate) fn new(addr: SocketAddr, max_in_flight: usize) -> Rc<Connection> {
+    /// At most `in flight / reply_split` replies are completed per turn of the driver (see
+    /// `Io::poll`); 1 completes all that arrived.
+    pub(crate) fn new(
+        addr: SocketAddr,
+        max_in_flight: usize,
+        reply_split: usize,
+    ) -> Rc<Connection> {
         Rc::new(Connection {
             addr,
+            reply_split: reply_split.max(1),
             state: RefCell::new(State {
                 status: Status::Connecting,
                 out: Vec::with_capacity(READ_CHUNK),
@@ -325,8 +333,24 @@ impl Io {
                 Poll::Pending => break,
             }
         }
-        // Read and complete replies.
+        // Complete replies already buffered, then read more. At most 1/`reply_split` of the
+        // requests in flight are completed per poll: the driver then yields, so their futures'
+        // owners issue the next requests, which the next poll writes before completing more.
+        // The server then works on those while this side handles the rest of the batch,
+        // instead of the two sides taking turns on whole windows (docs/benchmarks.md, 3).
+        let mut budget = {
+            let st = self.conn.state.borrow();
+            ((st.next_request - st.next_reply) as usize / self.conn.reply_split).max(1)
+        };
         loop {
+            match self.complete_replies(&mut budget) {
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(true) => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Ok(false) => {}
+            }
             if self.end == self.read.len() {
                 if self.start > 0 {
                     self.read.copy_within(self.start..self.end, 0);
@@ -341,12 +365,7 @@ impl Io {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(self.broken("the server closed the connection")))
                 }
-                Poll::Ready(Ok(n)) => {
-                    self.end += n;
-                    if let Err(e) = self.complete_replies() {
-                        return Poll::Ready(Err(e));
-                    }
-                }
+                Poll::Ready(Ok(n)) => self.end += n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(self.broken(e))),
                 Poll::Pending => break,
             }
@@ -354,11 +373,16 @@ impl Io {
         Poll::Pending
     }
 
-    fn complete_replies(&mut self) -> Result<(), RedisError> {
+    /// Completes buffered replies until the buffer holds no whole reply or `budget` runs out;
+    /// returns whether it ran out with a whole reply possibly left.
+    fn complete_replies(&mut self, budget: &mut usize) -> Result<bool, RedisError> {
         let mut st = self.conn.state.borrow_mut();
         let limit = st.ring.len() as u64;
         let now = Instant::now();
         loop {
+            if *budget == 0 {
+                return Ok(self.start < self.end);
+            }
             let (result, used) = match decode_reply(&self.read[self.start..self.end]) {
                 Ok(Some(found)) => found,
                 Ok(None) => break,
@@ -376,6 +400,7 @@ impl Io {
                 });
             }
             self.start += used;
+            *budget -= 1;
             let id = st.next_reply;
             st.next_reply += 1;
             let wire = now.saturating_duration_since(st.sent_at[(id % limit) as usize]);
@@ -396,7 +421,7 @@ impl Io {
             self.start = 0;
             self.end = 0;
         }
-        Ok(())
+        Ok(false)
     }
 }
 
