@@ -27,3 +27,26 @@ taskset -c 0 ./target/release/sluice bench --redis "redis://127.0.0.1:$port" --l
     --capacities 64,256 --modes tokio-buffered,tokio-unordered,ordered,unordered,key-ordered,adapter-unordered \
     --duration 3s --repeat 3 --json "$out/redis-1shard.json" --svg "$out/redis-1shard.svg" |
     tee "$out/redis-1shard.txt"
+# The connection driver's reply split (docs/benchmarks.md, section 3): 1 completes every reply
+# that arrived before writing; N completes at most 1/N of the window per turn. Alternating
+# invocations, 3 rounds; the server's CPU share (from /proc) over each invocation, which
+# measures no server limit (--server-limit: the `eff.` column there is Little's law only).
+pid=$(pgrep -f "redis-server 127.0.0.1:$port" | head -1)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+{
+    for round in 1 2 3; do
+        for split in 1 2 4; do
+            for cap in 64 256; do
+                for mode in unordered adapter-unordered; do
+                    t0=$(cpu_ticks); s0=$(date +%s%N)
+                    line=$(taskset -c 0 ./target/release/sluice bench --redis "redis://127.0.0.1:$port" \
+                        --shards 1 --capacities "$cap" --modes "$mode" --duration 3s --reply-split "$split" --server-limit 1e9 \
+                        --json /tmp/sluice-split.json --svg /tmp/sluice-split.svg 2>/dev/null | grep "^$mode")
+                    t1=$(cpu_ticks); s1=$(date +%s%N)
+                    share=$(( (t1 - t0) * 1000000000 / (s1 - s0) ))
+                    echo "round $round split $split redis-cpu ${share}% $line"
+                done
+            done
+        done
+    done
+} | tee "$out/redis-reply-split.txt"

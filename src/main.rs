@@ -177,6 +177,11 @@ struct BenchArgs {
     /// arrived; see docs/benchmarks.md, section 3).
     #[arg(long, default_value_t = sluice::redis::ClientConfig::default().reply_split)]
     reply_split: usize,
+    /// Use this server limit (records/s, the ideal's cap) instead of measuring it first
+    /// (for repeated runs against the same server, or to keep the server's CPU figures to
+    /// the sweep itself).
+    #[arg(long)]
+    server_limit: Option<f64>,
     /// Measure nothing: print the table and write the chart (--svg) of a saved JSON report.
     #[arg(long)]
     replot: Option<PathBuf>,
@@ -337,6 +342,11 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     if shards.contains(&0) || capacities.contains(&0) {
         return Err("shards and capacities must be at least 1".into());
     }
+    if let Some(rps) = args.server_limit {
+        if !(rps.is_finite() && rps > 0.0) {
+            return Err(format!("--server-limit must be a positive rate, got {rps}"));
+        }
+    }
     if args.reply_split == 0 {
         return Err(
             "--reply-split must be at least 1 (1 completes every reply that arrived)".into(),
@@ -390,9 +400,16 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     let round_trip = bench::probe_round_trip(addr, args.keys)?;
     let max_shards = *shards.iter().max().expect("non-empty");
     eprintln!(
-        "sluice bench: {label}; round trip {round_trip:.2?}; measuring the server's limit ..."
+        "sluice bench: {label}; round trip {round_trip:.2?}; {}",
+        match args.server_limit {
+            Some(rps) => format!("server limit given: {rps} records/s"),
+            None => "measuring the server's limit ...".into(),
+        }
     );
-    let limit = bench::runners_limit(limit_addr, args.keys, max_shards, duration)?;
+    let limit = match args.server_limit {
+        Some(rps) => rps,
+        None => bench::runners_limit(limit_addr, args.keys, max_shards, duration)?,
+    };
 
     let config = SweepConfig {
         addr,
