@@ -30,6 +30,12 @@ use std::time::{Duration, Instant};
 
 const READ_CHUNK: usize = 64 * 1024;
 
+/// The fewest replies a driver turn completes (when that many are there). Smaller windows are
+/// not split: each turn costs the caller a wake-up (a `Stage` hands a batch to its consumer
+/// thread per turn), and against a server with a real delay, splitting 8 in flight in 4 turns
+/// doubled the stage's CPU per record for nothing (docs/benchmarks.md, section 3).
+const MIN_REPLIES_PER_TURN: usize = 16;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Status {
     /// Connecting (at start or after a backoff): requests queue up.
@@ -77,8 +83,8 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// A connection to `addr` whose driver must be spawned with [`Connection::drive`].
-    /// At most `in flight / reply_split` replies are completed per turn of the driver (see
-    /// `Io::poll`); 1 completes all that arrived.
+    /// At most `in flight / reply_split` replies (at least `MIN_REPLIES_PER_TURN`) are
+    /// completed per turn of the driver (see `Io::poll`); 1 completes all that arrived.
     pub(crate) fn new(
         addr: SocketAddr,
         max_in_flight: usize,
@@ -334,13 +340,14 @@ impl Io {
             }
         }
         // Complete replies already buffered, then read more. At most 1/`reply_split` of the
-        // requests in flight are completed per poll: the driver then yields, so their futures'
+        // requests in flight (but at least `MIN_REPLIES_PER_TURN`) are completed per poll: the driver then yields, so their futures'
         // owners issue the next requests, which the next poll writes before completing more.
         // The server then works on those while this side handles the rest of the batch,
         // instead of the two sides taking turns on whole windows (docs/benchmarks.md, 3).
         let mut budget = {
             let st = self.conn.state.borrow();
-            ((st.next_request - st.next_reply) as usize / self.conn.reply_split).max(1)
+            ((st.next_request - st.next_reply) as usize / self.conn.reply_split)
+                .max(MIN_REPLIES_PER_TURN)
         };
         loop {
             match self.complete_replies(&mut budget) {

@@ -30,8 +30,8 @@ pub struct ClientConfig {
     /// Requests in flight per connection (the reply ring's size); above it a request fails
     /// with the retryable `Overloaded`.
     pub max_in_flight: usize,
-    /// A connection's driver completes at most `in flight / reply_split` replies before it
-    /// yields and writes the requests those completions issued, so the server works on new
+    /// A connection's driver completes at most `in flight / reply_split` replies (but at least
+    /// 16, so windows of 16 or fewer are not split) before it yields and writes the requests those completions issued, so the server works on new
     /// requests while the client handles the rest of a batch. 1 completes every reply that
     /// arrived at once: client and server then take turns on whole windows. Against Redis at
     /// 64 in flight (docs/benchmarks.md, section 3), 4 gives the single-threaded adapter about
