@@ -13,8 +13,12 @@
 //!   `ConnectionLost`, the queue is emptied, and the driver reconnects with exponential backoff;
 //!   while it waits, new requests fail at once with `Unavailable` (so the stage's retry policy,
 //!   not a hidden queue, decides what happens);
-//! - every answered request's time on the wire (handed to the socket -> its reply read) goes
-//!   into `wire_us`, so a caller can tell the server and network apart from its own queueing.
+//! - every answered request's time on the wire (handed to the socket -> its reply completed)
+//!   goes into `wire_us`, so a caller can tell the server and network apart from its own
+//!   queueing;
+//! - a driver turn writes what was queued before it completes anything, and completes at most
+//!   `max(in flight / reply_split, MIN_REPLIES_PER_TURN)` replies; when it stops with replies
+//!   still buffered it wakes itself, so buffered replies are never left without a turn.
 
 use super::error::RedisError;
 use super::reply::{decode_reply, Reply};
