@@ -177,6 +177,11 @@ struct BenchArgs {
     /// arrived; see docs/benchmarks.md, section 3).
     #[arg(long, default_value_t = sluice::redis::ClientConfig::default().reply_split)]
     reply_split: usize,
+    /// Never pin the sluice modes' shards to cores (by default each shard gets a core when
+    /// there is one per shard; on a host where other busy threads share those cores, letting
+    /// the scheduler place shards can do better: docs/benchmarks.md, section 2).
+    #[arg(long)]
+    no_pin: bool,
     /// Use this server limit (records/s, the ideal's cap) instead of measuring it first
     /// (for repeated runs against the same server, or to keep the server's CPU figures to
     /// the sweep itself).
@@ -427,6 +432,7 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
             reply_split: args.reply_split,
             ..Default::default()
         },
+        pin: !args.no_pin,
     };
     let bar = ProgressBar::new(1);
     bar.set_style(

@@ -33,6 +33,7 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
         repeat: 2,
         seed: 1,
         client: Default::default(),
+        pin: true,
     };
     let mut calls = 0;
     let report = bench::sweep(&config, 1e9, round_trip, &mut |_, _, _| calls += 1).unwrap();
@@ -122,6 +123,7 @@ fn a_record_budget_runs_exactly_that_many_lookups_per_point() {
         repeat: 1,
         seed: 1,
         client: Default::default(),
+        pin: true,
     };
     let report = bench::sweep(&config, 1e9, Duration::from_micros(50), &mut |_, _, _| {}).unwrap();
     assert_eq!(report.points.len(), 8);

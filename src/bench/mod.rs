@@ -118,6 +118,8 @@ pub struct SweepConfig {
     pub seed: u64,
     /// The sluice modes' Redis client settings.
     pub client: crate::redis::ClientConfig,
+    /// Pin the sluice modes' shards (one core per shard when there are enough).
+    pub pin: bool,
 }
 
 /// Called before each point with (done, total, label).
@@ -195,6 +197,7 @@ pub fn sweep(
                 records: config.records,
                 seed: config.seed.wrapping_add(r as u64),
                 client: config.client.clone(),
+                pin: config.pin,
             };
             let m = runners::run(mode, shards, capacity, &workload)
                 .map_err(|e| format!("{mode} shards={shards} capacity={capacity}: {e}"))?;
@@ -231,6 +234,7 @@ pub fn runners_limit(
         records: None,
         seed: 1,
         client: Default::default(),
+        pin: true,
     };
     let m = runners::run(
         Mode::AdapterUnordered,

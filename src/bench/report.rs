@@ -48,6 +48,13 @@ pub struct Report {
     pub repeat: usize,
     pub round_trip_us: f64,
     pub server_limit_rps: f64,
+    /// The sluice modes' `reply_split` (absent in reports older than session 3).
+    #[serde(default)]
+    pub reply_split: Option<usize>,
+    /// Whether the sluice modes' shards were pinned (absent in reports older than session 3,
+    /// which pinned them).
+    #[serde(default)]
+    pub pinned: Option<bool>,
     pub points: Vec<Point>,
 }
 
@@ -165,6 +172,8 @@ impl Report {
             repeat: config.repeat,
             round_trip_us: round_trip.as_secs_f64() * 1e6,
             server_limit_rps,
+            reply_split: Some(config.client.reply_split),
+            pinned: Some(config.pin),
             points,
         }
     }
@@ -172,9 +181,20 @@ impl Report {
     /// The table, as printed after a sweep.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "server: {}; round trip {:.0} us; server limit {:.0} records/s; {} x {:.1} s per point\n\n",
+            "server: {}; round trip {:.0} us; server limit {:.0} records/s; {} x {:.1} s per point",
             self.server, self.round_trip_us, self.server_limit_rps, self.repeat, self.duration_s
         );
+        if let Some(split) = self.reply_split {
+            out.push_str(&format!("; reply split {split}"));
+        }
+        if let Some(pinned) = self.pinned {
+            out.push_str(if pinned {
+                "; shards pinned"
+            } else {
+                "; shards unpinned"
+            });
+        }
+        out.push_str("\n\n");
         out.push_str(&format!(
             "{:<16} {:>6} {:>8} {:>12} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8}\n",
             "mode",

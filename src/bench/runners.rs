@@ -47,6 +47,8 @@ pub struct Workload {
     pub seed: u64,
     /// The sluice modes' Redis client settings (`--reply-split`).
     pub client: ClientConfig,
+    /// Pin the sluice modes' shards to cores when there is one per shard (`--no-pin`: never).
+    pub pin: bool,
 }
 
 /// When a point stops producing records: after `Workload::records` records in all (shared by
@@ -156,7 +158,7 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
         .map(|s| {
             let mut budget = budget.clone();
             let placement = match cores.get(s) {
-                Some(&core) if shards <= cores.len() => glommio::Placement::Fixed(core),
+                Some(&core) if w.pin && shards <= cores.len() => glommio::Placement::Fixed(core),
                 _ => glommio::Placement::Unbound,
             };
             let w = w.clone();
@@ -469,7 +471,12 @@ fn sluice(
     .shards(shards)
     .capacity(capacity)
     .timeout(Duration::from_secs(10))
-    .mode(mode);
+    .mode(mode)
+    .pinning(if w.pin {
+        crate::engine::Pinning::Auto
+    } else {
+        crate::engine::Pinning::Off
+    });
     if mode == OutputMode::KeyOrdered {
         builder = builder.key_by(|k: &u64| *k);
     }
