@@ -344,10 +344,11 @@ impl Io {
             }
         }
         // Complete replies already buffered, then read more. At most 1/`reply_split` of the
-        // requests in flight (but at least `MIN_REPLIES_PER_TURN`) are completed per poll: the driver then yields, so their futures'
-        // owners issue the next requests, which the next poll writes before completing more.
-        // The server then works on those while this side handles the rest of the batch,
-        // instead of the two sides taking turns on whole windows (docs/benchmarks.md, 3).
+        // requests in flight (but at least `MIN_REPLIES_PER_TURN`) are completed per poll:
+        // the driver then yields, so their futures' owners issue the next requests, which the
+        // next poll writes before completing more. The server then works on those while this
+        // side handles the rest of the batch, instead of the two sides taking turns on whole
+        // windows (docs/benchmarks.md, section 3).
         let mut budget = {
             let st = self.conn.state.borrow();
             ((st.next_request - st.next_reply) as usize / self.conn.reply_split)
