@@ -78,6 +78,10 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let points = parsed["points"].as_array().unwrap();
     assert_eq!(points.len(), report.points.len());
+    // The client settings the sluice modes ran with are part of the report.
+    let split = sluice::redis::ClientConfig::default().reply_split;
+    assert_eq!(parsed["reply_split"], serde_json::json!(split));
+    assert_eq!(parsed["pinned"], serde_json::json!(true));
     for key in [
         "mode",
         "shards",
