@@ -18,7 +18,7 @@ pub use runners::{Measurement, Workload};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A contender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -131,30 +131,12 @@ pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, &str);
 pub fn probe_round_trip(addr: SocketAddr, keys: u64) -> Result<Duration, String> {
     const BATCHES: u64 = 5;
     const PER_BATCH: u64 = 100;
-    let mut client = blocking_client::BlockingClient::connect(addr)
-        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
-    let mut buf = [0u8; 32];
-    let mut best: Option<Duration> = None;
-    for batch in 0..BATCHES {
-        let mut samples = Vec::with_capacity(PER_BATCH as usize);
-        for i in batch * PER_BATCH..(batch + 1) * PER_BATCH {
-            let t = Instant::now();
-            client
-                .get(runners::key_of(i % keys, &mut buf))
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| {
-                    format!(
-                        "{addr} has no key user:user_{:06}: load the keyspace first",
-                        i % keys
-                    )
-                })?;
-            samples.push(t.elapsed());
-        }
-        samples.sort();
-        let median = samples[samples.len() / 2];
-        best = Some(best.map_or(median, |b| b.min(median)));
-    }
-    Ok(best.expect("at least one batch"))
+    (0..BATCHES).try_fold(Duration::MAX, |best, batch| {
+        let batch_keys = (batch * PER_BATCH..(batch + 1) * PER_BATCH).map(|i| i % keys);
+        let (_, latency_us) = runners::blocking_lookups(addr, batch_keys)
+            .map_err(|e| format!("probing the round trip: {e}"))?;
+        Ok(best.min(Duration::from_micros(latency_us.value_at_quantile(0.5))))
+    })
 }
 
 /// Runs the sweep and returns one point per (mode, shards, capacity), medians over repeats.

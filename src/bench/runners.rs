@@ -124,7 +124,10 @@ impl Keys {
 }
 
 fn missing(key: u64) -> String {
-    format!("key user:user_{key:06} has no value: is the keyspace the server's (--keys)?")
+    format!(
+        "key user:user_{key:06} has no value: is the keyspace the server's (--keys; a Redis \
+         needs it loaded first, --load)?"
+    )
 }
 
 /// Runs one point of `mode`.
@@ -229,7 +232,7 @@ fn sync_map(shards: usize, w: &Workload) -> Result<Measurement, String> {
 type WorkerResult = Result<(u64, Histogram<u64>), String>;
 
 /// One blocking client looking up `keys` one at a time, timing each.
-fn blocking_lookups(addr: SocketAddr, keys: impl Iterator<Item = u64>) -> WorkerResult {
+pub(crate) fn blocking_lookups(addr: SocketAddr, keys: impl Iterator<Item = u64>) -> WorkerResult {
     let mut client = BlockingClient::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     let mut hist = histogram();
     let mut buf = [0u8; 32];
