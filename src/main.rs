@@ -392,16 +392,16 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
             )
         }
     };
-    // The embedded server's own delay beyond the configured one, over the sweep.
-    let late_mark = server.as_ref().map(|s: &Server| {
-        let st = s.stats();
+    // The embedded server's own delay beyond the configured one, over the sweep: (replies
+    // written, their summed lateness in us) before and after.
+    let lateness = |s: &Server| {
+        let (st, relaxed) = (s.stats(), std::sync::atomic::Ordering::Relaxed);
         (
-            st.replies_written
-                .load(std::sync::atomic::Ordering::Relaxed),
-            st.reply_lateness_us
-                .load(std::sync::atomic::Ordering::Relaxed),
+            st.replies_written.load(relaxed),
+            st.reply_lateness_us.load(relaxed),
         )
-    });
+    };
+    let late_mark = server.as_ref().map(lateness);
     let round_trip = bench::probe_round_trip(addr, args.keys)?;
     let max_shards = *shards.iter().max().expect("non-empty");
     eprintln!(
@@ -448,15 +448,8 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     bar.finish_and_clear();
     print!("{}", report.table());
     if let (Some(server), Some((n0, l0))) = (server.as_ref(), late_mark) {
-        let st = server.stats();
-        let n = st
-            .replies_written
-            .load(std::sync::atomic::Ordering::Relaxed)
-            - n0;
-        let l = st
-            .reply_lateness_us
-            .load(std::sync::atomic::Ordering::Relaxed)
-            - l0;
+        let (n1, l1) = lateness(server);
+        let (n, l) = (n1 - n0, l1 - l0);
         eprintln!(
             "embedded server: {n} replies, handed to the socket {:.1} us after their due time on \
              average (its timers and write batching)",

@@ -37,7 +37,7 @@ pub struct ClientConfig {
     /// then take turns on whole windows. Against Redis at 64 in flight (docs/benchmarks.md,
     /// section 3), 4 gives 1.5x-1.8x the throughput of 1, for the single-threaded adapter and
     /// for a `Stage` alike; against a server with a real delay (1 ms) it moves throughput by
-    /// no more than the noise and costs some CPU per record.
+    /// no more than the noise and costs some CPU per record. 0 is taken as 1.
     pub reply_split: usize,
     /// First reconnect delay; doubles up to `reconnect_max`.
     pub reconnect_initial: Duration,
