@@ -13,6 +13,7 @@ use crate::checkpoint::{
     ShardSnapshot, SourcePosition,
 };
 use crate::clock::SimClock;
+use crate::engine::handoff::{self, Doorbell};
 use crate::engine::{
     restore, Consumer, Egress, Gate, GatedIngress, KeyFn, MergeCheckpoint, Output, Producer,
     Routing, ShardContext,
@@ -34,7 +35,7 @@ struct SimShard<F: AsyncFunction> {
     index: usize,
     op: AsyncWait<Ingress<F::In>, F, SimClock>,
     gate: Gate,
-    egress: flume::Sender<Egress<F::Out>>,
+    egress: handoff::Sender<Egress<F::Out>>,
     held: Option<Egress<F::Out>>,
     ended: bool,
 }
@@ -129,8 +130,9 @@ impl<F: AsyncFunction> SimStage<F> {
         let mut receivers = vec![];
         let mut sim_shards = vec![];
         for (index, restore) in restores.into_iter().enumerate() {
-            let (in_tx, in_rx) = flume::unbounded();
-            let (out_tx, out_rx) = flume::bounded(2);
+            // Everything is polled in turn here: the doorbells ring, nobody waits on them.
+            let (in_tx, in_rx) = handoff::channel(None, Doorbell::new(), Doorbell::new());
+            let (out_tx, out_rx) = handoff::channel(Some(2), Doorbell::new(), Doorbell::new());
             let mut shard_config = config.clone();
             shard_config.seed = config.seed.wrapping_add(index as u64);
             let gate = Gate::default();
@@ -325,11 +327,11 @@ impl<F: AsyncFunction> SimStage<F> {
             if let Some(item) = shard.held.take() {
                 match shard.egress.try_send(item) {
                     Ok(()) => progressed = true,
-                    Err(flume::TrySendError::Full(item)) => {
+                    Err(handoff::TrySendError::Full(item)) => {
                         shard.held = Some(item);
                         return progressed;
                     }
-                    Err(flume::TrySendError::Disconnected(_)) => return progressed,
+                    Err(handoff::TrySendError::Disconnected(_)) => return progressed,
                 }
             }
             if shard.ended {

@@ -27,6 +27,7 @@
 //!   its barrier is not read beyond items below `B`. Shards emit their watermarks below `B`
 //!   before any item above it, so neither rule can deadlock the watermark barrier.
 
+use super::handoff;
 use crate::checkpoint::coordinator::Coordinator;
 use crate::checkpoint::{CheckpointError, Codec, HeldEntry, MergeSnapshot};
 use crate::error::StageError;
@@ -65,7 +66,7 @@ pub enum Output<O> {
 }
 
 struct Port<O: 'static> {
-    rx: flume::r#async::RecvStream<'static, Egress<O>>,
+    rx: handoff::Receiver<Egress<O>>,
     buffer: VecDeque<Emitted<O>>,
     finished: bool,
     /// Unordered modes: the watermark (seq, timestamp) this shard is waiting at.
@@ -139,7 +140,7 @@ pub struct Consumer<O: 'static> {
 
 impl<O: 'static> Consumer<O> {
     pub(crate) fn new(
-        receivers: Vec<flume::Receiver<Egress<O>>>,
+        receivers: Vec<handoff::Receiver<Egress<O>>>,
         mode: OutputMode,
         window: usize,
         checkpoints: Option<MergeCheckpoint<O>>,
@@ -154,7 +155,7 @@ impl<O: 'static> Consumer<O> {
             ports: receivers
                 .into_iter()
                 .map(|rx| Port {
-                    rx: rx.into_stream(),
+                    rx,
                     buffer: VecDeque::new(),
                     finished: false,
                     barrier: None,
@@ -525,6 +526,7 @@ impl<O: 'static> Consumer<O> {
     }
 
     fn poll_merge(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Output<O>, StageError>>> {
+        let mut armed = false;
         loop {
             if let Some(id) = self.marker.take() {
                 return Poll::Ready(Some(Ok(Output::Checkpoint(id))));
@@ -564,24 +566,24 @@ impl<O: 'static> Consumer<O> {
                 {
                     continue;
                 }
-                match port.rx.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Egress::Items(items))) => {
+                match port.rx.try_recv() {
+                    Ok(Egress::Items(items)) => {
                         port.buffer.extend(items);
                         progressed = true;
                     }
-                    Poll::Ready(Some(Egress::Barrier { seq, id })) => {
+                    Ok(Egress::Barrier { seq, id }) => {
                         port.checkpoint_in = Some((seq, id));
                         progressed = true;
                     }
-                    Poll::Ready(Some(Egress::Finished)) => {
+                    Ok(Egress::Finished) => {
                         port.finished = true;
                         progressed = true;
                     }
-                    Poll::Ready(Some(Egress::Failed(error))) => {
+                    Ok(Egress::Failed(error)) => {
                         self.done = true;
                         return Poll::Ready(Some(Err(error)));
                     }
-                    Poll::Ready(None) => {
+                    Err(flume::TryRecvError::Disconnected) => {
                         self.done = true;
                         return Poll::Ready(Some(Err(StageError::ShardPanicked {
                             shard: p,
@@ -590,7 +592,7 @@ impl<O: 'static> Consumer<O> {
                                 .into(),
                         })));
                     }
-                    Poll::Pending => {}
+                    Err(flume::TryRecvError::Empty) => {}
                 }
             }
             if progressed {
@@ -603,6 +605,15 @@ impl<O: 'static> Consumer<O> {
             {
                 self.done = true;
                 return Poll::Ready(None);
+            }
+            // Nothing to take: arm the shards' doorbell, then look once more (a shard that sent
+            // between the look and the arming rang an unarmed bell).
+            if !armed {
+                armed = true;
+                for port in &self.ports {
+                    port.rx.arm(cx.waker());
+                }
+                continue;
             }
             return Poll::Pending;
         }
@@ -621,5 +632,5 @@ impl<O: 'static> Stream for Consumer<O> {
     }
 }
 
-// Nothing in the consumer is pinned: flume's streams are Unpin and outputs are plain values.
+// Nothing in the consumer is pinned: its receivers and outputs are plain values.
 impl<O: 'static> Unpin for Consumer<O> {}

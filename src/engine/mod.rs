@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  producer thread(s)        shard threads (glommio, one per core)        consumer thread
-//!  ┌──────────┐  flume   ┌───────────────────────────────────┐  flume   ┌──────────┐
+//!  ┌──────────┐ handoff  ┌───────────────────────────────────┐ handoff  ┌──────────┐
 //!  │ Producer │──bounded─▶ shard 0: AsyncWait(func₀) ─ io_uring ─bounded─▶ Consumer │
 //!  │ seq, key │──bounded─▶ shard 1: AsyncWait(func₁) ─ io_uring ─bounded─▶ (merge)  │
 //!  └──────────┘          └───────────────────────────────────┘          └──────────┘
@@ -15,6 +15,7 @@
 //! released) to the same shard before any new input, and numbers new input from the
 //! checkpoint barrier's sequence number on.
 
+pub(crate) mod handoff;
 mod merge;
 mod placement;
 mod producer;
@@ -36,6 +37,7 @@ use crate::metrics::{MetricsCell, MetricsSnapshot};
 use crate::operator::{OperatorConfig, OutputMode};
 use crate::retry::RetryPolicy;
 use glommio::{LocalExecutorBuilder, Placement};
+use handoff::Doorbell;
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -270,9 +272,18 @@ where
         let mut receivers = Vec::with_capacity(shards);
         let mut cells = Vec::with_capacity(shards);
         let mut joins = Vec::with_capacity(shards);
+        // One thread waits for ingress space (the producer) and one for egress data (the
+        // consumer), whichever shard it is; each shard waits on its own ingress data and egress
+        // space.
+        let (ingress_space, egress_data) = (Doorbell::new(), Doorbell::new());
         for placement in &placements {
-            let (in_tx, in_rx) = flume::bounded(channel_capacity);
-            let (out_tx, out_rx) = flume::bounded(channel_capacity);
+            let (in_tx, in_rx) = handoff::channel(
+                Some(channel_capacity),
+                Doorbell::new(),
+                ingress_space.clone(),
+            );
+            let (out_tx, out_rx) =
+                handoff::channel(Some(channel_capacity), egress_data.clone(), Doorbell::new());
             let cell: MetricsCell = Arc::new(Mutex::new(MetricsSnapshot::default()));
             let parts = shard::ShardParts::<F> {
                 context: ShardContext {

@@ -1,11 +1,13 @@
 //! `Producer`: the stage's input side. Assigns sequence numbers, routes records to shards
-//! (round-robin or by key hash) and broadcasts watermarks, over bounded flume channels.
+//! (round-robin or by key hash) and broadcasts watermarks, over bounded hand-over channels
+//! (`handoff`: a full channel parks the producer until a shard drains, outside flume's lock).
 //!
 //! Owns: the global input order. Invariants: every element gets the next sequence number, so
 //! sequence numbers are dense; a record goes to exactly one shard, a watermark or a checkpoint
 //! barrier to every shard with one sequence number; a full shard channel blocks (or awaits),
 //! it never drops; a push that fails hands the element back.
 
+use super::handoff;
 use crate::checkpoint::coordinator::Coordinator;
 use crate::checkpoint::{CheckpointRefused, SourcePosition};
 use crate::error::PushError;
@@ -34,7 +36,7 @@ pub enum Routing {
 
 /// The input side of a stage. Not `Clone`: one producer defines one input order.
 pub struct Producer<I> {
-    senders: Vec<flume::Sender<Inbound<I>>>,
+    senders: Vec<handoff::Sender<Inbound<I>>>,
     checkpoints: Option<Arc<Coordinator>>,
     next_seq: u64,
     next_shard: usize,
@@ -50,7 +52,7 @@ pub(crate) fn shard_of(key: u64, shards: usize) -> usize {
 
 impl<I> Producer<I> {
     pub(crate) fn new(
-        senders: Vec<flume::Sender<Inbound<I>>>,
+        senders: Vec<handoff::Sender<Inbound<I>>>,
         key_fn: Option<KeyFn<I>>,
         routing: Routing,
         checkpoints: Option<Arc<Coordinator>>,
@@ -106,18 +108,18 @@ impl<I> Producer<I> {
     /// Pushes a record, blocking while its shard is full. Returns the record's sequence number.
     pub fn push(&mut self, input: I) -> Result<u64, PushError<I>> {
         let (shard, element) = self.route(input);
-        match self.senders[shard].send(element) {
+        match self.senders[shard].send_blocking(element) {
             Ok(()) => Ok(self.take_seq()),
-            Err(flume::SendError(e)) => Err(PushError::Closed(Self::unwrap_record(e))),
+            Err(e) => Err(PushError::Closed(Self::unwrap_record(e))),
         }
     }
 
     /// Pushes a record, awaiting while its shard is full (usable from any async runtime).
     pub async fn push_async(&mut self, input: I) -> Result<u64, PushError<I>> {
         let (shard, element) = self.route(input);
-        match self.senders[shard].send_async(element).await {
+        match self.senders[shard].send(element).await {
             Ok(()) => Ok(self.take_seq()),
-            Err(flume::SendError(e)) => Err(PushError::Closed(Self::unwrap_record(e))),
+            Err(e) => Err(PushError::Closed(Self::unwrap_record(e))),
         }
     }
 
@@ -126,7 +128,7 @@ impl<I> Producer<I> {
         let seq = self.next_seq;
         for sender in &self.senders {
             sender
-                .send(Inbound::Element(Element::Watermark { seq, timestamp }))
+                .send_blocking(Inbound::Element(Element::Watermark { seq, timestamp }))
                 .map_err(|_| PushError::Closed(timestamp))?;
         }
         Ok(self.take_seq())
@@ -137,7 +139,7 @@ impl<I> Producer<I> {
         let seq = self.next_seq;
         for sender in &self.senders {
             sender
-                .send_async(Inbound::Element(Element::Watermark { seq, timestamp }))
+                .send(Inbound::Element(Element::Watermark { seq, timestamp }))
                 .await
                 .map_err(|_| PushError::Closed(timestamp))?;
         }
@@ -157,7 +159,7 @@ impl<I> Producer<I> {
         let id = coordinator.begin(source)?;
         let seq = self.next_seq;
         for sender in &self.senders {
-            if sender.send(Inbound::Barrier { seq, id }).is_err() {
+            if sender.send_blocking(Inbound::Barrier { seq, id }).is_err() {
                 coordinator.abort(id);
                 return Err(CheckpointRefused::Closed);
             }

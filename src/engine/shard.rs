@@ -12,6 +12,7 @@
 //! the consumer is gone; when the consumer is gone the shard stops and drops its input, so the
 //! producer's next push fails instead of blocking forever.
 
+use super::handoff;
 use super::merge::Egress;
 use super::producer::Inbound;
 use crate::checkpoint::coordinator::{write_shard_snapshot, ShardReport};
@@ -44,15 +45,13 @@ const GATHER_ROUNDS: usize = 8;
 /// by one, so the producer and the shard meet on the channel's lock once per burst instead of
 /// once per record. Holds at most the channel's capacity (the producer may block meanwhile).
 pub(crate) struct BatchedIngress<T: 'static> {
-    rx: flume::Receiver<T>,
-    waiter: flume::r#async::RecvStream<'static, T>,
+    rx: handoff::Receiver<T>,
     buffer: VecDeque<T>,
 }
 
 impl<T: 'static> BatchedIngress<T> {
-    pub(crate) fn new(rx: flume::Receiver<T>) -> Self {
+    pub(crate) fn new(rx: handoff::Receiver<T>) -> Self {
         BatchedIngress {
-            waiter: rx.clone().into_stream(),
             buffer: VecDeque::with_capacity(rx.capacity().unwrap_or(0)),
             rx,
         }
@@ -62,16 +61,19 @@ impl<T: 'static> BatchedIngress<T> {
 impl<T: 'static> Stream for BatchedIngress<T> {
     type Item = T;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        if let Some(item) = self.buffer.pop_front() {
-            return Poll::Ready(Some(item));
-        }
         let this = &mut *self;
-        this.buffer.extend(this.rx.drain());
-        if let Some(item) = this.buffer.pop_front() {
-            return Poll::Ready(Some(item));
+        if this.buffer.is_empty() && this.rx.drain_into(&mut this.buffer) == 0 {
+            // Nothing queued: arm the doorbell, then look once more (a push between the drain
+            // and the arming rang an unarmed bell). `try_recv` tells a disconnect apart from an
+            // empty channel under the channel's lock, so it cannot miss a last push.
+            this.rx.arm(cx.waker());
+            return match this.rx.try_recv() {
+                Ok(element) => Poll::Ready(Some(element)),
+                Err(flume::TryRecvError::Empty) => Poll::Pending,
+                Err(flume::TryRecvError::Disconnected) => Poll::Ready(None),
+            };
         }
-        // Nothing queued: wait (or learn that the producer is gone).
-        this.waiter.poll_next_unpin(cx)
+        Poll::Ready(this.buffer.pop_front())
     }
 }
 
@@ -89,7 +91,7 @@ pub(crate) struct GatedIngress<T: 'static> {
 }
 
 impl<T: 'static> GatedIngress<T> {
-    pub(crate) fn new(rx: flume::Receiver<Inbound<T>>, gate: Gate) -> Self {
+    pub(crate) fn new(rx: handoff::Receiver<Inbound<T>>, gate: Gate) -> Self {
         GatedIngress {
             inner: BatchedIngress::new(rx),
             gate,
@@ -140,8 +142,8 @@ pub struct ShardContext {
 
 pub(crate) struct ShardParts<F: AsyncFunction> {
     pub(crate) context: ShardContext,
-    pub(crate) ingress: flume::Receiver<Inbound<F::In>>,
-    pub(crate) egress: flume::Sender<Egress<F::Out>>,
+    pub(crate) ingress: handoff::Receiver<Inbound<F::In>>,
+    pub(crate) egress: handoff::Sender<Egress<F::Out>>,
     pub(crate) config: OperatorConfig<F::Out, F::Error>,
     pub(crate) metrics: MetricsCell,
     /// Elements re-issued from a checkpoint, fed before the ingress.
@@ -201,11 +203,7 @@ where
                         previous.detach();
                     }
                     gate.set(None);
-                    if egress
-                        .send_async(Egress::Barrier { seq, id })
-                        .await
-                        .is_err()
-                    {
+                    if egress.send(Egress::Barrier { seq, id }).await.is_err() {
                         op.close();
                         return true;
                     }
@@ -245,14 +243,14 @@ where
                 // Wakes this task and returns `Pending` once: the tasks already woken run first.
                 glommio::executor().yield_now().await;
             }
-            if !batch.is_empty() && egress.send_async(Egress::Items(batch)).await.is_err() {
+            if !batch.is_empty() && egress.send(Egress::Items(batch)).await.is_err() {
                 // The consumer is gone: stop; dropping `op` drops the input.
                 op.close();
                 return true;
             }
             if let Some(error) = failure {
                 op.close();
-                let _ = egress.send_async(Egress::Failed(error)).await;
+                let _ = egress.send(Egress::Failed(error)).await;
                 return false;
             }
         }
@@ -264,7 +262,7 @@ where
     });
     match body.catch_unwind().await {
         Ok(true) => {
-            let _ = egress.send_async(Egress::Finished).await;
+            let _ = egress.send(Egress::Finished).await;
         }
         Ok(false) => {}
         Err(panic) => {
@@ -274,7 +272,7 @@ where
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a non-string panic payload".into());
             let _ = egress
-                .send_async(Egress::Failed(StageError::ShardPanicked {
+                .send(Egress::Failed(StageError::ShardPanicked {
                     shard: context.index,
                     message,
                 }))
