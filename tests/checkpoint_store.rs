@@ -5,10 +5,12 @@
 use sluice::checkpoint::{CheckpointError, CheckpointStore, EntrySnapshot, ShardSnapshot};
 use std::path::{Path, PathBuf};
 
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sluice-chk-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// An empty directory for one test, removed when the test ends.
+fn dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("sluice-chk-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn snapshots(id: u64, entries: u64) -> Vec<ShardSnapshot> {
@@ -41,8 +43,9 @@ fn files(d: &Path) -> Vec<String> {
 
 #[test]
 fn restores_the_newest_and_keeps_only_the_last_k() {
-    let d = dir("keep");
-    let store = CheckpointStore::open(&d, 2).unwrap();
+    let tmp = dir("keep");
+    let d = tmp.path();
+    let store = CheckpointStore::open(d, 2).unwrap();
     assert!(
         store.restore().unwrap().is_none(),
         "an empty directory has no checkpoint"
@@ -52,7 +55,7 @@ fn restores_the_newest_and_keeps_only_the_last_k() {
             .write(id, id * 100, id * 50, &snapshots(id, 5))
             .unwrap();
     }
-    let names = files(&d);
+    let names = files(d);
     assert_eq!(
         names.iter().filter(|n| n.ends_with(".manifest")).count(),
         2,
@@ -95,11 +98,12 @@ fn newest_manifest(d: &Path) -> PathBuf {
 
 #[test]
 fn a_truncated_snapshot_at_every_length_falls_back_to_the_previous_checkpoint() {
-    let d = dir("truncate");
-    let store = CheckpointStore::open(&d, 3).unwrap();
+    let tmp = dir("truncate");
+    let d = tmp.path();
+    let store = CheckpointStore::open(d, 3).unwrap();
     store.write(1, 10, 5, &snapshots(1, 3)).unwrap();
     store.write(2, 20, 9, &snapshots(2, 3)).unwrap();
-    let path = newest_snapshot(&d);
+    let path = newest_snapshot(d);
     let original = std::fs::read(&path).unwrap();
     for len in 0..original.len() {
         std::fs::write(&path, &original[..len]).unwrap();
@@ -121,12 +125,13 @@ fn a_truncated_snapshot_at_every_length_falls_back_to_the_previous_checkpoint() 
 
 #[test]
 fn random_bit_flips_in_snapshot_or_manifest_are_detected() {
-    let d = dir("flip");
-    let store = CheckpointStore::open(&d, 3).unwrap();
+    let tmp = dir("flip");
+    let d = tmp.path();
+    let store = CheckpointStore::open(d, 3).unwrap();
     store.write(1, 10, 5, &snapshots(1, 20)).unwrap();
     store.write(2, 20, 9, &snapshots(2, 20)).unwrap();
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    for path in [newest_snapshot(&d), newest_manifest(&d)] {
+    for path in [newest_snapshot(d), newest_manifest(d)] {
         let original = std::fs::read(&path).unwrap();
         for _ in 0..300 {
             rng ^= rng << 13;
@@ -150,8 +155,9 @@ fn random_bit_flips_in_snapshot_or_manifest_are_detected() {
 
 #[test]
 fn a_leftover_temporary_manifest_from_a_crash_is_ignored() {
-    let d = dir("tmp");
-    let store = CheckpointStore::open(&d, 3).unwrap();
+    let tmp = dir("tmp");
+    let d = tmp.path();
+    let store = CheckpointStore::open(d, 3).unwrap();
     store.write(1, 10, 5, &snapshots(1, 2)).unwrap();
     // A crash between writing the temporary manifest and renaming it.
     std::fs::write(
@@ -164,10 +170,11 @@ fn a_leftover_temporary_manifest_from_a_crash_is_ignored() {
 
 #[test]
 fn no_valid_checkpoint_is_an_error_that_lists_why() {
-    let d = dir("none");
-    let store = CheckpointStore::open(&d, 3).unwrap();
+    let tmp = dir("none");
+    let d = tmp.path();
+    let store = CheckpointStore::open(d, 3).unwrap();
     store.write(1, 10, 5, &snapshots(1, 2)).unwrap();
-    std::fs::write(newest_manifest(&d), b"garbage").unwrap();
+    std::fs::write(newest_manifest(d), b"garbage").unwrap();
     match store.restore() {
         Err(CheckpointError::Corrupt { reason, .. }) => {
             assert!(reason.contains("checkpoint 1"), "{reason}")

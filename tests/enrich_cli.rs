@@ -14,10 +14,22 @@ fn sluice() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
 }
 
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-enrich-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+/// A directory for one test's files, removed when the test ends.
+struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch(
+            tempfile::Builder::new()
+                .prefix("sluice-enrich-")
+                .tempdir()
+                .unwrap(),
+        )
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
 }
 
 /// `count` generated transactions (keys in 0..keys) as JSON Lines, event times increasing.
@@ -98,7 +110,12 @@ fn expected(record: &Map<String, Value>, value_size: usize) -> Value {
 
 #[test]
 fn ordered_enrichment_is_correct_record_by_record_and_in_input_order() {
-    let (input, output, metrics) = (temp("in1.jsonl"), temp("out1.jsonl"), temp("m1.json"));
+    let scratch = Scratch::new();
+    let (input, output, metrics) = (
+        scratch.file("in1.jsonl"),
+        scratch.file("out1.jsonl"),
+        scratch.file("m1.json"),
+    );
     let records = transactions(&input, 3_000, 1_000);
     let out = run(&[
         "enrich",
@@ -130,7 +147,8 @@ fn ordered_enrichment_is_correct_record_by_record_and_in_input_order() {
 
 #[test]
 fn unordered_output_is_a_permutation_and_keeps_watermarks_as_barriers() {
-    let (input, output) = (temp("in2.jsonl"), temp("out2.jsonl"));
+    let scratch = Scratch::new();
+    let (input, output) = (scratch.file("in2.jsonl"), scratch.file("out2.jsonl"));
     let records = transactions(&input, 2_000, 1_000);
     let out = run(&[
         "enrich",
@@ -205,7 +223,8 @@ fn unordered_output_is_a_permutation_and_keeps_watermarks_as_barriers() {
 
 #[test]
 fn bad_record_fail_names_line_and_field_and_writes_everything_before() {
-    let (input, output) = (temp("in3.jsonl"), temp("out3.jsonl"));
+    let scratch = Scratch::new();
+    let (input, output) = (scratch.file("in3.jsonl"), scratch.file("out3.jsonl"));
     let mut records = transactions(&input, 500, 1_000);
     let mut text = std::fs::read_to_string(&input).unwrap();
     text.push_str("{\"transaction_id\":\"no-user\"}\n");
@@ -243,7 +262,12 @@ fn bad_record_fail_names_line_and_field_and_writes_everything_before() {
 
 #[test]
 fn bad_record_skip_and_dead_letter() {
-    let (input, output, dlq) = (temp("in4.jsonl"), temp("out4.jsonl"), temp("dlq4.jsonl"));
+    let scratch = Scratch::new();
+    let (input, output, dlq) = (
+        scratch.file("in4.jsonl"),
+        scratch.file("out4.jsonl"),
+        scratch.file("dlq4.jsonl"),
+    );
     std::fs::write(
         &input,
         "{\"user_id\":\"user_000001\"}\nnot json\n[1,2]\n{\"user_id\":null}\n{\"user_id\":\"user_000002\"}\n",
@@ -283,7 +307,12 @@ fn bad_record_skip_and_dead_letter() {
 
 #[test]
 fn a_line_that_is_not_utf8_is_a_bad_record_and_crlf_lines_are_fine() {
-    let (input, output, dlq) = (temp("in11.jsonl"), temp("out11.jsonl"), temp("dlq11.jsonl"));
+    let scratch = Scratch::new();
+    let (input, output, dlq) = (
+        scratch.file("in11.jsonl"),
+        scratch.file("out11.jsonl"),
+        scratch.file("dlq11.jsonl"),
+    );
     let mut bytes = b"{\"user_id\":\"user_000001\"}\r\n".to_vec();
     bytes.extend(b"{\"user_id\":\"\xff\xfe\"}\n");
     bytes.extend(b"{\"user_id\":\"user_000002\"}\n");
@@ -315,7 +344,8 @@ fn a_line_that_is_not_utf8_is_a_bad_record_and_crlf_lines_are_fine() {
 
 #[test]
 fn missing_keys_keep_drop_or_fail() {
-    let (input, output) = (temp("in5.jsonl"), temp("out5.jsonl"));
+    let scratch = Scratch::new();
+    let (input, output) = (scratch.file("in5.jsonl"), scratch.file("out5.jsonl"));
     std::fs::write(
         &input,
         "{\"user_id\":\"user_000001\"}\n{\"user_id\":\"nobody\"}\n{\"user_id\":\"user_000002\"}\n",
@@ -353,7 +383,8 @@ fn missing_keys_keep_drop_or_fail() {
 
 #[test]
 fn into_field_and_non_json_values() {
-    let (input, output) = (temp("in6.jsonl"), temp("out6.jsonl"));
+    let scratch = Scratch::new();
+    let (input, output) = (scratch.file("in6.jsonl"), scratch.file("out6.jsonl"));
     std::fs::write(&input, "{\"user_id\":\"user_000003\",\"n\":1}\n").unwrap();
     let base = loadgen_args(&input, &output);
     let base: Vec<&str> = base.iter().map(String::as_str).collect();
@@ -445,7 +476,12 @@ fn a_server_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
         ..Default::default()
     })
     .unwrap();
-    let (input, output, metrics) = (temp("in7.jsonl"), temp("out7.jsonl"), temp("m7.json"));
+    let scratch = Scratch::new();
+    let (input, output, metrics) = (
+        scratch.file("in7.jsonl"),
+        scratch.file("out7.jsonl"),
+        scratch.file("m7.json"),
+    );
     transactions(&input, 1_500, 1_000);
     let child = enrich_that_outlives_its_server(
         &format!("redis://{}", server.addr()),
@@ -543,7 +579,8 @@ fn real_redis_enrichment_with_a_composite_key() {
         r#"{"country_of_purchase":"NLD","state_of_purchase":"NH"}"#,
     ]);
     send(&["SET", &format!("{prefix}:US:8"), "plain text"]);
-    let (input, output) = (temp("in9.jsonl"), temp("out9.jsonl"));
+    let scratch = Scratch::new();
+    let (input, output) = (scratch.file("in9.jsonl"), scratch.file("out9.jsonl"));
     std::fs::write(&input, format!(
         "{{\"p\":\"{prefix}\",\"country\":\"NL\",\"user_id\":7}}\n{{\"p\":\"{prefix}\",\"country\":\"US\",\"user_id\":8}}\n{{\"p\":\"{prefix}\",\"country\":\"XX\",\"user_id\":9}}\n"
     ))
@@ -619,7 +656,12 @@ fn a_real_redis_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
     let Some((mut redis, port)) = private_redis_server() else {
         return;
     };
-    let (input, output, metrics) = (temp("in10.jsonl"), temp("out10.jsonl"), temp("m10.json"));
+    let scratch = Scratch::new();
+    let (input, output, metrics) = (
+        scratch.file("in10.jsonl"),
+        scratch.file("out10.jsonl"),
+        scratch.file("m10.json"),
+    );
     transactions(&input, 20_000, 1_000);
     // Load the 1 000 profiles the records refer to.
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
