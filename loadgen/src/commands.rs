@@ -2,7 +2,9 @@
 //!
 //! Owns: command semantics and reply encoding. Invariant: every command gets exactly one reply
 //! frame (or the connection closes), so pipelined replies match requests in order.
-//! Replies are encoded with `redis-protocol`'s encoder.
+//! Replies are encoded with `redis-protocol`'s encoder, except GET's bulk string, the hot path,
+//! which is written directly into a buffer of its exact size (the crate's encoder sizes the
+//! reply with a floating-point `log10` and zero-fills the buffer before encoding into it).
 
 use crate::keyspace::Keyspace;
 use crate::server::ServerStats;
@@ -28,6 +30,16 @@ fn encode(frame: &BorrowedFrame<'_>) -> Vec<u8> {
     buf
 }
 
+/// `$<len>\r\n<value>\r\n`, allocated once (a length has at most 20 digits).
+fn bulk_string(value: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::with_capacity(value.len() + 25);
+    write!(out, "${}\r\n", value.len()).expect("writing to a Vec cannot fail");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
 fn error(message: &str) -> Vec<u8> {
     encode(&BorrowedFrame::Error(message))
 }
@@ -43,6 +55,27 @@ pub(crate) struct Context<'a> {
 }
 
 impl Context<'_> {
+    /// GET's reply: the value as a bulk string, or nil.
+    fn get_reply(&self, key: &[u8]) -> Vec<u8> {
+        if self.stats.sets.load(Ordering::Relaxed) > 0 {
+            if let Some(v) = self
+                .overlay
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key)
+            {
+                self.count_lookup(true);
+                return bulk_string(v);
+            }
+        }
+        let value = self.keyspace.get(key);
+        self.count_lookup(value.is_some());
+        match value {
+            Some(v) => bulk_string(v),
+            None => encode(&BorrowedFrame::Null),
+        }
+    }
+
     fn lookup(&self, key: &[u8]) -> Option<Vec<u8>> {
         if self.stats.sets.load(Ordering::Relaxed) > 0 {
             if let Some(v) = self
@@ -75,12 +108,7 @@ impl Context<'_> {
         let reply = match (name.as_slice(), args.len()) {
             (b"GET", 2) => {
                 self.stats.gets.fetch_add(1, Ordering::Relaxed);
-                let value = self.lookup(args[1]);
-                self.count_lookup(value.is_some());
-                match value {
-                    Some(v) => encode(&BorrowedFrame::BulkString(&v)),
-                    None => encode(&BorrowedFrame::Null),
-                }
+                self.get_reply(args[1])
             }
             (b"MGET", n) if n >= 2 => {
                 self.stats.gets.fetch_add(n as u64 - 1, Ordering::Relaxed);
@@ -173,4 +201,20 @@ fn hello() -> Vec<u8> {
         BorrowedFrame::BulkString(b"modules"),
         BorrowedFrame::Array(&[]),
     ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_strings_match_the_crates_encoder() {
+        for value in [&b""[..], b"x", b"\r\n binary \0 bytes", &[b'v'; 1000]] {
+            assert_eq!(
+                bulk_string(value),
+                encode(&BorrowedFrame::BulkString(value)),
+                "{value:?}"
+            );
+        }
+    }
 }

@@ -59,34 +59,48 @@ pub fn value(i: u64, value_size: usize) -> Vec<u8> {
     json.into_bytes()
 }
 
-/// All values, computed once and shared by the server's shards.
+/// All values, computed once and shared by the server's shards: one contiguous arena with an
+/// offset per key, so a lookup of a random key touches the offsets (8 bytes per key) and the
+/// value, not a boxed value per key behind a 16-byte pointer (a cache miss more per GET: the
+/// lookup was 11% of the server thread's samples with boxed values).
 #[derive(Clone)]
 pub struct Keyspace {
-    values: Arc<Vec<Box<[u8]>>>,
+    /// `values[offsets[i]..offsets[i + 1]]` is key `i`'s value; `offsets.len() == keys + 1`.
+    offsets: Arc<[usize]>,
+    values: Arc<[u8]>,
 }
 
 impl Keyspace {
     /// `keys` users with values of about `value_size` bytes.
     pub fn new(keys: u64, value_size: usize) -> Self {
+        let mut offsets = Vec::with_capacity(keys as usize + 1);
+        let mut values = Vec::with_capacity(keys as usize * value_size);
+        offsets.push(0);
+        for i in 0..keys {
+            values.extend_from_slice(&value(i, value_size));
+            offsets.push(values.len());
+        }
         Keyspace {
-            values: Arc::new((0..keys).map(|i| value(i, value_size).into()).collect()),
+            offsets: offsets.into(),
+            values: values.into(),
         }
     }
 
     /// Number of keys.
     pub fn len(&self) -> u64 {
-        self.values.len() as u64
+        self.offsets.len() as u64 - 1
     }
 
     /// True when there are no keys.
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
+        self.len() == 0
     }
 
     /// The value of `key`, if it exists.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        let i = index_of(key)?;
-        self.values.get(i as usize).map(|v| &v[..])
+        let i = usize::try_from(index_of(key)?).ok()?;
+        let (start, end) = (*self.offsets.get(i)?, *self.offsets.get(i + 1)?);
+        Some(&self.values[start..end])
     }
 }
 
@@ -108,7 +122,15 @@ mod tests {
         let small = value(7, 10);
         assert!(serde_json::from_slice::<serde_json::Value>(&small).is_ok());
         let ks = Keyspace::new(10, 64);
-        assert!(ks.get(key(9).as_bytes()).is_some());
+        assert_eq!(ks.len(), 10);
+        for i in 0..10 {
+            assert_eq!(
+                ks.get(key(i).as_bytes()),
+                Some(&value(i, 64)[..]),
+                "key {i}"
+            );
+        }
         assert!(ks.get(key(10).as_bytes()).is_none());
+        assert!(Keyspace::new(0, 64).is_empty());
     }
 }
