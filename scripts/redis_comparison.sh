@@ -13,13 +13,17 @@ trap 'redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true' EXIT
 for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 # redis-benchmark's own keys (key:000000xxxxxx), 128-byte values, 100k keys.
 redis-benchmark -p "$port" -t set -n 300000 -r 100000 -d 128 -q >/dev/null
+# Each line ends with redis-benchmark's own CPU time (user + system, bash's `time`) per GET.
+TIMEFORMAT='%U %S'
 {
     for run in 1 2 3; do
         for cp in "4 16" "8 32"; do
             set -- $cp
             printf 'run %s, -c %s -P %s (%s in flight): ' "$run" "$1" "$2" $(($1 * $2))
-            taskset -c 0 redis-benchmark -p "$port" -t get -c "$1" -P "$2" -n 3000000 -r 100000 -d 128 --csv |
-                tail -1
+            cpu=$({ time taskset -c 0 redis-benchmark -p "$port" -t get -c "$1" -P "$2" -n 3000000 \
+                -r 100000 -d 128 --csv | tail -1 >/tmp/redis-benchmark-line; } 2>&1)
+            printf '%s cpu_us_per_get %s\n' "$(cat /tmp/redis-benchmark-line)" \
+                "$(echo "$cpu" | awk '{printf "%.2f", ($1 + $2) * 1e6 / 3000000}')"
         done
     done
 } | tee "$out/redis-benchmark.txt"
