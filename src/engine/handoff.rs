@@ -14,7 +14,11 @@
 //! - every successful send rings `data` and every successful receive or non-empty drain rings
 //!   `space`, each after the channel operation returned;
 //! - a side waits only after arming its doorbell and then checking the channel again, so a
-//!   ring between its check and its wait is never lost;
+//!   ring between its check and its wait is never lost (the channel's lock orders that check
+//!   against the other side's operation: if the check came first, the arming, made before it,
+//!   is visible to the ring that follows the operation; if the operation came first, the check
+//!   sees its effect, a disconnect included, since `try_recv` and `try_send` read it under
+//!   the lock);
 //! - dropping the sender rings `data` (the receiver then sees the disconnect) and dropping the
 //!   receiver rings `space` (a waiting sender then gets its item back), each after the flume
 //!   end is dropped;
