@@ -143,6 +143,17 @@ fn ordered_enrichment_is_correct_record_by_record_and_in_input_order() {
     assert_eq!(summary["lines_read"], 3_000);
     assert_eq!(summary["enriched"], 3_000);
     assert!(String::from_utf8_lossy(&out.stderr).contains("enriched"));
+    // Where the time goes: the embedded server delays every reply by 1 ms, so no reply is on
+    // the wire for less, and a lookup (invoke to emit) contains its time on the wire.
+    let us = |field: &str| summary[field].as_u64().unwrap_or_else(|| panic!("{field}"));
+    assert!(us("wire_p50_us") >= 1_000, "{summary}");
+    assert!(us("wire_p50_us") <= us("latency_p50_us"), "{summary}");
+    assert!(us("wire_p99_us") <= us("latency_p99_us"), "{summary}");
+    assert!(
+        us("queue_wait_p50_us") <= us("queue_wait_p99_us"),
+        "{summary}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("of which on the wire"));
 }
 
 #[test]

@@ -452,8 +452,7 @@ impl AsyncFunction for KeyLookup {
 
     fn close(&mut self) {
         if let Some(sink) = &self.wire_sink {
-            let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
-            sink.add(self.client.wire_latency()).expect("same bounds");
+            self.client.add_wire_latency_to(sink);
         }
     }
 }

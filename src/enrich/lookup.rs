@@ -7,12 +7,13 @@
 
 use crate::function::{AsyncFunction, Fallback, Outputs};
 use crate::redis::{ClientConfig, GetFuture, RedisClient, RedisError};
+use hdrhistogram::Histogram;
 use serde_json::{Map, Value};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 /// A parsed input line on its way to a lookup.
@@ -49,16 +50,24 @@ pub(crate) struct RedisEnrich {
     client: RedisClient,
     timeout_emits: bool,
     error_emits: bool,
+    /// Where `close` adds this shard's wire times (for the summary).
+    wire_sink: Arc<Mutex<Histogram<u64>>>,
 }
 
 impl RedisEnrich {
     /// `timeout_emits` / `error_emits`: whether a timed-out / failed lookup becomes an
     /// `Enriched` for the writer's policy (emit, drop, dead-letter) instead of failing the stage.
-    pub(crate) fn new(addr: SocketAddr, timeout_emits: bool, error_emits: bool) -> Self {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        timeout_emits: bool,
+        error_emits: bool,
+        wire_sink: Arc<Mutex<Histogram<u64>>>,
+    ) -> Self {
         RedisEnrich {
             client: RedisClient::new(addr, &ClientConfig::default()),
             timeout_emits,
             error_emits,
+            wire_sink,
         }
     }
 }
@@ -103,6 +112,10 @@ impl AsyncFunction for RedisEnrich {
             record: input.clone(),
             lookup: Lookup::TimedOut,
         }))
+    }
+
+    fn close(&mut self) {
+        self.client.add_wire_latency_to(&self.wire_sink);
     }
 
     fn on_error(&self, input: &Arc<Record>, error: &RedisError) -> Fallback<Enriched> {

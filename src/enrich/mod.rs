@@ -109,6 +109,13 @@ pub struct Summary {
     pub latency_p99_us: u64,
     pub latency_p999_us: u64,
     pub latency_max_us: u64,
+    /// From the reader's push to the first lookup: waiting for a free slot (backpressure).
+    pub queue_wait_p50_us: u64,
+    pub queue_wait_p99_us: u64,
+    /// Of a lookup, the time on the wire: from the request handed to the socket to its reply
+    /// read (Redis and the network, without the client's own queueing).
+    pub wire_p50_us: u64,
+    pub wire_p99_us: u64,
     pub interrupted: bool,
     /// Why the run failed, if it did.
     pub failure: Option<String>,
@@ -171,6 +178,16 @@ impl Summary {
         s.push_str(&format!(
             "  latency p50 {} us, p99 {} us, p99.9 {} us, max {} us\n",
             self.latency_p50_us, self.latency_p99_us, self.latency_p999_us, self.latency_max_us
+        ));
+        s.push_str(&format!(
+            "  where the time goes (p50 / p99): waiting for a slot {} / {} us; \
+             lookup {} / {} us, of which on the wire {} / {} us\n",
+            self.queue_wait_p50_us,
+            self.queue_wait_p99_us,
+            self.latency_p50_us,
+            self.latency_p99_us,
+            self.wire_p50_us,
+            self.wire_p99_us
         ));
         if let Some(f) = &self.failure {
             s.push_str(&format!("  failed: {f}\n"));
@@ -427,16 +444,20 @@ pub fn run(
     let addr = config.redis;
     let timeout_emits = config.on_timeout != OnFailedLookup::Fail;
     let error_emits = config.on_error != OnFailedLookup::Fail;
-    let mut builder =
-        Stage::builder(move |_| lookup::RedisEnrich::new(addr, timeout_emits, error_emits))
-            .capacity(config.capacity)
-            .timeout(config.timeout)
-            .mode(config.mode)
-            .retry(
-                config
-                    .retry
-                    .policy(|e: &crate::redis::RedisError| e.is_retryable()),
-            );
+    // Each shard's client adds its wire times here when the shard closes its function.
+    let wire_us = Arc::new(Mutex::new(crate::redis::wire_histogram()));
+    let wire_sink = wire_us.clone();
+    let mut builder = Stage::builder(move |_| {
+        lookup::RedisEnrich::new(addr, timeout_emits, error_emits, wire_sink.clone())
+    })
+    .capacity(config.capacity)
+    .timeout(config.timeout)
+    .mode(config.mode)
+    .retry(
+        config
+            .retry
+            .policy(|e: &crate::redis::RedisError| e.is_retryable()),
+    );
     if let Some(shards) = config.shards {
         builder = builder.shards(shards);
     }
@@ -844,6 +865,13 @@ pub fn run(
     summary.latency_p99_us = h.value_at_quantile(0.99);
     summary.latency_p999_us = h.value_at_quantile(0.999);
     summary.latency_max_us = h.max();
+    let q = &metrics.queue_wait_us;
+    summary.queue_wait_p50_us = q.value_at_quantile(0.5);
+    summary.queue_wait_p99_us = q.value_at_quantile(0.99);
+    let wire = wire_us.lock().unwrap_or_else(|p| p.into_inner());
+    summary.wire_p50_us = wire.value_at_quantile(0.5);
+    summary.wire_p99_us = wire.value_at_quantile(0.99);
+    drop(wire);
     let reader_failure = state
         .failure
         .lock()

@@ -255,7 +255,8 @@ impl Connection {
     }
 }
 
-fn wire_histogram() -> hdrhistogram::Histogram<u64> {
+/// An empty histogram with the bounds of every wire-time histogram (so they can be added).
+pub(crate) fn wire_histogram() -> hdrhistogram::Histogram<u64> {
     hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 

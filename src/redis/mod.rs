@@ -13,6 +13,7 @@ pub use connection::{encode_command, ReplyFuture};
 pub use error::RedisError;
 pub use reply::{decode_reply, Reply};
 
+pub(crate) use connection::wire_histogram;
 use connection::{Backoff, Connection};
 use std::cell::Cell;
 use std::future::Future;
@@ -137,6 +138,13 @@ impl RedisClient {
             total.add(c.wire_latency()).expect("same bounds");
         }
         total
+    }
+
+    /// Adds [`RedisClient::wire_latency`] into `sink`: how a function that owns a client on
+    /// each shard reports it from `close` (the shards' histograms share the same bounds).
+    pub fn add_wire_latency_to(&self, sink: &std::sync::Mutex<hdrhistogram::Histogram<u64>>) {
+        let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+        sink.add(self.wire_latency()).expect("same bounds");
     }
 
     /// Requests in flight over all connections.
