@@ -140,20 +140,21 @@ impl<T> Sender<T> {
         }
     }
 
-    /// One attempt of a waiting send: sends, or arms `space` and tries once more.
-    fn poll_send(&self, item: T, waker: &Waker) -> Result<Result<(), T>, T> {
+    /// A send that waits: `Ok` once decided (sent, or `Err(item)` when the receiver is gone),
+    /// `Err(item)` while the channel is full.
+    fn try_decide(&self, item: T) -> Result<Result<(), T>, T> {
         match self.try_send(item) {
             Ok(()) => Ok(Ok(())),
             Err(TrySendError::Disconnected(item)) => Ok(Err(item)),
-            Err(TrySendError::Full(item)) => {
-                self.space.arm(waker);
-                match self.try_send(item) {
-                    Ok(()) => Ok(Ok(())),
-                    Err(TrySendError::Disconnected(item)) => Ok(Err(item)),
-                    Err(TrySendError::Full(item)) => Err(item),
-                }
-            }
+            Err(TrySendError::Full(item)) => Err(item),
         }
+    }
+
+    /// After a full channel: arms `space` for `waker`, then tries once more (the drain that
+    /// made room may have come before the arming).
+    fn arm_and_retry(&self, item: T, waker: &Waker) -> Result<Result<(), T>, T> {
+        self.space.arm(waker);
+        self.try_decide(item)
     }
 
     /// Sends, awaiting space. `Err` hands the item back when the receiver is gone.
@@ -167,14 +168,13 @@ impl<T> Sender<T> {
     /// Sends, parking this thread while the channel is full. `Err` hands the item back when
     /// the receiver is gone.
     pub(crate) fn send_blocking(&self, item: T) -> Result<(), T> {
-        let mut item = match self.try_send(item) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Disconnected(item)) => return Err(item),
-            Err(TrySendError::Full(item)) => item,
+        let mut item = match self.try_decide(item) {
+            Ok(result) => return result,
+            Err(full) => full,
         };
         let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
         loop {
-            match self.poll_send(item, &waker) {
+            match self.arm_and_retry(item, &waker) {
                 Ok(result) => return result,
                 // Unparked by a ring, or spuriously: either way, try again.
                 Err(back) => {
@@ -205,7 +205,11 @@ impl<T> Future for SendFuture<'_, T> {
     type Output = Result<(), T>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), T>> {
         let item = self.item.take().expect("polled after completion");
-        match self.sender.poll_send(item, cx.waker()) {
+        let item = match self.sender.try_decide(item) {
+            Ok(result) => return Poll::Ready(result),
+            Err(full) => full,
+        };
+        match self.sender.arm_and_retry(item, cx.waker()) {
             Ok(result) => Poll::Ready(result),
             Err(item) => {
                 self.item = Some(item);
