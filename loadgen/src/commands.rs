@@ -55,39 +55,16 @@ pub(crate) struct Context<'a> {
 }
 
 impl Context<'_> {
-    /// GET's reply: the value as a bulk string, or nil.
-    fn get_reply(&self, key: &[u8]) -> Vec<u8> {
+    /// `f` applied to `key`'s value (a value written with SET first, then the keyspace),
+    /// without copying the value out.
+    fn lookup<R>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Option<R> {
         if self.stats.sets.load(Ordering::Relaxed) > 0 {
-            if let Some(v) = self
-                .overlay
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(key)
-            {
-                self.count_lookup(true);
-                return bulk_string(v);
+            let overlay = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = overlay.get(key) {
+                return Some(f(v));
             }
         }
-        let value = self.keyspace.get(key);
-        self.count_lookup(value.is_some());
-        match value {
-            Some(v) => bulk_string(v),
-            None => encode(&BorrowedFrame::Null),
-        }
-    }
-
-    fn lookup(&self, key: &[u8]) -> Option<Vec<u8>> {
-        if self.stats.sets.load(Ordering::Relaxed) > 0 {
-            if let Some(v) = self
-                .overlay
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(key)
-            {
-                return Some(v.clone());
-            }
-        }
-        self.keyspace.get(key).map(<[u8]>::to_vec)
+        self.keyspace.get(key).map(f)
     }
 
     fn count_lookup(&self, hit: bool) {
@@ -108,12 +85,16 @@ impl Context<'_> {
         let reply = match (name.as_slice(), args.len()) {
             (b"GET", 2) => {
                 self.stats.gets.fetch_add(1, Ordering::Relaxed);
-                self.get_reply(args[1])
+                let reply = self.lookup(args[1], bulk_string);
+                self.count_lookup(reply.is_some());
+                reply.unwrap_or_else(|| encode(&BorrowedFrame::Null))
             }
             (b"MGET", n) if n >= 2 => {
                 self.stats.gets.fetch_add(n as u64 - 1, Ordering::Relaxed);
-                let values: Vec<Option<Vec<u8>>> =
-                    args[1..].iter().map(|k| self.lookup(k)).collect();
+                let values: Vec<Option<Vec<u8>>> = args[1..]
+                    .iter()
+                    .map(|k| self.lookup(k, <[u8]>::to_vec))
+                    .collect();
                 let frames: Vec<BorrowedFrame<'_>> = values
                     .iter()
                     .map(|v| {
