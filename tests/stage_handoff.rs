@@ -32,6 +32,23 @@ fn echo_stage(shards: usize, capacity: usize, channel: usize) -> Stage<u64, u64>
     .expect("stage starts")
 }
 
+/// Counts the outputs to the end of the stream (each must be `Ok`), then joins the feeder and
+/// the shards.
+fn count_to_the_end(
+    consumer: &mut sluice::Consumer<u64>,
+    feeder: std::thread::JoinHandle<()>,
+    handle: sluice::StageHandle,
+) -> u64 {
+    let mut count = 0u64;
+    while let Some(item) = consumer.recv() {
+        item.expect("no stage error");
+        count += 1;
+    }
+    feeder.join().unwrap();
+    handle.join().unwrap();
+    count
+}
+
 #[test]
 fn a_slow_consumer_parks_shards_and_producer_and_loses_nothing() {
     within(Duration::from_secs(60), "the slow-consumer run", || {
@@ -71,14 +88,7 @@ fn a_fast_consumer_waits_for_a_slow_producer_without_missing_a_wake_up() {
                 producer.push(v).expect("the stage is alive");
             }
         });
-        let mut count = 0u64;
-        while let Some(item) = consumer.recv() {
-            item.expect("no stage error");
-            count += 1;
-        }
-        feeder.join().unwrap();
-        handle.join().unwrap();
-        assert_eq!(count, 200);
+        assert_eq!(count_to_the_end(&mut consumer, feeder, handle), 200);
     });
 }
 
@@ -117,13 +127,6 @@ fn an_async_producer_is_woken_by_drains_too() {
                 }
             })
         });
-        let mut count = 0u64;
-        while let Some(item) = consumer.recv() {
-            item.expect("no stage error");
-            count += 1;
-        }
-        feeder.join().unwrap();
-        handle.join().unwrap();
-        assert_eq!(count, 2_000);
+        assert_eq!(count_to_the_end(&mut consumer, feeder, handle), 2_000);
     });
 }
