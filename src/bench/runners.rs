@@ -191,7 +191,7 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
         .collect::<Result<_, _>>()?;
     let mut records = 0;
     let mut latency_us = histogram();
-    let mut wire_us = histogram();
+    let mut wire_us = crate::redis::wire_histogram();
     for worker in workers {
         let (n, h, wire) = worker.join().map_err(|e| e.to_string())??;
         records += n;
@@ -464,7 +464,7 @@ fn sluice(
     w: &Workload,
 ) -> Result<Measurement, String> {
     let (addr, client_config) = (w.addr, w.client.clone());
-    let wire_sink = Arc::new(Mutex::new(histogram()));
+    let wire_sink = Arc::new(Mutex::new(crate::redis::wire_histogram()));
     let sink = wire_sink.clone();
     let mut builder = Stage::builder(move |_| {
         let client = Rc::new(RedisClient::new(addr, &client_config));
