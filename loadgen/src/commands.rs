@@ -2,9 +2,10 @@
 //!
 //! Owns: command semantics and reply encoding. Invariant: every command gets exactly one reply
 //! frame (or the connection closes), so pipelined replies match requests in order.
-//! Replies are encoded with `redis-protocol`'s encoder, except GET's bulk string, the hot path,
-//! which is written directly into a buffer of its exact size (the crate's encoder sizes the
-//! reply with a floating-point `log10` and zero-fills the buffer before encoding into it).
+//! Replies are appended to the caller's buffer (the connection's outbox), encoded with
+//! `redis-protocol`'s encoder, except GET's bulk string, the hot path, which is written
+//! directly from the keyspace (the crate's encoder sizes the reply with a floating-point
+//! `log10` and needs a zero-filled slice to encode into).
 
 use crate::keyspace::Keyspace;
 use crate::server::ServerStats;
@@ -17,36 +18,40 @@ use std::sync::{Arc, Mutex};
 /// Values written with `SET`, shared by all shards; checked before the generated keyspace.
 pub(crate) type Overlay = Arc<Mutex<HashMap<Vec<u8>, Vec<u8>>>>;
 
-/// What the connection does after a command.
-pub(crate) enum Action {
-    Reply(Vec<u8>),
-    ReplyAndClose(Vec<u8>),
+/// What the connection does after a command's reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Continue,
+    Close,
 }
 
-fn encode(frame: &BorrowedFrame<'_>) -> Vec<u8> {
-    let mut buf = vec![0; frame.encode_len(false)];
-    let n = encode_borrowed(&mut buf, frame, false).expect("buffer sized by encode_len");
-    buf.truncate(n);
-    buf
+/// Appends `frame` to `out`.
+fn encode(out: &mut Vec<u8>, frame: &BorrowedFrame<'_>) {
+    let start = out.len();
+    out.resize(start + frame.encode_len(false), 0);
+    let n = encode_borrowed(&mut out[start..], frame, false).expect("buffer sized by encode_len");
+    out.truncate(start + n);
 }
 
-/// `$<len>\r\n<value>\r\n`, allocated once (a length has at most 20 digits).
-fn bulk_string(value: &[u8]) -> Vec<u8> {
+/// Appends `$<len>\r\n<value>\r\n` to `out`.
+fn bulk_string(out: &mut Vec<u8>, value: &[u8]) {
     use std::io::Write;
-    let mut out = Vec::with_capacity(value.len() + 25);
+    out.reserve(value.len() + 25); // a length has at most 20 digits
     write!(out, "${}\r\n", value.len()).expect("writing to a Vec cannot fail");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-    out
 }
 
-fn error(message: &str) -> Vec<u8> {
-    encode(&BorrowedFrame::Error(message))
+fn error(out: &mut Vec<u8>, message: &str) {
+    encode(out, &BorrowedFrame::Error(message))
 }
 
-fn ok() -> Vec<u8> {
-    encode(&BorrowedFrame::SimpleString(b"OK"))
+fn ok(out: &mut Vec<u8>) {
+    encode(out, &BorrowedFrame::SimpleString(b"OK"))
 }
+
+/// The longest command name the server knows, in bytes (`COMMAND`, `DBSIZE`, ...).
+const MAX_NAME: usize = 16;
 
 pub(crate) struct Context<'a> {
     pub(crate) keyspace: &'a Keyspace,
@@ -76,18 +81,30 @@ impl Context<'_> {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Runs one command (`args[0]` is its name).
-    pub(crate) fn execute(&self, args: &[&[u8]]) -> Action {
+    /// Runs one command (`args[0]` is its name) and appends its reply to `out`.
+    pub(crate) fn execute(&self, args: &[&[u8]], out: &mut Vec<u8>) -> Flow {
         let Some(name) = args.first() else {
-            return Action::Reply(error("ERR empty command"));
+            error(out, "ERR empty command");
+            return Flow::Continue;
         };
-        let name = name.to_ascii_uppercase();
-        let reply = match (name.as_slice(), args.len()) {
+        // Upper-cased on the stack: no allocation per command. A longer name is no command.
+        let mut upper = [0u8; MAX_NAME];
+        let name: &[u8] = match upper.get_mut(..name.len()) {
+            Some(upper) => {
+                upper.copy_from_slice(name);
+                upper.make_ascii_uppercase();
+                upper
+            }
+            None => b"",
+        };
+        match (name, args.len()) {
             (b"GET", 2) => {
                 self.stats.gets.fetch_add(1, Ordering::Relaxed);
-                let reply = self.lookup(args[1], bulk_string);
-                self.count_lookup(reply.is_some());
-                reply.unwrap_or_else(|| encode(&BorrowedFrame::Null))
+                let hit = self.lookup(args[1], |v| bulk_string(out, v)).is_some();
+                self.count_lookup(hit);
+                if !hit {
+                    encode(out, &BorrowedFrame::Null);
+                }
             }
             (b"MGET", n) if n >= 2 => {
                 self.stats.gets.fetch_add(n as u64 - 1, Ordering::Relaxed);
@@ -105,7 +122,7 @@ impl Context<'_> {
                         }
                     })
                     .collect();
-                encode(&BorrowedFrame::Array(&frames))
+                encode(out, &BorrowedFrame::Array(&frames));
             }
             (b"SET", 3) => {
                 self.overlay
@@ -113,75 +130,80 @@ impl Context<'_> {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(args[1].to_vec(), args[2].to_vec());
                 self.stats.sets.fetch_add(1, Ordering::Relaxed);
-                ok()
+                ok(out);
             }
-            (b"PING", 1) => encode(&BorrowedFrame::SimpleString(b"PONG")),
-            (b"PING", 2) | (b"ECHO", 2) => encode(&BorrowedFrame::BulkString(args[1])),
+            (b"PING", 1) => encode(out, &BorrowedFrame::SimpleString(b"PONG")),
+            (b"PING", 2) | (b"ECHO", 2) => encode(out, &BorrowedFrame::BulkString(args[1])),
             (b"DBSIZE", 1) => {
                 let overlay = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
                 let extra = overlay
                     .keys()
                     .filter(|k| self.keyspace.get(k).is_none())
                     .count() as u64;
-                encode(&BorrowedFrame::Integer(
-                    (self.keyspace.len() + extra) as i64,
-                ))
+                encode(
+                    out,
+                    &BorrowedFrame::Integer((self.keyspace.len() + extra) as i64),
+                );
             }
-            (b"HELLO", 1) => hello(),
-            (b"HELLO", _) if args[1] == b"2" => hello(),
-            (b"HELLO", _) => error("NOPROTO this server speaks RESP2 only"),
-            (b"CLIENT", n) if n >= 2 => {
-                let sub = args[1].to_ascii_uppercase();
-                match sub.as_slice() {
-                    b"ID" => encode(&BorrowedFrame::Integer(1)),
-                    b"GETNAME" => encode(&BorrowedFrame::Null),
-                    _ => ok(), // SETNAME, SETINFO, NO-EVICT, ...: accepted
-                }
-            }
-            (b"SELECT", 2) if args[1] == b"0" => ok(),
-            (b"SELECT", 2) => error("ERR DB index is out of range"),
-            (b"COMMAND", _) => encode(&BorrowedFrame::Array(&[])),
+            (b"HELLO", 1) => hello(out),
+            (b"HELLO", _) if args[1] == b"2" => hello(out),
+            (b"HELLO", _) => error(out, "NOPROTO this server speaks RESP2 only"),
+            (b"CLIENT", n) if n >= 2 => match args[1].to_ascii_uppercase().as_slice() {
+                b"ID" => encode(out, &BorrowedFrame::Integer(1)),
+                b"GETNAME" => encode(out, &BorrowedFrame::Null),
+                _ => ok(out), // SETNAME, SETINFO, NO-EVICT, ...: accepted
+            },
+            (b"SELECT", 2) if args[1] == b"0" => ok(out),
+            (b"SELECT", 2) => error(out, "ERR DB index is out of range"),
+            (b"COMMAND", _) => encode(out, &BorrowedFrame::Array(&[])),
             (b"INFO", _) => {
                 let info = format!(
                     "# Server\r\nredis_version:7.0.0-loadgen\r\nredis_mode:standalone\r\n\
                      # Stats\r\nloadgen_gets:{}\r\n",
                     self.stats.gets.load(Ordering::Relaxed)
                 );
-                encode(&BorrowedFrame::BulkString(info.as_bytes()))
+                encode(out, &BorrowedFrame::BulkString(info.as_bytes()));
             }
-            (b"QUIT", _) => return Action::ReplyAndClose(ok()),
+            (b"QUIT", _) => {
+                ok(out);
+                return Flow::Close;
+            }
             (b"GET" | b"SET" | b"PING" | b"DBSIZE" | b"ECHO" | b"SELECT", _) => {
-                let name = String::from_utf8_lossy(&name).to_lowercase();
-                error(&format!(
-                    "ERR wrong number of arguments for '{name}' command"
-                ))
+                let name = String::from_utf8_lossy(name).to_lowercase();
+                error(
+                    out,
+                    &format!("ERR wrong number of arguments for '{name}' command"),
+                );
             }
             _ => {
                 let shown = String::from_utf8_lossy(args[0]);
-                error(&format!("ERR unknown command '{shown}'"))
+                error(out, &format!("ERR unknown command '{shown}'"));
             }
-        };
-        Action::Reply(reply)
+        }
+        Flow::Continue
     }
 }
 
-fn hello() -> Vec<u8> {
-    encode(&BorrowedFrame::Array(&[
-        BorrowedFrame::BulkString(b"server"),
-        BorrowedFrame::BulkString(b"redis"),
-        BorrowedFrame::BulkString(b"version"),
-        BorrowedFrame::BulkString(b"7.0.0"),
-        BorrowedFrame::BulkString(b"proto"),
-        BorrowedFrame::Integer(2),
-        BorrowedFrame::BulkString(b"id"),
-        BorrowedFrame::Integer(1),
-        BorrowedFrame::BulkString(b"mode"),
-        BorrowedFrame::BulkString(b"standalone"),
-        BorrowedFrame::BulkString(b"role"),
-        BorrowedFrame::BulkString(b"master"),
-        BorrowedFrame::BulkString(b"modules"),
-        BorrowedFrame::Array(&[]),
-    ]))
+fn hello(out: &mut Vec<u8>) {
+    encode(
+        out,
+        &BorrowedFrame::Array(&[
+            BorrowedFrame::BulkString(b"server"),
+            BorrowedFrame::BulkString(b"redis"),
+            BorrowedFrame::BulkString(b"version"),
+            BorrowedFrame::BulkString(b"7.0.0"),
+            BorrowedFrame::BulkString(b"proto"),
+            BorrowedFrame::Integer(2),
+            BorrowedFrame::BulkString(b"id"),
+            BorrowedFrame::Integer(1),
+            BorrowedFrame::BulkString(b"mode"),
+            BorrowedFrame::BulkString(b"standalone"),
+            BorrowedFrame::BulkString(b"role"),
+            BorrowedFrame::BulkString(b"master"),
+            BorrowedFrame::BulkString(b"modules"),
+            BorrowedFrame::Array(&[]),
+        ]),
+    )
 }
 
 #[cfg(test)]
@@ -191,11 +213,11 @@ mod tests {
     #[test]
     fn bulk_strings_match_the_crates_encoder() {
         for value in [&b""[..], b"x", b"\r\n binary \0 bytes", &[b'v'; 1000]] {
-            assert_eq!(
-                bulk_string(value),
-                encode(&BorrowedFrame::BulkString(value)),
-                "{value:?}"
-            );
+            // Appended after what the buffer already holds, as replies are.
+            let (mut ours, mut theirs) = (b"+OK\r\n".to_vec(), b"+OK\r\n".to_vec());
+            bulk_string(&mut ours, value);
+            encode(&mut theirs, &BorrowedFrame::BulkString(value));
+            assert_eq!(ours, theirs, "{value:?}");
         }
     }
 }

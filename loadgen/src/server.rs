@@ -4,6 +4,9 @@
 //! Owns: connections, reply timing and fault injection. Invariants:
 //! - replies on a connection leave in request order; reply `i` leaves no earlier than its
 //!   request's arrival plus its sampled delay, and no earlier than reply `i - 1`;
+//! - a request's delay counts from the read that brought it; its reply is encoded straight into
+//!   the connection's outbox, in chunks of replies that share a due time, which the
+//!   connection's writer task hands to the socket when they come due;
 //! - delays are timers on the connection's executor, never a blocked thread;
 //! - a connection's pending replies are bounded (`MAX_PENDING_REPLIES`): past that the server
 //!   stops reading from it, and TCP pushes back on the client;
@@ -12,22 +15,24 @@
 //! - stopping the server closes every connection (as a stopping Redis does), so clients see
 //!   the connection end instead of silence.
 
-use crate::commands::{Action, Context, Overlay};
+use crate::commands::{Context, Flow, Overlay};
 use crate::keyspace::Keyspace;
 use crate::latency::LatencyModel;
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 use futures::FutureExt;
-use glommio::channels::local_channel;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use redis_protocol::resp2::decode::decode_range;
 use redis_protocol::resp2::types::RangeFrame;
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// Replies a connection may hold back (waiting for their delay) before reading stops.
@@ -274,62 +279,157 @@ async fn run_shard(
     }
 }
 
-async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
-    let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.split();
-    let (tx, rx) = local_channel::new_bounded::<(Instant, Vec<u8>, bool)>(MAX_PENDING_REPLIES);
-    let writer_ctx = ctx.clone();
-    let writer_task = glommio::spawn_local(async move {
-        let stats = &writer_ctx.stats;
-        let mut out = Vec::with_capacity(64 * 1024);
-        let mut next: Option<(Instant, Vec<u8>, bool)> = None;
-        loop {
-            let (due, reply, close) = match next.take() {
-                Some(item) => item,
-                None => match rx.recv().await {
-                    Some(item) => item,
-                    None => return,
-                },
-            };
-            let now = Instant::now();
-            if due > now {
-                glommio::timer::sleep(due - now).await;
-            }
-            let now = Instant::now();
-            let (mut replies, mut late_us) =
-                (1u64, now.saturating_duration_since(due).as_micros() as u64);
-            out.extend_from_slice(&reply);
-            let mut closing = close;
-            // Batch every reply that is already due into one write.
-            while !closing {
-                match rx.recv().now_or_never() {
-                    Some(Some((due, reply, close))) if due <= Instant::now() => {
-                        out.extend_from_slice(&reply);
-                        closing = close;
-                        replies += 1;
-                        late_us += now.saturating_duration_since(due).as_micros() as u64;
-                    }
-                    Some(Some(item)) => {
-                        next = Some(item);
-                        break;
-                    }
-                    _ => break,
+/// Replies of one connection waiting for their due time, in request order. Shared by the
+/// connection's reader (which appends) and writer (which takes what is due).
+#[derive(Default)]
+struct Outbox {
+    /// Oldest first; due times never decrease along the queue.
+    chunks: VecDeque<Chunk>,
+    /// Replies held in `chunks` (bounded by `MAX_PENDING_REPLIES`).
+    replies: usize,
+    /// Emptied chunk buffers, for reuse.
+    spare: Vec<Vec<u8>>,
+    /// The reader stopped: once `chunks` is empty the writer ends.
+    reader_done: bool,
+    /// The writer ended (the socket failed, or it wrote a closing reply): the reader stops.
+    writer_done: bool,
+    /// The writer, waiting for a first chunk.
+    writer: Option<Waker>,
+    /// The reader, waiting for room.
+    reader: Option<Waker>,
+}
+
+/// Encoded replies that come due at the same time (requests that arrived in one read, under a
+/// fixed delay, share one chunk; under a random delay each reply has its own).
+struct Chunk {
+    due: Instant,
+    bytes: Vec<u8>,
+    replies: usize,
+    /// Close the connection after writing this chunk (QUIT, protocol errors).
+    close: bool,
+}
+
+/// Spare chunk buffers an outbox keeps.
+const SPARE_CHUNKS: usize = 64;
+
+impl Outbox {
+    /// The buffer to append a reply due at `due` to: the newest chunk when it has that due
+    /// time, else a new chunk.
+    fn buffer_for(&mut self, due: Instant) -> &mut Vec<u8> {
+        let fits = self.chunks.back().is_some_and(|c| c.due == due && !c.close);
+        if !fits {
+            let bytes = self.spare.pop().unwrap_or_default();
+            self.chunks.push_back(Chunk {
+                due,
+                bytes,
+                replies: 0,
+                close: false,
+            });
+        }
+        let chunk = self.chunks.back_mut().expect("a chunk was just ensured");
+        chunk.replies += 1;
+        self.replies += 1;
+        &mut chunk.bytes
+    }
+
+    fn recycle(&mut self, mut bytes: Vec<u8>) {
+        if self.spare.len() < SPARE_CHUNKS {
+            bytes.clear();
+            self.spare.push(bytes);
+        }
+    }
+
+    fn wake_writer(&mut self) {
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Writes a connection's replies as they come due: every chunk due by the time the first one
+/// is, in one write. Ends when the reader is done and everything was written, after a chunk
+/// that closes the connection, or when the socket fails.
+async fn write_replies(
+    outbox: Rc<RefCell<Outbox>>,
+    mut writer: futures::io::WriteHalf<TcpStream>,
+    stats: &ServerStats,
+) {
+    let mut out = Vec::with_capacity(64 * 1024);
+    loop {
+        let due = std::future::poll_fn(|cx| {
+            let mut ob = outbox.borrow_mut();
+            match ob.chunks.front() {
+                Some(chunk) => Poll::Ready(Some(chunk.due)),
+                None if ob.reader_done => Poll::Ready(None),
+                None => {
+                    ob.writer = Some(cx.waker().clone());
+                    Poll::Pending
                 }
             }
-            stats.replies_written.fetch_add(replies, Ordering::Relaxed);
-            stats
-                .reply_lateness_us
-                .fetch_add(late_us, Ordering::Relaxed);
-            if writer.write_all(&out).await.is_err() {
-                return;
+        })
+        .await;
+        let Some(due) = due else { return };
+        let now = Instant::now();
+        if due > now {
+            glommio::timer::sleep(due - now).await;
+        }
+        let now = Instant::now();
+        let (mut replies, mut late_us, mut closing) = (0u64, 0u64, false);
+        {
+            let mut ob = outbox.borrow_mut();
+            while let Some(chunk) = ob.chunks.front() {
+                if chunk.due > now || closing {
+                    break;
+                }
+                let chunk = ob.chunks.pop_front().expect("front exists");
+                replies += chunk.replies as u64;
+                late_us += chunk.replies as u64
+                    * now.saturating_duration_since(chunk.due).as_micros() as u64;
+                closing = chunk.close;
+                ob.replies -= chunk.replies;
+                if out.is_empty() {
+                    // The common case, one chunk due: write its buffer as it is.
+                    let spare = std::mem::replace(&mut out, chunk.bytes);
+                    ob.recycle(spare);
+                } else {
+                    out.extend_from_slice(&chunk.bytes);
+                    ob.recycle(chunk.bytes);
+                }
             }
-            out.clear();
-            if closing {
-                let _ = writer.close().await;
-                return;
+            if let Some(w) = ob.reader.take() {
+                w.wake();
             }
         }
-    });
+        stats.replies_written.fetch_add(replies, Ordering::Relaxed);
+        stats
+            .reply_lateness_us
+            .fetch_add(late_us, Ordering::Relaxed);
+        if writer.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+        if closing {
+            let _ = writer.close().await;
+            return;
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, writer) = stream.split();
+    let outbox: Rc<RefCell<Outbox>> = Default::default();
+    let writer_task = {
+        let (outbox, ctx) = (outbox.clone(), ctx.clone());
+        glommio::spawn_local(async move {
+            write_replies(outbox.clone(), writer, &ctx.stats).await;
+            let mut ob = outbox.borrow_mut();
+            ob.writer_done = true;
+            if let Some(w) = ob.reader.take() {
+                w.wake();
+            }
+        })
+    };
 
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut buf = vec![0u8; 64 * 1024];
@@ -340,6 +440,13 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
         keyspace: &ctx.keyspace,
         overlay: &ctx.overlay,
         stats: &ctx.stats,
+    };
+    // Queues a reply that closes the connection, after everything before it.
+    let close_with = |last_due: Instant, message: &[u8]| {
+        let mut ob = outbox.borrow_mut();
+        let due = Instant::now().max(last_due);
+        ob.buffer_for(due).extend_from_slice(message);
+        ob.chunks.back_mut().expect("just appended").close = true;
     };
     'read: loop {
         if end == buf.len() {
@@ -358,59 +465,81 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
             Ok(n) => n,
         };
         end += n;
+        // Every request this read brought arrived now: delays count from here.
+        let arrival = Instant::now();
+        let mut args: Vec<&[u8]> = Vec::with_capacity(4);
         loop {
             let (frame, used) = match decode_range(&buf[start..end]) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(_) => {
-                    let _ = tx
-                        .send((Instant::now(), b"-ERR Protocol error\r\n".to_vec(), true))
-                        .await;
+                    close_with(last_due, b"-ERR Protocol error\r\n");
                     break 'read;
                 }
             };
-            let args = match command_args(&buf[start..start + used], &frame) {
-                Some(args) => args,
-                None => {
-                    let _ = tx
-                        .send((
-                            Instant::now(),
-                            b"-ERR Protocol error: expected an array of bulk strings\r\n".to_vec(),
-                            true,
-                        ))
-                        .await;
-                    break 'read;
-                }
-            };
+            if !command_args(&buf[start..start + used], &frame, &mut args) {
+                close_with(
+                    last_due,
+                    b"-ERR Protocol error: expected an array of bulk strings\r\n",
+                );
+                break 'read;
+            }
             ctx.stats.commands.fetch_add(1, Ordering::Relaxed);
             if ctx.reset_rate > 0.0 && rng.random_bool(ctx.reset_rate) {
                 ctx.stats.resets_injected.fetch_add(1, Ordering::Relaxed);
                 reset = true;
                 break 'read;
             }
-            let action = if ctx.error_rate > 0.0 && rng.random_bool(ctx.error_rate) {
-                ctx.stats.errors_injected.fetch_add(1, Ordering::Relaxed);
-                Action::Reply(b"-ERR injected failure\r\n".to_vec())
-            } else {
-                context.execute(&args)
+            let due = (arrival + ctx.latency.sample(&mut rng)).max(last_due);
+            last_due = due;
+            let flow = {
+                let mut ob = outbox.borrow_mut();
+                let out = ob.buffer_for(due);
+                if ctx.error_rate > 0.0 && rng.random_bool(ctx.error_rate) {
+                    ctx.stats.errors_injected.fetch_add(1, Ordering::Relaxed);
+                    out.extend_from_slice(b"-ERR injected failure\r\n");
+                    Flow::Continue
+                } else {
+                    context.execute(&args, out)
+                }
             };
             start += used;
-            let due = (Instant::now() + ctx.latency.sample(&mut rng)).max(last_due);
-            last_due = due;
-            let (reply, close) = match action {
-                Action::Reply(r) => (r, false),
-                Action::ReplyAndClose(r) => (r, true),
-            };
-            if tx.send((due, reply, close)).await.is_err() || close {
+            if flow == Flow::Close {
+                outbox
+                    .borrow_mut()
+                    .chunks
+                    .back_mut()
+                    .expect("just appended")
+                    .close = true;
+                break 'read;
+            }
+            // Full: let the writer run, and stop reading until it makes room (TCP then
+            // pushes back on the client).
+            let writer_done = std::future::poll_fn(|cx| {
+                let mut ob = outbox.borrow_mut();
+                if ob.writer_done || ob.replies < MAX_PENDING_REPLIES {
+                    return Poll::Ready(ob.writer_done);
+                }
+                ob.wake_writer();
+                ob.reader = Some(cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
+            if writer_done {
                 break 'read;
             }
         }
+        outbox.borrow_mut().wake_writer();
         if start == end {
             start = 0;
             end = 0;
         }
     }
-    drop(tx);
+    {
+        let mut ob = outbox.borrow_mut();
+        ob.reader_done = true;
+        ob.wake_writer();
+    }
     if reset {
         // Cancelling the writer drops the socket with the replies it still held.
         drop(writer_task);
@@ -419,18 +548,23 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
     }
 }
 
-/// The arguments of a command frame (an array of bulk strings), as slices of `buf`.
-fn command_args<'a>(buf: &'a [u8], frame: &RangeFrame) -> Option<Vec<&'a [u8]>> {
-    match frame {
-        RangeFrame::Array(items) if !items.is_empty() => items
-            .iter()
-            .map(|f| match f {
-                RangeFrame::BulkString((s, e)) | RangeFrame::SimpleString((s, e)) => {
-                    buf.get(*s..*e)
+/// Puts the arguments of a command frame (an array of bulk strings) into `args`, as slices
+/// of `buf`; false when the frame is no such array.
+fn command_args<'a>(buf: &'a [u8], frame: &RangeFrame, args: &mut Vec<&'a [u8]>) -> bool {
+    args.clear();
+    let RangeFrame::Array(items) = frame else {
+        return false;
+    };
+    for item in items {
+        match item {
+            RangeFrame::BulkString((s, e)) | RangeFrame::SimpleString((s, e)) => {
+                match buf.get(*s..*e) {
+                    Some(arg) => args.push(arg),
+                    None => return false,
                 }
-                _ => None,
-            })
-            .collect(),
-        _ => None,
+            }
+            _ => return false,
+        }
     }
+    !args.is_empty()
 }

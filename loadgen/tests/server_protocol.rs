@@ -95,6 +95,55 @@ fn pipelined_commands_are_answered_in_order() {
 }
 
 #[test]
+fn quit_answers_then_closes_and_names_are_case_insensitive() {
+    let server = start("0ms", 0.0, 0.0);
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    let mut batch = command(&["ping"]);
+    batch.extend(command(&["Get", &keyspace::key(7)]));
+    batch.extend(command(&["quit"]));
+    batch.extend(command(&["PING"])); // after QUIT: never answered
+    stream.write_all(&batch).unwrap();
+    let mut r = BufReader::new(stream);
+    assert_eq!(read_reply(&mut r), "+PONG");
+    let value: serde_json::Value = serde_json::from_str(&read_reply(&mut r)).unwrap();
+    assert_eq!(value["user_id"], "user_000007");
+    assert_eq!(read_reply(&mut r), "+OK");
+    let mut rest = vec![];
+    r.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.is_empty(),
+        "after QUIT: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
+/// More requests than a connection may hold back (4096): the server stops reading until its
+/// writer makes room, and every request is still answered, in order.
+#[test]
+fn a_pipeline_longer_than_the_pending_limit_is_answered_in_order() {
+    const REQUESTS: u64 = 12_000;
+    let server = start("2ms", 0.0, 0.0);
+    let stream = TcpStream::connect(server.addr()).unwrap();
+    let mut sender = stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut batch = vec![];
+        for i in 0..REQUESTS {
+            batch.extend(command(&["GET", &keyspace::key(i % 1_000)]));
+        }
+        sender.write_all(&batch).unwrap();
+    });
+    let mut r = BufReader::new(stream);
+    for i in 0..REQUESTS {
+        let value: serde_json::Value = serde_json::from_str(&read_reply(&mut r)).unwrap();
+        assert_eq!(value["user_id"], keyspace::user_id(i % 1_000), "reply {i}");
+    }
+    writer.join().unwrap();
+    let stats = server.stats();
+    assert_eq!(stats.hits.load(Ordering::Relaxed), REQUESTS);
+    assert_eq!(stats.replies_written.load(Ordering::Relaxed), REQUESTS);
+}
+
+#[test]
 fn replies_wait_for_the_latency_model() {
     let server = start("30ms", 0.0, 0.0);
     let mut stream = TcpStream::connect(server.addr()).unwrap();
