@@ -314,8 +314,14 @@ fn tokio_futures(
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let url = format!("redis://{}/", w.addr);
-    let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+    // TCP_NODELAY, as sluice's client and the blocking baselines set it (and as Jedis, Lettuce
+    // and go-redis do by default): redis-rs leaves Nagle on, which holds a multiplexed
+    // connection's write until the previous one is acknowledged, i.e. about one round trip
+    // (redis-rs issue #2195). A baseline measured with it would be a strawman.
+    let info = redis::IntoConnectionInfo::into_connection_info(format!("redis://{}/", w.addr))
+        .map_err(|e| e.to_string())?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    let client = redis::Client::open(info).map_err(|e| e.to_string())?;
     // Connect before the clock starts, as the other contenders do.
     let connections: Vec<_> = runtime.block_on(async {
         let mut v = vec![];
