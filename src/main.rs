@@ -75,6 +75,10 @@ struct EnrichArgs {
     /// Shards (default: one per usable core).
     #[arg(long)]
     shards: Option<usize>,
+    /// Connections per shard to Redis; more help when some replies are slow (a connection's
+    /// replies come in order, so a slow one holds back those behind it).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    connections: usize,
     /// Per-record timeout, all attempts included.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -177,6 +181,12 @@ struct BenchArgs {
     /// arrived; see docs/benchmarks.md, section 3).
     #[arg(long, default_value_t = sluice::redis::ClientConfig::default().reply_split)]
     reply_split: usize,
+    /// Connections per shard to the server, for the sluice modes and the tokio baseline
+    /// alike (requests spread round-robin over them). Under a random delay, replies on one
+    /// connection leave in request order, so a slow one holds back those behind it: more
+    /// connections split the window (docs/benchmarks.md, section 2).
+    #[arg(long, default_value_t = sluice::redis::ClientConfig::default().connections)]
+    connections: usize,
     /// Never pin the sluice modes' shards to cores (by default each shard gets a core when
     /// there is one per shard; on a host where other busy threads share those cores, letting
     /// the scheduler place shards can do better: docs/benchmarks.md, section 2).
@@ -263,6 +273,7 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
         mode,
         capacity: args.capacity,
         shards: args.shards,
+        connections: args.connections,
         timeout: args.timeout,
         retry: args.retry,
         event_time: args.event_time,
@@ -352,6 +363,9 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
             return Err(format!("--server-limit must be a positive rate, got {rps}"));
         }
     }
+    if args.connections == 0 {
+        return Err("--connections must be at least 1".into());
+    }
     if args.reply_split == 0 {
         return Err(
             "--reply-split must be at least 1 (1 completes every reply that arrived)".into(),
@@ -402,7 +416,15 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         )
     };
     let late_mark = server.as_ref().map(lateness);
-    let round_trip = bench::probe_round_trip(addr, args.keys)?;
+    let probed = bench::probe_round_trip(addr, args.keys)?;
+    // Little's law needs the mean round trip. Under a random delay the probe's median holds
+    // the delay's median, and the mean is above it (1.27x the median for longtail:1ms:5ms).
+    let round_trip = match &args.redis {
+        None if !matches!(args.latency, LatencyModel::Fixed(_)) => {
+            probed.overall + args.latency.mean().saturating_sub(args.latency.median())
+        }
+        _ => probed.best_batch,
+    };
     let max_shards = *shards.iter().max().expect("non-empty");
     eprintln!(
         "sluice bench: {label}; round trip {round_trip:.2?}; {}",
@@ -430,6 +452,7 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         seed: 42,
         client: sluice::redis::ClientConfig {
             reply_split: args.reply_split,
+            connections: args.connections,
             ..Default::default()
         },
         pin: !args.no_pin,

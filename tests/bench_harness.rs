@@ -15,7 +15,9 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
         ..Default::default()
     })
     .unwrap();
-    let round_trip = bench::probe_round_trip(server.addr(), 1_000).unwrap();
+    let round_trip = bench::probe_round_trip(server.addr(), 1_000)
+        .unwrap()
+        .best_batch;
     assert!(
         round_trip >= Duration::from_millis(1),
         "the server's delay is in the round trip"
@@ -82,6 +84,8 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
     let split = sluice::redis::ClientConfig::default().reply_split;
     assert_eq!(parsed["reply_split"], serde_json::json!(split));
     assert_eq!(parsed["pinned"], serde_json::json!(true));
+    let connections = sluice::redis::ClientConfig::default().connections;
+    assert_eq!(parsed["connections"], serde_json::json!(connections));
     for key in [
         "mode",
         "shards",
@@ -138,4 +142,22 @@ fn a_record_budget_runs_exactly_that_many_lookups_per_point() {
             p.mode
         );
     }
+}
+
+/// Under a random delay the probe reports the median of all its lookups beside the smallest
+/// batch median (which is biased low there): uniform 1-3 ms has a 2 ms median.
+#[test]
+fn the_round_trip_probe_reports_the_median_of_all_lookups() {
+    let server = Server::start(ServerConfig {
+        keys: 1_000,
+        latency: "uniform:1ms:3ms".parse::<LatencyModel>().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let probed = bench::probe_round_trip(server.addr(), 1_000).unwrap();
+    assert!(
+        probed.overall >= Duration::from_micros(1_800),
+        "the median of 500 delays of 1-3 ms: {probed:?}"
+    );
+    assert!(probed.best_batch <= probed.overall, "{probed:?}");
 }

@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 fn sluice() -> Command {
@@ -478,6 +479,47 @@ fn assert_outlived_its_server(
     let written = lines(output);
     assert_eq!(written.len() as u64, total, "every record written");
     (s, written)
+}
+
+/// `--connections N` opens N connections per shard and spreads the lookups over them.
+#[test]
+fn connections_per_shard_are_opened_and_used() {
+    let server = Server::start(ServerConfig {
+        keys: 1_000,
+        latency: LatencyModel::Fixed(Duration::from_millis(1)),
+        ..Default::default()
+    })
+    .unwrap();
+    let scratch = Scratch::new();
+    let (input, output) = (
+        scratch.file("in-conn.jsonl"),
+        scratch.file("out-conn.jsonl"),
+    );
+    let records = transactions(&input, 2_000, 1_000);
+    let out = run(&[
+        "enrich",
+        "--redis",
+        &format!("redis://{}", server.addr()),
+        "--key",
+        "user:{user_id}",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--shards",
+        "2",
+        "--connections",
+        "3",
+    ]);
+    assert!(out.status.success());
+    let got = lines(&output);
+    assert_eq!(got.len(), records.len());
+    for (r, g) in records.iter().zip(&got) {
+        assert_eq!(g, &expected(r, 128), "record enriched and in input order");
+    }
+    let stats = server.stats();
+    assert_eq!(stats.connections.load(Ordering::Relaxed), 2 * 3);
+    assert_eq!(stats.gets.load(Ordering::Relaxed), 2_000);
 }
 
 #[test]

@@ -125,17 +125,34 @@ pub struct SweepConfig {
 /// Called before each point with (done, total, label).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, &str);
 
-/// Measures the round trip of sequential GETs (Little's law needs the real latency): the
-/// smallest median of 5 batches of 100, so that one disturbed moment on a shared machine does
-/// not stretch the round trip and flatter every efficiency computed from it.
-pub fn probe_round_trip(addr: SocketAddr, keys: u64) -> Result<Duration, String> {
+/// The round trip of sequential GETs, measured before a sweep.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundTrip {
+    /// The smallest median of 5 batches of 100: one disturbed moment on a shared machine does
+    /// not stretch it and flatter every efficiency computed from it. The round trip under a
+    /// fixed delay.
+    pub best_batch: Duration,
+    /// The median of all 500: under a random delay, the smallest of 5 batch medians is biased
+    /// low (each is a noisy estimate), this one is not.
+    pub overall: Duration,
+}
+
+/// Measures the round trip of sequential GETs (Little's law needs the real latency).
+pub fn probe_round_trip(addr: SocketAddr, keys: u64) -> Result<RoundTrip, String> {
     const BATCHES: u64 = 5;
     const PER_BATCH: u64 = 100;
-    (0..BATCHES).try_fold(Duration::MAX, |best, batch| {
+    let mut all = runners::histogram();
+    let mut best_batch = Duration::MAX;
+    for batch in 0..BATCHES {
         let batch_keys = (batch * PER_BATCH..(batch + 1) * PER_BATCH).map(|i| i % keys);
         let (_, latency_us) = runners::blocking_lookups(addr, batch_keys)
             .map_err(|e| format!("probing the round trip: {e}"))?;
-        Ok(best.min(Duration::from_micros(latency_us.value_at_quantile(0.5))))
+        best_batch = best_batch.min(Duration::from_micros(latency_us.value_at_quantile(0.5)));
+        all.add(&latency_us).map_err(|e| e.to_string())?;
+    }
+    Ok(RoundTrip {
+        best_batch,
+        overall: Duration::from_micros(all.value_at_quantile(0.5)),
     })
 }
 

@@ -55,6 +55,10 @@ pub struct Report {
     /// which pinned them).
     #[serde(default)]
     pub pinned: Option<bool>,
+    /// Connections per shard, for the sluice modes and the tokio baseline alike (absent in
+    /// reports older than session 5, which used one).
+    #[serde(default)]
+    pub connections: Option<usize>,
     pub points: Vec<Point>,
 }
 
@@ -174,6 +178,7 @@ impl Report {
             server_limit_rps,
             reply_split: Some(config.client.reply_split),
             pinned: Some(config.pin),
+            connections: Some(config.client.connections),
             points,
         }
     }
@@ -186,6 +191,9 @@ impl Report {
         );
         if let Some(split) = self.reply_split {
             out.push_str(&format!("; reply split {split}"));
+        }
+        if let Some(n) = self.connections.filter(|&n| n != 1) {
+            out.push_str(&format!("; {n} connections per shard"));
         }
         if let Some(pinned) = self.pinned {
             out.push_str(if pinned {

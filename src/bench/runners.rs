@@ -322,16 +322,22 @@ fn tokio_futures(
         .map_err(|e| e.to_string())?
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     let client = redis::Client::open(info).map_err(|e| e.to_string())?;
-    // Connect before the clock starts, as the other contenders do.
-    let connections: Vec<_> = runtime.block_on(async {
+    // Connect before the clock starts, as the other contenders do: as many multiplexed
+    // connections per worker as sluice's client opens per shard.
+    let per_shard = w.client.connections.max(1);
+    let connections: Vec<Vec<_>> = runtime.block_on(async {
         let mut v = vec![];
         for _ in 0..shards {
-            v.push(
-                client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
+            let mut shard = vec![];
+            for _ in 0..per_shard {
+                shard.push(
+                    client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            v.push(shard);
         }
         Ok::<_, String>(v)
     })?;
@@ -341,15 +347,17 @@ fn tokio_futures(
     let tasks: Vec<_> = connections
         .into_iter()
         .enumerate()
-        .map(|(s, conn)| {
+        .map(|(s, conns)| {
             let (w, mut budget) = (w.clone(), budget.clone());
             runtime.spawn(async move {
                 let mut keys = Keys::new(w.seed, s as u64, w.keys);
                 let lookups = futures::stream::iter(std::iter::from_fn(move || {
                     budget.take().then(|| keys.next())
                 }))
-                .map(move |k| {
-                    let mut conn = conn.clone();
+                .enumerate()
+                .map(move |(i, k)| {
+                    // Round-robin, as sluice's client spreads requests over its connections.
+                    let mut conn = conns[i % conns.len()].clone();
                     async move {
                         let mut buf = [0u8; 32];
                         let t = Instant::now();

@@ -59,12 +59,17 @@ impl RedisEnrich {
     /// `Enriched` for the writer's policy (emit, drop, dead-letter) instead of failing the stage.
     pub(crate) fn new(
         addr: SocketAddr,
+        connections: usize,
         timeout_emits: bool,
         error_emits: bool,
         wire_sink: Arc<Mutex<Histogram<u64>>>,
     ) -> Self {
+        let config = ClientConfig {
+            connections,
+            ..ClientConfig::default()
+        };
         RedisEnrich {
-            client: RedisClient::new(addr, &ClientConfig::default()),
+            client: RedisClient::new(addr, &config),
             timeout_emits,
             error_emits,
             wire_sink,

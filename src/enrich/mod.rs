@@ -73,6 +73,9 @@ pub struct EnrichConfig {
     pub mode: OutputMode,
     pub capacity: usize,
     pub shards: Option<usize>,
+    /// Connections per shard to Redis (requests spread round-robin; more of them help against
+    /// a server whose replies are slow now and then: replies on one connection come in order).
+    pub connections: usize,
     pub timeout: Duration,
     pub retry: RetrySpec,
     /// Event time field (epoch seconds, epoch milliseconds, or RFC 3339).
@@ -441,14 +444,20 @@ pub fn run(
         }
     }
 
-    let addr = config.redis;
+    let (addr, connections) = (config.redis, config.connections.max(1));
     let timeout_emits = config.on_timeout != OnFailedLookup::Fail;
     let error_emits = config.on_error != OnFailedLookup::Fail;
     // Each shard's client adds its wire times here when the shard closes its function.
     let wire_us = Arc::new(Mutex::new(crate::redis::wire_histogram()));
     let wire_sink = wire_us.clone();
     let mut builder = Stage::builder(move |_| {
-        lookup::RedisEnrich::new(addr, timeout_emits, error_emits, wire_sink.clone())
+        lookup::RedisEnrich::new(
+            addr,
+            connections,
+            timeout_emits,
+            error_emits,
+            wire_sink.clone(),
+        )
     })
     .capacity(config.capacity)
     .timeout(config.timeout)
