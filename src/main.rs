@@ -77,7 +77,8 @@ struct EnrichArgs {
     shards: Option<usize>,
     /// Connections per shard to Redis; more help when some replies are slow (a connection's
     /// replies come in order, so a slow one holds back those behind it).
-    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, default_value_t = sluice::redis::ClientConfig::default().connections,
+          value_parser = at_least_one())]
     connections: usize,
     /// Per-record timeout, all attempts included.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -185,7 +186,8 @@ struct BenchArgs {
     /// alike (requests spread round-robin over them). Under a random delay, replies on one
     /// connection leave in request order, so a slow one holds back those behind it: more
     /// connections split the window (docs/benchmarks.md, section 2).
-    #[arg(long, default_value_t = sluice::redis::ClientConfig::default().connections)]
+    #[arg(long, default_value_t = sluice::redis::ClientConfig::default().connections,
+          value_parser = at_least_one())]
     connections: usize,
     /// Never pin the sluice modes' shards to cores (by default each shard gets a core when
     /// there is one per shard; on a host where other busy threads share those cores, letting
@@ -206,6 +208,11 @@ struct BenchArgs {
     /// Where to write the SVG chart.
     #[arg(long, default_value = "target/sluice-bench/throughput.svg")]
     svg: PathBuf,
+}
+
+/// A count flag that must be at least 1.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 fn main() -> ExitCode {
@@ -362,9 +369,6 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         if !(rps.is_finite() && rps > 0.0) {
             return Err(format!("--server-limit must be a positive rate, got {rps}"));
         }
-    }
-    if args.connections == 0 {
-        return Err("--connections must be at least 1".into());
     }
     if args.reply_split == 0 {
         return Err(
