@@ -303,6 +303,9 @@ fn thread_pool(threads: usize, w: &Workload) -> Result<Measurement, String> {
 
 /// What a Rust user writes by hand: tokio (one worker thread per shard), redis-rs's multiplexed
 /// connection, and `buffered` / `buffer_unordered`.
+/// redis-rs's default pipeline queue per multiplexed connection.
+const PIPELINE_BUFFER_DEFAULT: usize = 50;
+
 fn tokio_futures(
     shards: usize,
     capacity: usize,
@@ -325,6 +328,12 @@ fn tokio_futures(
     // Connect before the clock starts, as the other contenders do: as many multiplexed
     // connections per worker as sluice's client opens per shard.
     let per_shard = w.client.connections.max(1);
+    // And a pipeline queue that holds the requests in flight: redis-rs queues a multiplexed
+    // connection's requests for its driver in a channel of 50 by default (redis-rs issue
+    // #1933), which at 256 in flight against Redis halved the baseline's rate and doubled
+    // its CPU per record (docs/benchmarks.md, section 3).
+    let conn_config = redis::AsyncConnectionConfig::new()
+        .set_pipeline_buffer_size(capacity.div_ceil(per_shard).max(PIPELINE_BUFFER_DEFAULT));
     let connections: Vec<Vec<_>> = runtime.block_on(async {
         let mut v = vec![];
         for _ in 0..shards {
@@ -332,7 +341,7 @@ fn tokio_futures(
             for _ in 0..per_shard {
                 shard.push(
                     client
-                        .get_multiplexed_async_connection()
+                        .get_multiplexed_async_connection_with_config(&conn_config)
                         .await
                         .map_err(|e| e.to_string())?,
                 );
