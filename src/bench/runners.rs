@@ -175,6 +175,7 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
                     let mut config = OperatorConfig::new();
                     config.capacity = std::num::NonZeroUsize::new(capacity).expect("capacity >= 1");
                     config.mode = OutputMode::Unordered;
+                    config.timeout = LOOKUP_TIMEOUT;
                     let client = Rc::new(RedisClient::new(w.addr, &w.client));
                     let lookup = KeyLookup::new(client.clone(), None);
                     let mut outputs = input.async_wait(lookup, config);
@@ -306,6 +307,11 @@ fn thread_pool(threads: usize, w: &Workload) -> Result<Measurement, String> {
 /// redis-rs's default pipeline queue per multiplexed connection.
 const PIPELINE_BUFFER_DEFAULT: usize = 50;
 
+/// How long any contender's lookup may take before the point fails: the same for sluice's
+/// modes and the tokio baseline (whose redis-rs default is 500 ms, short enough for one stall
+/// of a shared machine, or a debug build under load, to fail a whole sweep).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn tokio_futures(
     shards: usize,
     capacity: usize,
@@ -333,7 +339,8 @@ fn tokio_futures(
     // #1933), which at 256 in flight against Redis halved the baseline's rate and doubled
     // its CPU per record (docs/benchmarks.md, section 3).
     let conn_config = redis::AsyncConnectionConfig::new()
-        .set_pipeline_buffer_size(capacity.div_ceil(per_shard).max(PIPELINE_BUFFER_DEFAULT));
+        .set_pipeline_buffer_size(capacity.div_ceil(per_shard).max(PIPELINE_BUFFER_DEFAULT))
+        .set_response_timeout(Some(LOOKUP_TIMEOUT));
     let connections: Vec<Vec<_>> = runtime.block_on(async {
         let mut v = vec![];
         for _ in 0..shards {
@@ -495,7 +502,7 @@ fn sluice(
     })
     .shards(shards)
     .capacity(capacity)
-    .timeout(Duration::from_secs(10))
+    .timeout(LOOKUP_TIMEOUT)
     .mode(mode)
     .pinning(if w.pin {
         crate::engine::Pinning::Auto
