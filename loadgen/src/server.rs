@@ -313,8 +313,8 @@ struct Chunk {
 const SPARE_CHUNKS: usize = 64;
 
 impl Outbox {
-    /// The buffer to append a reply due at `due` to: the newest chunk when it has that due
-    /// time, else a new chunk.
+    /// Counts one more reply due at `due` and returns the buffer its bytes go to: the newest
+    /// chunk's when that chunk has the same due time (and does not close), else a new chunk's.
     fn buffer_for(&mut self, due: Instant) -> &mut Vec<u8> {
         let fits = self.chunks.back().is_some_and(|c| c.due == due && !c.close);
         if !fits {
