@@ -143,6 +143,35 @@ fn a_pipeline_longer_than_the_pending_limit_is_answered_in_order() {
     assert_eq!(stats.replies_written.load(Ordering::Relaxed), REQUESTS);
 }
 
+/// Under a random delay every reply gets its own due time (a chunk of its own in the outbox,
+/// or shares one when its delay is clamped to the previous reply's): still in request order.
+#[test]
+fn replies_keep_request_order_under_a_random_delay() {
+    const REQUESTS: u64 = 3_000;
+    let server = start("uniform:0ms:2ms", 0.0, 0.0);
+    let stream = TcpStream::connect(server.addr()).unwrap();
+    let mut sender = stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for burst in 0..(REQUESTS / 100) {
+            let mut batch = vec![];
+            for i in burst * 100..(burst + 1) * 100 {
+                batch.extend(command(&["GET", &keyspace::key(i % 1_000)]));
+            }
+            sender.write_all(&batch).unwrap();
+        }
+    });
+    let mut r = BufReader::new(stream);
+    for i in 0..REQUESTS {
+        let value: serde_json::Value = serde_json::from_str(&read_reply(&mut r)).unwrap();
+        assert_eq!(value["user_id"], keyspace::user_id(i % 1_000), "reply {i}");
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        server.stats().replies_written.load(Ordering::Relaxed),
+        REQUESTS
+    );
+}
+
 #[test]
 fn replies_wait_for_the_latency_model() {
     let server = start("30ms", 0.0, 0.0);
