@@ -339,8 +339,26 @@ impl Outbox {
         }
     }
 
+    /// Marks the newest chunk as the last: the writer closes the connection after it.
+    fn close_after_newest(&mut self) {
+        self.chunks
+            .back_mut()
+            .expect("a reply was just added")
+            .close = true;
+    }
+
+    fn is_full(&self) -> bool {
+        self.replies >= MAX_PENDING_REPLIES
+    }
+
     fn wake_writer(&mut self) {
         if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+
+    fn wake_reader(&mut self) {
+        if let Some(w) = self.reader.take() {
             w.wake();
         }
     }
@@ -396,9 +414,7 @@ async fn write_replies(
                     ob.recycle(chunk.bytes);
                 }
             }
-            if let Some(w) = ob.reader.take() {
-                w.wake();
-            }
+            ob.wake_reader();
         }
         stats.replies_written.fetch_add(replies, Ordering::Relaxed);
         stats
@@ -425,9 +441,7 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
             write_replies(outbox.clone(), writer, &ctx.stats).await;
             let mut ob = outbox.borrow_mut();
             ob.writer_done = true;
-            if let Some(w) = ob.reader.take() {
-                w.wake();
-            }
+            ob.wake_reader();
         })
     };
 
@@ -446,7 +460,7 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
         let mut ob = outbox.borrow_mut();
         let due = Instant::now().max(last_due);
         ob.buffer_for(due).extend_from_slice(message);
-        ob.chunks.back_mut().expect("just appended").close = true;
+        ob.close_after_newest();
     };
     'read: loop {
         if end == buf.len() {
@@ -492,41 +506,39 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
             }
             let due = (arrival + ctx.latency.sample(&mut rng)).max(last_due);
             last_due = due;
-            let flow = {
+            let full = {
                 let mut ob = outbox.borrow_mut();
                 let out = ob.buffer_for(due);
-                if ctx.error_rate > 0.0 && rng.random_bool(ctx.error_rate) {
+                let flow = if ctx.error_rate > 0.0 && rng.random_bool(ctx.error_rate) {
                     ctx.stats.errors_injected.fetch_add(1, Ordering::Relaxed);
                     out.extend_from_slice(b"-ERR injected failure\r\n");
                     Flow::Continue
                 } else {
                     context.execute(&args, out)
+                };
+                if flow == Flow::Close {
+                    ob.close_after_newest();
+                    break 'read;
                 }
+                ob.is_full()
             };
             start += used;
-            if flow == Flow::Close {
-                outbox
-                    .borrow_mut()
-                    .chunks
-                    .back_mut()
-                    .expect("just appended")
-                    .close = true;
-                break 'read;
-            }
             // Full: let the writer run, and stop reading until it makes room (TCP then
             // pushes back on the client).
-            let writer_done = std::future::poll_fn(|cx| {
-                let mut ob = outbox.borrow_mut();
-                if ob.writer_done || ob.replies < MAX_PENDING_REPLIES {
-                    return Poll::Ready(ob.writer_done);
+            if full {
+                let writer_done = std::future::poll_fn(|cx| {
+                    let mut ob = outbox.borrow_mut();
+                    if ob.writer_done || !ob.is_full() {
+                        return Poll::Ready(ob.writer_done);
+                    }
+                    ob.wake_writer();
+                    ob.reader = Some(cx.waker().clone());
+                    Poll::Pending
+                })
+                .await;
+                if writer_done {
+                    break 'read;
                 }
-                ob.wake_writer();
-                ob.reader = Some(cx.waker().clone());
-                Poll::Pending
-            })
-            .await;
-            if writer_done {
-                break 'read;
             }
         }
         outbox.borrow_mut().wake_writer();
