@@ -50,7 +50,8 @@ fn ok(out: &mut Vec<u8>) {
     encode(out, &BorrowedFrame::SimpleString(b"OK"))
 }
 
-/// The longest command name the server knows, in bytes (`COMMAND`, `DBSIZE`, ...).
+/// Room for a command name upper-cased on the stack; a longer name is no command the server
+/// knows (its longest, `COMMAND`, has 7 bytes).
 const MAX_NAME: usize = 16;
 
 pub(crate) struct Context<'a> {

@@ -75,6 +75,7 @@ pub struct EnrichConfig {
     pub shards: Option<usize>,
     /// Connections per shard to Redis (requests spread round-robin; more of them help against
     /// a server whose replies are slow now and then: replies on one connection come in order).
+    /// 0 is taken as 1, as `ClientConfig::connections` is.
     pub connections: usize,
     pub timeout: Duration,
     pub retry: RetrySpec,
@@ -444,7 +445,7 @@ pub fn run(
         }
     }
 
-    let (addr, connections) = (config.redis, config.connections.max(1));
+    let (addr, connections) = (config.redis, config.connections);
     let timeout_emits = config.on_timeout != OnFailedLookup::Fail;
     let error_emits = config.on_error != OnFailedLookup::Fail;
     // Each shard's client adds its wire times here when the shard closes its function.

@@ -26,7 +26,7 @@ use std::time::Duration;
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Connections per client (per shard).
+    /// Connections per client (per shard); 0 is taken as 1.
     pub connections: usize,
     /// Requests in flight per connection (the reply ring's size); above it a request fails
     /// with the retryable `Overloaded`.
