@@ -420,15 +420,8 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         )
     };
     let late_mark = server.as_ref().map(lateness);
-    let probed = bench::probe_round_trip(addr, args.keys)?;
-    // Little's law needs the mean round trip. Under a random delay the probe's median holds
-    // the delay's median, and the mean is above it (1.27x the median for longtail:1ms:5ms).
-    let round_trip = match &args.redis {
-        None if !matches!(args.latency, LatencyModel::Fixed(_)) => {
-            probed.overall + args.latency.mean().saturating_sub(args.latency.median())
-        }
-        _ => probed.best_batch,
-    };
+    let round_trip = bench::probe_round_trip(addr, args.keys)?
+        .for_ideal(args.redis.is_none().then_some(&args.latency));
     let max_shards = *shards.iter().max().expect("non-empty");
     eprintln!(
         "sluice bench: {label}; round trip {round_trip:.2?}; {}",

@@ -137,6 +137,21 @@ pub struct RoundTrip {
     pub overall: Duration,
 }
 
+impl RoundTrip {
+    /// The round trip Little's law should use for the ideal: the mean. Under a fixed delay (or
+    /// a real server, `delay` None) that is `best_batch`; under a random delay the probe's
+    /// median holds the delay's median, and the mean lies above it by the delay's mean minus
+    /// its median (1.27x the median for longtail:1ms:5ms).
+    pub fn for_ideal(&self, delay: Option<&loadgen::LatencyModel>) -> Duration {
+        match delay {
+            Some(d) if !matches!(d, loadgen::LatencyModel::Fixed(_)) => {
+                self.overall + d.mean().saturating_sub(d.median())
+            }
+            _ => self.best_batch,
+        }
+    }
+}
+
 /// Measures the round trip of sequential GETs (Little's law needs the real latency).
 pub fn probe_round_trip(addr: SocketAddr, keys: u64) -> Result<RoundTrip, String> {
     const BATCHES: u64 = 5;
@@ -273,4 +288,30 @@ pub fn load_keyspace(addr: SocketAddr, keys: u64, value_size: usize) -> Result<(
         .map_err(|e| e.to_string())?
         .join()
         .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ideal_uses_the_best_batch_under_a_fixed_delay_and_the_mean_under_a_random_one() {
+        let probed = RoundTrip {
+            best_batch: Duration::from_micros(1_050),
+            overall: Duration::from_micros(1_100),
+        };
+        let fixed: loadgen::LatencyModel = "1ms".parse().unwrap();
+        assert_eq!(probed.for_ideal(None), probed.best_batch);
+        assert_eq!(probed.for_ideal(Some(&fixed)), probed.best_batch);
+        // Uniform: mean = median, so the overall median as it is.
+        let uniform: loadgen::LatencyModel = "uniform:500us:1500us".parse().unwrap();
+        assert_eq!(probed.for_ideal(Some(&uniform)), probed.overall);
+        // Log-normal with p50 1 ms, p99 5 ms: mean = 1 ms x exp(sigma^2 / 2), about 1.27 ms.
+        let tail: loadgen::LatencyModel = "longtail:1ms:5ms".parse().unwrap();
+        let extra = probed.for_ideal(Some(&tail)) - probed.overall;
+        assert!(
+            (Duration::from_micros(260)..Duration::from_micros(280)).contains(&extra),
+            "{extra:?}"
+        );
+    }
 }
