@@ -481,15 +481,21 @@ fn assert_outlived_its_server(
     (s, written)
 }
 
+/// A loadgen server in this process: the 1 000 keys `transactions(.., 1_000)` draws from,
+/// every reply delayed by `delay`.
+fn loadgen_server(delay: Duration) -> Server {
+    Server::start(ServerConfig {
+        keys: 1_000,
+        latency: LatencyModel::Fixed(delay),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 /// `--connections N` opens N connections per shard and spreads the lookups over them.
 #[test]
 fn connections_per_shard_are_opened_and_used() {
-    let server = Server::start(ServerConfig {
-        keys: 1_000,
-        latency: LatencyModel::Fixed(Duration::from_millis(1)),
-        ..Default::default()
-    })
-    .unwrap();
+    let server = loadgen_server(Duration::from_millis(1));
     let scratch = Scratch::new();
     let (input, output) = (
         scratch.file("in-conn.jsonl"),
@@ -524,12 +530,7 @@ fn connections_per_shard_are_opened_and_used() {
 
 #[test]
 fn a_server_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
-    let server = Server::start(ServerConfig {
-        keys: 1_000,
-        latency: LatencyModel::Fixed(Duration::from_millis(2)),
-        ..Default::default()
-    })
-    .unwrap();
+    let server = loadgen_server(Duration::from_millis(2));
     let scratch = Scratch::new();
     let (input, output, metrics) = (
         scratch.file("in7.jsonl"),

@@ -117,27 +117,35 @@ fn quit_answers_then_closes_and_names_are_case_insensitive() {
     );
 }
 
-/// More requests than a connection may hold back (4096): the server stops reading until its
-/// writer makes room, and every request is still answered, in order.
-#[test]
-fn a_pipeline_longer_than_the_pending_limit_is_answered_in_order() {
-    const REQUESTS: u64 = 12_000;
-    let server = start("2ms", 0.0, 0.0);
+/// Sends `requests` GETs of keys `i % 1000` from another thread, `burst` per write, and checks
+/// that every reply comes back, in request order.
+fn pipelined_gets_are_answered_in_order(server: &Server, requests: u64, burst: u64) {
     let stream = TcpStream::connect(server.addr()).unwrap();
     let mut sender = stream.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
-        let mut batch = vec![];
-        for i in 0..REQUESTS {
-            batch.extend(command(&["GET", &keyspace::key(i % 1_000)]));
+        for first in (0..requests).step_by(burst as usize) {
+            let mut batch = vec![];
+            for i in first..(first + burst).min(requests) {
+                batch.extend(command(&["GET", &keyspace::key(i % 1_000)]));
+            }
+            sender.write_all(&batch).unwrap();
         }
-        sender.write_all(&batch).unwrap();
     });
     let mut r = BufReader::new(stream);
-    for i in 0..REQUESTS {
+    for i in 0..requests {
         let value: serde_json::Value = serde_json::from_str(&read_reply(&mut r)).unwrap();
         assert_eq!(value["user_id"], keyspace::user_id(i % 1_000), "reply {i}");
     }
     writer.join().unwrap();
+}
+
+/// More requests than a connection may hold back (4096), in one write: the server stops
+/// reading until its writer makes room, and every request is still answered, in order.
+#[test]
+fn a_pipeline_longer_than_the_pending_limit_is_answered_in_order() {
+    const REQUESTS: u64 = 12_000;
+    let server = start("2ms", 0.0, 0.0);
+    pipelined_gets_are_answered_in_order(&server, REQUESTS, REQUESTS);
     let stats = server.stats();
     assert_eq!(stats.hits.load(Ordering::Relaxed), REQUESTS);
     assert_eq!(stats.replies_written.load(Ordering::Relaxed), REQUESTS);
@@ -149,23 +157,7 @@ fn a_pipeline_longer_than_the_pending_limit_is_answered_in_order() {
 fn replies_keep_request_order_under_a_random_delay() {
     const REQUESTS: u64 = 3_000;
     let server = start("uniform:0ms:2ms", 0.0, 0.0);
-    let stream = TcpStream::connect(server.addr()).unwrap();
-    let mut sender = stream.try_clone().unwrap();
-    let writer = std::thread::spawn(move || {
-        for burst in 0..(REQUESTS / 100) {
-            let mut batch = vec![];
-            for i in burst * 100..(burst + 1) * 100 {
-                batch.extend(command(&["GET", &keyspace::key(i % 1_000)]));
-            }
-            sender.write_all(&batch).unwrap();
-        }
-    });
-    let mut r = BufReader::new(stream);
-    for i in 0..REQUESTS {
-        let value: serde_json::Value = serde_json::from_str(&read_reply(&mut r)).unwrap();
-        assert_eq!(value["user_id"], keyspace::user_id(i % 1_000), "reply {i}");
-    }
-    writer.join().unwrap();
+    pipelined_gets_are_answered_in_order(&server, REQUESTS, 100);
     assert_eq!(
         server.stats().replies_written.load(Ordering::Relaxed),
         REQUESTS
