@@ -1,11 +1,79 @@
-//! The client's reply decoder under random input (the in-suite sibling of
-//! `fuzz/fuzz_targets/resp_reply.rs`): arbitrary bytes never panic it, and well-formed replies,
-//! however they are split across reads, decode to what was encoded.
+//! The client's hand-written RESP2 codec under random input (the in-suite sibling of
+//! `fuzz/fuzz_targets/resp_reply.rs`): arbitrary bytes never panic the decoder, well-formed
+//! replies, however they are split across reads, decode to what was encoded, and both the
+//! encoder and the decoder agree with `redis-protocol`'s, the crate they replaced.
+
+#[path = "common/resp_reference.rs"]
+mod resp_reference;
 
 use proptest::prelude::*;
 use redis_protocol::resp2::encode::encode_borrowed;
 use redis_protocol::resp2::types::BorrowedFrame;
+use resp_reference::reference;
 use sluice::redis::{decode_reply, encode_command, RedisError, Reply};
+
+/// Whether `buf` holds a bulk string (at any depth) whose data is followed by two bytes other
+/// than CRLF: `redis-protocol` skips any two, the hand-written decoder calls it an error.
+fn has_bulk_without_crlf(buf: &[u8]) -> bool {
+    fn walk(buf: &[u8], at: &mut usize) -> Option<bool> {
+        let kind = *buf.get(*at)?;
+        let crlf = buf[*at..].windows(2).position(|w| w == b"\r\n")? + *at;
+        let text = std::str::from_utf8(&buf[*at + 1..crlf]).ok();
+        *at = crlf + 2;
+        match kind {
+            b'$' => match text?.parse::<i64>().ok()? {
+                n if n >= 0 => {
+                    let end = *at + n as usize;
+                    let tail = buf.get(end..end + 2)?;
+                    *at = end + 2;
+                    Some(tail != b"\r\n")
+                }
+                _ => Some(false),
+            },
+            b'*' => {
+                for _ in 0..text?.parse::<i64>().ok()?.max(0) {
+                    if walk(buf, at)? {
+                        return Some(true);
+                    }
+                }
+                Some(false)
+            }
+            _ => Some(false),
+        }
+    }
+    walk(buf, &mut 0).unwrap_or(false)
+}
+
+/// Bytes made of RESP2's pieces (type bytes, CRLF, lengths, signs, text) and some arbitrary
+/// ones, so random input gets past the first byte and into every branch of the grammar.
+fn resp_like_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let pieces: Vec<&'static [u8]> = vec![
+        b"*",
+        b"$",
+        b":",
+        b"+",
+        b"-",
+        b"\r\n",
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b"0",
+        b"1",
+        b"2",
+        b"3",
+        b"-1",
+        b"-2",
+        b"+1",
+        b"12",
+        b"ab",
+        b"99999999999999999999",
+    ];
+    let piece = prop_oneof![
+        6 => prop::sample::select(pieces).prop_map(<[u8]>::to_vec),
+        1 => any::<u8>().prop_map(|b| vec![b]),
+    ];
+    prop::collection::vec(piece, 0..24).prop_map(|p| p.concat())
+}
 
 fn encode(r: &Reply, out: &mut Vec<u8>) {
     match r {
@@ -64,6 +132,35 @@ proptest! {
     }
 
     #[test]
+    fn the_decoder_agrees_with_redis_protocols_on_resp_like_bytes(data in resp_like_bytes()) {
+        let (ours, theirs) = (decode_reply(&data), reference(&data));
+        match (&ours, &theirs) {
+            (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+            (Err(_), Err(_)) => {}
+            // Stricter on purpose: a bulk string's data must end in CRLF.
+            (Err(_), Ok(_)) => prop_assert!(has_bulk_without_crlf(&data), "{:?} vs {:?}", ours, theirs),
+            (Ok(_), Err(_)) => prop_assert!(false, "accepted what redis-protocol rejects: {:?} vs {:?}", ours, theirs),
+        }
+    }
+
+    #[test]
+    fn the_decoder_agrees_with_redis_protocols_on_every_prefix_of_replies(
+        replies in prop::collection::vec(reply(), 1..4),
+        error in prop::option::of("[a-zA-Z ]{0,12}"),
+    ) {
+        let mut bytes = vec![];
+        if let Some(e) = &error {
+            bytes.extend(format!("-{e}\r\n").as_bytes());
+        }
+        for r in &replies {
+            encode(r, &mut bytes);
+        }
+        for cut in 0..=bytes.len() {
+            prop_assert_eq!(decode_reply(&bytes[..cut]), reference(&bytes[..cut]), "cut at {}", cut);
+        }
+    }
+
+    #[test]
     fn replies_split_across_reads_decode_to_what_was_sent(
         replies in prop::collection::vec(reply(), 1..8),
         split in any::<prop::sample::Index>(),
@@ -101,4 +198,41 @@ fn a_top_level_error_is_an_error_reply() {
     );
     assert!(decode_reply(b"?bogus\r\n").is_err());
     assert_eq!(decode_reply(b"$5\r\nab").unwrap(), None);
+}
+
+#[test]
+fn nesting_and_bulk_lengths_are_bounded_and_errors_name_the_offset() {
+    use sluice::redis::{MAX_BULK, MAX_DEPTH};
+    let nested = |depth: usize| [b"*1\r\n".repeat(depth), b":7\r\n".to_vec()].concat();
+    let (reply, used) = decode_reply(&nested(MAX_DEPTH)).unwrap().unwrap();
+    assert_eq!(used, MAX_DEPTH * 4 + 4);
+    let mut inner = reply.unwrap();
+    for _ in 0..MAX_DEPTH {
+        inner = match inner {
+            Reply::Array(mut items) if items.len() == 1 => items.pop().unwrap(),
+            other => panic!("expected a one-element array, got {other:?}"),
+        };
+    }
+    assert_eq!(inner, Reply::Int(7));
+    // One level deeper is refused, even before the rest has arrived; no stack is exhausted.
+    let error = decode_reply(&nested(MAX_DEPTH + 1)[..(MAX_DEPTH + 1) * 4]).unwrap_err();
+    assert!(error.contains("deeper than 64"), "{error}");
+    assert!(decode_reply(&b"*1\r\n".repeat(100_000)).is_err());
+    // A bulk string up to Redis's limit waits for its bytes; a longer one is refused at once.
+    assert_eq!(
+        decode_reply(format!("${MAX_BULK}\r\n").as_bytes()),
+        Ok(None)
+    );
+    let error = decode_reply(format!("${}\r\n", MAX_BULK + 1).as_bytes()).unwrap_err();
+    assert!(error.contains("over Redis's limit"), "{error}");
+    // Errors say where: the byte offset of the offending reply within the buffer.
+    let error = decode_reply(b"*2\r\n:1\r\n?x\r\n").unwrap_err();
+    assert!(error.contains("byte 8"), "{error}");
+    let error = decode_reply(b"*1\r\n$3\r\nabcXY").unwrap_err();
+    assert!(
+        error.contains("byte 4") && error.contains("CRLF"),
+        "{error}"
+    );
+    let error = decode_reply(b"*1\r\n:12a\r\n").unwrap_err();
+    assert!(error.contains("byte 5") && error.contains("12a"), "{error}");
 }

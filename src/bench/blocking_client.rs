@@ -3,8 +3,7 @@
 //!
 //! Owns: one socket and its read buffer. Invariant: exactly one request outstanding.
 
-use redis_protocol::resp2::decode::decode_range;
-use redis_protocol::resp2::types::RangeFrame;
+use crate::redis::{decode_reply, Reply};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
@@ -38,15 +37,16 @@ impl BlockingClient {
         self.request.extend_from_slice(b"\r\n");
         self.stream.write_all(&self.request)?;
         loop {
-            match decode_range(&self.buf[..self.end]) {
-                Ok(Some((frame, used))) => {
+            match decode_reply(&self.buf[..self.end]) {
+                Ok(Some((reply, used))) => {
                     self.buf.copy_within(used..self.end, 0);
                     self.end -= used;
-                    return match frame {
-                        RangeFrame::BulkString((s, e)) => Ok(Some(e - s)),
-                        RangeFrame::Null => Ok(None),
+                    return match reply.map_err(io::Error::other)? {
+                        Reply::Bulk(value) => Ok(Some(value.len())),
+                        Reply::Nil => Ok(None),
                         other => Err(io::Error::other(format!(
-                            "unexpected reply to GET: {other:?}"
+                            "unexpected reply to GET: {}",
+                            other.describe()
                         ))),
                     };
                 }
@@ -63,7 +63,7 @@ impl BlockingClient {
                     }
                     self.end += n;
                 }
-                Err(e) => return Err(io::Error::other(e.to_string())),
+                Err(e) => return Err(io::Error::other(e)),
             }
         }
     }

@@ -11,7 +11,7 @@ mod reply;
 
 pub use connection::{encode_command, ReplyFuture};
 pub use error::RedisError;
-pub use reply::{decode_reply, Reply};
+pub use reply::{decode_reply, Decoded, Reply, MAX_BULK, MAX_DEPTH};
 
 pub(crate) use connection::wire_histogram;
 use connection::{Backoff, Connection};
