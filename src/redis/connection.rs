@@ -264,8 +264,9 @@ pub(crate) fn wire_histogram() -> hdrhistogram::Histogram<u64> {
 ///
 /// Hand-written on purpose: `redis-protocol`'s encoder sizes integers with a floating-point
 /// `log10`, and encoding took ~17% of the client's CPU in the profile in docs/benchmarks.md.
-/// A command is `*N\r\n` then `$len\r\narg\r\n` per argument; decoding, the hard part,
-/// stays with the crate. `tests/resp_decoder.rs` checks this encoder against the crate's.
+/// A command is `*N\r\n` then `$len\r\narg\r\n` per argument (replies are decoded by
+/// `reply::decode_reply`, hand-written too). `tests/resp_decoder.rs` checks this encoder
+/// against the crate's.
 pub fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
     fn header(out: &mut Vec<u8>, kind: u8, n: usize) {
         let mut digits = [0u8; 20];
