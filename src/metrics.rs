@@ -36,7 +36,10 @@ pub struct MetricsSnapshot {
     pub failures: u64,
     /// From the first invoke to emission, in microseconds.
     pub invoke_to_emit_us: Histogram<u64>,
-    /// From the producer's push to the first invoke, in microseconds.
+    /// From the producer's push to the first invoke, in microseconds. Sampled: one record in
+    /// [`QUEUE_WAIT_SAMPLE`](crate::QUEUE_WAIT_SAMPLE) (by sequence number), so its
+    /// count is about `records_in / 16`; records fed through the `AsyncWaitExt` adapter are
+    /// not recorded (they have no push).
     pub queue_wait_us: Histogram<u64>,
 }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{check_merged, In, Out};
-use sluice::{from_fn, Output, OutputMode, Outputs, Stage};
+use sluice::{from_fn, Output, OutputMode, Outputs, Stage, QUEUE_WAIT_SAMPLE};
 use std::time::Duration;
 
 /// Input: (seq, key, latency in microseconds). Output: the seq, after the latency.
@@ -66,6 +66,14 @@ fn run(mode: OutputMode, shards: usize, records: u64) {
         (records, records)
     );
     assert_eq!(metrics.invoke_to_emit_us.len(), records);
+    // The wait before the first invoke is sampled: records whose sequence number is a
+    // multiple of QUEUE_WAIT_SAMPLE (watermarks take sequence numbers too).
+    let sampled = pushed
+        .iter()
+        .filter(|i| matches!(i, In::Rec { seq, .. } if seq % QUEUE_WAIT_SAMPLE == 0))
+        .count();
+    assert!(sampled > 0);
+    assert_eq!(metrics.queue_wait_us.len(), sampled as u64);
     assert_eq!(metrics.in_flight, 0);
 }
 

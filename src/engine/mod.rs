@@ -26,7 +26,7 @@ pub(crate) use merge::Egress;
 pub(crate) use merge::MergeCheckpoint;
 pub use merge::{Consumer, Output};
 pub use placement::{default_shards, plan, usable_cores, Pinning, ShardPlacement};
-pub use producer::{KeyFn, Producer, Routing};
+pub use producer::{KeyFn, Producer, Routing, QUEUE_WAIT_SAMPLE};
 pub use shard::ShardContext;
 pub(crate) use shard::{Gate, GatedIngress};
 
