@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # sluice against a real redis-server, beside redis-benchmark and the tokio + redis-rs baseline,
 # at the same requests in flight (64 = -c 4 -P 16, 256 = -c 8 -P 32). Server pinned to core 1,
-# every client to core 0. Writes docs/figures/redis-*.{json,svg,txt}; ROUNDS (default 3) rounds. Needs redis-server,
-# redis-benchmark, taskset and python3; run from the repository root after `cargo build --release`.
+# every client to core 0, in ROUNDS (default 3) rounds. Writes docs/figures/redis-*.{json,svg,txt}.
+# Needs redis-server, redis-benchmark, taskset and python3; run from the repository root after
+# `cargo build --release`.
 set -euo pipefail
 port=${PORT:-16380}
 out=docs/figures
@@ -46,7 +47,9 @@ for round in $(seq "$rounds"); do
     limit=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["server_limit_rps"])' \
         "$out/redis-1shard-round1.json")
 done | tee "$out/redis-1shard-rounds.txt"
-python3 scripts/redis_rounds.py "$out/redis-benchmark.txt" "$out"/redis-1shard-round*.json |
+# Reports in round order (a glob would put round 10 before round 2).
+python3 scripts/redis_rounds.py "$out/redis-benchmark.txt" \
+    $(seq -f "$out/redis-1shard-round%g.json" "$rounds") |
     tee "$out/redis-1shard.txt"
 # The connection driver's reply split (docs/benchmarks.md, section 3): 1 completes every reply
 # that arrived before writing; N completes at most 1/N of the window per turn. Alternating
