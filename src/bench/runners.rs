@@ -302,8 +302,6 @@ fn thread_pool(threads: usize, w: &Workload) -> Result<Measurement, String> {
     result
 }
 
-/// What a Rust user writes by hand: tokio (one worker thread per shard), redis-rs's multiplexed
-/// connection, and `buffered` / `buffer_unordered`.
 /// redis-rs's default pipeline queue per multiplexed connection.
 const PIPELINE_BUFFER_DEFAULT: usize = 50;
 
@@ -312,6 +310,8 @@ const PIPELINE_BUFFER_DEFAULT: usize = 50;
 /// of a shared machine, or a debug build under load, to fail a whole sweep).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a Rust user writes by hand: tokio (one worker thread per shard), redis-rs's multiplexed
+/// connection, and `buffered` / `buffer_unordered`.
 fn tokio_futures(
     shards: usize,
     capacity: usize,
