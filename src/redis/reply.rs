@@ -33,15 +33,12 @@ pub const MAX_BULK: usize = 512 << 20;
 /// bytes it used. `Err` is a protocol violation: the stream cannot be resynchronised.
 /// Shared by the connection, the blocking baseline client and the decoder's fuzz target.
 pub fn decode_reply(buf: &[u8]) -> Result<Option<Decoded>, String> {
-    if buf.first() == Some(&b'-') {
-        // A top-level error reply is the caller's `Err`, not a `Reply`.
-        return Ok(line(buf, 1)?.map(|(text, used)| {
-            let message = String::from_utf8_lossy(text).into_owned();
-            (Err(RedisError::ErrorReply { message }), used)
-        }));
-    }
     let mut at = 0;
-    Ok(parse(buf, &mut at, 0)?.map(|reply| (Ok(reply), at)))
+    Ok(parse(buf, &mut at, 0)?.map(|reply| match reply {
+        // A top-level error reply is the caller's `Err`, not a `Reply`.
+        Reply::Error(message) => (Err(RedisError::ErrorReply { message }), at),
+        reply => (Ok(reply), at),
+    }))
 }
 
 /// A RESP2 reply (error replies are `RedisError::ErrorReply` instead).
@@ -72,24 +69,23 @@ impl Reply {
 
 /// The line that starts at `from` (up to its CRLF, which may not occur before) and the
 /// offset just past its CRLF; `None` while the CRLF has not arrived.
-fn line(buf: &[u8], from: usize) -> Result<Option<(&[u8], usize)>, String> {
+fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
     let rest = &buf[from.min(buf.len())..];
     let mut i = 0;
     while let Some(cr) = rest[i..].iter().position(|&b| b == b'\r') {
         let cr = i + cr;
-        match rest.get(cr + 1) {
-            Some(b'\n') => return Ok(Some((&rest[..cr], from + cr + 2))),
-            Some(_) => i = cr + 1, // a bare CR belongs to the line
-            None => return Ok(None),
+        match rest.get(cr + 1)? {
+            b'\n' => return Some((&rest[..cr], from + cr + 2)),
+            _ => i = cr + 1, // a bare CR belongs to the line
         }
     }
-    Ok(None)
+    None
 }
 
 /// The integer on the line at `from` (`[+-]?[0-9]+`, fitting an `i64`) and the offset past
 /// its CRLF.
 fn integer(buf: &[u8], from: usize, what: &str) -> Result<Option<(i64, usize)>, String> {
-    let Some((text, next)) = line(buf, from)? else {
+    let Some((text, next)) = line(buf, from) else {
         return Ok(None);
     };
     let bad = || {
@@ -147,7 +143,7 @@ fn parse(buf: &[u8], at: &mut usize, depth: usize) -> Result<Option<Reply>, Stri
     let text = |s: &[u8]| String::from_utf8_lossy(s).into_owned();
     let (reply, next) = match kind {
         b'+' | b'-' => {
-            let Some((s, next)) = line(buf, start + 1)? else {
+            let Some((s, next)) = line(buf, start + 1) else {
                 return Ok(None);
             };
             let reply = if kind == b'+' {
