@@ -99,6 +99,15 @@ fn run(args: &[&str]) -> Output {
     out
 }
 
+/// Every record of `records` is in `output`, enriched with its 128-byte profile, in input order.
+fn assert_enriched_in_order(records: &[Map<String, Value>], output: &Path) {
+    let got = lines(output);
+    assert_eq!(got.len(), records.len());
+    for (r, g) in records.iter().zip(&got) {
+        assert_eq!(g, &expected(r, 128), "record enriched and in input order");
+    }
+}
+
 /// The expected enrichment of a record: its fields, then the profile's (loadgen keyspace).
 fn expected(record: &Map<String, Value>, value_size: usize) -> Value {
     let id = record["user_id"].as_str().unwrap();
@@ -135,11 +144,7 @@ fn ordered_enrichment_is_correct_record_by_record_and_in_input_order() {
         metrics.to_str().unwrap(),
     ]);
     assert!(out.status.success());
-    let got = lines(&output);
-    assert_eq!(got.len(), records.len());
-    for (r, g) in records.iter().zip(&got) {
-        assert_eq!(g, &expected(r, 128), "record enriched and in input order");
-    }
+    assert_enriched_in_order(&records, &output);
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
     assert_eq!(summary["lines_read"], 3_000);
     assert_eq!(summary["enriched"], 3_000);
@@ -518,11 +523,7 @@ fn connections_per_shard_are_opened_and_used() {
         "3",
     ]);
     assert!(out.status.success());
-    let got = lines(&output);
-    assert_eq!(got.len(), records.len());
-    for (r, g) in records.iter().zip(&got) {
-        assert_eq!(g, &expected(r, 128), "record enriched and in input order");
-    }
+    assert_enriched_in_order(&records, &output);
     let stats = server.stats();
     assert_eq!(stats.connections.load(Ordering::Relaxed), 2 * 3);
     assert_eq!(stats.gets.load(Ordering::Relaxed), 2_000);
