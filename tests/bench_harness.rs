@@ -58,6 +58,15 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
         assert!((p.ideal_rps - expected_ideal).abs() < 1e-6 * expected_ideal);
         assert!((p.efficiency - p.rps / p.ideal_rps).abs() < 1e-9);
         assert!(p.cpu_us_per_record > 0.0);
+        // Both tokio modes ran at every point: each point has its ratio, and the tokio modes'
+        // own are at least 1 (each repeat divides by the cheaper of the two).
+        let ratio = p
+            .cpu_vs_tokio
+            .expect("the tokio baseline ran at every point");
+        assert!(ratio > 0.0, "{p:?}");
+        if p.mode.starts_with("tokio") {
+            assert!(ratio >= 1.0 - 1e-9, "{p:?}");
+        }
     }
     let sync = report
         .points
@@ -98,6 +107,7 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
         "p99_us",
         "p999_us",
         "cpu_us_per_record",
+        "cpu_vs_tokio",
     ] {
         assert!(points[0].get(key).is_some(), "JSON point lacks `{key}`");
     }

@@ -36,6 +36,12 @@ pub struct Point {
     /// `p50_us` minus this is the client's own queueing. Absent in older reports.
     #[serde(default)]
     pub wire_p50_us: Option<u64>,
+    /// This mode's CPU per record over the tokio baseline's (the cheaper of `tokio-buffered`
+    /// and `tokio-unordered`) at the same shards and capacity, taken within each repeat (the
+    /// runs measured side by side), then the median. Absent when no tokio mode ran, and in
+    /// reports older than session 7.
+    #[serde(default)]
+    pub cpu_vs_tokio: Option<f64>,
     pub repeats: usize,
 }
 
@@ -121,6 +127,21 @@ impl Report {
     ) -> Report {
         let latency = config.configured_latency.unwrap_or(round_trip);
         let rps = |m: &Measurement| m.records as f64 / m.elapsed.as_secs_f64();
+        let cpu = |m: &Measurement| m.cpu.as_secs_f64() * 1e6 / m.records.max(1) as f64;
+        // Run `r` of every mode at a point belongs to repeat `r`: the tokio baseline's CPU per
+        // record per repeat, the cheaper of its two modes.
+        let mut tokio_cpu: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+        for ((shards, capacity, mode), ms) in &runs {
+            if matches!(mode, Mode::TokioBuffered | Mode::TokioUnordered) {
+                let per_repeat = tokio_cpu.entry((*shards, *capacity)).or_default();
+                for (r, m) in ms.iter().enumerate() {
+                    match per_repeat.get_mut(r) {
+                        Some(best) => *best = best.min(cpu(m)),
+                        None => per_repeat.push(cpu(m)),
+                    }
+                }
+            }
+        }
         let mut sync_rps: BTreeMap<usize, f64> = BTreeMap::new();
         for ((shards, _, mode), ms) in &runs {
             if *mode == Mode::SyncMap {
@@ -155,16 +176,16 @@ impl Report {
                     p50_us: q(0.5),
                     p99_us: q(0.99),
                     p999_us: q(0.999),
-                    cpu_us_per_record: median(
-                        ms.iter()
-                            .map(|m| m.cpu.as_secs_f64() * 1e6 / m.records.max(1) as f64)
-                            .collect(),
-                    ),
+                    cpu_us_per_record: median(ms.iter().map(cpu).collect()),
                     wire_p50_us: ms
                         .iter()
                         .map(|m| m.wire_us.as_ref().map(|h| h.value_at_quantile(0.5) as f64))
                         .collect::<Option<Vec<f64>>>()
                         .map(|v| median(v) as u64),
+                    cpu_vs_tokio: tokio_cpu
+                        .get(&(*shards, *capacity))
+                        .filter(|t| t.len() == ms.len())
+                        .map(|t| median(ms.iter().zip(t).map(|(m, t)| cpu(m) / t).collect())),
                     repeats: ms.len(),
                 }
             })
@@ -204,7 +225,7 @@ impl Report {
         }
         out.push_str("\n\n");
         out.push_str(&format!(
-            "{:<16} {:>6} {:>8} {:>12} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8}\n",
+            "{:<16} {:>6} {:>8} {:>12} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9} {:>8}\n",
             "mode",
             "shards",
             "capacity",
@@ -215,11 +236,12 @@ impl Report {
             "p99 us",
             "p99.9 us",
             "cpu us/r",
+            "cpu/tokio",
             "wire p50"
         ));
         for p in &self.points {
             out.push_str(&format!(
-                "{:<16} {:>6} {:>8} {:>12.0} {:>8} {:>6.0}% {:>8} {:>8} {:>9} {:>8.2} {:>8}\n",
+                "{:<16} {:>6} {:>8} {:>12.0} {:>8} {:>6.0}% {:>8} {:>8} {:>9} {:>8.2} {:>9} {:>8}\n",
                 p.mode,
                 p.shards,
                 if p.mode == "sync-map" {
@@ -235,6 +257,7 @@ impl Report {
                 p.p99_us,
                 p.p999_us,
                 p.cpu_us_per_record,
+                p.cpu_vs_tokio.map_or("-".into(), |c| format!("{c:.2}x")),
                 p.wire_p50_us.map_or("-".into(), |w| w.to_string())
             ));
         }
@@ -383,4 +406,85 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
         Ok(())
     };
     draw().map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(cpu_us_per_record: f64) -> Measurement {
+        Measurement {
+            records: 1_000,
+            elapsed: Duration::from_secs(1),
+            latency_us: hdrhistogram::Histogram::new(3).unwrap(),
+            cpu: Duration::from_secs_f64(cpu_us_per_record * 1e-3),
+            wire_us: None,
+        }
+    }
+
+    fn config(modes: Vec<Mode>) -> SweepConfig {
+        SweepConfig {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            server: "test".into(),
+            configured_latency: Some(Duration::from_millis(1)),
+            keys: 1,
+            modes,
+            shards: vec![1],
+            capacities: vec![64],
+            duration: Duration::from_secs(1),
+            records: None,
+            repeat: 3,
+            seed: 0,
+            client: Default::default(),
+            pin: false,
+        }
+    }
+
+    fn report(runs: Vec<(Mode, [f64; 3])>) -> Report {
+        let modes = runs.iter().map(|(m, _)| *m).collect();
+        let runs = runs
+            .into_iter()
+            .map(|(mode, cpu)| ((1, 64, mode), cpu.iter().map(|&c| run(c)).collect()))
+            .collect();
+        Report::from_runs(&config(modes), 1e9, Duration::from_millis(1), runs)
+    }
+
+    fn point(report: &Report, mode: Mode) -> &Point {
+        report
+            .points
+            .iter()
+            .find(|p| p.mode == mode.name())
+            .unwrap()
+    }
+
+    #[test]
+    fn cpu_against_tokio_is_taken_within_each_repeat_against_the_cheaper_tokio_mode() {
+        let report = report(vec![
+            (Mode::TokioBuffered, [1.0, 4.0, 3.0]),
+            (Mode::TokioUnordered, [2.0, 5.0, 2.5]),
+            (Mode::Unordered, [0.9, 1.0, 1.1]),
+        ]);
+        let unordered = point(&report, Mode::Unordered);
+        // Per repeat: 0.9 / 1.0, 1.0 / 4.0, 1.1 / 2.5; the median is 0.44. The ratio of the
+        // medians (1.0 / 2.5 = 0.4) would mix repeats measured minutes apart.
+        let ratio = unordered.cpu_vs_tokio.unwrap();
+        assert!((ratio - 0.44).abs() < 1e-9, "{ratio}");
+        assert!((unordered.cpu_us_per_record - 1.0).abs() < 1e-9);
+        // The tokio modes against the cheaper of the two: buffered 1, 1, 1.2; unordered 2,
+        // 1.25, 1.
+        let buffered = point(&report, Mode::TokioBuffered).cpu_vs_tokio.unwrap();
+        assert!((buffered - 1.0).abs() < 1e-9, "{buffered}");
+        let tokio_unordered = point(&report, Mode::TokioUnordered).cpu_vs_tokio.unwrap();
+        assert!((tokio_unordered - 1.25).abs() < 1e-9, "{tokio_unordered}");
+        assert!(report.table().contains("0.44x"));
+    }
+
+    #[test]
+    fn without_a_tokio_mode_there_is_no_cpu_ratio() {
+        let report = report(vec![(Mode::Unordered, [1.0, 1.0, 1.0])]);
+        assert_eq!(point(&report, Mode::Unordered).cpu_vs_tokio, None);
+        let table = report.table();
+        let line: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!((line[0], line[10]), ("unordered", "-"), "{line:?}");
+    }
 }
