@@ -333,7 +333,7 @@ fn tokio_futures(
     let client = redis::Client::open(info).map_err(|e| e.to_string())?;
     // Connect before the clock starts, as the other contenders do: as many multiplexed
     // connections per worker as sluice's client opens per shard.
-    let per_shard = w.client.connections.max(1);
+    let per_shard = w.client.connection_count();
     // And a pipeline queue that holds the requests in flight: redis-rs queues a multiplexed
     // connection's requests for its driver in a channel of 50 by default (redis-rs issue
     // #1933), which at 256 in flight against Redis halved the baseline's rate and doubled

@@ -45,6 +45,14 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
 }
 
+impl ClientConfig {
+    /// The connections a client opens: `connections`, 0 taken as 1. Anything that opens
+    /// connections on these settings (the tokio baseline too) uses this count.
+    pub fn connection_count(&self) -> usize {
+        self.connections.max(1)
+    }
+}
+
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
@@ -104,7 +112,7 @@ impl RedisClient {
             initial: config.reconnect_initial,
             max: config.reconnect_max.max(config.reconnect_initial),
         };
-        let connections = (0..config.connections.max(1))
+        let connections = (0..config.connection_count())
             .map(|_| {
                 let conn = Connection::new(addr, config.max_in_flight, config.reply_split);
                 glommio::spawn_local(conn.clone().drive(backoff)).detach();
