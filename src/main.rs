@@ -180,7 +180,8 @@ struct BenchArgs {
     /// The sluice modes' Redis client completes at most 1/N of a connection's requests in
     /// flight per turn before writing the requests those completions issued (1: all that
     /// arrived; see docs/benchmarks.md, section 3).
-    #[arg(long, default_value_t = sluice::redis::ClientConfig::default().reply_split)]
+    #[arg(long, default_value_t = sluice::redis::ClientConfig::default().reply_split,
+          value_parser = at_least_one())]
     reply_split: usize,
     /// Connections per shard to the server, for the sluice modes and the tokio baseline
     /// alike (requests spread round-robin over them). Under a random delay, replies on one
@@ -369,11 +370,6 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         if !(rps.is_finite() && rps > 0.0) {
             return Err(format!("--server-limit must be a positive rate, got {rps}"));
         }
-    }
-    if args.reply_split == 0 {
-        return Err(
-            "--reply-split must be at least 1 (1 completes every reply that arrived)".into(),
-        );
     }
 
     // The server under test, and a zero-latency twin to measure the server's limit.

@@ -171,3 +171,20 @@ fn the_round_trip_probe_reports_the_median_of_all_lookups() {
     );
     assert!(probed.best_batch <= probed.overall, "{probed:?}");
 }
+
+/// Count flags of `sluice bench` below 1 are refused before anything starts, naming the flag.
+#[test]
+fn count_flags_below_one_are_refused_by_name() {
+    for flag in ["--reply-split", "--connections"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["bench", flag, "0"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(flag) && stderr.contains("0 is not in 1.."),
+            "{flag}: {stderr}"
+        );
+    }
+}
