@@ -38,7 +38,7 @@ pub struct MetricsSnapshot {
     pub invoke_to_emit_us: Histogram<u64>,
     /// From the producer's push to the first invoke, in microseconds. Sampled: one record in
     /// [`QUEUE_WAIT_SAMPLE`](crate::QUEUE_WAIT_SAMPLE) (by sequence number), so its
-    /// count is about `records_in / 16`. Records re-issued from a checkpoint are all recorded
+    /// count is about `records_in / QUEUE_WAIT_SAMPLE`. Records re-issued from a checkpoint are all recorded
     /// (from their restore); records fed through the `AsyncWaitExt` adapter are not (they have
     /// no push).
     pub queue_wait_us: Histogram<u64>,
