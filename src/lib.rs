@@ -79,7 +79,8 @@ mod stream_ext;
 
 pub use engine::{
     default_shards, hash_key, plan, usable_cores, Consumer, KeyFn, Output, Pinning, Producer,
-    Routing, ShardContext, ShardPlacement, Stage, StageBuilder, StageHandle, DEFAULT_IO_MEMORY,
+    RecvTimedOut, Routing, ShardContext, ShardPlacement, Stage, StageBuilder, StageHandle,
+    DEFAULT_IO_MEMORY,
     DEFAULT_RING_DEPTH, MIN_CHANNEL_CAPACITY, QUEUE_WAIT_SAMPLE,
 };
 pub use error::{BuildError, PushError, StageError};

@@ -113,6 +113,35 @@ struct EnrichArgs {
     /// Time between checkpoints.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "checkpoint_dir")]
     checkpoint_interval: Duration,
+    /// Bytes of records and looked-up values held at most before reading waits (plus the
+    /// values of the lookups in flight): 64MiB, 1GiB, or a number of bytes.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    max_bytes_held: u64,
+}
+
+/// A size: a number of bytes, or with a KiB, MiB or GiB suffix (KB, MB, GB are taken as the
+/// same). At least 1 KiB.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 64MiB, 1GiB, 1048576)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("`{s}`: unknown unit `{other}` (use KiB, MiB or GiB)")),
+    };
+    let bytes = n
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{s}` is too large"))?;
+    if bytes < 1024 {
+        return Err(format!("`{s}` is below the least size, 1KiB"));
+    }
+    Ok(bytes)
 }
 
 /// A comma-separated list on the command line (`1,2,4`). A newtype, because clap treats a
@@ -234,7 +263,6 @@ fn main() -> ExitCode {
 fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
     use sluice::enrich::{self, EnrichConfig, KeyTemplate, OnBadRecord, OnFailedLookup, Placement};
     use std::io::IsTerminal;
-    use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
     let key = KeyTemplate::parse(&args.key).map_err(|e| e.to_string())?;
@@ -266,6 +294,11 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
     };
     let config = EnrichConfig {
         redis,
+        backend: match &args.redis {
+            Some(url) => url.clone(),
+            None => format!("loadgen (keys {})", args.loadgen_keys),
+        },
+        max_bytes_held: args.max_bytes_held,
         key,
         input: path(&args.input),
         output: path(&args.output),
@@ -292,9 +325,12 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
     };
     let _ = args.merge; // the default; the flag exists to say so explicitly
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(enrich::Stop::default());
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone()).map_err(|e| e.to_string())?;
+        let stop = stop.clone();
+        // SAFETY: the handler only does an atomic add, which is async-signal-safe.
+        unsafe { signal_hook::low_level::register(signal, move || stop.signal()) }
+            .map_err(|e| format!("cannot watch for signal {signal}: {e}"))?;
     }
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new_spinner();
@@ -323,11 +359,15 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
         let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
         std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    Ok(if let Some(failure) = &summary.failure {
+    if let Some(failure) = &summary.failure {
         eprintln!("sluice: {failure}");
-        ExitCode::FAILURE
-    } else if summary.interrupted {
+    }
+    // Interrupted wins over a failure met while draining (say, a timeout against a stalled
+    // server): the user asked the run to stop.
+    Ok(if summary.interrupted {
         ExitCode::from(130)
+    } else if summary.failure.is_some() {
+        ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })

@@ -10,7 +10,7 @@
 use crate::checkpoint::coordinator::ShardReport;
 use crate::checkpoint::{
     CheckpointError, CheckpointRefused, Checkpointing, Codec, ManifestFile, RestoreInfo,
-    ShardSnapshot, SourcePosition,
+    ShardSnapshot, SinkPosition, SourcePosition,
 };
 use crate::clock::SimClock;
 use crate::engine::handoff::{self, Doorbell};
@@ -213,9 +213,9 @@ impl<F: AsyncFunction> SimStage<F> {
     pub fn commit_checkpoint(
         &mut self,
         id: u64,
-        sink_position: u64,
+        sink: impl Into<SinkPosition>,
     ) -> Result<(), CheckpointError> {
-        self.consumer.commit_checkpoint(id, sink_position)
+        self.consumer.commit_checkpoint(id, sink)
     }
 
     /// Runs until nothing can happen without the clock moving, or until a checkpoint marker

@@ -197,6 +197,7 @@ fn run(mode: OutputMode, shards: usize, capacity: usize, gens: Vec<Gen>, ticks: 
             let at = SourcePosition {
                 offset: next as u64,
                 records: 0,
+                digest: 0,
             };
             match stage.checkpoint(at) {
                 Ok(_) | Err(CheckpointRefused::InProgress { .. }) => {}

@@ -55,6 +55,7 @@ fn a_checkpoint_that_cannot_be_written_fails_cleanly_and_the_next_one_commits() 
                 let at = SourcePosition {
                     offset: i + 1,
                     records: i + 1,
+                    digest: 0,
                 };
                 // Checkpoint 1 may still be committing when the second is due: wait for it.
                 while let Err(refused) = producer.checkpoint(at) {

@@ -109,6 +109,7 @@ fn run_with_crashes(mode: OutputMode, shards: usize, input: &[In], crashes: &[us
                     let at = SourcePosition {
                         offset: (resume_at + i + 1) as u64,
                         records: 0,
+                        digest: 0,
                     };
                     match producer.checkpoint(at) {
                         Ok(_) | Err(CheckpointRefused::InProgress { .. }) => {}
@@ -224,6 +225,7 @@ fn a_checkpoint_of_another_shard_count_or_mode_is_refused() {
                 .checkpoint(SourcePosition {
                     offset: 7,
                     records: 0,
+                    digest: 0,
                 })
                 .unwrap();
         });

@@ -13,7 +13,7 @@
 
 use super::{
     snapshot_name, CheckpointError, CheckpointStore, Codec, ManifestFile, MergeSnapshot,
-    ShardSnapshot, SourcePosition,
+    ShardSnapshot, SinkPosition, SourcePosition,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -65,6 +65,8 @@ pub struct RestoreInfo {
     pub source: SourcePosition,
     /// Cut the sink back to this position before writing.
     pub sink_position: u64,
+    /// Cut each of the sink's side outputs back to its position before writing.
+    pub side_outputs: std::collections::BTreeMap<String, u64>,
     /// Newer checkpoints that failed validation, and why.
     pub skipped: Vec<String>,
     /// Inputs re-issued to the shards (and watermarks re-sent).
@@ -149,11 +151,11 @@ impl Coordinator {
     }
 
     /// Commits the checkpoint the merge aligned: waits for every shard's file, writes the
-    /// merge's, then the manifest. `sink_position` must already be durable in the sink.
+    /// merge's, then the manifest. `sink` must already be durable in the sink.
     pub(crate) fn commit(
         &self,
         merge: &MergeSnapshot,
-        sink_position: u64,
+        sink: &SinkPosition,
     ) -> Result<(), CheckpointError> {
         let id = merge.checkpoint_id;
         let source = match self.state().in_progress {
@@ -165,7 +167,7 @@ impl Coordinator {
         };
         let result = self
             .write_files(merge)
-            .and_then(|files| self.store.commit(id, source, sink_position, files));
+            .and_then(|files| self.store.commit(id, source, sink, files));
         match &result {
             // Leave the files of a failed fsync alone: the process is about to stop.
             Ok(()) | Err(CheckpointError::Fsync { .. }) => self.state().in_progress = None,

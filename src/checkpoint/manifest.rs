@@ -5,6 +5,7 @@
 
 use super::CheckpointError;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The manifest format this build writes and reads.
@@ -41,8 +42,14 @@ pub struct Manifest {
     /// resumes where it stopped.
     #[serde(default)]
     pub source_records: u64,
+    /// The source's check value of what came before `source_offset` (0: none kept).
+    #[serde(default)]
+    pub source_digest: u64,
     /// What the sink had committed (for a file sink: its length).
     pub sink_position: u64,
+    /// The sink's side outputs by name, and what each had committed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub side_outputs: BTreeMap<String, u64>,
     pub files: Vec<ManifestFile>,
 }
 

@@ -37,6 +37,28 @@ pub use store::{CheckpointStore, Restored};
 pub struct SourcePosition {
     pub offset: u64,
     pub records: u64,
+    /// The source's own check value of what came before `offset`, so that a resume can tell
+    /// that the source was not changed (for a file: the CRC-32 of its first `offset` bytes);
+    /// 0 for a source that keeps none.
+    pub digest: u64,
+}
+
+/// What a sink had made durable when a checkpoint was committed: its main position (for a
+/// file: its length) and, by name, the positions of its side outputs (for example dead-letter
+/// files), each cut back to on resume like the main output.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkPosition {
+    pub position: u64,
+    pub side_outputs: std::collections::BTreeMap<String, u64>,
+}
+
+impl From<u64> for SinkPosition {
+    fn from(position: u64) -> Self {
+        SinkPosition {
+            position,
+            side_outputs: Default::default(),
+        }
+    }
 }
 
 use std::path::PathBuf;

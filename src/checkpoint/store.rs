@@ -4,8 +4,8 @@
 //! so lexical order is checkpoint order. See the module above for the invariants.
 
 use super::{
-    CheckpointError, Manifest, ManifestFile, MergeSnapshot, ShardSnapshot, SourcePosition,
-    MANIFEST_VERSION,
+    CheckpointError, Manifest, ManifestFile, MergeSnapshot, ShardSnapshot, SinkPosition,
+    SourcePosition, MANIFEST_VERSION,
 };
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -138,9 +138,9 @@ impl CheckpointStore {
         }
         let source = SourcePosition {
             offset: source_offset,
-            records: 0,
+            ..SourcePosition::default()
         };
-        self.commit(id, source, sink_position, files)
+        self.commit(id, source, &sink_position.into(), files)
     }
 
     /// Writes the merge's snapshot of checkpoint `id`, durably.
@@ -159,7 +159,7 @@ impl CheckpointStore {
         &self,
         id: u64,
         source: SourcePosition,
-        sink_position: u64,
+        sink: &SinkPosition,
         files: Vec<ManifestFile>,
     ) -> Result<(), CheckpointError> {
         let manifest = Manifest {
@@ -167,7 +167,9 @@ impl CheckpointStore {
             checkpoint_id: id,
             source_offset: source.offset,
             source_records: source.records,
-            sink_position,
+            source_digest: source.digest,
+            sink_position: sink.position,
+            side_outputs: sink.side_outputs.clone(),
             files,
         };
         replace_durably(&self.dir, &manifest_name(id), &manifest.encode()?)?;

@@ -29,7 +29,7 @@
 
 use super::handoff;
 use crate::checkpoint::coordinator::Coordinator;
-use crate::checkpoint::{CheckpointError, Codec, HeldEntry, MergeSnapshot};
+use crate::checkpoint::{CheckpointError, Codec, HeldEntry, MergeSnapshot, SinkPosition};
 use crate::error::StageError;
 use crate::function::{Outputs, OutputsIter};
 use crate::operator::{Emitted, OutputMode};
@@ -51,6 +51,22 @@ pub(crate) enum Egress<O> {
     },
     Failed(StageError),
     Finished,
+}
+
+/// Nothing arrived within [`Consumer::recv_timeout`]'s timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvTimedOut;
+
+/// Wakes the thread that waits in [`Consumer::recv_timeout`].
+struct ThreadWaker(std::thread::Thread);
+
+impl std::task::Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
 }
 
 /// One element of the merged output.
@@ -234,14 +250,15 @@ impl<O: 'static> Consumer<O> {
         Ok(held)
     }
 
-    /// Commits checkpoint `id` after `Output::Checkpoint(id)`: `sink_position` (what the sink
-    /// holds, already durable) goes into its manifest with the shards' and the merge's files.
+    /// Commits checkpoint `id` after `Output::Checkpoint(id)`: `sink` (what the sink and its
+    /// side outputs hold, already durable; a plain `u64` for a sink without side outputs) goes
+    /// into its manifest with the shards' and the merge's files.
     /// An `Err` means the checkpoint was not committed; `CheckpointError::Fsync` means the
     /// process must stop (a failed fsync cannot be retried safely).
     pub fn commit_checkpoint(
         &mut self,
         id: u64,
-        sink_position: u64,
+        sink: impl Into<SinkPosition>,
     ) -> Result<(), CheckpointError> {
         let snapshot = match self.aligned.take() {
             Some(s) if s.checkpoint_id == id => s,
@@ -251,7 +268,7 @@ impl<O: 'static> Consumer<O> {
             ),
         };
         let checkpoints = self.checkpoints.as_ref().expect("aligned, so configured");
-        checkpoints.coordinator.commit(&snapshot, sink_position)
+        checkpoints.coordinator.commit(&snapshot, &sink.into())
     }
 
     /// Takes checkpoint barrier (`seq`, `id`) from port `p`; aligns when it is the last one.
@@ -360,6 +377,27 @@ impl<O: 'static> Consumer<O> {
     /// The next output, blocking the calling thread; `None` once the stage finished.
     pub fn recv(&mut self) -> Option<Result<Output<O>, StageError>> {
         futures::executor::block_on(self.next())
+    }
+
+    /// As [`Consumer::recv`], but gives up after `timeout` with `Err(RecvTimedOut)` (for a
+    /// sink that flushes when its input goes idle, or watches for a signal).
+    pub fn recv_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<Option<Result<Output<O>, StageError>>, RecvTimedOut> {
+        let deadline = std::time::Instant::now() + timeout;
+        let waker = std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        loop {
+            if let std::task::Poll::Ready(item) = self.poll_next_unpin(&mut cx) {
+                return Ok(item);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(RecvTimedOut);
+            }
+            std::thread::park_timeout(left);
+        }
     }
 
     fn advancing_watermark(&mut self, timestamp: u64) -> Option<Output<O>> {

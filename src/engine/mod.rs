@@ -24,7 +24,7 @@ mod shard;
 
 pub(crate) use merge::Egress;
 pub(crate) use merge::MergeCheckpoint;
-pub use merge::{Consumer, Output};
+pub use merge::{Consumer, Output, RecvTimedOut};
 pub use placement::{default_shards, plan, usable_cores, Pinning, ShardPlacement};
 pub use producer::{KeyFn, Producer, Routing, QUEUE_WAIT_SAMPLE};
 pub use shard::ShardContext;

@@ -74,8 +74,10 @@ pub(crate) fn open_checkpoints<I, O>(
                 source: SourcePosition {
                     offset: r.manifest.source_offset,
                     records: r.manifest.source_records,
+                    digest: r.manifest.source_digest,
                 },
                 sink_position: r.manifest.sink_position,
+                side_outputs: r.manifest.side_outputs.clone(),
                 skipped: r.skipped.clone(),
                 reissued: 0,
                 held: 0,

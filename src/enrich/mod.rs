@@ -2,47 +2,65 @@
 //! JSON Lines out.
 //!
 //! ```text
-//!  reader thread                 stage (shards)                  writer (calling thread)
-//!  line -> JSON -> key -> push ─▶ GET key (io_uring Redis) ─▶ merge value, apply policies, write
-//!   └ bad record: fail | skip | dead-letter                        └ missing / timeout / error
+//!  reader thread                  stage (shards)                   writer (calling thread)
+//!  line -> record | bad -> push ─▶ GET key (io_uring Redis) ─▶ policy -> output | dead letter
+//!   (reader.rs, record.rs)          (lookup.rs)                  (writer.rs, outcome.rs, files.rs)
 //! ```
 //!
-//! Owns: the command's data path and its accounting. Invariants:
-//! - memory is bounded by the stage (shards x (capacity + channels)), never by the input size:
-//!   the reader blocks when the stage is full;
-//! - every line read ends as an output line, a dead-letter line, or a counted drop or skip;
-//!   the summary's counts add up to the lines read (checked by `tests/enrich_cli.rs`);
-//! - on a failure (a bad record under `fail`, a missing key under `fail`, a lookup that fails
-//!   under `fail`), the reader stops, every record already accepted is written (in ordered mode:
-//!   every record before the failing one) and flushed, and the error names the line;
-//! - on SIGINT/SIGTERM (the `stop` flag) the reader stops, what is in flight drains and is
-//!   written, and the summary says the run was interrupted;
-//! - with a checkpoint directory, the reader starts a checkpoint every interval at the byte
-//!   just after the last line it handled, and the writer commits it after flushing and
-//!   fsyncing the output up to the checkpoint's marker (see `resume.rs`).
+//! Owns: the command's orchestration: checks before any file is touched (`guard.rs`), the
+//! stage, the threads, and the summary at the end. Invariants:
+//! - memory is bounded by the stage (shards x (capacity + channels) lines) and by bytes
+//!   (`EnrichConfig::max_bytes_held`, see `reader::Budget`), never by the input size;
+//! - every line read ends as an output line, a dead-letter line, a counted drop or skip, a
+//!   blank line, or a line not written because the run stopped: `Summary::accounted` equals
+//!   `lines_read` (checked by `tests/enrich_cli.rs`);
+//! - on a failure (a bad record, a missing key or a lookup under `fail`, a file that cannot be
+//!   written), every line before the failing one is handled and flushed (in ordered mode: in
+//!   input order), and the error names the line;
+//! - on SIGINT/SIGTERM the reader stops, what is in flight drains and is written, and the
+//!   summary says the run was interrupted; a second signal stops at once;
+//! - with a checkpoint directory: one run at a time holds it; a finished run's directory and
+//!   files are never touched again; output and dead letters are exactly-once (`resume.rs`).
 
+mod files;
+mod guard;
 mod lookup;
 mod options;
+mod outcome;
+mod reader;
+mod record;
 mod resume;
+mod summary;
 mod template;
+mod writer;
 
-pub use lookup::{Enriched, Lookup, Record};
+pub use lookup::{Enriched, Lookup};
 pub use options::{OnBadRecord, OnFailedLookup, OnMissing, RetrySpec};
+pub use record::{BadRecord, Fields, Line, Record};
 pub use resume::completed_marker;
+pub use summary::Summary;
 pub use template::{KeyError, KeyTemplate, TemplateError};
 
-use crate::checkpoint::{CheckpointError, CheckpointRefused, Checkpointing, SourcePosition};
-use crate::{Output, OutputMode, Stage};
-use serde::Serialize;
-use serde_json::{Map, Value};
-use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufRead, BufWriter, Seek, Write};
+use crate::checkpoint::{Checkpointing, RestoreInfo};
+use crate::redis::ClientConfig;
+use crate::{OutputMode, Stage};
+use files::{DeadLetters, LineFile, Target};
+use guard::{DirLock, Role};
+use reader::{Budget, ReaderContext, ReaderInput, ReaderState};
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use writer::{Ended, Writer};
+
+/// Bytes a run holds at most before the reader waits (`EnrichConfig::max_bytes_held`).
+pub const DEFAULT_MAX_BYTES_HELD: u64 = 256 * 1024 * 1024;
+/// How often the signal watcher looks at the stop flag.
+const WATCH_EVERY: Duration = Duration::from_millis(20);
+/// How long the check that Redis answers may take before the run starts.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Where the looked-up value goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +76,9 @@ pub enum Placement {
 #[derive(Debug, Clone)]
 pub struct EnrichConfig {
     pub redis: SocketAddr,
+    /// The backend as the user named it (`redis://host:port`, `loadgen`), recorded with
+    /// checkpoints so that a resume against another backend is refused.
+    pub backend: String,
     pub key: KeyTemplate,
     /// `None`: standard input.
     pub input: Option<PathBuf>,
@@ -86,349 +107,107 @@ pub struct EnrichConfig {
     /// Checkpoints here, and resumes from the newest one (needs file input and output).
     pub checkpoint_dir: Option<PathBuf>,
     pub checkpoint_interval: Duration,
+    /// Bytes of lines and values the run holds at most before the reader waits (plus the
+    /// values of the lookups already in flight); see `docs/enrich.md`.
+    pub max_bytes_held: u64,
 }
 
-/// Counts of what happened to every line.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Summary {
-    pub lines_read: u64,
-    pub enriched: u64,
-    pub missing_kept: u64,
-    pub missing_dropped: u64,
-    pub bad_skipped: u64,
-    pub bad_dead_lettered: u64,
-    pub timeouts_emitted: u64,
-    pub timeouts_dropped: u64,
-    pub timeouts_dead_lettered: u64,
-    pub errors_emitted: u64,
-    pub errors_dropped: u64,
-    pub errors_dead_lettered: u64,
-    /// Records accepted into the stage but not written because the run failed.
-    pub unwritten_after_failure: u64,
-    pub watermarks: u64,
-    pub retries: u64,
-    pub elapsed_s: f64,
-    pub records_per_s: f64,
-    pub latency_p50_us: u64,
-    pub latency_p99_us: u64,
-    pub latency_p999_us: u64,
-    pub latency_max_us: u64,
-    /// From the reader's push to the first lookup: waiting for a free slot (backpressure).
-    pub queue_wait_p50_us: u64,
-    pub queue_wait_p99_us: u64,
-    /// Of a lookup, the time on the wire: from the request handed to the socket to its reply
-    /// read (Redis and the network, without the client's own queueing).
-    pub wire_p50_us: u64,
-    pub wire_p99_us: u64,
-    pub interrupted: bool,
-    /// Why the run failed, if it did.
-    pub failure: Option<String>,
-    /// Checkpoints committed during this run.
-    pub checkpoints: u64,
-    /// Checkpoints that could not be committed (for example: disk full); the run went on.
-    pub checkpoint_failures: u64,
-    /// The checkpoint this run resumed from, and the input line it resumed after.
-    pub resumed_from: Option<u64>,
-    pub resumed_after_line: Option<u64>,
-    /// The checkpoint directory says a previous run finished: nothing was done.
-    pub already_completed: bool,
+/// Stop requests: signals (the first drains, a second stops at once) and the run's own halt
+/// after a failure.
+#[derive(Debug, Default)]
+pub struct Stop {
+    signals: AtomicUsize,
+    halted: AtomicBool,
 }
 
-impl Summary {
-    /// The human-readable summary printed on stderr.
-    pub fn render(&self) -> String {
-        if self.already_completed {
-            return "sluice enrich: this run already completed (its checkpoint directory holds \
-                    the completed marker); nothing to do. Remove the directory to run again.\n"
-                .into();
-        }
-        let mut s = format!(
-            "sluice enrich: {} lines in {:.2} s ({:.0} records/s){}\n",
-            self.lines_read,
-            self.elapsed_s,
-            self.records_per_s,
-            if self.interrupted {
-                ", interrupted"
-            } else {
-                ""
-            }
-        );
-        let rows = [
-            ("enriched", self.enriched),
-            ("missing, kept", self.missing_kept),
-            ("missing, dropped", self.missing_dropped),
-            ("bad records, skipped", self.bad_skipped),
-            ("bad records, dead-lettered", self.bad_dead_lettered),
-            ("timeouts, emitted unenriched", self.timeouts_emitted),
-            ("timeouts, dropped", self.timeouts_dropped),
-            ("timeouts, dead-lettered", self.timeouts_dead_lettered),
-            ("lookup errors, emitted unenriched", self.errors_emitted),
-            ("lookup errors, dropped", self.errors_dropped),
-            ("lookup errors, dead-lettered", self.errors_dead_lettered),
-            ("not written (run failed)", self.unwritten_after_failure),
-            ("watermarks", self.watermarks),
-            ("retries", self.retries),
-            ("checkpoints", self.checkpoints),
-            ("checkpoints not committed", self.checkpoint_failures),
-        ];
-        if let (Some(id), Some(line)) = (self.resumed_from, self.resumed_after_line) {
-            s.push_str(&format!(
-                "  resumed from checkpoint {id}, after input line {line}\n"
-            ));
-        }
-        for (name, n) in rows.iter().filter(|(_, n)| *n > 0) {
-            s.push_str(&format!("  {name:<34} {n}\n"));
-        }
-        s.push_str(&format!(
-            "  latency p50 {} us, p99 {} us, p99.9 {} us, max {} us\n",
-            self.latency_p50_us, self.latency_p99_us, self.latency_p999_us, self.latency_max_us
-        ));
-        s.push_str(&format!(
-            "  where the time goes (p50 / p99): waiting for a slot {} / {} us; \
-             lookup {} / {} us, of which on the wire {} / {} us\n",
-            self.queue_wait_p50_us,
-            self.queue_wait_p99_us,
-            self.latency_p50_us,
-            self.latency_p99_us,
-            self.wire_p50_us,
-            self.wire_p99_us
-        ));
-        if let Some(f) = &self.failure {
-            s.push_str(&format!("  failed: {f}\n"));
-        }
-        s
+impl Stop {
+    /// A signal arrived (async-signal-safe: one atomic add).
+    pub fn signal(&self) {
+        self.signals.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether a signal asked the run to stop.
+    pub fn interrupted(&self) -> bool {
+        self.signals.load(Ordering::SeqCst) > 0
+    }
+
+    /// Whether a second signal asked to stop without waiting for the lookups in flight.
+    pub fn at_once(&self) -> bool {
+        self.signals.load(Ordering::SeqCst) > 1
+    }
+
+    fn halt(&self) {
+        self.halted.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the reader should stop reading.
+    fn requested(&self) -> bool {
+        self.interrupted() || self.halted.load(Ordering::SeqCst)
     }
 }
 
-/// Dead-letter files, shared by the reader (bad records) and the writer (lookups).
-#[derive(Clone, Default)]
-struct DeadLetters {
-    files: Arc<Mutex<HashMap<PathBuf, BufWriter<File>>>>,
-}
-
-impl DeadLetters {
-    fn open(&self, path: &PathBuf) -> Result<(), String> {
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        if !files.contains_key(path) {
-            let f = File::create(path)
-                .map_err(|e| format!("dead-letter file {}: {e}", path.display()))?;
-            files.insert(path.clone(), BufWriter::new(f));
-        }
-        Ok(())
-    }
-
-    fn write(&self, path: &PathBuf, line: u64, reason: &str, input: &str) -> Result<(), String> {
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        let f = files.get_mut(path).expect("opened at start");
-        let entry = serde_json::json!({"line": line, "error": reason, "input": input});
-        serde_json::to_writer(&mut *f, &entry)
-            .and_then(|_| f.write_all(b"\n").map_err(serde_json::Error::io))
-            .map_err(|e| format!("dead-letter file {}: {e}", path.display()))
-    }
-
-    fn flush(&self) -> Result<(), String> {
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        for (path, f) in files.iter_mut() {
-            f.flush()
-                .map_err(|e| format!("dead-letter file {}: {e}", path.display()))?;
-        }
-        Ok(())
-    }
-}
-
-/// Reads an event time: epoch seconds or milliseconds (numbers above 1e11 are taken as
-/// milliseconds), or an RFC 3339 string. Returns milliseconds.
-fn event_time_ms(value: &Value) -> Option<u64> {
-    match value {
-        Value::Number(n) => {
-            let v = n.as_f64()?;
-            if !(0.0..1e15).contains(&v) {
-                return None;
-            }
-            Some(if v > 1e11 {
-                v as u64
-            } else {
-                (v * 1000.0) as u64
-            })
-        }
-        Value::String(s) => {
-            let t = humantime::parse_rfc3339_weak(s).ok()?;
-            Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
-        }
-        _ => None,
-    }
-}
-
-/// A bad line: the reason names the field where there is one.
-struct BadRecord {
-    line: u64,
-    reason: String,
-    text: String,
-}
-
-enum Parsed {
-    Record(Record, Option<u64>),
-    Bad(BadRecord),
-}
-
-fn parse_line(config: &EnrichConfig, line_no: u64, text: &str) -> Parsed {
-    let bad = |reason: String| {
-        Parsed::Bad(BadRecord {
-            line: line_no,
-            reason,
-            text: text.to_string(),
-        })
-    };
-    let fields = match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => map,
-        Ok(other) => {
-            let kind = match other {
-                Value::Array(_) => "an array",
-                Value::String(_) => "a string",
-                Value::Number(_) => "a number",
-                Value::Bool(_) => "a boolean",
-                _ => "null",
-            };
-            return bad(format!("not a JSON object but {kind}"));
-        }
-        Err(e) => return bad(format!("not valid JSON: {e}")),
-    };
-    let key = match config.key.render(&fields) {
-        Ok(k) => k,
-        Err(e) => return bad(e.to_string()),
-    };
-    let event_time = match &config.event_time {
-        None => None,
-        Some(field) => match fields.get(field) {
-            None => return bad(format!("event time field `{field}` is missing")),
-            Some(v) => match event_time_ms(v) {
-                Some(ms) => Some(ms),
-                None => {
-                    return bad(format!(
-                        "event time field `{field}` is {v}, not epoch seconds, epoch milliseconds or RFC 3339"
-                    ))
-                }
-            },
-        },
-    };
-    Parsed::Record(
-        Record {
-            line: line_no,
-            key,
-            fields,
-        },
-        event_time,
-    )
-}
-
-/// Applies a timeout or lookup-error policy; returns whether to write the record unenriched.
-fn failed_lookup(
-    policy: &OnFailedLookup,
-    (emitted, dropped, dead_lettered): (&mut u64, &mut u64, &mut u64),
-    dead_letters: &DeadLetters,
-    key: &str,
-    line: u64,
-    fields: &Map<String, Value>,
-    what: &str,
-) -> Result<bool, String> {
-    match policy {
-        OnFailedLookup::Emit => {
-            *emitted += 1;
-            Ok(true)
-        }
-        OnFailedLookup::Drop => {
-            *dropped += 1;
-            Ok(false)
-        }
-        OnFailedLookup::DeadLetter(path) => {
-            dead_letters.write(path, line, what, &Value::Object(fields.clone()).to_string())?;
-            *dead_lettered += 1;
-            Ok(false)
-        }
-        OnFailedLookup::Fail => Err(format!("line {line}: {what} (key {key:?})")),
-    }
-}
-
-/// Shared between the reader and the writer.
-#[derive(Default)]
-struct ReaderState {
-    lines_read: AtomicU64,
-    bad_skipped: AtomicU64,
-    bad_dead_lettered: AtomicU64,
-    accepted: AtomicU64,
-    failure: Mutex<Option<String>>,
-}
-
-/// The output: standard output, or a file (which a checkpoint flushes and fsyncs).
-enum Sink {
-    Stdout(BufWriter<std::io::Stdout>),
-    File(BufWriter<File>),
-}
-
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Sink::Stdout(w) => w.write(buf),
-            Sink::File(w) => w.write(buf),
-        }
-    }
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self {
-            Sink::Stdout(w) => w.write_all(buf),
-            Sink::File(w) => w.write_all(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Sink::Stdout(w) => w.flush(),
-            Sink::File(w) => w.flush(),
-        }
-    }
-}
-
-impl Sink {
-    /// Flushes and fsyncs a file output; returns its length, now durable.
-    fn make_durable(&mut self) -> Result<u64, String> {
-        let Sink::File(w) = self else {
-            unreachable!("checkpoints need a file output (checked at start)")
-        };
-        w.flush().map_err(|e| format!("output: {e}"))?;
-        let file = w.get_mut();
-        file.sync_data().map_err(|e| {
-            format!("output: fsync failed: {e}; stopping (a failed fsync cannot be retried safely)")
-        })?;
-        file.stream_position().map_err(|e| format!("output: {e}"))
-    }
-}
-
-/// Runs the enrichment until the input ends, a failure, or `stop` is raised. The `Err` case is
-/// a setup error (files, Redis address); run failures are in `Summary::failure`.
-pub fn run(
-    config: &EnrichConfig,
-    stop: Arc<AtomicBool>,
-    progress: &mut dyn FnMut(&Summary, u64),
-) -> Result<Summary, String> {
-    let started = Instant::now();
-    let dead_letters = DeadLetters::default();
-    for policy_file in [
+/// The dead-letter files the policies name, each once.
+fn dead_letter_paths(config: &EnrichConfig) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = [
         match &config.on_bad_record {
-            OnBadRecord::DeadLetter(p) => Some(p),
+            OnBadRecord::DeadLetter(p) => Some(p.clone()),
             _ => None,
         },
         match &config.on_timeout {
-            OnFailedLookup::DeadLetter(p) => Some(p),
+            OnFailedLookup::DeadLetter(p) => Some(p.clone()),
             _ => None,
         },
         match &config.on_error {
-            OnFailedLookup::DeadLetter(p) => Some(p),
+            OnFailedLookup::DeadLetter(p) => Some(p.clone()),
             _ => None,
         },
     ]
     .into_iter()
     .flatten()
-    {
-        dead_letters.open(policy_file)?;
+    .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+/// The settings that shape the output, recorded with checkpoints.
+fn output_settings(config: &EnrichConfig) -> serde_json::Value {
+    let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    serde_json::json!({
+        "backend": config.backend,
+        "key": config.key.source(),
+        "input": show(&config.input),
+        "output": show(&config.output),
+        "placement": format!("{:?}", config.placement),
+        "on_missing": format!("{:?}", config.on_missing),
+        "missing_marker": config.missing_marker,
+        "on_bad_record": format!("{:?}", config.on_bad_record),
+        "on_timeout": format!("{:?}", config.on_timeout),
+        "on_error": format!("{:?}", config.on_error),
+        "mode": format!("{:?}", config.mode),
+        "event_time": config.event_time,
+        "max_out_of_orderness_ms": config.max_out_of_orderness.as_millis() as u64,
+        "emit_watermarks": config.emit_watermarks,
+    })
+}
+
+/// Checks what can be checked before any file is written: the files' roles, the checkpoint
+/// directory (locked for the run), the completed marker, and that Redis answers.
+fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool), String> {
+    let dead = dead_letter_paths(config);
+    let mut roles = vec![];
+    if let Some(p) = &config.input {
+        roles.push(Role { what: "--input", path: p });
     }
+    if let Some(p) = &config.output {
+        roles.push(Role { what: "--output", path: p });
+    }
+    roles.extend(dead.iter().map(|p| Role {
+        what: "dead-letter file",
+        path: p,
+    }));
+    guard::distinct_files(&roles)?;
+    let mut lock = None;
     if let Some(dir) = &config.checkpoint_dir {
         if config.input.is_none() || config.output.is_none() {
             return Err(format!(
@@ -437,28 +216,55 @@ pub fn run(
                 dir.display()
             ));
         }
+        lock = Some(DirLock::acquire(dir)?);
         if completed_marker(dir).exists() {
-            return Ok(Summary {
-                already_completed: true,
-                ..Summary::default()
-            });
+            return Ok((lock, true));
         }
     }
+    redis_answers(config.redis)?;
+    Ok((lock, false))
+}
 
-    let (addr, connections) = (config.redis, config.connections);
-    let timeout_emits = config.on_timeout != OnFailedLookup::Fail;
-    let error_emits = config.on_error != OnFailedLookup::Fail;
+/// Connects to Redis and sends a PING, so that an unreachable server is said before any line
+/// is read or any file created.
+fn redis_answers(addr: SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let unreachable = |e: std::io::Error| {
+        format!("Redis at {addr} does not answer: {e}; check --redis and that the server runs")
+    };
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, PREFLIGHT_TIMEOUT).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(PREFLIGHT_TIMEOUT))
+        .map_err(unreachable)?;
+    stream.write_all(b"*1\r\n$4\r\nPING\r\n").map_err(unreachable)?;
+    let mut reply = [0u8; 256];
+    let n = stream.read(&mut reply).map_err(unreachable)?;
+    match reply.get(..n) {
+        Some(r) if r.starts_with(b"+PONG") => Ok(()),
+        Some(r) if r.starts_with(b"-") => Err(format!(
+            "Redis at {addr} refused PING: {}",
+            String::from_utf8_lossy(&r[1..]).trim_end()
+        )),
+        _ => Err(format!("the server at {addr} does not speak Redis (no PONG to PING)")),
+    }
+}
+
+/// Builds and starts the stage (restoring a checkpoint in the directory, if any).
+fn start_stage(
+    config: &EnrichConfig,
+    budget: &Arc<Budget>,
+) -> Result<(Stage<Arc<Line>, Enriched>, Arc<Mutex<hdrhistogram::Histogram<u64>>>), String> {
+    let addr = config.redis;
+    let client = ClientConfig {
+        connections: config.connections,
+        ..ClientConfig::default()
+    };
     // Each shard's client adds its wire times here when the shard closes its function.
     let wire_us = Arc::new(Mutex::new(crate::redis::wire_histogram()));
-    let wire_sink = wire_us.clone();
+    let (wire_sink, budget) = (wire_us.clone(), budget.clone());
     let mut builder = Stage::builder(move |_| {
-        lookup::RedisEnrich::new(
-            addr,
-            connections,
-            timeout_emits,
-            error_emits,
-            wire_sink.clone(),
-        )
+        lookup::RedisEnrich::new(addr, &client, wire_sink.clone(), budget.clone())
     })
     .capacity(config.capacity)
     .timeout(config.timeout)
@@ -472,438 +278,283 @@ pub fn run(
         builder = builder.shards(shards);
     }
     if config.mode == OutputMode::KeyOrdered {
-        builder = builder.key_by(|r: &Arc<Record>| crate::hash_key(&r.key));
+        builder = builder.key_by(|l: &Arc<Line>| match &**l {
+            Line::Record(r) => crate::hash_key(&r.key),
+            Line::Bad(b) => b.line,
+        });
     }
     if let Some(dir) = &config.checkpoint_dir {
         builder = builder.checkpointing(Checkpointing::new(
             dir,
-            resume::record_codec(),
+            resume::line_codec(),
             resume::enriched_codec(),
         ));
     }
     let stage = builder.start().map_err(|e| e.to_string())?;
+    Ok((stage, wire_us))
+}
+
+/// The files a run reads and writes, opened where it starts.
+struct Files {
+    input: ReaderInput,
+    output: LineFile,
+    dead_letters: DeadLetters,
+}
+
+/// Opens the input at the restored position and the output and dead-letter files cut back to
+/// what the restored checkpoint committed (or emptied for a fresh run).
+fn open_files(config: &EnrichConfig, restored: Option<&RestoreInfo>) -> Result<Files, String> {
+    let input = match &config.input {
+        None => ReaderInput {
+            input: Box::new(std::io::BufReader::new(std::io::stdin())) as Box<dyn BufRead + Send>,
+            offset: 0,
+            line: 0,
+            hasher: crc32fast::Hasher::new(),
+        },
+        Some(p) => {
+            let source = resume::open_source(p, restored)?;
+            ReaderInput {
+                input: Box::new(source.reader),
+                offset: source.offset,
+                line: source.lines,
+                hasher: source.hasher,
+            }
+        }
+    };
+    let output = match &config.output {
+        None => LineFile::new("output".into(), Target::Stdout(std::io::stdout())),
+        Some(p) => {
+            let committed = restored.map(|r| (r.checkpoint_id, r.sink_position));
+            let file = resume::open_appending(p, committed, "output")?;
+            LineFile::new(format!("output {}", p.display()), Target::File(file))
+        }
+    };
+    let mut dead_letters = DeadLetters::default();
+    for path in dead_letter_paths(config) {
+        let committed = match restored {
+            None => None,
+            Some(r) => {
+                let name = DeadLetters::side_output_name(&path);
+                let position = r.side_outputs.get(&name).copied().unwrap_or(0);
+                Some((r.checkpoint_id, position))
+            }
+        };
+        let file = resume::open_appending(&path, committed, "dead-letter file")?;
+        dead_letters.insert(path, file);
+    }
+    Ok(Files {
+        input,
+        output,
+        dead_letters,
+    })
+}
+
+/// Runs the enrichment until the input ends, a failure, or a signal on `stop`. The `Err` case
+/// is a setup error (files, Redis, the checkpoint directory); run failures are in
+/// `Summary::failure`. `progress` gets the summary so far and the lines in flight.
+pub fn run(
+    config: &EnrichConfig,
+    stop: Arc<Stop>,
+    progress: &mut dyn FnMut(&Summary, u64),
+) -> Result<Summary, String> {
+    let started = Instant::now();
+    let (_lock, completed) = preflight(config)?;
+    if completed {
+        return Ok(Summary {
+            already_completed: true,
+            ..Summary::default()
+        });
+    }
+    let budget = Arc::new(Budget::new(config.max_bytes_held));
+    let (stage, wire_us) = start_stage(config, &budget)?;
     let restored = stage.restored().cloned();
+    if let Some(dir) = &config.checkpoint_dir {
+        match &restored {
+            Some(r) => guard::check_settings(dir, r.checkpoint_id, &output_settings(config))?,
+            None => guard::record_settings(dir, &output_settings(config))?,
+        }
+    }
     for skipped in restored.iter().flat_map(|r| &r.skipped) {
         eprintln!("sluice enrich: {skipped}");
     }
-    let (input, first_offset, first_line): (Box<dyn BufRead + Send>, u64, u64) = match &config.input
-    {
-        None => (Box::new(std::io::BufReader::new(std::io::stdin())), 0, 0),
-        Some(p) => {
-            let (reader, offset, lines) = resume::open_source(p, restored.as_ref())?;
-            (Box::new(reader), offset, lines)
-        }
-    };
-    let mut output = match &config.output {
-        None => Sink::Stdout(BufWriter::with_capacity(256 * 1024, std::io::stdout())),
-        Some(p) => Sink::File(BufWriter::with_capacity(
-            256 * 1024,
-            resume::open_sink(p, restored.as_ref())?,
-        )),
-    };
+    let files = open_files(config, restored.as_ref())?;
     let (producer, mut consumer, handle) = stage.split();
     // Shared so that a signal can end the input even while the reader is blocked reading an
     // idle pipe: the watcher takes the producer, the stage drains, the writer finishes.
     let producer = Arc::new(Mutex::new(Some(producer)));
     let finished = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (producer, stop, finished) = (producer.clone(), stop.clone(), finished.clone());
-        std::thread::spawn(move || {
-            while !finished.load(Ordering::Relaxed) {
-                if stop.load(Ordering::Relaxed) {
-                    producer.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
-
+    let watcher = spawn_watcher(producer.clone(), stop.clone(), finished.clone());
     let state = Arc::new(ReaderState::default());
-    let reader = {
-        let (config, state, stop, dead_letters, producer) = (
-            config.clone(),
-            state.clone(),
-            stop.clone(),
-            dead_letters.clone(),
-            producer.clone(),
-        );
-        std::thread::Builder::new()
-            .name("sluice-reader".into())
-            .spawn(move || {
-                let out_of_orderness = config.max_out_of_orderness.as_millis() as u64;
-                let (mut max_event, mut last_watermark, mut since_watermark) =
-                    (None::<u64>, None::<u64>, 0u32);
-                let fail = |message: String| {
-                    state
-                        .failure
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(message);
-                };
-                let checkpointing = config.checkpoint_dir.is_some();
-                let mut last_checkpoint = Instant::now();
-                let checkpoint = |at: SourcePosition| -> bool {
-                    let mut guard = producer.lock().unwrap_or_else(|p| p.into_inner());
-                    let Some(p) = guard.as_mut() else {
-                        return false;
-                    };
-                    match p.checkpoint(at) {
-                        // Still committing the previous one: try again at the next interval.
-                        Ok(_) | Err(CheckpointRefused::InProgress { .. }) => true,
-                        Err(_) => false,
-                    }
-                };
-                let push = |record: Option<Arc<Record>>, watermark: u64| -> bool {
-                    let mut guard = producer.lock().unwrap_or_else(|p| p.into_inner());
-                    let Some(p) = guard.as_mut() else {
-                        return false;
-                    };
-                    match record {
-                        Some(r) => p.push(r).is_ok(),
-                        None => p.push_watermark(watermark).is_ok(),
-                    }
-                };
-                let mut input = input;
-                let (mut offset, mut line_no) = (first_offset, first_line);
-                let mut buffer = Vec::with_capacity(1024);
-                // Bytes, not `lines()`: a line that is not UTF-8 is a bad record for the
-                // policy to handle, not the end of the run.
-                loop {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    // Checkpoint between lines: everything before `offset` has been handled.
-                    if checkpointing
-                        && line_no % 64 == 0
-                        && last_checkpoint.elapsed() >= config.checkpoint_interval
-                    {
-                        let at = SourcePosition {
-                            offset,
-                            records: line_no,
-                        };
-                        if !checkpoint(at) {
-                            break;
-                        }
-                        last_checkpoint = Instant::now();
-                    }
-                    line_no += 1;
-                    // One buffer for every line: parsing borrows it, so a line costs no
-                    // allocation of its own.
-                    buffer.clear();
-                    match input.read_until(b'\n', &mut buffer) {
-                        Ok(0) => break,
-                        Ok(n) => offset += n as u64,
-                        Err(e) => {
-                            fail(format!("reading line {line_no}: {e}"));
-                            break;
-                        }
-                    }
-                    let mut bytes = buffer.as_slice();
-                    if let [rest @ .., b'\n'] = bytes {
-                        bytes = rest;
-                    }
-                    if let [rest @ .., b'\r'] = bytes {
-                        bytes = rest; // CRLF line endings
-                    }
-                    state.lines_read.fetch_add(1, Ordering::Relaxed);
-                    let parsed = match std::str::from_utf8(bytes) {
-                        Ok(text) => parse_line(&config, line_no, text),
-                        Err(e) => Parsed::Bad(BadRecord {
-                            line: line_no,
-                            reason: format!(
-                                "not UTF-8 (invalid byte at column {})",
-                                e.valid_up_to() + 1
-                            ),
-                            text: String::from_utf8_lossy(bytes).into_owned(),
-                        }),
-                    };
-                    match parsed {
-                        Parsed::Record(record, event_time) => {
-                            if !push(Some(Arc::new(record)), 0) {
-                                break; // the stage stopped (the writer reports why) or a signal
-                            }
-                            state.accepted.fetch_add(1, Ordering::Relaxed);
-                            if let Some(t) = event_time {
-                                max_event = Some(max_event.map_or(t, |m| m.max(t)));
-                                since_watermark += 1;
-                                // Flink's bounded out-of-orderness: max event time - bound - 1.
-                                let w = max_event
-                                    .expect("set above")
-                                    .saturating_sub(out_of_orderness + 1);
-                                if since_watermark >= 100 && last_watermark.is_none_or(|l| w > l) {
-                                    if !push(None, w) {
-                                        break;
-                                    }
-                                    last_watermark = Some(w);
-                                    since_watermark = 0;
-                                }
-                            }
-                        }
-                        Parsed::Bad(bad) => match &config.on_bad_record {
-                            OnBadRecord::Fail => {
-                                let shown: String = bad.text.chars().take(200).collect();
-                                fail(format!(
-                                    "line {}: bad record: {}: {shown}",
-                                    bad.line, bad.reason
-                                ));
-                                break;
-                            }
-                            OnBadRecord::Skip => {
-                                state.bad_skipped.fetch_add(1, Ordering::Relaxed);
-                            }
-                            OnBadRecord::DeadLetter(path) => {
-                                if let Err(e) =
-                                    dead_letters.write(path, bad.line, &bad.reason, &bad.text)
-                                {
-                                    fail(e);
-                                    break;
-                                }
-                                state.bad_dead_lettered.fetch_add(1, Ordering::Relaxed);
-                            }
-                        },
-                    }
-                }
-                // The final watermark: everything read is at or before it.
-                if let Some(m) = max_event {
-                    let w = m.saturating_sub(out_of_orderness + 1);
-                    if last_watermark.is_none_or(|l| w > l) {
-                        push(None, w);
-                    }
-                }
-                producer.lock().unwrap_or_else(|p| p.into_inner()).take();
-            })
-            .map_err(|e| e.to_string())?
+    let context = ReaderContext {
+        key: config.key.clone(),
+        event_time: config.event_time.clone(),
+        max_out_of_orderness: config.max_out_of_orderness,
+        checkpoint_interval: config.checkpoint_dir.as_ref().map(|_| config.checkpoint_interval),
+        producer,
+        state: state.clone(),
+        budget: budget.clone(),
+        stop: stop.clone(),
     };
+    let reader = std::thread::Builder::new()
+        .name("sluice-reader".into())
+        .spawn(move || context.run(files.input))
+        .map_err(|e| format!("cannot start the reader thread: {e}"))?;
 
-    let mut summary = Summary::default();
-    let mut write_failure: Option<String> = None;
-    let mut written_since_progress = 0u64;
-    let mut last_progress = Instant::now();
-    let write =
-        |summary: &mut Summary, output: &mut Sink, item: Output<Enriched>| -> Result<(), String> {
-            let enriched = match item {
-                Output::Checkpoint(_) => unreachable!("checkpoints are committed by the loop"),
-                Output::Watermark(ts) => {
-                    summary.watermarks += 1;
-                    if config.emit_watermarks {
-                        writeln!(output, "{{\"watermark\":{ts}}}")
-                            .map_err(|e| format!("output: {e}"))?;
-                    }
-                    return Ok(());
-                }
-                Output::Record { value, .. } => value,
-            };
-            let line = enriched.record.line;
-            let record = Arc::try_unwrap(enriched.record).unwrap_or_else(|shared| Record {
-                line: shared.line,
-                key: shared.key.clone(),
-                fields: shared.fields.clone(),
-            });
-            let mut fields = record.fields;
-            let write_record = match enriched.lookup {
-                Lookup::Found(bytes) => {
-                    summary.enriched += 1;
-                    match (serde_json::from_slice::<Value>(&bytes), &config.placement) {
-                        (Ok(Value::Object(found)), Placement::Merge) => fields.extend(found),
-                        (Ok(Value::Object(found)), Placement::Into(f)) => {
-                            fields.insert(f.clone(), Value::Object(found));
-                        }
-                        (_, placement) => {
-                            let field = match placement {
-                                Placement::Into(f) => f.clone(),
-                                Placement::Merge => "value".to_string(),
-                            };
-                            fields.insert(
-                                field,
-                                Value::String(String::from_utf8_lossy(&bytes).into_owned()),
-                            );
-                        }
-                    }
-                    true
-                }
-                Lookup::Missing => match config.on_missing {
-                    OnMissing::Keep => {
-                        summary.missing_kept += 1;
-                        if let Some(marker) = &config.missing_marker {
-                            fields.insert(marker.clone(), Value::Bool(true));
-                        }
-                        true
-                    }
-                    OnMissing::Drop => {
-                        summary.missing_dropped += 1;
-                        false
-                    }
-                    OnMissing::Fail => {
-                        return Err(format!(
-                            "line {line}: key {:?} has no value (--on-missing fail)",
-                            record.key
-                        ))
-                    }
-                },
-                Lookup::TimedOut => {
-                    let counts = (
-                        &mut summary.timeouts_emitted,
-                        &mut summary.timeouts_dropped,
-                        &mut summary.timeouts_dead_lettered,
-                    );
-                    failed_lookup(
-                        &config.on_timeout,
-                        counts,
-                        &dead_letters,
-                        &record.key,
-                        line,
-                        &fields,
-                        "lookup timed out",
-                    )?
-                }
-                Lookup::Failed(error) => {
-                    let counts = (
-                        &mut summary.errors_emitted,
-                        &mut summary.errors_dropped,
-                        &mut summary.errors_dead_lettered,
-                    );
-                    let what = format!("lookup failed: {error}");
-                    failed_lookup(
-                        &config.on_error,
-                        counts,
-                        &dead_letters,
-                        &record.key,
-                        line,
-                        &fields,
-                        &what,
-                    )?
-                }
-            };
-            if write_record {
-                serde_json::to_writer(&mut *output, &Value::Object(fields))
-                    .map_err(|e| format!("output: {e}"))?;
-                output
-                    .write_all(b"\n")
-                    .map_err(|e| format!("output: {e}"))?;
-            }
-            Ok(())
-        };
-    let mut stage_failure = None;
-    let mut handled = 0u64;
-    while let Some(item) = consumer.recv() {
-        match item {
-            Ok(Output::Checkpoint(id)) => {
-                let committed = output.make_durable().map_err(Some).and_then(|position| {
-                    consumer
-                        .commit_checkpoint(id, position)
-                        .map_err(|e| match e {
-                            CheckpointError::Fsync { .. } => Some(e.to_string()),
-                            other => {
-                                eprintln!("sluice enrich: checkpoint {id} not committed: {other}");
-                                None
-                            }
-                        })
-                });
-                match committed {
-                    Ok(()) => summary.checkpoints += 1,
-                    Err(None) => summary.checkpoint_failures += 1,
-                    Err(Some(fatal)) => {
-                        write_failure = Some(fatal);
-                        break;
-                    }
-                }
-                continue;
-            }
-            Ok(out) => {
-                let is_record = matches!(out, Output::Record { .. });
-                if let Err(e) = write(&mut summary, &mut output, out) {
-                    write_failure = Some(e);
-                    break;
-                }
-                if is_record {
-                    handled += 1;
-                }
-            }
-            Err(e) => {
-                stage_failure = Some(e.to_string());
-                break;
-            }
-        }
-        written_since_progress += 1;
-        if written_since_progress >= 1024 || last_progress.elapsed() >= Duration::from_millis(200) {
-            if last_progress.elapsed() >= Duration::from_millis(100) {
-                summary.lines_read = state.lines_read.load(Ordering::Relaxed);
-                summary.retries = handle.sum(|m| m.retries);
-                summary.elapsed_s = started.elapsed().as_secs_f64();
-                let in_flight = state
-                    .accepted
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(handled);
-                progress(&summary, in_flight);
-                last_progress = Instant::now();
-            }
-            written_since_progress = 0;
-        }
-    }
-    // On a failure, stop the reader and release the stage.
-    let signalled = stop.load(Ordering::Relaxed);
-    if write_failure.is_some() || stage_failure.is_some() {
-        stop.store(true, Ordering::Relaxed);
+    let policies = outcome::Policies {
+        placement: config.placement.clone(),
+        on_missing: config.on_missing,
+        missing_marker: config.missing_marker.clone(),
+        on_bad_record: config.on_bad_record.clone(),
+        on_timeout: config.on_timeout.clone(),
+        on_error: config.on_error.clone(),
+    };
+    let mut writer = Writer::new(
+        &policies,
+        files.output,
+        files.dead_letters,
+        budget,
+        config.emit_watermarks,
+    );
+    let mut report = |s: &mut Summary, handled: u64| {
+        s.lines_read = state.lines_read.load(Ordering::Relaxed);
+        s.retries = handle.sum(|m| m.retries);
+        s.elapsed_s = started.elapsed().as_secs_f64();
+        progress(s, state.accepted.load(Ordering::Relaxed).saturating_sub(handled));
+    };
+    let ended = writer.run(&mut consumer, &stop, &mut report);
+
+    // Stop the reader on a failure, release the stage, and wait for what should end.
+    let at_once = matches!(ended, Ended::AtOnce);
+    let mut failure = match ended {
+        Ended::Failed(e) => Some(e),
+        Ended::Finished | Ended::AtOnce => None,
+    };
+    if failure.is_some() || at_once {
+        stop.halt();
     }
     drop(consumer);
     finished.store(true, Ordering::Relaxed);
     let _ = watcher.join();
-    // After a signal the reader may be blocked reading an idle pipe: leave it (the process is
-    // about to exit); everything it handed over has been written.
-    if !stop.load(Ordering::Relaxed) || reader.is_finished() {
-        reader
-            .join()
-            .map_err(|_| "the reader thread panicked".to_string())?;
+    if let Err(e) = writer.flush() {
+        failure.get_or_insert(e);
     }
-    let flushed = output.flush().map_err(|e| format!("output: {e}"));
-    let metrics = handle.metrics();
-    let _ = handle.join();
-    dead_letters.flush()?;
-
+    // After a signal the reader may be blocked reading an idle pipe, and after a second one
+    // the shards may wait on a stalled server: leave them (the process is about to exit).
+    if !at_once && (!stop.interrupted() || reader.is_finished()) && reader.join().is_err() {
+        failure.get_or_insert("the reader thread panicked".into());
+    }
+    let metrics = (!at_once).then(|| {
+        let m = handle.metrics();
+        let _ = handle.join();
+        m
+    });
+    let mut summary = std::mem::take(&mut writer.summary);
     summary.lines_read = state.lines_read.load(Ordering::Relaxed);
-    summary.bad_skipped = state.bad_skipped.load(Ordering::Relaxed);
-    summary.bad_dead_lettered = state.bad_dead_lettered.load(Ordering::Relaxed);
-    let accepted = state.accepted.load(Ordering::Relaxed);
-    summary.unwritten_after_failure =
-        accepted.saturating_sub(handled + u64::from(write_failure.is_some()));
-    summary.retries = metrics.retries;
-    summary.elapsed_s = started.elapsed().as_secs_f64();
-    summary.records_per_s = summary.lines_read as f64 / summary.elapsed_s.max(1e-9);
-    let h = &metrics.invoke_to_emit_us;
-    summary.latency_p50_us = h.value_at_quantile(0.5);
-    summary.latency_p99_us = h.value_at_quantile(0.99);
-    summary.latency_p999_us = h.value_at_quantile(0.999);
-    summary.latency_max_us = h.max();
-    let q = &metrics.queue_wait_us;
-    summary.queue_wait_p50_us = q.value_at_quantile(0.5);
-    summary.queue_wait_p99_us = q.value_at_quantile(0.99);
-    let wire = wire_us.lock().unwrap_or_else(|p| p.into_inner());
-    summary.wire_p50_us = wire.value_at_quantile(0.5);
-    summary.wire_p99_us = wire.value_at_quantile(0.99);
-    drop(wire);
-    let reader_failure = state
-        .failure
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    summary.failure = write_failure
-        .or(stage_failure)
-        .or(reader_failure)
-        .or(flushed.err());
-    summary.interrupted = signalled;
+    summary.blank_lines = state.blank_lines.load(Ordering::Relaxed);
+    summary.unwritten_after_failure += state
+        .accepted
+        .load(Ordering::Relaxed)
+        .saturating_sub(writer.handled);
+    if let Some(reader_failure) = state.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        failure.get_or_insert(reader_failure);
+    }
+    summary.failure = failure;
+    summary.interrupted = stop.interrupted();
+    summary.stopped_at_once = at_once;
     summary.resumed_from = restored.as_ref().map(|r| r.checkpoint_id);
     summary.resumed_after_line = restored.as_ref().map(|r| r.source.records);
+    fill_timings(&mut summary, metrics.as_ref(), &wire_us, started);
+    warn_about_outcomes(&mut summary);
     if let Some(dir) = &config.checkpoint_dir {
         if summary.failure.is_none() && !summary.interrupted {
-            let durable = output.make_durable().and_then(|_| {
-                let json = serde_json::to_string_pretty(&summary).expect("a summary serialises");
-                resume::mark_completed(dir, &json)
-            });
-            if let Err(e) = durable {
-                summary.failure = Some(e);
-            }
+            mark_completed(dir, &mut writer, &mut summary);
         }
     }
     Ok(summary)
+}
+
+/// Takes the producer when a signal arrives, so that the input ends even while the reader is
+/// blocked reading.
+fn spawn_watcher(
+    producer: Arc<Mutex<Option<crate::Producer<Arc<Line>>>>>,
+    stop: Arc<Stop>,
+    finished: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !finished.load(Ordering::Relaxed) {
+            if stop.requested() {
+                producer.lock().unwrap_or_else(|p| p.into_inner()).take();
+                return;
+            }
+            std::thread::sleep(WATCH_EVERY);
+        }
+    })
+}
+
+/// The latency and wire-time figures of the summary.
+fn fill_timings(
+    summary: &mut Summary,
+    metrics: Option<&crate::MetricsSnapshot>,
+    wire_us: &Mutex<hdrhistogram::Histogram<u64>>,
+    started: Instant,
+) {
+    summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.records_per_s = summary.lines_read as f64 / summary.elapsed_s.max(1e-9);
+    if let Some(m) = metrics {
+        summary.retries = m.retries;
+        let h = &m.invoke_to_emit_us;
+        summary.latency_p50_us = h.value_at_quantile(0.5);
+        summary.latency_p99_us = h.value_at_quantile(0.99);
+        summary.latency_p999_us = h.value_at_quantile(0.999);
+        summary.latency_max_us = h.max();
+        let q = &m.queue_wait_us;
+        summary.queue_wait_p50_us = q.value_at_quantile(0.5);
+        summary.queue_wait_p99_us = q.value_at_quantile(0.99);
+    }
+    let wire = wire_us.lock().unwrap_or_else(|p| p.into_inner());
+    summary.wire_p50_us = wire.value_at_quantile(0.5);
+    summary.wire_p99_us = wire.value_at_quantile(0.99);
+}
+
+/// Warnings for a run that worked but probably not as meant.
+fn warn_about_outcomes(summary: &mut Summary) {
+    let looked_up = summary.enriched
+        + summary.missing_kept
+        + summary.missing_dropped
+        + summary.timeouts_emitted
+        + summary.errors_emitted;
+    if looked_up > 0 && summary.enriched == 0 {
+        summary.warnings.push(
+            "no key had a value: check --key against the keys in Redis (nothing was enriched)"
+                .into(),
+        );
+    }
+    if summary.checkpoint_failures > 0 {
+        summary.warnings.push(format!(
+            "{} checkpoints could not be committed (see the messages above); a crash would \
+             resume from an older one",
+            summary.checkpoint_failures
+        ));
+    }
+}
+
+/// Makes every file durable and leaves the completed marker; a failure there is said with the
+/// news that the output is complete.
+fn mark_completed(dir: &std::path::Path, writer: &mut Writer<'_>, summary: &mut Summary) {
+    let durable = writer
+        .dead_letters
+        .make_durable(summary)
+        .and_then(|_| writer.output.make_durable(summary))
+        .and_then(|_| {
+            let json = serde_json::to_string_pretty(&*summary).map_err(|e| e.to_string())?;
+            resume::mark_completed(dir, &json)
+        });
+    if let Err(e) = durable {
+        summary.output_complete = summary.accounted() == summary.lines_read;
+        summary.failure = Some(format!(
+            "{e}: the run finished but could not be marked completed in {}; re-running the same \
+             command would resume from the last checkpoint",
+            dir.display()
+        ));
+    }
 }

@@ -3,18 +3,20 @@
 //!
 //! Owns: the meaning of a checkpoint's source and sink positions for enrich. Invariants:
 //! - the source position is the byte offset just after the last line handed to the stage (or
-//!   skipped), with the number of lines before it, so line numbers continue on resume;
-//! - the sink position is the output file's length after a flush and an fsync; on resume the
-//!   file is cut back to it, so output written after the checkpoint is written again exactly
-//!   once by the re-issued and re-read records;
+//!   skipped), with the number of lines before it, so line numbers continue on resume, and the
+//!   CRC-32 of the bytes before it, so a resume refuses an input that was changed;
+//! - the sink position is the output file's length after a flush and an fsync, and each
+//!   dead-letter file's length likewise (the sink's side outputs); on resume each file is cut
+//!   back to it, so what was written after the checkpoint is written again exactly once by the
+//!   re-issued and re-read records;
 //! - a run that finished leaves `completed` in the directory (written durably last), and a
 //!   re-run with that marker does nothing.
 
-use super::{Enriched, Lookup, Record};
+use super::record::{to_json, BadRecord, Fields, Line, Record};
+use super::{Enriched, Lookup};
 use crate::checkpoint::{Codec, RestoreInfo};
-use serde_json::{Map, Value};
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -29,81 +31,165 @@ pub(crate) fn mark_completed(dir: &Path, summary_json: &str) -> Result<(), Strin
         .map_err(|e| format!("completed marker: {e}"))
 }
 
-/// Opens the input at the restored position (or its start); returns it with the number of
-/// lines before that position.
-pub(crate) fn open_source(
-    path: &Path,
-    restored: Option<&RestoreInfo>,
-) -> Result<(BufReader<File>, u64, u64), String> {
+/// A file source's digest of its first bytes: their CRC-32, with bit 32 set to say that there
+/// is one (a checkpoint without it, 0, is not checked).
+pub(crate) fn source_digest(hasher: &crc32fast::Hasher) -> u64 {
+    (1 << 32) | u64::from(hasher.clone().finalize())
+}
+
+/// An input opened where a run starts reading it.
+pub(crate) struct Source {
+    pub reader: BufReader<File>,
+    pub offset: u64,
+    pub lines: u64,
+    /// The CRC-32 of everything before `offset`, to go on hashing from.
+    pub hasher: crc32fast::Hasher,
+}
+
+/// Opens the input at the restored position (or its start), after checking that the bytes
+/// before it are those the checkpoint consumed (their CRC-32).
+pub(crate) fn open_source(path: &Path, restored: Option<&RestoreInfo>) -> Result<Source, String> {
     let error = |e: std::io::Error| format!("input {}: {e}", path.display());
     let mut file = File::open(path).map_err(error)?;
     let (offset, lines) = restored.map_or((0, 0), |r| (r.source.offset, r.source.records));
+    let id = restored.map_or(0, |r| r.checkpoint_id);
     let len = file.metadata().map_err(error)?.len();
     if offset > len {
         return Err(format!(
-            "input {} is {len} bytes but checkpoint {} resumes at byte {offset}: the input \
+            "input {} is {len} bytes but checkpoint {id} resumes at byte {offset}: the input \
              changed since the checkpoint; restore it, or remove the checkpoint directory",
             path.display(),
-            restored.map_or(0, |r| r.checkpoint_id)
+        ));
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    let mut prefix = (&mut file).take(offset);
+    let mut chunk = vec![0u8; 256 * 1024];
+    loop {
+        let n = prefix.read(&mut chunk).map_err(error)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&chunk[..n]);
+    }
+    let expected = restored.map_or(0, |r| r.source.digest);
+    if expected != 0 && source_digest(&hasher) != expected {
+        return Err(format!(
+            "input {}: its first {offset} bytes are not those checkpoint {id} consumed (their \
+             CRC-32 differs): the input was changed since; restore it, or remove the checkpoint \
+             directory to start afresh",
+            path.display()
         ));
     }
     file.seek(SeekFrom::Start(offset)).map_err(error)?;
-    Ok((BufReader::with_capacity(256 * 1024, file), offset, lines))
+    Ok(Source {
+        reader: BufReader::with_capacity(256 * 1024, file),
+        offset,
+        lines,
+        hasher,
+    })
 }
 
-/// Opens the output: cut back to the restored sink position, or emptied for a fresh run.
-pub(crate) fn open_sink(path: &Path, restored: Option<&RestoreInfo>) -> Result<File, String> {
-    let error = |e: std::io::Error| format!("output {}: {e}", path.display());
-    let Some(r) = restored else {
+/// Opens a file the sink appends to: cut back to `committed` (what a restored checkpoint
+/// committed) or emptied for a fresh run. `what` names it in errors.
+pub(crate) fn open_appending(
+    path: &Path,
+    committed: Option<(u64, u64)>,
+    what: &str,
+) -> Result<File, String> {
+    let error = |e: std::io::Error| format!("{what} {}: {e}", path.display());
+    let Some((checkpoint_id, position)) = committed else {
         return File::create(path).map_err(error);
     };
-    let mut file = OpenOptions::new().write(true).open(path).map_err(error)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(position == 0)
+        .truncate(false)
+        .open(path)
+        .map_err(error)?;
     let len = file.metadata().map_err(error)?.len();
-    if len < r.sink_position {
+    if len < position {
         return Err(format!(
-            "output {} is {len} bytes but checkpoint {} committed {} bytes: the output was \
-             changed or truncated since; restore it, or remove the checkpoint directory",
+            "{what} {} is {len} bytes but checkpoint {checkpoint_id} committed {position} bytes: \
+             it was changed or truncated since; restore it, or remove the checkpoint directory",
             path.display(),
-            r.checkpoint_id,
-            r.sink_position
         ));
     }
-    file.set_len(r.sink_position).map_err(error)?;
+    file.set_len(position).map_err(error)?;
     file.sync_all().map_err(error)?;
     file.seek(SeekFrom::End(0)).map_err(error)?;
     Ok(file)
 }
 
-/// Bytes: line (u64 LE), key length (u32 LE), key, then the fields as JSON.
 fn encode_record(r: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(&r.line.to_le_bytes());
-    out.extend_from_slice(&(r.key.len() as u32).to_le_bytes());
-    out.extend_from_slice(r.key.as_bytes());
-    serde_json::to_writer(&mut *out, &r.fields).expect("a JSON map serialises");
+    put_str(out, &r.key);
+    out.extend_from_slice(to_json(&r.fields).as_bytes());
 }
 
-fn decode_record(b: &[u8]) -> Result<Record, String> {
-    let short = || format!("{} bytes: too short for a record", b.len());
-    let line = u64::from_le_bytes(b.get(0..8).ok_or_else(short)?.try_into().expect("8"));
-    let key_len = u32::from_le_bytes(b.get(8..12).ok_or_else(short)?.try_into().expect("4"));
-    let key_end = 12 + key_len as usize;
-    let key = std::str::from_utf8(b.get(12..key_end).ok_or_else(short)?)
-        .map_err(|e| format!("key is not UTF-8: {e}"))?
-        .to_string();
-    let fields: Map<String, Value> =
-        serde_json::from_slice(&b[key_end..]).map_err(|e| format!("fields: {e}"))?;
-    Ok(Record { line, key, fields })
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Reads a `put_str` string at `at`; returns it and the offset after it.
+fn get_str(b: &[u8], at: usize) -> Result<(String, usize), String> {
+    let short = || format!("{} bytes: too short", b.len());
+    let len = u32::from_le_bytes(b.get(at..at + 4).ok_or_else(short)?.try_into().expect("4"));
+    let end = at + 4 + len as usize;
+    let s = std::str::from_utf8(b.get(at + 4..end).ok_or_else(short)?)
+        .map_err(|e| format!("not UTF-8: {e}"))?;
+    Ok((s.to_string(), end))
+}
+
+const RECORD: u8 = 0;
+const BAD: u8 = 1;
+
+/// Bytes: tag (u8), line (u64 LE), then for a record its key (u32 LE length, bytes) and its
+/// fields as JSON, for a bad record its reason and its text (each u32 LE length, bytes).
+fn encode_line(line: &Line, out: &mut Vec<u8>) {
+    match line {
+        Line::Record(r) => {
+            out.push(RECORD);
+            encode_record(r, out);
+        }
+        Line::Bad(b) => {
+            out.push(BAD);
+            out.extend_from_slice(&b.line.to_le_bytes());
+            put_str(out, &b.reason);
+            put_str(out, &b.text);
+        }
+    }
+}
+
+fn decode_line(b: &[u8]) -> Result<Line, String> {
+    let short = || format!("{} bytes: too short for a line", b.len());
+    let tag = *b.first().ok_or_else(short)?;
+    let line = u64::from_le_bytes(b.get(1..9).ok_or_else(short)?.try_into().expect("8"));
+    match tag {
+        RECORD => {
+            let (key, end) = get_str(b, 9)?;
+            let fields: Fields =
+                serde_json::from_slice(&b[end..]).map_err(|e| format!("fields: {e}"))?;
+            Ok(Line::Record(Record { line, key, fields }))
+        }
+        BAD => {
+            let (reason, end) = get_str(b, 9)?;
+            let (text, _) = get_str(b, end)?;
+            Ok(Line::Bad(BadRecord { line, reason, text }))
+        }
+        other => Err(format!("unknown line tag {other}")),
+    }
 }
 
 /// The stage's input in snapshots.
-pub(crate) fn record_codec() -> Codec<Arc<Record>> {
+pub(crate) fn line_codec() -> Codec<Arc<Line>> {
     Codec::new(
-        |r: &Arc<Record>| {
+        |l: &Arc<Line>| {
             let mut out = Vec::with_capacity(64);
-            encode_record(r, &mut out);
+            encode_line(l, &mut out);
             out
         },
-        |b| decode_record(b).map(Arc::new),
+        |b| decode_line(b).map(Arc::new),
     )
 }
 
@@ -111,24 +197,26 @@ const FOUND: u8 = 0;
 const MISSING: u8 = 1;
 const TIMED_OUT: u8 = 2;
 const FAILED: u8 = 3;
+const NOT_NEEDED: u8 = 4;
 
-/// The stage's output in the merge's snapshot: tag (u8), record length (u32 LE), record,
-/// then the found value or the error text.
+/// The stage's output in the merge's snapshot: tag (u8), line length (u32 LE), line, then the
+/// found value or the error text.
 pub(crate) fn enriched_codec() -> Codec<Enriched> {
     Codec::new(
         |e: &Enriched| {
-            let mut record = Vec::with_capacity(64);
-            encode_record(&e.record, &mut record);
+            let mut line = Vec::with_capacity(64);
+            encode_line(&e.line, &mut line);
             let (tag, payload): (u8, &[u8]) = match &e.lookup {
                 Lookup::Found(v) => (FOUND, v),
                 Lookup::Missing => (MISSING, &[]),
                 Lookup::TimedOut => (TIMED_OUT, &[]),
                 Lookup::Failed(why) => (FAILED, why.as_bytes()),
+                Lookup::NotNeeded => (NOT_NEEDED, &[]),
             };
-            let mut out = Vec::with_capacity(5 + record.len() + payload.len());
+            let mut out = Vec::with_capacity(5 + line.len() + payload.len());
             out.push(tag);
-            out.extend_from_slice(&(record.len() as u32).to_le_bytes());
-            out.extend_from_slice(&record);
+            out.extend_from_slice(&(line.len() as u32).to_le_bytes());
+            out.extend_from_slice(&line);
             out.extend_from_slice(payload);
             out
         },
@@ -137,17 +225,18 @@ pub(crate) fn enriched_codec() -> Codec<Enriched> {
             let tag = *b.first().ok_or_else(short)?;
             let len = u32::from_le_bytes(b.get(1..5).ok_or_else(short)?.try_into().expect("4"));
             let end = 5 + len as usize;
-            let record = decode_record(b.get(5..end).ok_or_else(short)?)?;
+            let line = decode_line(b.get(5..end).ok_or_else(short)?)?;
             let payload = &b[end..];
             let lookup = match tag {
                 FOUND => Lookup::Found(payload.to_vec()),
                 MISSING => Lookup::Missing,
                 TIMED_OUT => Lookup::TimedOut,
                 FAILED => Lookup::Failed(String::from_utf8_lossy(payload).into_owned()),
+                NOT_NEEDED => Lookup::NotNeeded,
                 other => return Err(format!("unknown lookup tag {other}")),
             };
             Ok(Enriched {
-                record: Arc::new(record),
+                line: Arc::new(line),
                 lookup,
             })
         },
@@ -158,37 +247,57 @@ pub(crate) fn enriched_codec() -> Codec<Enriched> {
 mod tests {
     use super::*;
 
-    fn record() -> Record {
-        let fields = serde_json::from_str(r#"{"user":"u1","n":[1,2,{"x":null}]}"#).unwrap();
-        Record {
+    fn record() -> Line {
+        let fields = serde_json::from_str(r#"{"user":"u1","n":[1,2,{"x":null}],"big":1e400}"#)
+            .unwrap();
+        Line::Record(Record {
             line: 42,
             key: "user:ü1".into(),
             fields,
+        })
+    }
+
+    fn bad() -> Line {
+        Line::Bad(BadRecord {
+            line: 7,
+            reason: "not valid JSON".into(),
+            text: "{\"a\":".into(),
+        })
+    }
+
+    fn json_of(line: &Line) -> String {
+        match line {
+            Line::Record(r) => format!("{} {} {}", r.line, r.key, to_json(&r.fields)),
+            Line::Bad(b) => format!("{b:?}"),
         }
     }
 
     #[test]
     fn codecs_round_trip() {
-        let codec = record_codec();
-        let r = codec.decode(&codec.encode(&Arc::new(record()))).unwrap();
-        assert_eq!((r.line, r.key.as_str()), (42, "user:ü1"));
-        assert_eq!(r.fields, record().fields);
+        let codec = line_codec();
+        for line in [record(), bad()] {
+            let back = codec.decode(&codec.encode(&Arc::new(line))).unwrap();
+            assert!([json_of(&record()), json_of(&bad())].contains(&json_of(&back)));
+        }
+        let back = codec.decode(&codec.encode(&Arc::new(record()))).unwrap();
+        assert_eq!(json_of(&back), json_of(&record()));
         let codec = enriched_codec();
         for lookup in [
             Lookup::Found(vec![0, 255, b'{']),
             Lookup::Missing,
             Lookup::TimedOut,
             Lookup::Failed("connection reset".into()),
+            Lookup::NotNeeded,
         ] {
             let e = Enriched {
-                record: Arc::new(record()),
+                line: Arc::new(record()),
                 lookup: lookup.clone(),
             };
             let back = codec.decode(&codec.encode(&e)).unwrap();
             assert_eq!(back.lookup, lookup);
-            assert_eq!(back.record.fields, record().fields);
+            assert_eq!(json_of(&back.line), json_of(&record()));
         }
         assert!(codec.decode(&[9, 0]).is_err());
-        assert!(record_codec().decode(&[1, 2, 3]).is_err());
+        assert!(line_codec().decode(&[1, 2, 3]).is_err());
     }
 }

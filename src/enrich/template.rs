@@ -2,10 +2,12 @@
 //! `{country}:{user_id}`.
 //!
 //! Owns: template parsing and rendering. Invariants: a template has at least one field; a
-//! rendered key contains every field's value (strings as they are, numbers and booleans in
-//! their JSON form); a missing, null or composite field is an error that names the field.
+//! rendered key contains every field's value (strings unescaped, numbers and booleans as their
+//! text was written); a missing, null or composite field is an error that names the field.
+//! `{a.b}` reads field `b` of the object in field `a` when there is no field named `a.b`.
 
-use serde_json::{Map, Value};
+use super::record::Fields;
+use serde_json::value::RawValue;
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +36,8 @@ pub struct TemplateError {
 pub enum KeyError {
     MissingField(String),
     UnusableField { field: String, kind: &'static str },
+    /// A string field whose text is not valid Unicode (a lone surrogate escape).
+    BadString { field: String, reason: String },
 }
 
 impl fmt::Display for KeyError {
@@ -46,8 +50,64 @@ impl fmt::Display for KeyError {
                     "field `{field}` is {kind}; a key needs a string, number or boolean"
                 )
             }
+            KeyError::BadString { field, reason } => {
+                write!(f, "field `{field}` cannot be part of a key: {reason}")
+            }
         }
     }
+}
+
+/// What a raw JSON value is, by its first byte (the value is valid JSON).
+fn kind_of(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// Appends the value at `path` in `fields` to `key`: the field of that name, or else, for
+/// `a.b`, field `b` of the object in field `a` (and so on down). `field` is the whole path, for
+/// errors.
+fn append_field(key: &mut String, fields: &Fields, path: &str, field: &str) -> Result<(), KeyError> {
+    if let Some(raw) = fields.get(path) {
+        return append_value(key, raw, field);
+    }
+    let missing = || KeyError::MissingField(field.to_string());
+    let (head, rest) = path.split_once('.').ok_or_else(missing)?;
+    let outer = fields.get(head).ok_or_else(missing)?;
+    if kind_of(outer) != "an object" {
+        return Err(missing());
+    }
+    let inner: Fields = serde_json::from_str(outer.get()).map_err(|e| KeyError::BadString {
+        field: field.to_string(),
+        reason: string_error(outer.get(), &e),
+    })?;
+    append_field(key, &inner, rest, field)
+}
+
+/// Appends one scalar value: a string unescaped, a number or boolean as written.
+fn append_value(key: &mut String, raw: &RawValue, field: &str) -> Result<(), KeyError> {
+    match kind_of(raw) {
+        "a string" => {
+            let s: String = serde_json::from_str(raw.get()).map_err(|e| KeyError::BadString {
+                field: field.to_string(),
+                reason: string_error(raw.get(), &e),
+            })?;
+            key.push_str(&s);
+        }
+        "a number" | "a boolean" => key.push_str(raw.get()),
+        kind => {
+            return Err(KeyError::UnusableField {
+                field: field.to_string(),
+                kind,
+            })
+        }
+    }
+    Ok(())
 }
 
 impl KeyTemplate {
@@ -106,6 +166,11 @@ impl KeyTemplate {
         })
     }
 
+    /// The template as given.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The fields the template reads.
     pub fn fields(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
@@ -114,39 +179,34 @@ impl KeyTemplate {
         })
     }
 
-    /// The key of `record`.
-    pub fn render(&self, record: &Map<String, Value>) -> Result<String, KeyError> {
+    /// The key of `record`: strings unescaped, numbers and booleans as written in the input
+    /// (so `18446744073709551617` stays itself, not a rounded float).
+    pub fn render(&self, record: &Fields) -> Result<String, KeyError> {
         let mut key = String::with_capacity(self.source.len() + 16);
         for part in &self.parts {
             match part {
                 Part::Literal(l) => key.push_str(l),
-                Part::Field(f) => match record.get(f) {
-                    None => return Err(KeyError::MissingField(f.clone())),
-                    Some(Value::String(s)) => key.push_str(s),
-                    Some(Value::Number(n)) => key.push_str(&n.to_string()),
-                    Some(Value::Bool(b)) => key.push_str(if *b { "true" } else { "false" }),
-                    Some(Value::Null) => {
-                        return Err(KeyError::UnusableField {
-                            field: f.clone(),
-                            kind: "null",
-                        })
-                    }
-                    Some(Value::Array(_)) => {
-                        return Err(KeyError::UnusableField {
-                            field: f.clone(),
-                            kind: "an array",
-                        })
-                    }
-                    Some(Value::Object(_)) => {
-                        return Err(KeyError::UnusableField {
-                            field: f.clone(),
-                            kind: "an object",
-                        })
-                    }
-                },
+                Part::Field(f) => append_field(&mut key, record, f, f)?,
             }
         }
         Ok(key)
+    }
+}
+
+/// serde_json's error for a string that does not decode, in a user's words: a lone
+/// surrogate escape (`\uD800`-`\uDFFF` without its pair) is named as such.
+fn string_error(text: &str, e: &serde_json::Error) -> String {
+    let lone = text.match_indices("\\u").find_map(|(i, _)| {
+        let hex = text.get(i + 2..i + 6)?;
+        let unit = u16::from_str_radix(hex, 16).ok()?;
+        (0xD800..=0xDFFF).contains(&unit).then(|| format!("\\u{hex}"))
+    });
+    match lone {
+        Some(escape) => format!(
+            "it holds the surrogate escape {escape} without its pair, which is not valid \
+             Unicode ({e})"
+        ),
+        None => e.to_string(),
     }
 }
 
@@ -155,8 +215,12 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
+    fn obj(v: serde_json::Value) -> Fields {
+        serde_json::from_str(&v.to_string()).unwrap()
+    }
+
+    fn raw(text: &str) -> Fields {
+        serde_json::from_str(text).unwrap()
     }
 
     #[test]
@@ -190,5 +254,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("null"));
+    }
+
+    #[test]
+    fn numbers_keep_their_text_so_large_ids_do_not_collide() {
+        let t = KeyTemplate::parse("user:{id}").unwrap();
+        let a = t.render(&raw(r#"{"id":18446744073709551616}"#)).unwrap();
+        let b = t.render(&raw(r#"{"id":18446744073709551617}"#)).unwrap();
+        assert_eq!(a, "user:18446744073709551616");
+        assert_eq!(b, "user:18446744073709551617");
+        assert_eq!(t.render(&raw(r#"{"id":1.50}"#)).unwrap(), "user:1.50");
+        assert_eq!(t.render(&raw(r#"{"id":"\u00e9"}"#)).unwrap(), "user:é");
+    }
+
+    #[test]
+    fn nested_fields_and_lone_surrogates() {
+        let t = KeyTemplate::parse("{user.id}:{user.geo.cc}").unwrap();
+        let r = raw(r#"{"user":{"id":7,"geo":{"cc":"NL"}}}"#);
+        assert_eq!(t.render(&r).unwrap(), "7:NL");
+        // A field literally named `user.id` wins over the path.
+        let t = KeyTemplate::parse("{user.id}").unwrap();
+        assert_eq!(t.render(&raw(r#"{"user.id":1,"user":{"id":2}}"#)).unwrap(), "1");
+        assert_eq!(
+            t.render(&raw(r#"{"user":{"name":2}}"#)).unwrap_err(),
+            KeyError::MissingField("user.id".into())
+        );
+        let e = KeyTemplate::parse("{id}")
+            .unwrap()
+            .render(&raw(r#"{"id":"\ud800"}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("surrogate escape \\ud800") && e.contains("`id`"), "{e}");
     }
 }

@@ -1,0 +1,244 @@
+//! What happens to a line once its lookup is done: the policies of `sluice enrich` applied to
+//! an `Enriched`, and the enriched record's bytes.
+//!
+//! Owns: the mapping from (line, lookup outcome, policy) to one `Action`. Invariants: every
+//! line yields exactly one action; a record's fields leave as the bytes they came as, with the
+//! looked-up value merged in (an object's fields replace same-named ones in place, others are
+//! appended) or placed under one field.
+
+use super::options::{OnBadRecord, OnFailedLookup, OnMissing};
+use super::record::{to_json, BadRecord, Fields, Line, Record};
+use super::summary::Count;
+use super::{Enriched, Lookup, Placement};
+use serde_json::value::RawValue;
+use std::path::PathBuf;
+
+/// The policies that decide an outcome.
+pub(crate) struct Policies {
+    pub placement: Placement,
+    pub on_missing: OnMissing,
+    pub missing_marker: Option<String>,
+    pub on_bad_record: OnBadRecord,
+    pub on_timeout: OnFailedLookup,
+    pub on_error: OnFailedLookup,
+}
+
+/// What the writer does with one line.
+pub(crate) enum Action {
+    /// Write this line to the output.
+    Write(String, Count),
+    /// Write this entry to a dead-letter file.
+    DeadLetter(PathBuf, String, Count),
+    /// Nothing to write; count it.
+    Drop(Count),
+    /// Stop the run here: everything before this line has been handled.
+    Fail(String),
+}
+
+/// A dead-letter entry: `{"line","error","input"}`.
+fn dead_letter_entry(line: u64, error: &str, input: &str) -> String {
+    serde_json::json!({"line": line, "error": error, "input": input}).to_string()
+}
+
+impl Policies {
+    /// The action for one line and its lookup.
+    pub(crate) fn decide(&self, enriched: Enriched) -> Action {
+        match (&*enriched.line, enriched.lookup) {
+            (Line::Bad(bad), _) => self.bad(bad),
+            (Line::Record(r), Lookup::NotNeeded) => {
+                Action::Fail(format!("line {}: a record came back without a lookup", r.line))
+            }
+            (Line::Record(r), Lookup::Found(value)) => {
+                Action::Write(self.merged(r, &value), Count::Enriched)
+            }
+            (Line::Record(r), Lookup::Missing) => self.missing(r),
+            (Line::Record(r), Lookup::TimedOut) => self.failed(
+                r,
+                &self.on_timeout,
+                "lookup timed out",
+                "--on-timeout",
+                [
+                    Count::TimeoutEmitted,
+                    Count::TimeoutDropped,
+                    Count::TimeoutDeadLettered,
+                ],
+            ),
+            (Line::Record(r), Lookup::Failed(why)) => self.failed(
+                r,
+                &self.on_error,
+                &format!("lookup failed: {why}"),
+                "--on-error",
+                [
+                    Count::ErrorEmitted,
+                    Count::ErrorDropped,
+                    Count::ErrorDeadLettered,
+                ],
+            ),
+        }
+    }
+
+    fn bad(&self, bad: &BadRecord) -> Action {
+        match &self.on_bad_record {
+            OnBadRecord::Fail => {
+                let shown: String = bad.text.chars().take(200).collect();
+                Action::Fail(format!(
+                    "line {}: bad record: {}: {shown} (--on-bad-record skip or dead-letter FILE \
+                     lets the run go on)",
+                    bad.line, bad.reason
+                ))
+            }
+            OnBadRecord::Skip => Action::Drop(Count::BadSkipped),
+            OnBadRecord::DeadLetter(path) => Action::DeadLetter(
+                path.clone(),
+                dead_letter_entry(bad.line, &bad.reason, &bad.text),
+                Count::BadDeadLettered,
+            ),
+        }
+    }
+
+    fn missing(&self, r: &Record) -> Action {
+        match self.on_missing {
+            OnMissing::Keep => {
+                let mut out = r.fields.clone();
+                if let Some(marker) = &self.missing_marker {
+                    out.insert(marker.clone(), raw("true"));
+                }
+                Action::Write(to_json(&out), Count::MissingKept)
+            }
+            OnMissing::Drop => Action::Drop(Count::MissingDropped),
+            OnMissing::Fail => Action::Fail(format!(
+                "line {}: key {:?} has no value (--on-missing fail; keep or drop lets the run go on)",
+                r.line, r.key
+            )),
+        }
+    }
+
+    /// A timeout or a failed lookup; `counts` are (emitted, dropped, dead-lettered).
+    fn failed(
+        &self,
+        r: &Record,
+        policy: &OnFailedLookup,
+        what: &str,
+        flag: &str,
+        [emitted, dropped, dead_lettered]: [Count; 3],
+    ) -> Action {
+        match policy {
+            OnFailedLookup::Emit => Action::Write(to_json(&r.fields), emitted),
+            OnFailedLookup::Drop => Action::Drop(dropped),
+            OnFailedLookup::DeadLetter(path) => Action::DeadLetter(
+                path.clone(),
+                dead_letter_entry(r.line, what, &to_json(&r.fields)),
+                dead_lettered,
+            ),
+            OnFailedLookup::Fail => Action::Fail(format!(
+                "line {}: {what} (key {:?}; {flag} emit, drop or dead-letter FILE lets the run go on)",
+                r.line, r.key
+            )),
+        }
+    }
+
+    /// The record with `value` placed as `--merge` or `--into` says.
+    fn merged(&self, r: &Record, value: &[u8]) -> String {
+        let object: Option<Fields> = match value.first() {
+            Some(b'{') => serde_json::from_slice(value).ok(),
+            _ => None,
+        };
+        let mut out = r.fields.clone();
+        match (object, &self.placement) {
+            (Some(found), Placement::Merge) => out.extend(found),
+            (Some(_), Placement::Into(field)) => {
+                // Valid JSON (it parsed as an object): kept as its bytes.
+                let text = String::from_utf8_lossy(value).into_owned();
+                out.insert(field.clone(), raw_owned(text));
+            }
+            (None, placement) => {
+                let field = match placement {
+                    Placement::Into(f) => f.clone(),
+                    Placement::Merge => "value".to_string(),
+                };
+                let text = String::from_utf8_lossy(value);
+                let quoted = serde_json::to_string(&*text).unwrap_or_else(|_| "\"\"".into());
+                out.insert(field, raw_owned(quoted));
+            }
+        }
+        to_json(&out)
+    }
+}
+
+fn raw(text: &'static str) -> Box<RawValue> {
+    raw_owned(text.to_string())
+}
+
+/// `text` must be valid JSON (every caller passes serialised or parsed JSON).
+fn raw_owned(text: String) -> Box<RawValue> {
+    RawValue::from_string(text).unwrap_or_else(|_| {
+        RawValue::from_string("null".to_string()).expect("null is valid JSON")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn policies(placement: Placement) -> Policies {
+        Policies {
+            placement,
+            on_missing: OnMissing::Keep,
+            missing_marker: Some("missing".into()),
+            on_bad_record: OnBadRecord::Fail,
+            on_timeout: OnFailedLookup::Emit,
+            on_error: OnFailedLookup::Fail,
+        }
+    }
+
+    fn enriched(fields: &str, lookup: Lookup) -> Enriched {
+        Enriched {
+            line: Arc::new(Line::Record(Record {
+                line: 5,
+                key: "k".into(),
+                fields: serde_json::from_str(fields).unwrap(),
+            })),
+            lookup,
+        }
+    }
+
+    fn written(action: Action) -> String {
+        match action {
+            Action::Write(text, _) => text,
+            _ => panic!("not written"),
+        }
+    }
+
+    #[test]
+    fn merge_keeps_the_record_bytes_and_replaces_in_place() {
+        let p = policies(Placement::Merge);
+        let value = br#"{"a":2,"c":0.30000000000000004441}"#.to_vec();
+        let out = written(p.decide(enriched(
+            r#"{"a":1,"big":123456789012345678901234567890}"#,
+            Lookup::Found(value),
+        )));
+        assert_eq!(
+            out,
+            r#"{"a":2,"big":123456789012345678901234567890,"c":0.30000000000000004441}"#
+        );
+        let out = written(p.decide(enriched(r#"{"a":1}"#, Lookup::Found(b"plain".to_vec()))));
+        assert_eq!(out, r#"{"a":1,"value":"plain"}"#);
+        let out = written(p.decide(enriched(r#"{"a":1}"#, Lookup::Missing)));
+        assert_eq!(out, r#"{"a":1,"missing":true}"#);
+    }
+
+    #[test]
+    fn into_and_failures() {
+        let p = policies(Placement::Into("profile".into()));
+        let out = written(p.decide(enriched(r#"{"a":1}"#, Lookup::Found(br#"{"x":1.0}"#.to_vec()))));
+        assert_eq!(out, r#"{"a":1,"profile":{"x":1.0}}"#);
+        let out = written(p.decide(enriched(r#"{"a":1}"#, Lookup::TimedOut)));
+        assert_eq!(out, r#"{"a":1}"#);
+        let Action::Fail(why) = p.decide(enriched(r#"{"a":1}"#, Lookup::Failed("WRONGTYPE".into())))
+        else {
+            panic!("not a failure")
+        };
+        assert!(why.contains("line 5") && why.contains("--on-error"), "{why}");
+    }
+}

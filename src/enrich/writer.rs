@@ -1,0 +1,181 @@
+//! The writer (the calling thread): the stage's outputs to lines in the output and the
+//! dead-letter files, checkpoints committed, files flushed when the input goes idle.
+//!
+//! Owns: the run's files while it runs, and the summary's per-line counts. Invariants:
+//! - outputs are handled in the order the stage releases them (input order in ordered mode),
+//!   so at a `fail` outcome every line before it has been handled, and it is flushed before
+//!   the run stops;
+//! - a checkpoint is committed only after the dead-letter files and then the output are
+//!   flushed and fsynced, with all their lengths in the manifest;
+//! - buffered lines reach their file within `IDLE_FLUSH` of the stage going quiet, and at most
+//!   `MAX_FLUSH_DELAY` after they were written while it is busy;
+//! - a second signal stops the loop at once; what was handed to the files is flushed.
+
+use super::files::{DeadLetters, LineFile};
+use super::outcome::{Action, Policies};
+use super::reader::{weight, Budget};
+use super::summary::Summary;
+use super::{Enriched, Lookup, Stop};
+use crate::checkpoint::{CheckpointError, SinkPosition};
+use crate::{Consumer, Output, RecvTimedOut};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Buffered lines are flushed when no output arrived for this long (`tail -f | sluice enrich`
+/// shows each record promptly).
+pub(crate) const IDLE_FLUSH: Duration = Duration::from_millis(100);
+/// Buffered lines are flushed at least this often while outputs keep arriving.
+pub(crate) const MAX_FLUSH_DELAY: Duration = Duration::from_secs(1);
+/// The progress callback runs at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// How the writer loop ended.
+pub(crate) enum Ended {
+    /// The stage finished: every output was handled.
+    Finished,
+    /// A line's policy, a file, or the stage failed.
+    Failed(String),
+    /// A second signal: outputs still in the stage are not written.
+    AtOnce,
+}
+
+pub(crate) struct Writer<'a> {
+    pub policies: &'a Policies,
+    pub output: LineFile,
+    pub dead_letters: DeadLetters,
+    pub summary: Summary,
+    pub emit_watermarks: bool,
+    pub budget: Arc<Budget>,
+    /// Lines whose action was applied.
+    pub handled: u64,
+    last_flush: Instant,
+}
+
+impl<'a> Writer<'a> {
+    pub(crate) fn new(
+        policies: &'a Policies,
+        output: LineFile,
+        dead_letters: DeadLetters,
+        budget: Arc<Budget>,
+        emit_watermarks: bool,
+    ) -> Writer<'a> {
+        Writer {
+            policies,
+            output,
+            dead_letters,
+            summary: Summary::default(),
+            emit_watermarks,
+            budget,
+            handled: 0,
+            last_flush: Instant::now(),
+        }
+    }
+
+    /// Handles outputs until the stage finishes, a failure, or a second signal. `progress` is
+    /// called with the summary so far and the lines handled.
+    pub(crate) fn run(
+        &mut self,
+        consumer: &mut Consumer<Enriched>,
+        stop: &Stop,
+        progress: &mut dyn FnMut(&mut Summary, u64),
+    ) -> Ended {
+        let mut last_progress = Instant::now();
+        loop {
+            if stop.at_once() {
+                return Ended::AtOnce;
+            }
+            let item = match consumer.recv_timeout(IDLE_FLUSH) {
+                Err(RecvTimedOut) => {
+                    if let Err(e) = self.flush() {
+                        return Ended::Failed(e);
+                    }
+                    continue;
+                }
+                Ok(None) => return Ended::Finished,
+                Ok(Some(Err(e))) => return Ended::Failed(e.to_string()),
+                Ok(Some(Ok(item))) => item,
+            };
+            let result = match item {
+                Output::Checkpoint(id) => self.checkpoint(consumer, id),
+                Output::Watermark(ts) => {
+                    self.summary.watermarks += 1;
+                    if self.emit_watermarks {
+                        self.output
+                            .push_uncounted(format!("{{\"watermark\":{ts}}}").as_bytes());
+                    }
+                    Ok(())
+                }
+                Output::Record { value, .. } => self.record(value),
+            };
+            if let Err(e) = result {
+                return Ended::Failed(e);
+            }
+            if self.last_flush.elapsed() >= MAX_FLUSH_DELAY {
+                if let Err(e) = self.flush() {
+                    return Ended::Failed(e);
+                }
+            }
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                progress(&mut self.summary, self.handled);
+                last_progress = Instant::now();
+            }
+        }
+    }
+
+    /// Applies one line's policy; `Err` stops the run (after flushing what came before).
+    fn record(&mut self, enriched: Enriched) -> Result<(), String> {
+        let held = weight(&enriched.line)
+            + match &enriched.lookup {
+                Lookup::Found(v) => v.len() as u64,
+                _ => 0,
+            };
+        let action = self.policies.decide(enriched);
+        self.budget.release(held);
+        let s = &mut self.summary;
+        match action {
+            Action::Write(line, count) => self.output.push(line.as_bytes(), count, s)?,
+            Action::DeadLetter(path, entry, count) => {
+                self.dead_letters.push(&path, entry.as_bytes(), count, s)?
+            }
+            Action::Drop(count) => s.add(count, 1),
+            Action::Fail(why) => {
+                self.flush()?;
+                return Err(why);
+            }
+        }
+        self.handled += 1;
+        Ok(())
+    }
+
+    /// Writes out what the files buffer.
+    pub(crate) fn flush(&mut self) -> Result<(), String> {
+        self.last_flush = Instant::now();
+        let dead = self.dead_letters.flush(&mut self.summary);
+        self.output.flush(&mut self.summary).and(dead)
+    }
+
+    /// Makes the dead letters and the output durable and commits checkpoint `id`. A
+    /// checkpoint that cannot be committed (a full checkpoint disk) is counted and said; a
+    /// failed fsync or a file that cannot be written stops the run.
+    fn checkpoint(&mut self, consumer: &mut Consumer<Enriched>, id: u64) -> Result<(), String> {
+        self.last_flush = Instant::now();
+        let side_outputs = self.dead_letters.make_durable(&mut self.summary)?;
+        let position = self.output.make_durable(&mut self.summary)?;
+        let sink = SinkPosition {
+            position,
+            side_outputs,
+        };
+        match consumer.commit_checkpoint(id, sink) {
+            Ok(()) => self.summary.checkpoints += 1,
+            Err(e @ CheckpointError::Fsync { .. }) => return Err(e.to_string()),
+            Err(other) => {
+                self.summary.checkpoint_failures += 1;
+                eprintln!(
+                    "sluice enrich: checkpoint {id} not committed ({} so far): {other}",
+                    self.summary.checkpoint_failures
+                );
+            }
+        }
+        Ok(())
+    }
+}
