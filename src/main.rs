@@ -133,7 +133,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("`{s}`: unknown unit `{other}` (use KiB, MiB or GiB)")),
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use KiB, MiB or GiB)"
+            ))
+        }
     };
     let bytes = n
         .checked_mul(scale)

@@ -186,6 +186,9 @@ mod tests {
         assert!(check_settings(dir.path(), 3, &a).is_ok());
         let b = serde_json::json!({"key": "user:{uid}", "mode": "ordered"});
         let e = check_settings(dir.path(), 3, &b).unwrap_err();
-        assert!(e.contains("key") && e.contains("user:{id}") && e.contains("checkpoint 3"), "{e}");
+        assert!(
+            e.contains("key") && e.contains("user:{id}") && e.contains("checkpoint 3"),
+            "{e}"
+        );
     }
 }

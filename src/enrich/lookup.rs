@@ -7,10 +7,10 @@
 //! one is written first); a bad record passes through with no lookup; the line travels in an
 //! `Arc`, so a retry or a timeout never copies it.
 
-use crate::function::{AsyncFunction, Fallback, Outputs};
-use crate::redis::{ClientConfig, GetFuture, RedisClient, RedisError};
 use super::reader::Budget;
 use super::record::Line;
+use crate::function::{AsyncFunction, Fallback, Outputs};
+use crate::redis::{ClientConfig, GetFuture, RedisClient, RedisError};
 use hdrhistogram::Histogram;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -71,12 +71,20 @@ impl Future for EnrichFuture {
             EnrichFuture::PassThrough(line) => (line.take(), Lookup::NotNeeded),
             EnrichFuture::Get(get, line, budget) => match Pin::new(get).poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(Some(value))) => {
-                    budget.take(value.len() as u64);
-                    (line.take(), Lookup::Found(value))
+                Poll::Ready(Err(e)) => {
+                    budget.value_arrived(Default::default(), 0);
+                    return Poll::Ready(Err(e));
                 }
-                Poll::Ready(Ok(None)) => (line.take(), Lookup::Missing),
+                Poll::Ready(Ok(Some(value))) => {
+                    let line = line.take();
+                    let held = line.as_ref().map(|l| l.held()).unwrap_or_default();
+                    budget.value_arrived(held, value.len() as u64);
+                    (line, Lookup::Found(value))
+                }
+                Poll::Ready(Ok(None)) => {
+                    budget.value_arrived(Default::default(), 0);
+                    (line.take(), Lookup::Missing)
+                }
             },
         };
         let line = line.expect("polled after completion");
@@ -101,6 +109,7 @@ impl AsyncFunction for RedisEnrich {
     }
 
     fn timeout(&self, input: &Arc<Line>) -> Fallback<Enriched> {
+        self.budget.value_arrived(Default::default(), 0);
         Fallback::Emit(Outputs::One(Enriched {
             line: input.clone(),
             lookup: Lookup::TimedOut,

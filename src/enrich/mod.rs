@@ -59,8 +59,10 @@ use writer::{Ended, Writer};
 pub const DEFAULT_MAX_BYTES_HELD: u64 = 256 * 1024 * 1024;
 /// How often the signal watcher looks at the stop flag.
 const WATCH_EVERY: Duration = Duration::from_millis(20);
-/// How long the check that Redis answers may take before the run starts.
+/// How long the check that Redis answers may take to connect before the run starts.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long it waits for the PING's reply (a slower server is taken as reachable).
+const PING_WAIT: Duration = Duration::from_secs(1);
 
 /// Where the looked-up value goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,10 +199,16 @@ fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool), String> {
     let dead = dead_letter_paths(config);
     let mut roles = vec![];
     if let Some(p) = &config.input {
-        roles.push(Role { what: "--input", path: p });
+        roles.push(Role {
+            what: "--input",
+            path: p,
+        });
     }
     if let Some(p) = &config.output {
-        roles.push(Role { what: "--output", path: p });
+        roles.push(Role {
+            what: "--output",
+            path: p,
+        });
     }
     roles.extend(dead.iter().map(|p| Role {
         what: "dead-letter file",
@@ -225,8 +233,9 @@ fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool), String> {
     Ok((lock, false))
 }
 
-/// Connects to Redis and sends a PING, so that an unreachable server is said before any line
-/// is read or any file created.
+/// Connects to Redis and sends a PING, so that an unreachable server (or one that refuses
+/// commands) is said before any line is read or any file created. A server that is slow to
+/// answer the PING is taken as reachable: the run's timeout policy handles slowness.
 fn redis_answers(addr: SocketAddr) -> Result<(), String> {
     use std::io::{Read, Write};
     let unreachable = |e: std::io::Error| {
@@ -235,26 +244,37 @@ fn redis_answers(addr: SocketAddr) -> Result<(), String> {
     let mut stream =
         std::net::TcpStream::connect_timeout(&addr, PREFLIGHT_TIMEOUT).map_err(unreachable)?;
     stream
-        .set_read_timeout(Some(PREFLIGHT_TIMEOUT))
+        .set_read_timeout(Some(PING_WAIT))
         .map_err(unreachable)?;
-    stream.write_all(b"*1\r\n$4\r\nPING\r\n").map_err(unreachable)?;
+    stream
+        .write_all(b"*1\r\n$4\r\nPING\r\n")
+        .map_err(unreachable)?;
     let mut reply = [0u8; 256];
-    let n = stream.read(&mut reply).map_err(unreachable)?;
+    let n = match stream.read(&mut reply) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(unreachable(e)),
+        Err(_) => return Ok(()), // slow, or interrupted: reachable
+    };
     match reply.get(..n) {
         Some(r) if r.starts_with(b"+PONG") => Ok(()),
         Some(r) if r.starts_with(b"-") => Err(format!(
             "Redis at {addr} refused PING: {}",
             String::from_utf8_lossy(&r[1..]).trim_end()
         )),
-        _ => Err(format!("the server at {addr} does not speak Redis (no PONG to PING)")),
+        _ => Err(format!(
+            "the server at {addr} does not speak Redis (no PONG to PING)"
+        )),
     }
 }
+
+/// Each shard's wire times, added when the shard closes its function.
+type WireTimes = Arc<Mutex<hdrhistogram::Histogram<u64>>>;
 
 /// Builds and starts the stage (restoring a checkpoint in the directory, if any).
 fn start_stage(
     config: &EnrichConfig,
     budget: &Arc<Budget>,
-) -> Result<(Stage<Arc<Line>, Enriched>, Arc<Mutex<hdrhistogram::Histogram<u64>>>), String> {
+) -> Result<(Stage<Arc<Line>, Enriched>, WireTimes), String> {
     let addr = config.redis;
     let client = ClientConfig {
         connections: config.connections,
@@ -389,7 +409,10 @@ pub fn run(
         key: config.key.clone(),
         event_time: config.event_time.clone(),
         max_out_of_orderness: config.max_out_of_orderness,
-        checkpoint_interval: config.checkpoint_dir.as_ref().map(|_| config.checkpoint_interval),
+        checkpoint_interval: config
+            .checkpoint_dir
+            .as_ref()
+            .map(|_| config.checkpoint_interval),
         producer,
         state: state.clone(),
         budget: budget.clone(),
@@ -412,14 +435,20 @@ pub fn run(
         &policies,
         files.output,
         files.dead_letters,
-        budget,
+        budget.clone(),
         config.emit_watermarks,
     );
     let mut report = |s: &mut Summary, handled: u64| {
         s.lines_read = state.lines_read.load(Ordering::Relaxed);
         s.retries = handle.sum(|m| m.retries);
         s.elapsed_s = started.elapsed().as_secs_f64();
-        progress(s, state.accepted.load(Ordering::Relaxed).saturating_sub(handled));
+        progress(
+            s,
+            state
+                .accepted
+                .load(Ordering::Relaxed)
+                .saturating_sub(handled),
+        );
     };
     let ended = writer.run(&mut consumer, &stop, &mut report);
 
@@ -455,10 +484,16 @@ pub fn run(
         .accepted
         .load(Ordering::Relaxed)
         .saturating_sub(writer.handled);
-    if let Some(reader_failure) = state.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(reader_failure) = state
+        .failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
         failure.get_or_insert(reader_failure);
     }
     summary.failure = failure;
+    summary.peak_bytes_held = budget.peak();
     summary.interrupted = stop.interrupted();
     summary.stopped_at_once = at_once;
     summary.resumed_from = restored.as_ref().map(|r| r.checkpoint_id);

@@ -45,9 +45,10 @@ impl Policies {
     pub(crate) fn decide(&self, enriched: Enriched) -> Action {
         match (&*enriched.line, enriched.lookup) {
             (Line::Bad(bad), _) => self.bad(bad),
-            (Line::Record(r), Lookup::NotNeeded) => {
-                Action::Fail(format!("line {}: a record came back without a lookup", r.line))
-            }
+            (Line::Record(r), Lookup::NotNeeded) => Action::Fail(format!(
+                "line {}: a record came back without a lookup",
+                r.line
+            )),
             (Line::Record(r), Lookup::Found(value)) => {
                 Action::Write(self.merged(r, &value), Count::Enriched)
             }
@@ -171,9 +172,8 @@ fn raw(text: &'static str) -> Box<RawValue> {
 
 /// `text` must be valid JSON (every caller passes serialised or parsed JSON).
 fn raw_owned(text: String) -> Box<RawValue> {
-    RawValue::from_string(text).unwrap_or_else(|_| {
-        RawValue::from_string("null".to_string()).expect("null is valid JSON")
-    })
+    RawValue::from_string(text)
+        .unwrap_or_else(|_| RawValue::from_string("null".to_string()).expect("null is valid JSON"))
 }
 
 #[cfg(test)]
@@ -198,6 +198,7 @@ mod tests {
                 line: 5,
                 key: "k".into(),
                 fields: serde_json::from_str(fields).unwrap(),
+                held: Default::default(),
             })),
             lookup,
         }
@@ -231,14 +232,21 @@ mod tests {
     #[test]
     fn into_and_failures() {
         let p = policies(Placement::Into("profile".into()));
-        let out = written(p.decide(enriched(r#"{"a":1}"#, Lookup::Found(br#"{"x":1.0}"#.to_vec()))));
+        let out = written(p.decide(enriched(
+            r#"{"a":1}"#,
+            Lookup::Found(br#"{"x":1.0}"#.to_vec()),
+        )));
         assert_eq!(out, r#"{"a":1,"profile":{"x":1.0}}"#);
         let out = written(p.decide(enriched(r#"{"a":1}"#, Lookup::TimedOut)));
         assert_eq!(out, r#"{"a":1}"#);
-        let Action::Fail(why) = p.decide(enriched(r#"{"a":1}"#, Lookup::Failed("WRONGTYPE".into())))
+        let Action::Fail(why) =
+            p.decide(enriched(r#"{"a":1}"#, Lookup::Failed("WRONGTYPE".into())))
         else {
             panic!("not a failure")
         };
-        assert!(why.contains("line 5") && why.contains("--on-error"), "{why}");
+        assert!(
+            why.contains("line 5") && why.contains("--on-error"),
+            "{why}"
+        );
     }
 }

@@ -22,6 +22,23 @@ pub struct Record {
     pub line: u64,
     pub key: String,
     pub fields: Fields,
+    /// What this line reserved in the run's budget (nothing for a line restored from a
+    /// checkpoint: it reserved nothing in this run).
+    pub held: Reservation,
+}
+
+/// A line's bytes in the run's budget: all it reserved, of which `for_value` for its value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reservation {
+    pub bytes: u64,
+    pub for_value: u64,
+}
+
+impl Reservation {
+    /// What a value of `len` bytes adds beyond the reservation.
+    pub fn beyond(&self, len: u64) -> u64 {
+        len.saturating_sub(self.for_value)
+    }
 }
 
 impl fmt::Debug for Record {
@@ -37,6 +54,8 @@ pub struct BadRecord {
     pub reason: String,
     /// The line as read (invalid UTF-8 replaced).
     pub text: String,
+    /// As `Record::held`.
+    pub held: Reservation,
 }
 
 /// What the stage carries: a record to look up, or a bad record that passes through it
@@ -53,6 +72,21 @@ impl Line {
         match self {
             Line::Record(r) => r.line,
             Line::Bad(b) => b.line,
+        }
+    }
+
+    /// What the line reserved in the run's budget.
+    pub fn held(&self) -> Reservation {
+        match self {
+            Line::Record(r) => r.held,
+            Line::Bad(b) => b.held,
+        }
+    }
+
+    pub(crate) fn set_held(&mut self, bytes: Reservation) {
+        match self {
+            Line::Record(r) => r.held = bytes,
+            Line::Bad(b) => b.held = bytes,
         }
     }
 }
@@ -98,6 +132,7 @@ pub(crate) fn parse(format: &LineFormat<'_>, line: u64, bytes: &[u8]) -> Parsed 
                 line,
                 reason,
                 text: String::from_utf8_lossy(bytes).into_owned(),
+                held: Reservation::default(),
             }),
             None,
         )
@@ -126,13 +161,18 @@ pub(crate) fn parse(format: &LineFormat<'_>, line: u64, bytes: &[u8]) -> Parsed 
             Err(reason) => return bad(reason),
         },
     };
-    Parsed::Line(Line::Record(Record { line, key, fields }), event_time)
+    let record = Record {
+        line,
+        key,
+        fields,
+        held: Reservation::default(),
+    };
+    Parsed::Line(Line::Record(record), event_time)
 }
 
 /// A JSON object's fields, or why the text is not one.
 fn parse_object(text: &str) -> Result<Fields, String> {
-    let raw: &RawValue =
-        serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let raw: &RawValue = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
     let kind = match raw.get().as_bytes().first() {
         Some(b'{') => return serde_json::from_str(raw.get()).map_err(|e| format!("{e}")),
         Some(b'[') => "an array",
@@ -148,8 +188,8 @@ fn event_time_of(fields: &Fields, field: &str) -> Result<u64, String> {
     let raw = fields
         .get(field)
         .ok_or_else(|| format!("event time field `{field}` is missing"))?;
-    let value: serde_json::Value = serde_json::from_str(raw.get())
-        .map_err(|e| format!("event time field `{field}`: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(raw.get()).map_err(|e| format!("event time field `{field}`: {e}"))?;
     event_time_ms(&value).ok_or_else(|| {
         format!(
             "event time field `{field}` is {raw}, not epoch seconds, epoch milliseconds or RFC 3339"

@@ -170,12 +170,22 @@ fn decode_line(b: &[u8]) -> Result<Line, String> {
             let (key, end) = get_str(b, 9)?;
             let fields: Fields =
                 serde_json::from_slice(&b[end..]).map_err(|e| format!("fields: {e}"))?;
-            Ok(Line::Record(Record { line, key, fields }))
+            Ok(Line::Record(Record {
+                line,
+                key,
+                fields,
+                held: Default::default(),
+            }))
         }
         BAD => {
             let (reason, end) = get_str(b, 9)?;
             let (text, _) = get_str(b, end)?;
-            Ok(Line::Bad(BadRecord { line, reason, text }))
+            Ok(Line::Bad(BadRecord {
+                line,
+                reason,
+                text,
+                held: Default::default(),
+            }))
         }
         other => Err(format!("unknown line tag {other}")),
     }
@@ -248,12 +258,13 @@ mod tests {
     use super::*;
 
     fn record() -> Line {
-        let fields = serde_json::from_str(r#"{"user":"u1","n":[1,2,{"x":null}],"big":1e400}"#)
-            .unwrap();
+        let fields =
+            serde_json::from_str(r#"{"user":"u1","n":[1,2,{"x":null}],"big":1e400}"#).unwrap();
         Line::Record(Record {
             line: 42,
             key: "user:ü1".into(),
             fields,
+            held: Default::default(),
         })
     }
 
@@ -262,6 +273,7 @@ mod tests {
             line: 7,
             reason: "not valid JSON".into(),
             text: "{\"a\":".into(),
+            held: Default::default(),
         })
     }
 

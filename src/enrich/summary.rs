@@ -28,6 +28,8 @@ pub struct Summary {
     /// that then failed to take them.
     pub unwritten_after_failure: u64,
     pub watermarks: u64,
+    /// The most bytes of lines and values the run held at once (`--max-bytes-held` bounds it).
+    pub peak_bytes_held: u64,
     pub retries: u64,
     pub elapsed_s: f64,
     pub records_per_s: f64,

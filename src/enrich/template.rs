@@ -35,9 +35,15 @@ pub struct TemplateError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyError {
     MissingField(String),
-    UnusableField { field: String, kind: &'static str },
+    UnusableField {
+        field: String,
+        kind: &'static str,
+    },
     /// A string field whose text is not valid Unicode (a lone surrogate escape).
-    BadString { field: String, reason: String },
+    BadString {
+        field: String,
+        reason: String,
+    },
 }
 
 impl fmt::Display for KeyError {
@@ -72,7 +78,12 @@ fn kind_of(raw: &RawValue) -> &'static str {
 /// Appends the value at `path` in `fields` to `key`: the field of that name, or else, for
 /// `a.b`, field `b` of the object in field `a` (and so on down). `field` is the whole path, for
 /// errors.
-fn append_field(key: &mut String, fields: &Fields, path: &str, field: &str) -> Result<(), KeyError> {
+fn append_field(
+    key: &mut String,
+    fields: &Fields,
+    path: &str,
+    field: &str,
+) -> Result<(), KeyError> {
     if let Some(raw) = fields.get(path) {
         return append_value(key, raw, field);
     }
@@ -199,7 +210,9 @@ fn string_error(text: &str, e: &serde_json::Error) -> String {
     let lone = text.match_indices("\\u").find_map(|(i, _)| {
         let hex = text.get(i + 2..i + 6)?;
         let unit = u16::from_str_radix(hex, 16).ok()?;
-        (0xD800..=0xDFFF).contains(&unit).then(|| format!("\\u{hex}"))
+        (0xD800..=0xDFFF)
+            .contains(&unit)
+            .then(|| format!("\\u{hex}"))
     });
     match lone {
         Some(escape) => format!(
@@ -274,7 +287,10 @@ mod tests {
         assert_eq!(t.render(&r).unwrap(), "7:NL");
         // A field literally named `user.id` wins over the path.
         let t = KeyTemplate::parse("{user.id}").unwrap();
-        assert_eq!(t.render(&raw(r#"{"user.id":1,"user":{"id":2}}"#)).unwrap(), "1");
+        assert_eq!(
+            t.render(&raw(r#"{"user.id":1,"user":{"id":2}}"#)).unwrap(),
+            "1"
+        );
         assert_eq!(
             t.render(&raw(r#"{"user":{"name":2}}"#)).unwrap_err(),
             KeyError::MissingField("user.id".into())
@@ -284,6 +300,9 @@ mod tests {
             .render(&raw(r#"{"id":"\ud800"}"#))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("surrogate escape \\ud800") && e.contains("`id`"), "{e}");
+        assert!(
+            e.contains("surrogate escape \\ud800") && e.contains("`id`"),
+            "{e}"
+        );
     }
 }

@@ -13,7 +13,7 @@
 
 use super::files::{DeadLetters, LineFile};
 use super::outcome::{Action, Policies};
-use super::reader::{weight, Budget};
+use super::reader::Budget;
 use super::summary::Summary;
 use super::{Enriched, Lookup, Stop};
 use crate::checkpoint::{CheckpointError, SinkPosition};
@@ -124,9 +124,10 @@ impl<'a> Writer<'a> {
 
     /// Applies one line's policy; `Err` stops the run (after flushing what came before).
     fn record(&mut self, enriched: Enriched) -> Result<(), String> {
-        let held = weight(&enriched.line)
+        let reserved = enriched.line.held();
+        let held = reserved.bytes
             + match &enriched.lookup {
-                Lookup::Found(v) => v.len() as u64,
+                Lookup::Found(v) => reserved.beyond(v.len() as u64),
                 _ => 0,
             };
         let action = self.policies.decide(enriched);
