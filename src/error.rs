@@ -50,6 +50,18 @@ pub enum BuildError {
          and a locked-memory limit (ulimit -l) of at least 512 KiB per shard"
     )]
     Executor { shard: usize, reason: String },
+    /// The shards would lock more memory than the process may (`ulimit -l`).
+    #[error(
+        "{shards} shards need {needed_kib} KiB of locked memory for io_uring (3 x io_memory \
+         each) but the limit is {limit_kib} KiB: raise it (`ulimit -l`, or LimitMEMLOCK= in a \
+         systemd unit), or run {fit} shard(s) or fewer"
+    )]
+    LockedMemory {
+        shards: usize,
+        needed_kib: u64,
+        limit_kib: u64,
+        fit: usize,
+    },
     /// The checkpoint directory could not be read, or its checkpoint does not fit this stage.
     #[error("restoring from the checkpoint directory: {0}")]
     Checkpoint(#[source] crate::checkpoint::CheckpointError),

@@ -28,12 +28,22 @@ fn user_of(n: u64) -> u64 {
 }
 
 fn write_input(path: &Path, lines: u64) {
+    write_input_with_bad(path, lines, 0);
+}
+
+/// As `write_input`, with every `bad_every`-th line (0: none) lacking its key field.
+fn write_input_with_bad(path: &Path, lines: u64, bad_every: u64) {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     for n in 0..lines {
-        writeln!(f, r#"{{"n":{n},"user_id":"user_{:06}"}}"#, user_of(n)).unwrap();
+        if bad_every > 0 && n % bad_every == bad_every - 1 {
+            writeln!(f, r#"{{"n":{n}}}"#).unwrap();
+        } else {
+            writeln!(f, r#"{{"n":{n},"user_id":"user_{:06}"}}"#, user_of(n)).unwrap();
+        }
     }
 }
 
+/// Bad lines go to `DIR/bad.jsonl`.
 fn enrich(server: &Server, dir: &Path, mode: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
     c.args(["enrich", "--redis"])
@@ -46,6 +56,8 @@ fn enrich(server: &Server, dir: &Path, mode: &str) -> Command {
         .arg(dir.join("checkpoints"))
         .args(["--checkpoint-interval", "20ms", "--mode", mode])
         .args(["--capacity", "64", "--shards", "2", "--timeout", "30s"])
+        .arg("--on-bad-record")
+        .arg(format!("dead-letter:{}", dir.join("bad.jsonl").display()))
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     c
@@ -134,9 +146,29 @@ fn run_until_done(server: &Server, dir: &Path, mode: &str, seed: u64) -> (usize,
     }
 }
 
-/// Every line once, enriched with its user's profile; in input order (`ordered`), or in input
-/// order per user (`key-ordered`), or in any order (`unordered`).
-fn check_output(dir: &Path, lines: u64, mode: &str) {
+/// Every good line once, enriched with its user's profile; in input order (`ordered`), or in
+/// input order per user (`key-ordered`), or in any order (`unordered`). With every
+/// `bad_every`-th line bad (0: none), each of those once in the dead-letter file (in input
+/// order in ordered mode).
+fn check_output_with_bad(dir: &Path, lines: u64, bad_every: u64, mode: &str) {
+    let is_bad = |n: u64| bad_every > 0 && n % bad_every == bad_every - 1;
+    let dead = std::fs::read_to_string(dir.join("bad.jsonl")).unwrap_or_default();
+    let mut dead_seen = std::collections::HashSet::new();
+    let mut last_dead = None;
+    for line in dead.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        let input: Value = serde_json::from_str(v["input"].as_str().unwrap()).unwrap();
+        let n = input["n"].as_u64().unwrap();
+        assert!(is_bad(n), "line {n} dead-lettered but good");
+        assert!(dead_seen.insert(n), "line {n} dead-lettered twice");
+        assert_eq!(v["line"].as_u64(), Some(n + 1), "its line number");
+        if mode == "ordered" {
+            assert!(last_dead.is_none_or(|l| l < n), "dead letters out of order");
+        }
+        last_dead = Some(n);
+    }
+    let bad = (0..lines).filter(|&n| is_bad(n)).count();
+    assert_eq!(dead_seen.len(), bad, "every bad line dead-lettered once");
     let text = std::fs::read_to_string(dir.join("out.jsonl")).unwrap();
     let mut seen = vec![false; lines as usize];
     let mut previous = None;
@@ -149,7 +181,11 @@ fn check_output(dir: &Path, lines: u64, mode: &str) {
         assert!(!seen[n as usize], "input {n} written twice");
         seen[n as usize] = true;
         if mode == "ordered" {
-            assert_eq!(n, previous.map_or(0, |p: u64| p + 1), "out of order");
+            let mut next = previous.map_or(0, |p: u64| p + 1);
+            while is_bad(next) {
+                next += 1;
+            }
+            assert_eq!(n, next, "out of order");
         }
         previous = Some(n);
         if let Some(before) = previous_of_user.insert(user_of(n), n) {
@@ -164,10 +200,14 @@ fn check_output(dir: &Path, lines: u64, mode: &str) {
         }
         count += 1;
     }
-    assert_eq!(count, lines, "every input line once");
+    assert_eq!(count, lines - bad as u64, "every good input line once");
 }
 
 fn crash_test(mode: &str, seed: u64) {
+    crash_test_with_bad(mode, seed, 100_000, 0);
+}
+
+fn crash_test_with_bad(mode: &str, seed: u64, lines: u64, bad_every: u64) {
     let server = Server::start(ServerConfig {
         keys: KEYS,
         value_size: VALUE_SIZE,
@@ -179,20 +219,24 @@ fn crash_test(mode: &str, seed: u64) {
         ..Default::default()
     })
     .unwrap();
-    let dir = temp_dir(mode);
-    let lines = 100_000;
-    write_input(&dir.join("in.jsonl"), lines);
+    let dir = temp_dir(&format!("{mode}-{bad_every}"));
+    write_input_with_bad(&dir.join("in.jsonl"), lines, bad_every);
     let (kills, inside) = run_until_done(&server, &dir, mode, seed);
     assert!(kills >= 5, "only {kills} kills: the test did not test much");
     assert!(inside >= 1, "no kill landed inside a checkpoint");
-    check_output(&dir, lines, mode);
+    check_output_with_bad(&dir, lines, bad_every, mode);
     // A re-run of a finished job does nothing.
     let before = std::fs::read(dir.join("out.jsonl")).unwrap();
+    let dead_before = std::fs::read(dir.join("bad.jsonl")).unwrap_or_default();
     let rerun = enrich(&server, &dir, mode).output().unwrap();
     let stderr = String::from_utf8_lossy(&rerun.stderr);
     assert!(rerun.status.success(), "{stderr}");
     assert!(stderr.contains("already completed"), "{stderr}");
     assert_eq!(std::fs::read(dir.join("out.jsonl")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(dir.join("bad.jsonl")).unwrap_or_default(),
+        dead_before
+    );
     server.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -210,4 +254,9 @@ fn unordered_enrich_survives_sigkill() {
 #[test]
 fn key_ordered_enrich_survives_sigkill() {
     crash_test("key-ordered", 13);
+}
+
+#[test]
+fn dead_letters_are_exactly_once_through_sigkill() {
+    crash_test_with_bad("ordered", 14, 60_000, 37);
 }

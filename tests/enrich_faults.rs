@@ -696,3 +696,123 @@ fn nested_key_fields_are_looked_up() {
     let got = read_lines(&output);
     assert!(got[0].get("segment").is_some(), "enriched: {}", got[0]);
 }
+
+#[test]
+fn a_stalled_server_shows_as_timeouts_under_the_timeout_policy() {
+    // Replies take a minute: every lookup times out. More lookups than a connection's reply
+    // ring holds (4096) are abandoned while their replies are still owed.
+    let server = loadgen(fixed(60_000));
+    let dir = scratch();
+    let (input, output, m) = (
+        dir.path().join("in.jsonl"),
+        dir.path().join("out.jsonl"),
+        dir.path().join("m.json"),
+    );
+    write_input(&input, 6000, |_| false);
+    let out = run_owned(&with(
+        &enrich_args(server.addr(), &input, &output),
+        &[
+            "--capacity",
+            "200",
+            "--shards",
+            "1",
+            "--timeout",
+            "20ms",
+            "--on-timeout",
+            "emit",
+            "--metrics-json",
+            arg(&m),
+        ],
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = metrics(&m);
+    assert_eq!(m["timeouts_emitted"].as_u64(), Some(6000), "{m}");
+    assert_eq!(read_lines(&output).len(), 6000);
+}
+
+#[test]
+fn connection_resets_cost_a_request_one_attempt_and_reconnects_burn_no_retries() {
+    let server = Server::start(ServerConfig {
+        keys: 10,
+        latency: fixed(0),
+        reset_rate: 0.01,
+        seed: 7,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = scratch();
+    let (input, output, m) = (
+        dir.path().join("in.jsonl"),
+        dir.path().join("out.jsonl"),
+        dir.path().join("m.json"),
+    );
+    write_input(&input, 5000, |_| false);
+    let out = run_owned(&with(
+        &enrich_args(server.addr(), &input, &output),
+        &[
+            "--capacity",
+            "64",
+            "--retry",
+            "exp:10:1ms:50ms:full",
+            "--metrics-json",
+            arg(&m),
+        ],
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = metrics(&m);
+    assert_eq!(m["enriched"].as_u64(), Some(5000), "{m}");
+    assert!(
+        m["retries"].as_u64().unwrap() > 0,
+        "resets were retried: {m}"
+    );
+    let resets = server
+        .stats()
+        .resets_injected
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(resets > 0, "the server reset connections");
+}
+
+#[test]
+fn shards_beyond_the_locked_memory_limit_are_refused_and_the_default_fits_it() {
+    // Without CAP_IPC_LOCK (which lifts the limit for root) and with a 2 MiB limit: two
+    // shards' io_uring memory (768 KiB each) fit, four do not.
+    let runs = Command::new("setpriv").arg("--version").output().is_ok()
+        && Command::new("prlimit").arg("--version").output().is_ok();
+    if !runs {
+        eprintln!("skipping: setpriv or prlimit (util-linux) not installed");
+        return;
+    }
+    let server = loadgen(fixed(0));
+    let dir = scratch();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 10, |_| false);
+    let limited = |shards: Option<&str>| {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--inh-caps=-ipc_lock",
+            "--bounding-set=-ipc_lock",
+            "prlimit",
+        ])
+        .arg("--memlock=2097152")
+        .arg(env!("CARGO_BIN_EXE_sluice"))
+        .args(enrich_args(server.addr(), &input, &output));
+        if let Some(n) = shards {
+            c.args(["--shards", n]);
+        }
+        c.output().unwrap()
+    };
+    let out = limited(Some("4"));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("locked memory") && e.contains("ulimit -l") && e.contains("2048 KiB"),
+        "{e}"
+    );
+    let out = limited(None);
+    assert!(
+        out.status.success(),
+        "the default shard count fits: {}",
+        stderr(&out)
+    );
+    assert_eq!(read_lines(&output).len(), 10);
+}

@@ -25,7 +25,10 @@ mod shard;
 pub(crate) use merge::Egress;
 pub(crate) use merge::MergeCheckpoint;
 pub use merge::{Consumer, Output, RecvTimedOut};
-pub use placement::{default_shards, plan, usable_cores, Pinning, ShardPlacement};
+pub use placement::{
+    default_shards, locked_memory_per_shard, memlock_limit, plan, shards_that_fit, usable_cores,
+    Pinning, ShardPlacement,
+};
 pub use producer::{KeyFn, Producer, Routing, QUEUE_WAIT_SAMPLE};
 pub use shard::ShardContext;
 pub(crate) use shard::{Gate, GatedIngress};
@@ -211,12 +214,25 @@ where
 
     /// Starts the shards.
     pub fn start(self) -> Result<Stage<F::In, F::Out>, BuildError> {
-        let shards = self.shards.unwrap_or_else(default_shards);
+        let shards = self
+            .shards
+            .unwrap_or_else(|| placement::default_shards_for(self.io_memory));
         if shards == 0 || shards > 1024 {
             return Err(Self::invalid(
                 "shards",
                 format!("{shards} is not in 1..=1024"),
             ));
+        }
+        let limit = placement::memlock_limit();
+        if let Some(fit) = placement::shards_that_fit(limit, self.io_memory) {
+            if shards > fit {
+                return Err(BuildError::LockedMemory {
+                    shards,
+                    needed_kib: shards as u64 * locked_memory_per_shard(self.io_memory) / 1024,
+                    limit_kib: limit.unwrap_or(0) / 1024,
+                    fit,
+                });
+            }
         }
         let capacity = NonZeroUsize::new(self.capacity)
             .filter(|c| c.get() <= 1 << 20)

@@ -51,9 +51,55 @@ pub fn usable_cores() -> Vec<usize> {
     ids
 }
 
-/// The number of shards a stage gets by default: one per usable core.
+/// The number of shards a stage gets by default: one per usable core, but no more than the
+/// locked-memory limit lets start with the default `io_memory` (see [`shards_that_fit`]).
 pub fn default_shards() -> usize {
-    usable_cores().len().max(1)
+    default_shards_for(crate::DEFAULT_IO_MEMORY)
+}
+
+/// As [`default_shards`], for shards registering `io_memory` bytes each.
+pub(crate) fn default_shards_for(io_memory: usize) -> usize {
+    let cores = usable_cores().len().max(1);
+    match shards_that_fit(memlock_limit(), io_memory) {
+        Some(fit) => cores.min(fit).max(1),
+        None => cores,
+    }
+}
+
+/// Locked memory one shard's executor registers with io_uring: `io_memory` with each of
+/// glommio's three rings.
+pub fn locked_memory_per_shard(io_memory: usize) -> u64 {
+    3 * io_memory as u64
+}
+
+/// How many shards fit under a locked-memory `limit` (`None`: no limit applies, any number).
+pub fn shards_that_fit(limit: Option<u64>, io_memory: usize) -> Option<usize> {
+    limit.map(|l| (l / locked_memory_per_shard(io_memory).max(1)) as usize)
+}
+
+/// The locked-memory limit that applies to this process (`ulimit -l`, in bytes), or `None`
+/// when there is none: unlimited, or the process holds `CAP_IPC_LOCK`, which lifts it.
+pub fn memlock_limit() -> Option<u64> {
+    const CAP_IPC_LOCK: u32 = 14;
+    let may_lock_any = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0);
+    if may_lock_any {
+        return None;
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+        return None;
+    }
+    (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }
 
 /// Plans where each of `shards` shards runs, given the usable `cores`.
@@ -105,6 +151,15 @@ pub fn plan(shards: usize, pinning: &Pinning, cores: &[usize]) -> Vec<ShardPlace
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_fit_the_locked_memory_limit() {
+        let kib = |n: u64| n * 1024;
+        assert_eq!(locked_memory_per_shard(256 * 1024), kib(768));
+        assert_eq!(shards_that_fit(Some(kib(8192)), 256 * 1024), Some(10));
+        assert_eq!(shards_that_fit(Some(kib(700)), 256 * 1024), Some(0));
+        assert_eq!(shards_that_fit(None, 256 * 1024), None);
+    }
 
     #[test]
     fn more_shards_than_cores_falls_back_to_unpinned_with_a_reason() {

@@ -9,10 +9,18 @@
 //!   overwrites a pending reply;
 //! - a slot is completed once; a request whose future was dropped (a timeout) is `Abandoned`
 //!   and its reply is discarded on arrival;
-//! - when the connection breaks, every pending request fails with a retryable
-//!   `ConnectionLost`, the queue is emptied, and the driver reconnects with exponential backoff;
-//!   while it waits, new requests fail at once with `Unavailable` (so the stage's retry policy,
-//!   not a hidden queue, decides what happens);
+//! - when the connection breaks, every request handed to the socket and not answered fails
+//!   with a retryable `ConnectionLost` (one attempt each), and the driver reconnects with
+//!   exponential backoff; requests not yet handed to the socket, and those issued while it
+//!   waits, wait for the next connect attempt instead of failing at once, so a reconnect does
+//!   not burn a request's retries; a connect attempt that fails fails them (retryable
+//!   `Connect`), and until a connect succeeds new requests fail at once with `Unavailable`
+//!   (the server is not there: the caller's retry policy decides); no request waits longer
+//!   than one backoff and one connect;
+//! - a request whose slot is still taken (the ring is full of requests in flight or abandoned
+//!   ones whose replies have not arrived, as against a stalled server) waits for a slot instead
+//!   of failing: a stalled server shows as the caller's timeouts, never as an error about a
+//!   limit the caller did not set;
 //! - every answered request's time on the wire (handed to the socket -> its reply completed)
 //!   goes into `wire_us`, so a caller can tell the server and network apart from its own
 //!   queueing;
@@ -45,8 +53,12 @@ enum Status {
     /// Connecting (at start or after a backoff): requests queue up.
     Connecting,
     Connected,
-    /// Waiting to reconnect: requests fail at once.
+    /// Waiting to reconnect after the connection broke (why): requests queue up for the
+    /// next connect attempt.
     Down(String),
+    /// Waiting to reconnect after a connect attempt failed (why): the server is not there, so
+    /// requests fail at once until a connect succeeds.
+    Unreachable(String),
     /// The client was dropped: the driver exits.
     Closed,
 }
@@ -70,6 +82,18 @@ struct State {
     sent_at: Box<[Instant]>,
     wire_us: hdrhistogram::Histogram<u64>,
     driver: Option<Waker>,
+    /// Requests waiting for a free slot, woken when one frees.
+    slot_waiters: Vec<Waker>,
+}
+
+impl State {
+    /// Frees slot `index`, and wakes the requests waiting for one.
+    fn free(&mut self, index: usize) {
+        self.ring[index] = Slot::Free;
+        for w in self.slot_waiters.drain(..) {
+            w.wake();
+        }
+    }
 }
 
 /// Reconnect backoff.
@@ -107,6 +131,7 @@ impl Connection {
                 sent_at: vec![Instant::now(); max_in_flight.max(1)].into_boxed_slice(),
                 wire_us: wire_histogram(),
                 driver: None,
+                slot_waiters: Vec::new(),
             }),
         })
     }
@@ -123,45 +148,60 @@ impl Connection {
 
     /// Queues a command; the returned future resolves with its reply.
     pub(crate) fn send(self: &Rc<Self>, args: &[&[u8]]) -> ReplyFuture {
-        let mut st = self.state.borrow_mut();
-        match &st.status {
-            Status::Connected | Status::Connecting => {}
-            Status::Down(reason) => {
-                return ReplyFuture::failed(RedisError::Unavailable {
-                    addr: self.addr,
-                    reason: reason.clone(),
-                })
+        let mut command = Vec::new();
+        let queued = {
+            let mut st = self.state.borrow_mut();
+            if let Some(error) = self.refusal(&st.status) {
+                return ReplyFuture::failed(error);
             }
-            Status::Closed => {
-                return ReplyFuture::failed(RedisError::Unavailable {
-                    addr: self.addr,
-                    reason: "the client was closed".into(),
-                })
+            match self.take_slot(&mut st, |out| encode_command(out, args)) {
+                Some(id) => Inner::Pending {
+                    conn: self.clone(),
+                    id,
+                },
+                None => {
+                    encode_command(&mut command, args);
+                    Inner::Queued {
+                        conn: self.clone(),
+                        command,
+                    }
+                }
             }
-        }
-        let limit = st.ring.len();
+        };
+        ReplyFuture { inner: queued }
+    }
+
+    /// Why a request cannot be queued now, if it cannot.
+    fn refusal(&self, status: &Status) -> Option<RedisError> {
+        let reason = match status {
+            Status::Closed => "the client was closed".to_string(),
+            Status::Unreachable(reason) => reason.clone(),
+            Status::Connecting | Status::Connected | Status::Down(_) => return None,
+        };
+        Some(RedisError::Unavailable {
+            addr: self.addr,
+            reason,
+        })
+    }
+
+    /// Takes the next request's slot if it is free: `encode` appends the command to the
+    /// outgoing bytes, and the request's id is returned.
+    fn take_slot(&self, st: &mut State, encode: impl FnOnce(&mut Vec<u8>)) -> Option<u64> {
+        let limit = st.ring.len() as u64;
         let id = st.next_request;
-        let index = (id % limit as u64) as usize;
+        let index = (id % limit) as usize;
         // The slot is busy while its earlier request is in flight, or answered but not yet
         // read by its future.
         if !matches!(st.ring[index], Slot::Free) {
-            return ReplyFuture::failed(RedisError::Overloaded {
-                addr: self.addr,
-                limit,
-            });
+            return None;
         }
-        encode_command(&mut st.out, args);
+        encode(&mut st.out);
         st.next_request += 1;
         st.ring[index] = Slot::Waiting(None);
         if let Some(w) = &st.driver {
             w.wake_by_ref();
         }
-        ReplyFuture {
-            inner: Inner::Pending {
-                conn: self.clone(),
-                id,
-            },
-        }
+        Some(id)
     }
 
     /// Marks the connection closed and wakes its driver so it exits.
@@ -173,10 +213,18 @@ impl Connection {
         }
     }
 
-    fn fail_pending(&self, error: RedisError) {
+    /// Fails the requests handed to the socket and not answered, and with `queued` also those
+    /// not yet handed to it (else they stay queued for the next connection, whose first reply
+    /// answers the first of them).
+    fn fail_pending(&self, error: RedisError, queued: bool) {
         let mut st = self.state.borrow_mut();
+        if queued {
+            st.next_unsent = st.next_request;
+            st.out.clear();
+        }
         let limit = st.ring.len() as u64;
-        for id in st.next_reply..st.next_request {
+        let mut freed = false;
+        for id in st.next_reply..st.next_unsent {
             let slot = &mut st.ring[(id % limit) as usize];
             *slot = match std::mem::replace(slot, Slot::Free) {
                 Slot::Waiting(waker) => {
@@ -185,12 +233,18 @@ impl Connection {
                     }
                     Slot::Done(Err(error.clone()))
                 }
-                _ => Slot::Free,
+                _ => {
+                    freed = true;
+                    Slot::Free
+                }
             };
         }
-        st.next_reply = st.next_request;
-        st.next_unsent = st.next_request;
-        st.out.clear();
+        st.next_reply = st.next_unsent;
+        if freed {
+            for w in st.slot_waiters.drain(..) {
+                w.wake();
+            }
+        }
     }
 
     fn set_status(&self, status: Status) -> bool {
@@ -235,17 +289,27 @@ impl Connection {
             };
             let reason = failure.to_string();
             let lost = match failure {
-                RedisError::Connect { .. } => failure,
-                RedisError::Protocol { .. } => failure,
+                RedisError::Connect { .. }
+                | RedisError::Protocol { .. }
+                | RedisError::ConnectionLost { .. } => failure,
                 other => RedisError::ConnectionLost {
                     addr: self.addr,
                     reason: other.to_string(),
                 },
             };
-            if !self.set_status(Status::Down(reason)) {
+            // A failed connect is the attempt of every request waiting for it, and requests
+            // fail at once until a connect succeeds; a connection that broke costs only the
+            // requests on the wire an attempt, and the others wait for the reconnect.
+            let connect_failed = matches!(lost, RedisError::Connect { .. });
+            let status = if connect_failed {
+                Status::Unreachable(reason)
+            } else {
+                Status::Down(reason)
+            };
+            if !self.set_status(status) {
                 return;
             }
-            self.fail_pending(lost);
+            self.fail_pending(lost, connect_failed);
             glommio::timer::sleep(delay).await;
             delay = (delay * 2).min(backoff.max);
             if !self.set_status(Status::Connecting) {
@@ -419,17 +483,17 @@ impl Io {
             st.next_reply += 1;
             let wire = now.saturating_duration_since(st.sent_at[(id % limit) as usize]);
             st.wire_us.saturating_record(wire.as_micros() as u64);
-            let slot = &mut st.ring[(id % limit) as usize];
-            *slot = match std::mem::replace(slot, Slot::Free) {
+            let index = (id % limit) as usize;
+            match std::mem::replace(&mut st.ring[index], Slot::Free) {
                 Slot::Waiting(waker) => {
                     if let Some(w) = waker {
                         w.wake();
                     }
-                    Slot::Done(result)
+                    st.ring[index] = Slot::Done(result);
                 }
-                Slot::Abandoned => Slot::Free,
+                Slot::Abandoned => st.free(index),
                 Slot::Free | Slot::Done(_) => panic!("reply {id} completes a slot twice"),
-            };
+            }
         }
         if self.start == self.end {
             self.start = 0;
@@ -441,7 +505,15 @@ impl Io {
 
 enum Inner {
     Failed(Option<RedisError>),
-    Pending { conn: Rc<Connection>, id: u64 },
+    /// Waiting for a free slot, with the command encoded.
+    Queued {
+        conn: Rc<Connection>,
+        command: Vec<u8>,
+    },
+    Pending {
+        conn: Rc<Connection>,
+        id: u64,
+    },
     Finished,
 }
 
@@ -462,8 +534,31 @@ impl ReplyFuture {
 impl Future for ReplyFuture {
     type Output = Result<Reply, RedisError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Inner::Queued { conn, command } = &mut self.inner {
+            let conn = conn.clone();
+            let mut st = conn.state.borrow_mut();
+            if let Some(error) = conn.refusal(&st.status) {
+                drop(st);
+                self.inner = Inner::Finished;
+                return Poll::Ready(Err(error));
+            }
+            match conn.take_slot(&mut st, |out| out.extend_from_slice(command)) {
+                Some(id) => {
+                    drop(st);
+                    self.inner = Inner::Pending {
+                        conn: conn.clone(),
+                        id,
+                    };
+                }
+                None => {
+                    st.slot_waiters.push(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+        }
         let result = match &mut self.inner {
             Inner::Failed(e) => Err(e.take().expect("polled after completion")),
+            Inner::Queued { .. } => unreachable!("taken a slot above"),
             Inner::Pending { conn, id } => {
                 let mut st = conn.state.borrow_mut();
                 let limit = st.ring.len() as u64;
@@ -475,10 +570,16 @@ impl Future for ReplyFuture {
                         }
                         return Poll::Pending;
                     }
-                    Slot::Done(_) => match std::mem::replace(slot, Slot::Free) {
-                        Slot::Done(r) => r,
-                        _ => unreachable!(),
-                    },
+                    Slot::Done(_) => {
+                        let index = (*id % limit) as usize;
+                        match std::mem::replace(&mut st.ring[index], Slot::Free) {
+                            Slot::Done(r) => {
+                                st.free(index);
+                                r
+                            }
+                            _ => unreachable!(),
+                        }
+                    }
                     Slot::Free | Slot::Abandoned => panic!("request {id} lost its reply slot"),
                 }
             }
@@ -496,12 +597,12 @@ impl Drop for ReplyFuture {
                 return;
             };
             let limit = st.ring.len() as u64;
-            let slot = &mut st.ring[(*id % limit) as usize];
-            *slot = match std::mem::replace(slot, Slot::Free) {
-                Slot::Waiting(_) => Slot::Abandoned,
+            let index = (*id % limit) as usize;
+            match std::mem::replace(&mut st.ring[index], Slot::Free) {
+                Slot::Waiting(_) => st.ring[index] = Slot::Abandoned,
                 // Completed but never read: the slot is free again.
-                _ => Slot::Free,
-            };
+                _ => st.free(index),
+            }
         }
     }
 }

@@ -15,9 +15,6 @@ pub enum RedisError {
     /// The connection is down and being re-established (with backoff).
     #[error("Redis at {addr} is unavailable (reconnecting after: {reason})")]
     Unavailable { addr: SocketAddr, reason: String },
-    /// More requests in flight on one connection than its reply ring holds.
-    #[error("more than {limit} requests in flight on one connection to {addr}; raise `max_in_flight` or lower the stage capacity")]
-    Overloaded { addr: SocketAddr, limit: usize },
     /// Redis answered with an error reply.
     #[error("Redis replied with an error: {message}")]
     ErrorReply { message: String },
@@ -39,8 +36,7 @@ impl RedisError {
         match self {
             RedisError::Connect { .. }
             | RedisError::ConnectionLost { .. }
-            | RedisError::Unavailable { .. }
-            | RedisError::Overloaded { .. } => true,
+            | RedisError::Unavailable { .. } => true,
             RedisError::ErrorReply { message } => ["LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN"]
                 .iter()
                 .any(|p| message.starts_with(p)),

@@ -28,8 +28,8 @@ use std::time::Duration;
 pub struct ClientConfig {
     /// Connections per client (per shard); 0 is taken as 1.
     pub connections: usize,
-    /// Requests in flight per connection (the reply ring's size); above it a request fails
-    /// with the retryable `Overloaded`.
+    /// Requests in flight per connection (the reply ring's size); above it a request waits for
+    /// a slot (its caller's timeout bounds the wait).
     pub max_in_flight: usize,
     /// A connection's driver completes at most `in flight / reply_split` replies (but at least
     /// 16, so windows of 16 or fewer are not split) before it yields and writes the requests
