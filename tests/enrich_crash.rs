@@ -27,11 +27,8 @@ fn user_of(n: u64) -> u64 {
     (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % KEYS
 }
 
-fn write_input(path: &Path, lines: u64) {
-    write_input_with_bad(path, lines, 0);
-}
-
-/// As `write_input`, with every `bad_every`-th line (0: none) lacking its key field.
+/// `lines` records `{"n","user_id"}`, with every `bad_every`-th line (0: none) lacking its key
+/// field.
 fn write_input_with_bad(path: &Path, lines: u64, bad_every: u64) {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     for n in 0..lines {
