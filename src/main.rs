@@ -40,7 +40,7 @@ struct EnrichArgs {
     #[arg(long, default_value = "1ms", requires = "loadgen")]
     loadgen_latency: LatencyModel,
     /// Keys in the embedded server.
-    #[arg(long, default_value_t = 100_000, requires = "loadgen")]
+    #[arg(long, default_value_t = 100_000, requires = "loadgen", value_parser = at_least_one_u64())]
     loadgen_keys: u64,
     /// The key template, one or more fields of the record: 'user:{user_id}'.
     #[arg(long)]
@@ -70,10 +70,10 @@ struct EnrichArgs {
     #[arg(long, default_value = "ordered")]
     mode: String,
     /// Lookups in flight per shard.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one())]
     capacity: usize,
-    /// Shards (default: one per usable core).
-    #[arg(long)]
+    /// Shards (default: one per usable core, as many as the locked-memory limit allows).
+    #[arg(long, value_parser = at_least_one())]
     shards: Option<usize>,
     /// Connections per shard to Redis; more help when some replies are slow (a connection's
     /// replies come in order, so a slow one holds back those behind it).
@@ -87,6 +87,15 @@ struct EnrichArgs {
     /// retries connection errors.
     #[arg(long, default_value = "none")]
     retry: sluice::enrich::RetrySpec,
+    /// What --retry retries, comma-separated: error (connection errors, always), missing (a
+    /// key with no value yet, as Flink's ifResult(EMPTY)).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "error",
+        requires = "retry"
+    )]
+    retry_on: Vec<RetryOn>,
     /// A lookup that timed out: fail, emit (the record unenriched), drop, or dead-letter FILE.
     #[arg(long, num_args = 1..=2, default_values_t = ["fail".to_string()])]
     on_timeout: Vec<String>,
@@ -117,6 +126,13 @@ struct EnrichArgs {
     /// values of the lookups in flight): 64MiB, 1GiB, or a number of bytes.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     max_bytes_held: u64,
+}
+
+/// What `--retry` retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RetryOn {
+    Error,
+    Missing,
 }
 
 /// A size: a number of bytes, or with a KiB, MiB or GiB suffix (KB, MB, GB are taken as the
@@ -204,7 +220,7 @@ struct BenchArgs {
     #[arg(long)]
     quick: bool,
     /// Keys in the embedded server's keyspace (and drawn from).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = at_least_one_u64())]
     keys: u64,
     /// Pin the embedded server's executor to this core (by default it floats and competes
     /// with the client for the same cores).
@@ -247,6 +263,11 @@ struct BenchArgs {
 /// A count flag that must be at least 1.
 fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
+/// As `at_least_one`, for a `u64` count.
+fn at_least_one_u64() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::builder::RangedU64ValueParser::<u64>::new().range(1..)
 }
 
 fn main() -> ExitCode {
@@ -321,6 +342,7 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
         connections: args.connections,
         timeout: args.timeout,
         retry: args.retry,
+        retry_missing: args.retry_on.contains(&RetryOn::Missing),
         event_time: args.event_time,
         max_out_of_orderness: args.max_out_of_orderness,
         emit_watermarks: args.emit_watermarks,

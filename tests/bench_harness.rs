@@ -175,9 +175,21 @@ fn the_round_trip_probe_reports_the_median_of_all_lookups() {
 /// Count flags of `sluice bench` below 1 are refused before anything starts, naming the flag.
 #[test]
 fn count_flags_below_one_are_refused_by_name() {
-    for flag in ["--reply-split", "--connections"] {
+    let cases = [
+        ("bench", "--reply-split"),
+        ("bench", "--connections"),
+        ("bench", "--keys"),
+        ("enrich", "--capacity"),
+        ("enrich", "--shards"),
+    ];
+    for (command, flag) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["bench", flag, "0"])
+            .args([command, flag, "0"])
+            .args(
+                ["--loadgen", "--key", "{k}"]
+                    .iter()
+                    .filter(|_| command == "enrich"),
+            )
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{flag}");

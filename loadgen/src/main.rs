@@ -34,19 +34,19 @@ enum Command {
         #[arg(long, default_value = "1ms")]
         latency: LatencyModel,
         /// Keys `user:user_000000` .. in the keyspace.
-        #[arg(long, default_value_t = 100_000)]
+        #[arg(long, default_value_t = 100_000, value_parser = at_least_one_u64())]
         keys: u64,
         /// Bytes per value (JSON, padded).
         #[arg(long, default_value_t = 128)]
         value_size: usize,
         /// Server threads (glommio executors), all on the same port.
-        #[arg(long, default_value_t = 1)]
-        shards: usize,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        shards: u16,
         /// Fraction of replies replaced by an error reply.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = fraction)]
         error_rate: f64,
         /// Fraction of requests that reset the connection instead of a reply.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = fraction)]
         reset_rate: f64,
         /// Seed for delays and faults.
         #[arg(long, default_value_t = 0x10ad)]
@@ -58,10 +58,10 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         count: u64,
         /// Users to draw from (match the server's --keys).
-        #[arg(long, default_value_t = 100_000)]
+        #[arg(long, default_value_t = 100_000, value_parser = at_least_one_u64())]
         keys: u64,
-        /// Zipf exponent for skewed users (uniform when absent).
-        #[arg(long)]
+        /// Zipf exponent for skewed users (uniform when absent); above 0.
+        #[arg(long, value_parser = positive)]
         zipf: Option<f64>,
         /// Maximum event-time lag behind the newest record, in ms.
         #[arg(long, default_value_t = 50)]
@@ -69,16 +69,47 @@ enum Command {
         /// Also print `{"watermark": ms}` lines, one per this many records (0: none).
         #[arg(long, default_value_t = 0)]
         watermark_every: u64,
-        /// Records per second (open loop); as fast as possible when absent.
-        #[arg(long)]
+        /// Records per second (open loop); as fast as possible when absent. Above 0.
+        #[arg(long, value_parser = positive)]
         rate: Option<f64>,
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    match Cli::parse().command {
+/// A count flag that must be at least 1.
+fn at_least_one_u64() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::builder::RangedU64ValueParser::<u64>::new().range(1..)
+}
+
+/// A finite number above 0.
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a number above 0")),
+    }
+}
+
+/// A fraction from 0 to 1.
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a fraction from 0 to 1")),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
         Command::Serve {
             port,
             bind,
@@ -92,7 +123,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let server = Server::start(ServerConfig {
                 addr: SocketAddr::new(bind, port),
-                shards,
+                shards: usize::from(shards),
                 cores: None,
                 keys,
                 value_size,

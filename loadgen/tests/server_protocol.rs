@@ -241,3 +241,31 @@ fn stopping_the_server_closes_open_connections() {
         "the client sees the connection end"
     );
 }
+
+/// Bad flags are refused by name (exit 2), and a port in use is said in words (exit 1).
+#[test]
+fn bad_flags_and_a_port_in_use_are_errors_that_name_them() {
+    let loadgen = || std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    for (args, flag) in [
+        (&["records", "--keys", "0"][..], "--keys"),
+        (&["records", "--zipf=-1"][..], "--zipf"),
+        (&["records", "--rate", "0"][..], "--rate"),
+        (&["serve", "--keys", "0"][..], "--keys"),
+        (&["serve", "--error-rate", "2"][..], "--error-rate"),
+        (&["serve", "--shards", "0"][..], "--shards"),
+    ] {
+        let out = loadgen().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = loadgen().args(["serve", "--port", &port]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("could not listen") && stderr.contains(&port) && !stderr.contains("Bind {"),
+        "{stderr}"
+    );
+}

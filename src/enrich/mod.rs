@@ -102,6 +102,9 @@ pub struct EnrichConfig {
     pub connections: usize,
     pub timeout: Duration,
     pub retry: RetrySpec,
+    /// Also retry a key that has no value (Flink's `ifResult(EMPTY)`), for values written
+    /// shortly after the records that need them. Connection errors are always retried.
+    pub retry_missing: bool,
     /// Event time field (epoch seconds, epoch milliseconds, or RFC 3339).
     pub event_time: Option<String>,
     pub max_out_of_orderness: Duration,
@@ -289,11 +292,16 @@ fn start_stage(
     .capacity(config.capacity)
     .timeout(config.timeout)
     .mode(config.mode)
-    .retry(
-        config
+    .retry({
+        let policy = config
             .retry
-            .policy(|e: &crate::redis::RedisError| e.is_retryable()),
-    );
+            .policy(|e: &crate::redis::RedisError| e.is_retryable());
+        if config.retry_missing && config.retry != RetrySpec::None {
+            policy.on_result(|outs: &[Enriched]| outs.iter().any(|e| e.lookup == Lookup::Missing))
+        } else {
+            policy
+        }
+    });
     if let Some(shards) = config.shards {
         builder = builder.shards(shards);
     }
@@ -563,6 +571,13 @@ fn warn_about_outcomes(summary: &mut Summary) {
             "no key had a value: check --key against the keys in Redis (nothing was enriched)"
                 .into(),
         );
+    }
+    if summary.values_not_objects > 0 {
+        summary.warnings.push(format!(
+            "{} values were not JSON objects: they went in as strings (under `value`, or the \
+             --into field)",
+            summary.values_not_objects
+        ));
     }
     if summary.checkpoint_failures > 0 {
         summary.warnings.push(format!(

@@ -50,7 +50,13 @@ impl Policies {
                 r.line
             )),
             (Line::Record(r), Lookup::Found(value)) => {
-                Action::Write(self.merged(r, &value), Count::Enriched)
+                let (line, object) = self.merged(r, &value);
+                let count = if object {
+                    Count::Enriched
+                } else {
+                    Count::EnrichedNotObject
+                };
+                Action::Write(line, count)
             }
             (Line::Record(r), Lookup::Missing) => self.missing(r),
             (Line::Record(r), Lookup::TimedOut) => self.failed(
@@ -138,13 +144,15 @@ impl Policies {
         }
     }
 
-    /// The record with `value` placed as `--merge` or `--into` says.
-    fn merged(&self, r: &Record, value: &[u8]) -> String {
+    /// The record with `value` placed as `--merge` or `--into` says, and whether the value was
+    /// a JSON object.
+    fn merged(&self, r: &Record, value: &[u8]) -> (String, bool) {
         let object: Option<Fields> = match value.first() {
             Some(b'{') => serde_json::from_slice(value).ok(),
             _ => None,
         };
         let mut out = r.fields.clone();
+        let is_object = object.is_some();
         match (object, &self.placement) {
             (Some(found), Placement::Merge) => out.extend(found),
             (Some(_), Placement::Into(field)) => {
@@ -162,7 +170,7 @@ impl Policies {
                 out.insert(field, raw_owned(quoted));
             }
         }
-        to_json(&out)
+        (to_json(&out), is_object)
     }
 }
 

@@ -13,6 +13,8 @@ pub struct Summary {
     /// Lines of only white space (not records; nothing is written for them).
     pub blank_lines: u64,
     pub enriched: u64,
+    /// Of `enriched`, values that were not JSON objects (they went in as strings).
+    pub values_not_objects: u64,
     pub missing_kept: u64,
     pub missing_dropped: u64,
     pub bad_skipped: u64,
@@ -159,6 +161,8 @@ impl Summary {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Count {
     Enriched,
+    /// Enriched with a value that is not a JSON object.
+    EnrichedNotObject,
     MissingKept,
     MissingDropped,
     BadSkipped,
@@ -176,6 +180,10 @@ impl Summary {
     pub(crate) fn add(&mut self, count: Count, n: u64) {
         let field = match count {
             Count::Enriched => &mut self.enriched,
+            Count::EnrichedNotObject => {
+                self.values_not_objects += n;
+                &mut self.enriched
+            }
             Count::MissingKept => &mut self.missing_kept,
             Count::MissingDropped => &mut self.missing_dropped,
             Count::BadSkipped => &mut self.bad_skipped,
