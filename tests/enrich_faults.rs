@@ -816,3 +816,100 @@ fn shards_beyond_the_locked_memory_limit_are_refused_and_the_default_fits_it() {
     );
     assert_eq!(read_lines(&output).len(), 10);
 }
+
+#[test]
+fn an_unreachable_redis_is_said_before_anything_is_read_or_written() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = scratch();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 5, |_| false);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let out = run_owned(&enrich_args(addr, &input, &output));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("does not answer"), "{}", stderr(&out));
+    assert!(!output.exists(), "no output file was created");
+}
+
+#[test]
+fn a_run_where_no_key_has_a_value_warns() {
+    let server = loadgen(fixed(0));
+    let dir = scratch();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 20, |_| false);
+    let mut args = enrich_args(server.addr(), &input, &output);
+    let k = args.iter().position(|a| a == "user:{user_id}").unwrap();
+    args[k] = "profile:{user_id}".into();
+    let out = run_owned(&args);
+    assert!(out.status.success(), "missing keys are kept by default");
+    assert!(
+        stderr(&out).contains("warning: no key had a value"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn retry_on_missing_waits_for_a_value_written_after_its_record() {
+    let Some(addr) = real_redis() else { return };
+    let key = format!("sluice-faults-late-{}", std::process::id());
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    redis_command(&mut conn, &["DEL", &key]);
+    // A stream that stays open: at the end of the input, retries go out without their delay
+    // (as in Flink), so the record is fed through a pipe closed after the value is written.
+    let mut child = sluice()
+        .args([
+            "enrich",
+            "--redis",
+            &format!("redis://{addr}"),
+            "--key",
+            "{k}",
+        ])
+        .args(["--on-missing", "fail", "--retry", "fixed:100:20ms"])
+        .args(["--retry-on", "missing,error"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{{\"k\":\"{key}\"}}").unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    redis_command(&mut conn, &["SET", &key, "{\"late\":true}"]);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(line.contains("\"late\":true"), "{line}");
+    redis_command(&mut conn, &["DEL", &key]);
+}
+
+#[test]
+fn a_completed_marker_that_cannot_be_written_says_the_output_is_whole() {
+    let server = loadgen(fixed(0));
+    let dir = scratch();
+    let (input, output, chk) = (
+        dir.path().join("in.jsonl"),
+        dir.path().join("out.jsonl"),
+        dir.path().join("chk"),
+    );
+    write_input(&input, 100, |_| false);
+    // The marker is written to `completed.tmp` and renamed: a directory there makes it fail.
+    std::fs::create_dir_all(chk.join("completed.tmp").join("x")).unwrap();
+    let out = run_owned(&with(
+        &enrich_args(server.addr(), &input, &output),
+        &["--checkpoint-dir", arg(&chk)],
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert!(
+        e.contains("completed marker") && e.contains("the output is complete"),
+        "{e}"
+    );
+    assert_eq!(read_lines(&output).len(), 100);
+}
