@@ -61,10 +61,12 @@
 //! See `docs/architecture.md` for the data path and `docs/guarantees.md` for the semantics,
 //! point by point against Flink.
 
+#[cfg(feature = "tools")]
 pub mod bench;
 pub mod checkpoint;
 pub mod clock;
 mod engine;
+#[cfg(feature = "tools")]
 pub mod enrich;
 mod error;
 mod function;

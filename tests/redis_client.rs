@@ -136,6 +136,8 @@ fn a_reset_fails_in_flight_requests_retryably_and_the_client_reconnects() {
                 Ok(None) => panic!("key exists"),
                 Err(e) => {
                     assert!(e.is_retryable(), "{e}");
+                    let text = e.to_string();
+                    assert_eq!(text.matches("lost").count(), 1, "said once: {text}");
                     retryable += 1;
                     glommio::timer::sleep(Duration::from_millis(3)).await;
                 }

@@ -28,6 +28,8 @@ pub use coordinator::{CheckpointRefused, Checkpointing, RestoreInfo};
 pub use manifest::{Manifest, ManifestFile, MANIFEST_VERSION};
 pub use merge_snapshot::{HeldEntry, MergeSnapshot};
 pub use snapshot::{EntrySnapshot, ShardSnapshot, SNAPSHOT_VERSION};
+// `replace_durably` also writes the tools' own files (enrich's completed marker and settings).
+#[cfg_attr(not(feature = "tools"), allow(unused_imports))]
 pub(crate) use store::{replace_durably, snapshot_name, write_file_durably};
 pub use store::{CheckpointStore, Restored};
 

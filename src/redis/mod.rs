@@ -13,6 +13,8 @@ pub use connection::{encode_command, ReplyFuture};
 pub use error::RedisError;
 pub use reply::{decode_reply, Decoded, Reply, MAX_BULK, MAX_DEPTH};
 
+// For the tools' summaries of wire times.
+#[cfg_attr(not(feature = "tools"), allow(unused_imports))]
 pub(crate) use connection::wire_histogram;
 use connection::{Backoff, Connection};
 use std::cell::Cell;
