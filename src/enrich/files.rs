@@ -69,6 +69,23 @@ impl LineFile {
         Ok(())
     }
 
+    /// Appends a record as one JSON line that counts as `count` once written.
+    pub(crate) fn push_record(
+        &mut self,
+        fields: &super::record::Fields,
+        count: Count,
+        summary: &mut Summary,
+    ) -> Result<(), String> {
+        serde_json::to_writer(&mut self.buffer, fields)
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        self.buffer.push(b'\n');
+        self.pending.push(count);
+        if self.buffer.len() >= FILE_BUFFER {
+            self.flush(summary)?;
+        }
+        Ok(())
+    }
+
     /// Appends bytes that count as nothing (a watermark line).
     pub(crate) fn push_uncounted(&mut self, line: &[u8]) {
         self.buffer.extend_from_slice(line);

@@ -22,6 +22,7 @@
 //! - with a checkpoint directory: one run at a time holds it; a finished run's directory and
 //!   files are never touched again; output and dead letters are exactly-once (`resume.rs`).
 
+mod fields;
 mod files;
 mod guard;
 mod lookup;

@@ -12,6 +12,7 @@ use super::summary::Count;
 use super::{Enriched, Lookup, Placement};
 use serde_json::value::RawValue;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// The policies that decide an outcome.
 pub(crate) struct Policies {
@@ -25,8 +26,8 @@ pub(crate) struct Policies {
 
 /// What the writer does with one line.
 pub(crate) enum Action {
-    /// Write this line to the output.
-    Write(String, Count),
+    /// Write this record to the output.
+    Write(Fields, Count),
     /// Write this entry to a dead-letter file.
     DeadLetter(PathBuf, String, Count),
     /// Nothing to write; count it.
@@ -41,10 +42,20 @@ fn dead_letter_entry(line: u64, error: &str, input: &str) -> String {
 }
 
 impl Policies {
-    /// The action for one line and its lookup.
+    /// The action for one line and its lookup. The line is taken over without a copy when
+    /// the writer holds its last reference (as it does unless a timed-out attempt still runs).
     pub(crate) fn decide(&self, enriched: Enriched) -> Action {
-        match (&*enriched.line, enriched.lookup) {
-            (Line::Bad(bad), _) => self.bad(bad),
+        let line = Arc::try_unwrap(enriched.line).unwrap_or_else(|shared| match &*shared {
+            Line::Record(r) => Line::Record(Record {
+                line: r.line,
+                key: r.key.clone(),
+                fields: r.fields.clone(),
+                held: r.held,
+            }),
+            Line::Bad(b) => Line::Bad(b.clone()),
+        });
+        match (line, enriched.lookup) {
+            (Line::Bad(bad), _) => self.bad(&bad),
             (Line::Record(r), Lookup::NotNeeded) => Action::Fail(format!(
                 "line {}: a record came back without a lookup",
                 r.line
@@ -103,14 +114,14 @@ impl Policies {
         }
     }
 
-    fn missing(&self, r: &Record) -> Action {
+    fn missing(&self, r: Record) -> Action {
         match self.on_missing {
             OnMissing::Keep => {
-                let mut out = r.fields.clone();
+                let mut out = r.fields;
                 if let Some(marker) = &self.missing_marker {
                     out.insert(marker.clone(), raw("true"));
                 }
-                Action::Write(to_json(&out), Count::MissingKept)
+                Action::Write(out, Count::MissingKept)
             }
             OnMissing::Drop => Action::Drop(Count::MissingDropped),
             OnMissing::Fail => Action::Fail(format!(
@@ -123,14 +134,14 @@ impl Policies {
     /// A timeout or a failed lookup; `counts` are (emitted, dropped, dead-lettered).
     fn failed(
         &self,
-        r: &Record,
+        r: Record,
         policy: &OnFailedLookup,
         what: &str,
         flag: &str,
         [emitted, dropped, dead_lettered]: [Count; 3],
     ) -> Action {
         match policy {
-            OnFailedLookup::Emit => Action::Write(to_json(&r.fields), emitted),
+            OnFailedLookup::Emit => Action::Write(r.fields, emitted),
             OnFailedLookup::Drop => Action::Drop(dropped),
             OnFailedLookup::DeadLetter(path) => Action::DeadLetter(
                 path.clone(),
@@ -146,12 +157,12 @@ impl Policies {
 
     /// The record with `value` placed as `--merge` or `--into` says, and whether the value was
     /// a JSON object.
-    fn merged(&self, r: &Record, value: &[u8]) -> (String, bool) {
+    fn merged(&self, r: Record, value: &[u8]) -> (Fields, bool) {
         let object: Option<Fields> = match value.first() {
             Some(b'{') => serde_json::from_slice(value).ok(),
             _ => None,
         };
-        let mut out = r.fields.clone();
+        let mut out = r.fields;
         let is_object = object.is_some();
         match (object, &self.placement) {
             (Some(found), Placement::Merge) => out.extend(found),
@@ -170,7 +181,7 @@ impl Policies {
                 out.insert(field, raw_owned(quoted));
             }
         }
-        (to_json(&out), is_object)
+        (out, is_object)
     }
 }
 
@@ -187,7 +198,6 @@ fn raw_owned(text: String) -> Box<RawValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn policies(placement: Placement) -> Policies {
         Policies {
@@ -214,7 +224,7 @@ mod tests {
 
     fn written(action: Action) -> String {
         match action {
-            Action::Write(text, _) => text,
+            Action::Write(fields, _) => to_json(&fields),
             _ => panic!("not written"),
         }
     }

@@ -8,13 +8,10 @@
 //! - a UTF-8 byte order mark before the first line and a trailing CR are not part of a line,
 //!   and a line of only white space is blank (not a record, not a bad record).
 
+pub use super::fields::Fields;
 use super::template::KeyTemplate;
-use indexmap::IndexMap;
 use serde_json::value::RawValue;
 use std::fmt;
-
-/// A record's fields in input order, each value as the raw JSON text it came as.
-pub type Fields = IndexMap<String, Box<RawValue>>;
 
 /// A parsed input line on its way to a lookup.
 pub struct Record {
@@ -170,16 +167,23 @@ pub(crate) fn parse(format: &LineFormat<'_>, line: u64, bytes: &[u8]) -> Parsed 
     Parsed::Line(Line::Record(record), event_time)
 }
 
-/// A JSON object's fields, or why the text is not one.
+/// A JSON object's fields, or why the text is not one. Parsed once when it is an object (the
+/// common case); only a line that is not one is parsed again, to say what it is.
 fn parse_object(text: &str) -> Result<Fields, String> {
-    let raw: &RawValue = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-    let kind = match raw.get().as_bytes().first() {
-        Some(b'{') => return serde_json::from_str(raw.get()).map_err(|e| format!("{e}")),
-        Some(b'[') => "an array",
-        Some(b'"') => "a string",
-        Some(b't' | b'f') => "a boolean",
-        Some(b'n') => "null",
-        _ => "a number",
+    let error = match serde_json::from_str::<Fields>(text) {
+        Ok(fields) => return Ok(fields),
+        Err(e) => e,
+    };
+    let starts_an_object = text.trim_start().starts_with('{');
+    let kind = match serde_json::from_str::<&RawValue>(text) {
+        Ok(raw) if !starts_an_object => match raw.get().as_bytes().first() {
+            Some(b'[') => "an array",
+            Some(b'"') => "a string",
+            Some(b't' | b'f') => "a boolean",
+            Some(b'n') => "null",
+            _ => "a number",
+        },
+        _ => return Err(format!("not valid JSON: {error}")),
     };
     Err(format!("not a JSON object but {kind}"))
 }

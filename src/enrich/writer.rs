@@ -28,6 +28,8 @@ pub(crate) const IDLE_FLUSH: Duration = Duration::from_millis(100);
 pub(crate) const MAX_FLUSH_DELAY: Duration = Duration::from_secs(1);
 /// The progress callback runs at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+/// The clock is read for the flush and progress cadences once per this many outputs.
+const CLOCK_EVERY: u32 = 64;
 
 /// How the writer loop ended.
 pub(crate) enum Ended {
@@ -80,6 +82,7 @@ impl<'a> Writer<'a> {
         progress: &mut dyn FnMut(&mut Summary, u64),
     ) -> Ended {
         let mut last_progress = Instant::now();
+        let mut since_clock = 0u32;
         loop {
             if stop.at_once() {
                 return Ended::AtOnce;
@@ -110,6 +113,11 @@ impl<'a> Writer<'a> {
             if let Err(e) = result {
                 return Ended::Failed(e);
             }
+            since_clock += 1;
+            if since_clock < CLOCK_EVERY {
+                continue;
+            }
+            since_clock = 0;
             if self.last_flush.elapsed() >= MAX_FLUSH_DELAY {
                 if let Err(e) = self.flush() {
                     return Ended::Failed(e);
@@ -134,7 +142,7 @@ impl<'a> Writer<'a> {
         self.budget.release(held);
         let s = &mut self.summary;
         match action {
-            Action::Write(line, count) => self.output.push(line.as_bytes(), count, s)?,
+            Action::Write(fields, count) => self.output.push_record(&fields, count, s)?,
             Action::DeadLetter(path, entry, count) => {
                 self.dead_letters.push(&path, entry.as_bytes(), count, s)?
             }
