@@ -42,6 +42,18 @@ fn dead_letter_entry(line: u64, error: &str, input: &str) -> String {
 }
 
 impl Policies {
+    /// The policies `config` sets.
+    pub(crate) fn of(config: &super::EnrichConfig) -> Policies {
+        Policies {
+            placement: config.placement.clone(),
+            on_missing: config.on_missing,
+            missing_marker: config.missing_marker.clone(),
+            on_bad_record: config.on_bad_record.clone(),
+            on_timeout: config.on_timeout.clone(),
+            on_error: config.on_error.clone(),
+        }
+    }
+
     /// The action for one line and its lookup. The line is taken over without a copy when
     /// the writer holds its last reference (as it does unless a timed-out attempt still runs).
     pub(crate) fn decide(&self, enriched: Enriched) -> Action {

@@ -1,0 +1,258 @@
+//! Starting a `sluice enrich` run: the checks before any file is touched, the stage, and the
+//! files opened where the run starts.
+//!
+//! Owns: the order of start-up. Invariants: nothing is written (no output created, no file
+//! truncated) before every check passed: the files' roles, the checkpoint directory's lock and
+//! completed marker, Redis answering; a resume cuts every file back to what its checkpoint
+//! committed, and only after the settings were found the same.
+
+use super::files::{DeadLetters, LineFile, Target};
+use super::guard::{self, DirLock, Role};
+use super::reader::{Budget, ReaderInput};
+use super::record::Line;
+use super::{
+    completed_marker, lookup, resume, EnrichConfig, Enriched, Lookup, OnBadRecord, OnFailedLookup,
+    RetrySpec,
+};
+use crate::checkpoint::{Checkpointing, RestoreInfo};
+use crate::redis::ClientConfig;
+use crate::{OutputMode, Stage};
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long the check that Redis answers may take to connect before the run starts.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long it waits for the PING's reply (a slower server is taken as reachable).
+const PING_WAIT: Duration = Duration::from_secs(1);
+
+/// The dead-letter files the policies name, each once.
+pub(crate) fn dead_letter_paths(config: &EnrichConfig) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = [
+        match &config.on_bad_record {
+            OnBadRecord::DeadLetter(p) => Some(p.clone()),
+            _ => None,
+        },
+        match &config.on_timeout {
+            OnFailedLookup::DeadLetter(p) => Some(p.clone()),
+            _ => None,
+        },
+        match &config.on_error {
+            OnFailedLookup::DeadLetter(p) => Some(p.clone()),
+            _ => None,
+        },
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+/// The settings that shape the output, recorded with checkpoints.
+pub(crate) fn output_settings(config: &EnrichConfig) -> serde_json::Value {
+    let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    serde_json::json!({
+        "backend": config.backend,
+        "key": config.key.source(),
+        "input": show(&config.input),
+        "output": show(&config.output),
+        "placement": format!("{:?}", config.placement),
+        "on_missing": format!("{:?}", config.on_missing),
+        "missing_marker": config.missing_marker,
+        "on_bad_record": format!("{:?}", config.on_bad_record),
+        "on_timeout": format!("{:?}", config.on_timeout),
+        "on_error": format!("{:?}", config.on_error),
+        "mode": format!("{:?}", config.mode),
+        "event_time": config.event_time,
+        "max_out_of_orderness_ms": config.max_out_of_orderness.as_millis() as u64,
+        "emit_watermarks": config.emit_watermarks,
+    })
+}
+
+/// Checks what can be checked before any file is written: the files' roles, the checkpoint
+/// directory (locked for the run), the completed marker, and that Redis answers.
+pub(crate) fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool), String> {
+    let dead = dead_letter_paths(config);
+    let mut roles = vec![];
+    if let Some(p) = &config.input {
+        roles.push(Role {
+            what: "--input",
+            path: p,
+        });
+    }
+    if let Some(p) = &config.output {
+        roles.push(Role {
+            what: "--output",
+            path: p,
+        });
+    }
+    roles.extend(dead.iter().map(|p| Role {
+        what: "dead-letter file",
+        path: p,
+    }));
+    guard::distinct_files(&roles)?;
+    let mut lock = None;
+    if let Some(dir) = &config.checkpoint_dir {
+        if config.input.is_none() || config.output.is_none() {
+            return Err(format!(
+                "--checkpoint-dir {} needs --input FILE and --output FILE: standard input \
+                 cannot be re-read from an offset, nor standard output cut back on resume",
+                dir.display()
+            ));
+        }
+        lock = Some(DirLock::acquire(dir)?);
+        if completed_marker(dir).exists() {
+            return Ok((lock, true));
+        }
+    }
+    redis_answers(config.redis)?;
+    Ok((lock, false))
+}
+
+/// Connects to Redis and sends a PING, so that an unreachable server (or one that refuses
+/// commands) is said before any line is read or any file created. A server that is slow to
+/// answer the PING is taken as reachable: the run's timeout policy handles slowness.
+fn redis_answers(addr: SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let unreachable = |e: std::io::Error| {
+        format!("Redis at {addr} does not answer: {e}; check --redis and that the server runs")
+    };
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, PREFLIGHT_TIMEOUT).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(PING_WAIT))
+        .map_err(unreachable)?;
+    stream
+        .write_all(b"*1\r\n$4\r\nPING\r\n")
+        .map_err(unreachable)?;
+    let mut reply = [0u8; 256];
+    let n = match stream.read(&mut reply) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(unreachable(e)),
+        Err(_) => return Ok(()), // slow, or interrupted: reachable
+    };
+    match reply.get(..n) {
+        Some(r) if r.starts_with(b"+PONG") => Ok(()),
+        Some(r) if r.starts_with(b"-") => Err(format!(
+            "Redis at {addr} refused PING: {}",
+            String::from_utf8_lossy(&r[1..]).trim_end()
+        )),
+        _ => Err(format!(
+            "the server at {addr} does not speak Redis (no PONG to PING)"
+        )),
+    }
+}
+
+/// Each shard's wire times, added when the shard closes its function.
+pub(crate) type WireTimes = Arc<Mutex<hdrhistogram::Histogram<u64>>>;
+
+/// Builds and starts the stage (restoring a checkpoint in the directory, if any).
+pub(crate) fn start_stage(
+    config: &EnrichConfig,
+    budget: &Arc<Budget>,
+) -> Result<(Stage<Arc<Line>, Enriched>, WireTimes), String> {
+    let addr = config.redis;
+    let client = ClientConfig {
+        connections: config.connections,
+        ..ClientConfig::default()
+    };
+    // Each shard's client adds its wire times here when the shard closes its function.
+    let wire_us = Arc::new(Mutex::new(crate::redis::wire_histogram()));
+    let (wire_sink, budget) = (wire_us.clone(), budget.clone());
+    let mut builder = Stage::builder(move |_| {
+        lookup::RedisEnrich::new(addr, &client, wire_sink.clone(), budget.clone())
+    })
+    .capacity(config.capacity)
+    .timeout(config.timeout)
+    .mode(config.mode)
+    .retry({
+        let policy = config
+            .retry
+            .policy(|e: &crate::redis::RedisError| e.is_retryable());
+        if config.retry_missing && config.retry != RetrySpec::None {
+            policy.on_result(|outs: &[Enriched]| outs.iter().any(|e| e.lookup == Lookup::Missing))
+        } else {
+            policy
+        }
+    });
+    if let Some(shards) = config.shards {
+        builder = builder.shards(shards);
+    }
+    if config.mode == OutputMode::KeyOrdered {
+        builder = builder.key_by(|l: &Arc<Line>| match &**l {
+            Line::Record(r) => crate::hash_key(&r.key),
+            Line::Bad(b) => b.line,
+        });
+    }
+    if let Some(dir) = &config.checkpoint_dir {
+        builder = builder.checkpointing(Checkpointing::new(
+            dir,
+            resume::line_codec(),
+            resume::enriched_codec(),
+        ));
+    }
+    let stage = builder.start().map_err(|e| e.to_string())?;
+    Ok((stage, wire_us))
+}
+
+/// The files a run reads and writes, opened where it starts.
+pub(crate) struct Files {
+    pub input: ReaderInput,
+    pub output: LineFile,
+    pub dead_letters: DeadLetters,
+}
+
+/// Opens the input at the restored position and the output and dead-letter files cut back to
+/// what the restored checkpoint committed (or emptied for a fresh run).
+pub(crate) fn open_files(
+    config: &EnrichConfig,
+    restored: Option<&RestoreInfo>,
+) -> Result<Files, String> {
+    let input = match &config.input {
+        None => ReaderInput {
+            input: Box::new(std::io::BufReader::new(std::io::stdin())) as Box<dyn BufRead + Send>,
+            offset: 0,
+            line: 0,
+            hasher: crc32fast::Hasher::new(),
+        },
+        Some(p) => {
+            let source = resume::open_source(p, restored)?;
+            ReaderInput {
+                input: Box::new(source.reader),
+                offset: source.offset,
+                line: source.lines,
+                hasher: source.hasher,
+            }
+        }
+    };
+    let output = match &config.output {
+        None => LineFile::new("output".into(), Target::Stdout(std::io::stdout())),
+        Some(p) => {
+            let committed = restored.map(|r| (r.checkpoint_id, r.sink_position));
+            let file = resume::open_appending(p, committed, "output")?;
+            LineFile::new(format!("output {}", p.display()), Target::File(file))
+        }
+    };
+    let mut dead_letters = DeadLetters::default();
+    for path in dead_letter_paths(config) {
+        let committed = match restored {
+            None => None,
+            Some(r) => {
+                let name = DeadLetters::side_output_name(&path);
+                let position = r.side_outputs.get(&name).copied().unwrap_or(0);
+                Some((r.checkpoint_id, position))
+            }
+        };
+        let file = resume::open_appending(&path, committed, "dead-letter file")?;
+        dead_letters.insert(path, file);
+    }
+    Ok(Files {
+        input,
+        output,
+        dead_letters,
+    })
+}
