@@ -2,10 +2,12 @@
 //! loadgen server (`--loadgen`), a loadgen server the test stops mid-run, and a real Redis when
 //! one is reachable (`REDIS_URL`, else 127.0.0.1:6379; required with SLUICE_REQUIRE_REDIS=1).
 
+mod real_redis;
+
 use loadgen::{keyspace, Event, Generator, GeneratorConfig, LatencyModel, Server, ServerConfig};
+use real_redis::{real_redis, redis_command};
 use serde_json::{Map, Value};
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::Ordering;
@@ -602,33 +604,13 @@ fn a_stdin_pipe_that_closes_early_ends_cleanly_and_sigint_drains() {
     drop(stdin);
 }
 
-/// A real Redis, or `None` (skip) when unreachable and not required.
-fn real_redis() -> Option<SocketAddr> {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let addr = sluice::redis::parse_url(&url).unwrap();
-    let reachable = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok();
-    if !reachable && std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-        panic!("SLUICE_REQUIRE_REDIS=1 but no Redis answers at {url}");
-    }
-    reachable.then_some(addr).or_else(|| {
-        eprintln!("skipping: no Redis at {url}");
-        None
-    })
-}
-
 #[test]
 fn real_redis_enrichment_with_a_composite_key() {
     let Some(addr) = real_redis() else { return };
     let prefix = format!("sluice-enrich-test-{}", std::process::id());
     let mut conn = std::net::TcpStream::connect(addr).unwrap();
     let mut send = |args: &[&str]| {
-        let mut cmd = format!("*{}\r\n", args.len());
-        for a in args {
-            cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        conn.write_all(cmd.as_bytes()).unwrap();
-        let mut buf = [0u8; 64];
-        let _ = conn.read(&mut buf).unwrap();
+        redis_command(&mut conn, args);
     };
     send(&[
         "SET",

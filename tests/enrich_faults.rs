@@ -6,7 +6,10 @@
 //! lookups against loadgen servers in this process, and a real Redis where the fault needs one
 //! (`REDIS_URL`, else 127.0.0.1:6379; required with SLUICE_REQUIRE_REDIS=1).
 
+mod real_redis;
+
 use loadgen::{LatencyModel, Server, ServerConfig};
+use real_redis::{real_redis, redis_command};
 use serde_json::Value;
 use std::io::{BufRead, Read, Write};
 use std::net::SocketAddr;
@@ -125,9 +128,48 @@ fn with(base: &[String], more: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// `a` then `b`, as flags.
+fn with_strs<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
+    a.iter().chain(b).copied().collect()
+}
+
 fn run_owned(args: &[String]) -> Output {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     run(&refs)
+}
+
+/// A run's files: `in.jsonl`, `out.jsonl` and the summary `m.json` in a scratch directory.
+struct Files {
+    /// Removed when the test ends.
+    _dir: tempfile::TempDir,
+    input: std::path::PathBuf,
+    output: std::path::PathBuf,
+    metrics: std::path::PathBuf,
+}
+
+impl Files {
+    /// With `lines` lines of `write_input` as the input.
+    fn with_input(lines: u64) -> Files {
+        let dir = scratch();
+        let f = Files {
+            input: dir.path().join("in.jsonl"),
+            output: dir.path().join("out.jsonl"),
+            metrics: dir.path().join("m.json"),
+            _dir: dir,
+        };
+        write_input(&f.input, lines, |_| false);
+        f
+    }
+
+    /// Runs `enrich_args` against `server` with `more` flags and `--metrics-json`.
+    fn enrich(&self, server: SocketAddr, more: &[&str]) -> Output {
+        let args = with(&enrich_args(server, &self.input, &self.output), more);
+        run_owned(&with(&args, &["--metrics-json", arg(&self.metrics)]))
+    }
+
+    fn summary(&self) -> Value {
+        metrics(&self.metrics)
+    }
 }
 
 #[test]
@@ -213,32 +255,6 @@ fn a_second_run_on_one_checkpoint_directory_is_refused_naming_the_first() {
     let out = read_lines(&output);
     assert_eq!(out.len(), 400, "the first run's output is whole");
     assert!(out.iter().enumerate().all(|(i, v)| v["n"] == i as u64));
-}
-
-/// A real Redis, or `None` (skip) when unreachable and not required.
-fn real_redis() -> Option<SocketAddr> {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let addr = sluice::redis::parse_url(&url).unwrap();
-    let reachable = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok();
-    if !reachable && std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-        panic!("SLUICE_REQUIRE_REDIS=1 but no Redis answers at {url}");
-    }
-    reachable.then_some(addr).or_else(|| {
-        eprintln!("skipping: no Redis at {url}");
-        None
-    })
-}
-
-/// Sends one command to Redis and reads its (short) reply.
-fn redis_command(conn: &mut std::net::TcpStream, args: &[&str]) -> String {
-    let mut cmd = format!("*{}\r\n", args.len());
-    for a in args {
-        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    conn.write_all(cmd.as_bytes()).unwrap();
-    let mut buf = [0u8; 256];
-    let n = conn.read(&mut buf).unwrap();
-    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 #[test]
@@ -464,26 +480,18 @@ fn an_unwritable_checkpoint_directory_is_refused_before_anything_is_written() {
 #[test]
 fn a_bom_blank_lines_and_crlf_do_not_stop_a_run() {
     let server = loadgen(fixed(0));
-    let dir = scratch();
-    let (input, output, m) = (
-        dir.path().join("in.jsonl"),
-        dir.path().join("out.jsonl"),
-        dir.path().join("m.json"),
-    );
+    let f = Files::with_input(0);
     std::fs::write(
-        &input,
+        &f.input,
         "\u{feff}{\"user_id\":\"user_000001\"}\r\n\n   \n{\"user_id\":\"user_000002\"}\n\n",
     )
     .unwrap();
-    let out = run_owned(&with(
-        &enrich_args(server.addr(), &input, &output),
-        &["--metrics-json", arg(&m)],
-    ));
+    let out = f.enrich(server.addr(), &[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let got = read_lines(&output);
+    let got = read_lines(&f.output);
     assert_eq!(got.len(), 2);
     assert_eq!(got[0]["user_id"], "user_000001");
-    let m = metrics(&m);
+    let m = f.summary();
     assert_eq!(
         (m["blank_lines"].as_u64(), m["enriched"].as_u64()),
         (Some(3), Some(2))
@@ -581,30 +589,20 @@ fn the_bytes_held_stay_under_the_bound_with_large_values() {
         ..Default::default()
     })
     .unwrap();
-    let dir = scratch();
-    let (input, output, m) = (
-        dir.path().join("in.jsonl"),
-        dir.path().join("out.jsonl"),
-        dir.path().join("m.json"),
-    );
-    write_input(&input, 200, |_| false);
+    let f = Files::with_input(200);
     let limit = 2 * 1024 * 1024;
-    let out = run_owned(&with(
-        &enrich_args(server.addr(), &input, &output),
-        &[
-            "--capacity",
-            "64",
-            "--shards",
-            "2",
-            "--max-bytes-held",
-            "2MiB",
-            "--metrics-json",
-            arg(&m),
-        ],
-    ));
+    let flags = [
+        "--capacity",
+        "64",
+        "--shards",
+        "2",
+        "--max-bytes-held",
+        "2MiB",
+    ];
+    let out = f.enrich(server.addr(), &flags);
     assert!(out.status.success());
-    assert_eq!(read_lines(&output).len(), 200);
-    let m = metrics(&m);
+    assert_eq!(read_lines(&f.output).len(), 200);
+    let m = f.summary();
     let peak = m["peak_bytes_held"].as_u64().unwrap();
     // The limit, plus one line's reservation (its weight and a value's estimate) and its value.
     let bound = limit + 1024 + 2 * VALUE as u64;
@@ -702,32 +700,13 @@ fn a_stalled_server_shows_as_timeouts_under_the_timeout_policy() {
     // Replies take a minute: every lookup times out. More lookups than a connection's reply
     // ring holds (4096) are abandoned while their replies are still owed.
     let server = loadgen(fixed(60_000));
-    let dir = scratch();
-    let (input, output, m) = (
-        dir.path().join("in.jsonl"),
-        dir.path().join("out.jsonl"),
-        dir.path().join("m.json"),
-    );
-    write_input(&input, 6000, |_| false);
-    let out = run_owned(&with(
-        &enrich_args(server.addr(), &input, &output),
-        &[
-            "--capacity",
-            "200",
-            "--shards",
-            "1",
-            "--timeout",
-            "20ms",
-            "--on-timeout",
-            "emit",
-            "--metrics-json",
-            arg(&m),
-        ],
-    ));
+    let f = Files::with_input(6000);
+    let flags = ["--capacity", "200", "--shards", "1", "--timeout", "20ms"];
+    let out = f.enrich(server.addr(), &with_strs(&flags, &["--on-timeout", "emit"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    let m = metrics(&m);
+    let m = f.summary();
     assert_eq!(m["timeouts_emitted"].as_u64(), Some(6000), "{m}");
-    assert_eq!(read_lines(&output).len(), 6000);
+    assert_eq!(read_lines(&f.output).len(), 6000);
 }
 
 #[test]
@@ -740,26 +719,13 @@ fn connection_resets_cost_a_request_one_attempt_and_reconnects_burn_no_retries()
         ..Default::default()
     })
     .unwrap();
-    let dir = scratch();
-    let (input, output, m) = (
-        dir.path().join("in.jsonl"),
-        dir.path().join("out.jsonl"),
-        dir.path().join("m.json"),
+    let f = Files::with_input(5000);
+    let out = f.enrich(
+        server.addr(),
+        &["--capacity", "64", "--retry", "exp:10:1ms:50ms:full"],
     );
-    write_input(&input, 5000, |_| false);
-    let out = run_owned(&with(
-        &enrich_args(server.addr(), &input, &output),
-        &[
-            "--capacity",
-            "64",
-            "--retry",
-            "exp:10:1ms:50ms:full",
-            "--metrics-json",
-            arg(&m),
-        ],
-    ));
     assert!(out.status.success(), "{}", stderr(&out));
-    let m = metrics(&m);
+    let m = f.summary();
     assert_eq!(m["enriched"].as_u64(), Some(5000), "{m}");
     assert!(
         m["retries"].as_u64().unwrap() > 0,

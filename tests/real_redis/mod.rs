@@ -1,0 +1,32 @@
+//! A real Redis for the tests that need one: `REDIS_URL`, else 127.0.0.1:6379; a test skips
+//! (saying so) when none answers, unless SLUICE_REQUIRE_REDIS=1 makes that a failure.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A real Redis, or `None` (skip) when unreachable and not required.
+pub fn real_redis() -> Option<SocketAddr> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let addr = sluice::redis::parse_url(&url).unwrap();
+    let reachable = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok();
+    if !reachable && std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+        panic!("SLUICE_REQUIRE_REDIS=1 but no Redis answers at {url}");
+    }
+    reachable.then_some(addr).or_else(|| {
+        eprintln!("skipping: no Redis at {url}");
+        None
+    })
+}
+
+/// Sends one command to Redis and reads its (short) reply.
+pub fn redis_command(conn: &mut std::net::TcpStream, args: &[&str]) -> String {
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    conn.write_all(cmd.as_bytes()).unwrap();
+    let mut buf = [0u8; 256];
+    let n = conn.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
