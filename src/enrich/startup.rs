@@ -23,6 +23,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Requests a connection may have on the wire per lookup slot of the stage (see `start_stage`).
+const REQUESTS_PER_SLOT: usize = 2;
 /// How long the check that Redis answers may take to connect before the run starts.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long it waits for the PING's reply (a slower server is taken as reachable).
@@ -156,8 +158,12 @@ pub(crate) fn start_stage(
     budget: &Arc<Budget>,
 ) -> Result<(Stage<Arc<Line>, Enriched>, WireTimes), String> {
     let addr = config.redis;
+    // Requests on the wire per connection stay within twice the capacity: room for the
+    // lookups in flight and as many abandoned by a timeout whose replies are still owed.
+    // Against a stalled server the rest wait for a slot (not sent) until their timeout.
     let client = ClientConfig {
         connections: config.connections,
+        max_in_flight: config.capacity.saturating_mul(REQUESTS_PER_SLOT).max(1),
         ..ClientConfig::default()
     };
     // Each shard's client adds its wire times here when the shard closes its function.
