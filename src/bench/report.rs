@@ -39,7 +39,7 @@ pub struct Point {
     /// This mode's CPU per record over the tokio baseline's (the cheaper of `tokio-buffered`
     /// and `tokio-unordered`) at the same shards and capacity, taken within each repeat (the
     /// runs measured side by side), then the median. Absent when no tokio mode ran, and in
-    /// reports older than session 7.
+    /// older reports.
     #[serde(default)]
     pub cpu_vs_tokio: Option<f64>,
     pub repeats: usize,
@@ -261,9 +261,71 @@ impl Report {
                 p.wire_p50_us.map_or("-".into(), |w| w.to_string())
             ));
         }
+        out.push_str(LEGEND);
+        out.push_str(&self.conclusion());
+        out
+    }
+
+    /// The lines a reader came for: at each shard count and capacity, the best of sluice's
+    /// modes against the synchronous map, the ideal and the tokio baseline.
+    pub fn conclusion(&self) -> String {
+        let mut keys: Vec<(usize, usize)> = self
+            .points
+            .iter()
+            .filter(|p| SLUICE_MODES.contains(&p.mode.as_str()))
+            .map(|p| (p.shards, p.capacity))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut out = String::new();
+        for (shards, capacity) in keys {
+            let at = |p: &&Point| p.shards == shards && p.capacity == capacity;
+            let best = self
+                .points
+                .iter()
+                .filter(at)
+                .filter(|p| SLUICE_MODES.contains(&p.mode.as_str()))
+                .max_by(|a, b| a.rps.total_cmp(&b.rps));
+            let Some(best) = best else { continue };
+            let tokio = self
+                .points
+                .iter()
+                .filter(at)
+                .filter(|p| p.mode.starts_with("tokio-"))
+                .map(|p| p.rps)
+                .max_by(f64::total_cmp);
+            out.push_str(&format!(
+                "{shards} shard(s), capacity {capacity:>4}: best {} at {:.0} records/s, {} the sync map, {:.0}% of the ideal{}\n",
+                best.mode,
+                best.rps,
+                best.speedup_vs_sync_map
+                    .map_or("-".into(), |s| format!("{s:.1}x")),
+                best.efficiency * 100.0,
+                tokio.map_or(String::new(), |t| format!(
+                    ", {:.2}x the faster tokio baseline",
+                    best.rps / t.max(1e-9)
+                ))
+            ));
+        }
+        if !out.is_empty() {
+            out.insert_str(0, "\nConclusion:\n");
+        }
         out
     }
 }
+
+/// The sluice modes the conclusion compares (the baselines are the others).
+const SLUICE_MODES: [&str; 4] = ["ordered", "unordered", "key-ordered", "adapter-unordered"];
+
+/// What the table's columns mean.
+const LEGEND: &str = "
+speedup: records/s over the synchronous map's (one lookup at a time); eff.: records/s as a
+share of the ideal (capacity x shards / round trip, capped by the server's measured limit);
+p50/p99/p99.9 us: a record's latency; cpu us/r: the whole process's CPU time (user + system)
+per record; cpu/tokio: that over the cheaper tokio baseline's at the same shards and capacity,
+taken within each repeat; wire p50: a request's median time between the socket and its reply
+(the rest of p50 is the client's own queueing).
+";
 
 /// Reads a report written by [`write_json`].
 pub fn read_json(path: &Path) -> Result<Report, String> {
@@ -484,7 +546,30 @@ mod tests {
         let report = report(vec![(Mode::Unordered, [1.0, 1.0, 1.0])]);
         assert_eq!(point(&report, Mode::Unordered).cpu_vs_tokio, None);
         let table = report.table();
-        let line: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        let row = table.lines().find(|l| l.starts_with("unordered")).unwrap();
+        let line: Vec<&str> = row.split_whitespace().collect();
         assert_eq!((line[0], line[10]), ("unordered", "-"), "{line:?}");
+    }
+
+    #[test]
+    fn the_table_says_what_its_columns_mean_and_ends_with_the_conclusion() {
+        let report = report(vec![
+            (Mode::Unordered, [1.0, 1.0, 1.0]),
+            (Mode::TokioUnordered, [2.0, 2.0, 2.0]),
+        ]);
+        let table = report.table();
+        for column in ["speedup:", "eff.:", "cpu us/r:", "cpu/tokio:", "wire p50:"] {
+            assert!(table.contains(column), "{column} explained");
+        }
+        let last = table.lines().last().unwrap();
+        assert!(
+            last.starts_with("1 shard(s), capacity   64: best unordered")
+                && last.contains("x the faster tokio baseline"),
+            "{last}"
+        );
+        assert!(
+            !last.contains("tokio-unordered"),
+            "a baseline is never the best sluice mode"
+        );
     }
 }
