@@ -212,8 +212,9 @@ where
         }
     }
 
-    /// Starts the shards.
-    pub fn start(self) -> Result<Stage<F::In, F::Out>, BuildError> {
+    /// The shard count: as set, or one per usable core within the locked-memory limit;
+    /// refused when out of range or when its io_uring memory would exceed the limit.
+    fn shard_count(&self) -> Result<usize, BuildError> {
         let shards = self
             .shards
             .unwrap_or_else(|| placement::default_shards_for(self.io_memory));
@@ -234,6 +235,12 @@ where
                 });
             }
         }
+        Ok(shards)
+    }
+
+    /// Starts the shards.
+    pub fn start(self) -> Result<Stage<F::In, F::Out>, BuildError> {
+        let shards = self.shard_count()?;
         let capacity = NonZeroUsize::new(self.capacity)
             .filter(|c| c.get() <= 1 << 20)
             .ok_or_else(|| {
