@@ -343,18 +343,34 @@ pub fn write_json(report: &Report, path: &Path) -> Result<(), String> {
     std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// One colour per mode, far apart (Tableau 10); odd modes also get triangles, not circles.
 const COLORS: [RGBColor; 8] = [
-    RGBColor(200, 30, 30),
-    RGBColor(120, 120, 120),
-    RGBColor(230, 140, 20),
-    RGBColor(170, 110, 40),
-    RGBColor(30, 90, 200),
-    RGBColor(20, 150, 60),
-    RGBColor(140, 50, 170),
-    RGBColor(0, 160, 160),
+    RGBColor(214, 39, 40),
+    RGBColor(127, 127, 127),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(23, 190, 207),
 ];
 
-/// Writes the throughput-against-capacity chart as SVG: one line per mode (and shard count).
+/// The ideal at each capacity for `shards` shards (Little's law, capped by the server's
+/// limit), from the async points that carry it.
+fn ideal_line(report: &Report, shards: usize) -> Vec<(f64, f64)> {
+    let mut line: Vec<(f64, f64)> = report
+        .points
+        .iter()
+        .filter(|p| p.shards == shards && p.mode != "sync-map" && p.ideal_rps > 0.0)
+        .map(|p| (p.capacity as f64, p.ideal_rps))
+        .collect();
+    line.sort_by(|a, b| a.0.total_cmp(&b.0));
+    line.dedup_by(|a, b| a.0 == b.0);
+    line
+}
+
+/// Writes the throughput-against-capacity chart as SVG: one line per mode (and shard count),
+/// and the ideal. Over 70 lines: one chart's drawing, step by step, reads best in one place.
 pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -412,6 +428,36 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
             })
             .x_label_formatter(&|v| format!("{v:.0}"))
             .draw()?;
+        for (si, shards) in shard_counts.iter().enumerate() {
+            let ideal = ideal_line(report, *shards);
+            if ideal.is_empty() {
+                continue;
+            }
+            let style = BLACK.stroke_width(1);
+            let label = if shard_counts.len() > 1 {
+                let plural = if *shards == 1 { "" } else { "s" };
+                let dashed = if si == 0 { "" } else { ", dashed" };
+                format!("ideal ({shards} shard{plural}{dashed})")
+            } else {
+                "ideal".to_string()
+            };
+            if si == 0 {
+                chart
+                    .draw_series(LineSeries::new(ideal, style))?
+                    .label(label)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            } else {
+                chart
+                    .draw_series(DashedLineSeries::new(ideal, 3, 3, style))?
+                    .label(label)
+                    .legend(move |(x, y)| {
+                        // A dashed entry: two short strokes.
+                        EmptyElement::at((x, y))
+                            + PathElement::new(vec![(0, 0), (8, 0)], style)
+                            + PathElement::new(vec![(12, 0), (20, 0)], style)
+                    });
+            }
+        }
         for (mi, mode) in Mode::ALL.iter().enumerate() {
             for (si, shards) in shard_counts.iter().enumerate() {
                 let mut line: Vec<(f64, f64)> = report
@@ -437,25 +483,34 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
                 } else {
                     mode.name().to_string()
                 };
-                let legend = move |(x, y): (i32, i32)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                };
                 if si == 0 {
                     chart
                         .draw_series(LineSeries::new(line.clone(), style))?
                         .label(label)
-                        .legend(legend);
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
                 } else {
-                    // Further shard counts: dashed, in the mode's colour.
+                    // Further shard counts: dashed, in the mode's colour, in the legend too.
                     chart
                         .draw_series(DashedLineSeries::new(line.clone(), 6, 4, style))?
                         .label(label)
-                        .legend(legend);
+                        .legend(move |(x, y)| {
+                            // A dashed entry: two short strokes.
+                            EmptyElement::at((x, y))
+                                + PathElement::new(vec![(0, 0), (8, 0)], style)
+                                + PathElement::new(vec![(12, 0), (20, 0)], style)
+                        });
                 }
-                chart.draw_series(
-                    line.iter()
-                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
-                )?;
+                if mi % 2 == 0 {
+                    chart.draw_series(
+                        line.iter()
+                            .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+                    )?;
+                } else {
+                    chart.draw_series(
+                        line.iter()
+                            .map(|&(x, y)| TriangleMarker::new((x, y), 4, color.filled())),
+                    )?;
+                }
             }
         }
         chart
