@@ -886,3 +886,41 @@ fn a_completed_marker_that_cannot_be_written_says_the_output_is_whole() {
     );
     assert_eq!(read_lines(&output).len(), 100);
 }
+
+#[test]
+fn a_steady_trickle_of_input_reaches_the_pipe_within_the_flush_delay() {
+    // A line every 40 ms is never idle for the 100 ms idle flush: the 1 s flush delay applies.
+    let server = loadgen(fixed(0));
+    let mut child = sluice()
+        .args(["enrich", "--redis", &format!("redis://{}", server.addr())])
+        .args(["--key", "user:{user_id}"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let _ = tx.send((Instant::now(), line.unwrap()));
+        }
+    });
+    let started = Instant::now();
+    for i in 0..75 {
+        writeln!(stdin, "{{\"user_id\":\"user_00000{}\",\"i\":{i}}}", i % 10).unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let (first_at, _) = rx
+        .try_recv()
+        .expect("output arrived while the input kept coming");
+    assert!(
+        first_at.duration_since(started) < Duration::from_millis(2500),
+        "first output after {:?}",
+        first_at.duration_since(started)
+    );
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}

@@ -60,6 +60,12 @@ pub struct RecvTimedOut;
 /// Wakes the thread that waits in [`Consumer::recv_timeout`].
 struct ThreadWaker(std::thread::Thread);
 
+thread_local! {
+    /// This thread's waker for [`Consumer::recv_timeout`], made once per thread.
+    static THREAD_WAKER: std::task::Waker =
+        std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+}
+
 impl std::task::Wake for ThreadWaker {
     fn wake(self: Arc<Self>) {
         self.0.unpark();
@@ -385,18 +391,22 @@ impl<O: 'static> Consumer<O> {
         &mut self,
         timeout: std::time::Duration,
     ) -> Result<Option<Result<Output<O>, StageError>>, RecvTimedOut> {
-        let deadline = std::time::Instant::now() + timeout;
-        let waker = std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+        let waker = THREAD_WAKER.with(std::task::Waker::clone);
         let mut cx = std::task::Context::from_waker(&waker);
+        // Polled before the clock is read: an output that is ready costs no clock read.
+        if let std::task::Poll::Ready(item) = self.poll_next_unpin(&mut cx) {
+            return Ok(item);
+        }
+        let deadline = std::time::Instant::now() + timeout;
         loop {
-            if let std::task::Poll::Ready(item) = self.poll_next_unpin(&mut cx) {
-                return Ok(item);
-            }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 return Err(RecvTimedOut);
             }
             std::thread::park_timeout(left);
+            if let std::task::Poll::Ready(item) = self.poll_next_unpin(&mut cx) {
+                return Ok(item);
+            }
         }
     }
 

@@ -87,7 +87,20 @@ impl<'a> Writer<'a> {
             if stop.at_once() {
                 return Ended::AtOnce;
             }
-            let item = match consumer.recv_timeout(IDLE_FLUSH) {
+            // Nothing ready is the moment to look at the flush cadence: a trickle of outputs
+            // (never idle for `IDLE_FLUSH`) still reaches the file every `MAX_FLUSH_DELAY`.
+            let ready = match consumer.recv_timeout(Duration::ZERO) {
+                Ok(item) => Ok(item),
+                Err(RecvTimedOut) => {
+                    if self.last_flush.elapsed() >= MAX_FLUSH_DELAY {
+                        if let Err(e) = self.flush() {
+                            return Ended::Failed(e);
+                        }
+                    }
+                    consumer.recv_timeout(IDLE_FLUSH)
+                }
+            };
+            let item = match ready {
                 Err(RecvTimedOut) => {
                     if let Err(e) = self.flush() {
                         return Ended::Failed(e);
