@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use loadgen::{LatencyModel, Server, ServerConfig};
 use sluice::bench::{self, Mode, SweepConfig};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -285,12 +286,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
-    use sluice::enrich::{self, EnrichConfig, KeyTemplate, OnBadRecord, OnFailedLookup, Placement};
-    use std::io::IsTerminal;
-    use std::sync::Arc;
+/// The backend `sluice enrich` looks up in: the `--redis` address, or an embedded loadgen
+/// server (returned, to live as long as the run).
+fn enrich_backend(args: &EnrichArgs) -> Result<(SocketAddr, Option<Server>), String> {
+    match &args.redis {
+        Some(url) => Ok((
+            sluice::redis::parse_url(url).map_err(|e| e.to_string())?,
+            None,
+        )),
+        None => {
+            let server = Server::start(ServerConfig {
+                keys: args.loadgen_keys,
+                latency: args.loadgen_latency.clone(),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+            Ok((server.addr(), Some(server)))
+        }
+    }
+}
 
-    let key = KeyTemplate::parse(&args.key).map_err(|e| e.to_string())?;
+/// The run's configuration from the command line; `redis` is where lookups go.
+fn enrich_config(
+    args: EnrichArgs,
+    redis: SocketAddr,
+) -> Result<sluice::enrich::EnrichConfig, String> {
+    use sluice::enrich::{EnrichConfig, KeyTemplate, OnBadRecord, OnFailedLookup, Placement};
     let mode = match args.mode.as_str() {
         "ordered" => sluice::OutputMode::Ordered,
         "unordered" => sluice::OutputMode::Unordered,
@@ -302,29 +323,15 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
         }
     };
     let path = |p: &str| (p != "-").then(|| PathBuf::from(p));
-    let _server;
-    let redis = match &args.redis {
-        Some(url) => sluice::redis::parse_url(url).map_err(|e| e.to_string())?,
-        None => {
-            let server = Server::start(ServerConfig {
-                keys: args.loadgen_keys,
-                latency: args.loadgen_latency.clone(),
-                ..Default::default()
-            })
-            .map_err(|e| e.to_string())?;
-            let addr = server.addr();
-            _server = server;
-            addr
-        }
-    };
-    let config = EnrichConfig {
+    let _ = args.merge; // the default; the flag exists to say so explicitly
+    Ok(EnrichConfig {
         redis,
         backend: match &args.redis {
             Some(url) => url.clone(),
             None => format!("loadgen (keys {})", args.loadgen_keys),
         },
         max_bytes_held: args.max_bytes_held,
-        key,
+        key: KeyTemplate::parse(&args.key).map_err(|e| e.to_string())?,
         input: path(&args.input),
         output: path(&args.output),
         placement: match args.into {
@@ -348,9 +355,17 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
         emit_watermarks: args.emit_watermarks,
         checkpoint_dir: args.checkpoint_dir,
         checkpoint_interval: args.checkpoint_interval,
-    };
-    let _ = args.merge; // the default; the flag exists to say so explicitly
+    })
+}
 
+fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
+    use sluice::enrich;
+    use std::io::IsTerminal;
+    use std::sync::Arc;
+
+    let (redis, _server) = enrich_backend(&args)?;
+    let metrics_json = args.metrics_json.clone();
+    let config = enrich_config(args, redis)?;
     let stop = Arc::new(enrich::Stop::default());
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let stop = stop.clone();
@@ -358,13 +373,11 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
         unsafe { signal_hook::low_level::register(signal, move || stop.signal()) }
             .map_err(|e| format!("cannot watch for signal {signal}: {e}"))?;
     }
-    let bar = if std::io::stderr().is_terminal() {
+    let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new_spinner();
         bar.enable_steady_tick(Duration::from_millis(200));
-        Some(bar)
-    } else {
-        None
-    };
+        bar
+    });
     let mut progress = |s: &enrich::Summary, in_flight: u64| {
         if let Some(bar) = &bar {
             let timeouts = s.timeouts_emitted + s.timeouts_dropped + s.timeouts_dead_lettered;
@@ -381,7 +394,7 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
         bar.finish_and_clear();
     }
     eprint!("{}", summary.render());
-    if let Some(path) = &args.metrics_json {
+    if let Some(path) = &metrics_json {
         let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
         std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))?;
     }
@@ -399,6 +412,119 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
     })
 }
 
+/// What a sweep covers: the flags, or the defaults (`--quick`'s for CI).
+struct Plan {
+    shards: Vec<usize>,
+    capacities: Vec<usize>,
+    duration: Duration,
+    repeat: usize,
+    modes: Vec<Mode>,
+}
+
+impl Plan {
+    fn of(args: &BenchArgs) -> Result<Plan, String> {
+        let quick = args.quick;
+        let shards = args.shards.clone().map(|l| l.0).unwrap_or_else(|| {
+            if quick {
+                vec![1]
+            } else {
+                vec![1, 2]
+            }
+        });
+        let capacities = args.capacities.clone().map(|l| l.0).unwrap_or_else(|| {
+            if quick {
+                vec![1, 4, 16, 64, 256]
+            } else {
+                vec![1, 2, 4, 8, 16, 32, 64, 128, 256]
+            }
+        });
+        let duration = args.duration.unwrap_or(if quick {
+            Duration::from_millis(250)
+        } else {
+            Duration::from_secs(1)
+        });
+        let modes = args
+            .modes
+            .clone()
+            .map(|l| l.0)
+            .unwrap_or_else(|| Mode::defaults().to_vec());
+        if shards.contains(&0) || capacities.contains(&0) {
+            return Err("--shards and --capacities must each be at least 1".into());
+        }
+        if let Some(rps) = args.server_limit {
+            if !(rps.is_finite() && rps > 0.0) {
+                return Err(format!("--server-limit must be a positive rate, got {rps}"));
+            }
+        }
+        Ok(Plan {
+            shards,
+            capacities,
+            duration,
+            repeat: args.repeat.unwrap_or(1).max(1),
+            modes,
+        })
+    }
+}
+
+/// The server under test (embedded, or the `--redis` one), and a zero-latency twin of the
+/// embedded one to measure the server's limit.
+struct Servers {
+    server: Option<Server>,
+    _limit_server: Option<Server>,
+    addr: SocketAddr,
+    limit_addr: SocketAddr,
+    label: String,
+    configured: Option<Duration>,
+}
+
+impl Servers {
+    fn start(args: &BenchArgs) -> Result<Servers, String> {
+        match &args.redis {
+            Some(url) => {
+                let addr = sluice::redis::parse_url(url).map_err(|e| e.to_string())?;
+                if args.load {
+                    eprintln!("sluice bench: loading {} keys into {url} ...", args.keys);
+                    bench::load_keyspace(addr, args.keys, 128)?;
+                }
+                Ok(Servers {
+                    server: None,
+                    _limit_server: None,
+                    addr,
+                    limit_addr: addr,
+                    label: url.clone(),
+                    configured: None,
+                })
+            }
+            None => {
+                let start = |latency: LatencyModel| {
+                    Server::start(ServerConfig {
+                        keys: args.keys,
+                        latency,
+                        cores: args.server_core.map(|c| vec![c]),
+                        ..Default::default()
+                    })
+                    .map_err(|e| e.to_string())
+                };
+                let server = start(args.latency.clone())?;
+                let limit = start(LatencyModel::Fixed(Duration::ZERO))?;
+                let (addr, limit_addr) = (server.addr(), limit.addr());
+                let label = format!("embedded loadgen, latency {}", args.latency);
+                Ok(Servers {
+                    server: Some(server),
+                    _limit_server: Some(limit),
+                    addr,
+                    limit_addr,
+                    label,
+                    configured: Some(args.latency.mean()),
+                })
+            }
+        }
+    }
+}
+
+/// `sluice bench`: the servers, the round trip and the server's limit, the sweep, the table,
+/// the JSON and the chart. Over 70 lines: these steps in the order they run read best in one
+/// place; the plan and the servers are types of their own.
 fn run_bench(args: BenchArgs) -> Result<(), String> {
     if let Some(saved) = &args.replot {
         let report = bench::read_json(saved)?;
@@ -407,71 +533,22 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         eprintln!("wrote {}", args.svg.display());
         return Ok(());
     }
-    let quick = args.quick;
-    let shards = args
-        .shards
-        .map(|l| l.0)
-        .unwrap_or_else(|| if quick { vec![1] } else { vec![1, 2] });
-    let capacities = args.capacities.map(|l| l.0).unwrap_or_else(|| {
-        if quick {
-            vec![1, 4, 16, 64, 256]
-        } else {
-            vec![1, 2, 4, 8, 16, 32, 64, 128, 256]
-        }
-    });
-    let duration = args.duration.unwrap_or(if quick {
-        Duration::from_millis(250)
-    } else {
-        Duration::from_secs(1)
-    });
-    let repeat = args.repeat.unwrap_or(1).max(1);
-    let modes = args
-        .modes
-        .map(|l| l.0)
-        .unwrap_or_else(|| Mode::defaults().to_vec());
-    if shards.contains(&0) || capacities.contains(&0) {
-        return Err("shards and capacities must be at least 1".into());
-    }
-    if let Some(rps) = args.server_limit {
-        if !(rps.is_finite() && rps > 0.0) {
-            return Err(format!("--server-limit must be a positive rate, got {rps}"));
-        }
-    }
+    let Plan {
+        shards,
+        capacities,
+        duration,
+        repeat,
+        modes,
+    } = Plan::of(&args)?;
 
-    // The server under test, and a zero-latency twin to measure the server's limit.
-    let (server, _limit_server, addr, limit_addr, label, configured) = match &args.redis {
-        Some(url) => {
-            let addr = sluice::redis::parse_url(url).map_err(|e| e.to_string())?;
-            if args.load {
-                eprintln!("sluice bench: loading {} keys into {url} ...", args.keys);
-                bench::load_keyspace(addr, args.keys, 128)?;
-            }
-            (None, None, addr, addr, url.clone(), None)
-        }
-        None => {
-            let start = |latency: LatencyModel| {
-                Server::start(ServerConfig {
-                    keys: args.keys,
-                    latency,
-                    cores: args.server_core.map(|c| vec![c]),
-                    ..Default::default()
-                })
-                .map_err(|e| e.to_string())
-            };
-            let server = start(args.latency.clone())?;
-            let limit = start(LatencyModel::Fixed(Duration::ZERO))?;
-            let (addr, limit_addr) = (server.addr(), limit.addr());
-            let label = format!("embedded loadgen, latency {}", args.latency);
-            (
-                Some(server),
-                Some(limit),
-                addr,
-                limit_addr,
-                label,
-                Some(args.latency.mean()),
-            )
-        }
-    };
+    let Servers {
+        server,
+        _limit_server,
+        addr,
+        limit_addr,
+        label,
+        configured,
+    } = Servers::start(&args)?;
     // The embedded server's own delay beyond the configured one, over the sweep: (replies
     // written, their summed lateness in us) before and after.
     let lateness = |s: &Server| {
