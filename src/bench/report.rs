@@ -369,18 +369,48 @@ fn ideal_line(report: &Report, shards: usize) -> Vec<(f64, f64)> {
     line
 }
 
+/// A line's legend entry: `name`, and with several shard counts which one (dashed after the
+/// first).
+fn legend_label(name: &str, shards: usize, first: bool, several: bool) -> String {
+    if !several {
+        return name.to_string();
+    }
+    let plural = if shards == 1 { "" } else { "s" };
+    let dashed = if first { "" } else { ", dashed" };
+    format!("{name} ({shards} shard{plural}{dashed})")
+}
+
+/// `mode`'s records/s at each capacity for `shards` shards; the sync map (capacity does not
+/// apply) as a flat line across the sweep's capacities.
+fn mode_line(report: &Report, mode: Mode, shards: usize, capacities: &[usize]) -> Vec<(f64, f64)> {
+    let line: Vec<(f64, f64)> = report
+        .points
+        .iter()
+        .filter(|p| p.mode == mode.name() && p.shards == shards)
+        .map(|p| (p.capacity as f64, p.rps))
+        .collect();
+    match line.first() {
+        Some(&(_, y)) if mode == Mode::SyncMap => {
+            capacities.iter().map(|c| (*c as f64, y)).collect()
+        }
+        _ => line,
+    }
+}
+
+/// Sorted, without repeats.
+fn distinct(mut values: Vec<usize>) -> Vec<usize> {
+    values.sort_unstable();
+    values.dedup();
+    values
+}
+
 /// Writes the throughput-against-capacity chart as SVG: one line per mode (and shard count),
 /// and the ideal. Over 70 lines: one chart's drawing, step by step, reads best in one place.
 pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let capacities: Vec<usize> = {
-        let mut c: Vec<usize> = report.points.iter().map(|p| p.capacity).collect();
-        c.sort_unstable();
-        c.dedup();
-        c
-    };
+    let capacities = distinct(report.points.iter().map(|p| p.capacity).collect());
     let (min_cap, max_cap) = (
         *capacities.first().ok_or("no points")? as f64,
         *capacities.last().ok_or("no points")? as f64,
@@ -392,12 +422,8 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
         .map(|p| p.rps)
         .fold(f64::INFINITY, f64::min)
         .max(1.0);
-    let shard_counts: Vec<usize> = {
-        let mut s: Vec<usize> = report.points.iter().map(|p| p.shards).collect();
-        s.sort_unstable();
-        s.dedup();
-        s
-    };
+    let shard_counts = distinct(report.points.iter().map(|p| p.shards).collect());
+    let several = shard_counts.len() > 1;
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
         let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
         root.fill(&WHITE)?;
@@ -434,13 +460,7 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
                 continue;
             }
             let style = BLACK.stroke_width(1);
-            let label = if shard_counts.len() > 1 {
-                let plural = if *shards == 1 { "" } else { "s" };
-                let dashed = if si == 0 { "" } else { ", dashed" };
-                format!("ideal ({shards} shard{plural}{dashed})")
-            } else {
-                "ideal".to_string()
-            };
+            let label = legend_label("ideal", *shards, si == 0, several);
             if si == 0 {
                 chart
                     .draw_series(LineSeries::new(ideal, style))?
@@ -460,29 +480,13 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
         }
         for (mi, mode) in Mode::ALL.iter().enumerate() {
             for (si, shards) in shard_counts.iter().enumerate() {
-                let mut line: Vec<(f64, f64)> = report
-                    .points
-                    .iter()
-                    .filter(|p| p.mode == mode.name() && p.shards == *shards)
-                    .map(|p| (p.capacity as f64, p.rps))
-                    .collect();
+                let line = mode_line(report, *mode, *shards, &capacities);
                 if line.is_empty() {
                     continue;
                 }
-                if *mode == Mode::SyncMap {
-                    // Capacity does not apply: a flat line across the sweep.
-                    let y = line[0].1;
-                    line = capacities.iter().map(|c| (*c as f64, y)).collect();
-                }
                 let color = COLORS[mi % COLORS.len()];
                 let style = color.stroke_width(2);
-                let label = if shard_counts.len() > 1 {
-                    let plural = if *shards == 1 { "" } else { "s" };
-                    let dashed = if si == 0 { "" } else { ", dashed" };
-                    format!("{mode} ({shards} shard{plural}{dashed})")
-                } else {
-                    mode.name().to_string()
-                };
+                let label = legend_label(mode.name(), *shards, si == 0, several);
                 if si == 0 {
                     chart
                         .draw_series(LineSeries::new(line.clone(), style))?
