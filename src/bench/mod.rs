@@ -233,7 +233,7 @@ const LIMIT_IN_FLIGHT_PER_SHARD: usize = 1024;
 
 /// The server's limit, in records/s: the cheapest client (the operator as a single-threaded
 /// combinator, one per shard) with 1024 requests in flight per shard against a server that
-/// adds no latency. (Measured with the full stage at 256 in flight, as before, the "limit" was
+/// adds no latency. (Measured with the full stage at 256 in flight instead, the "limit" was
 /// the client's and the adapter beat it by up to 27%.)
 pub fn runners_limit(
     addr: SocketAddr,

@@ -54,15 +54,15 @@ pub struct Report {
     pub repeat: usize,
     pub round_trip_us: f64,
     pub server_limit_rps: f64,
-    /// The sluice modes' `reply_split` (absent in reports older than session 3).
+    /// The sluice modes' `reply_split` (absent in older reports).
     #[serde(default)]
     pub reply_split: Option<usize>,
-    /// Whether the sluice modes' shards were pinned (absent in reports older than session 3,
+    /// Whether the sluice modes' shards were pinned (absent in older reports,
     /// which pinned them).
     #[serde(default)]
     pub pinned: Option<bool>,
     /// Connections per shard, for the sluice modes and the tokio baseline alike (absent in
-    /// reports older than session 5, which used one).
+    /// older reports, which used one).
     #[serde(default)]
     pub connections: Option<usize>,
     pub points: Vec<Point>,

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 /// One record in this many carries its push time, for the `queue_wait_us` metric: a clock
 /// read per record was a third of the producer thread's CPU against Redis at 64 in flight
-/// (session 6's profile). Sampling by sequence number, like Flink's latency markers, keeps
+/// (the profile in docs/benchmarks.md, section 3). Sampling by sequence number, like Flink's latency markers, keeps
 /// the histogram's quantiles while the producer reads the clock once per 16 pushes.
 pub const QUEUE_WAIT_SAMPLE: u64 = 16;
 
