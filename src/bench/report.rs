@@ -48,6 +48,16 @@ pub struct Point {
 /// Everything a sweep produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
+    /// The report's layout (`REPORT_SCHEMA_VERSION`); absent (version 1) in older reports.
+    #[serde(default = "schema_v1")]
+    pub schema_version: u32,
+    /// The commit the binary was built from (`-dirty` when tracked files differed); absent in
+    /// older reports, empty when built outside a git checkout.
+    #[serde(default)]
+    pub git_commit: Option<String>,
+    /// When the sweep finished (RFC 3339, UTC); absent in older reports.
+    #[serde(default)]
+    pub measured_at: Option<String>,
     pub server: String,
     pub machine: Machine,
     pub duration_s: f64,
@@ -66,6 +76,18 @@ pub struct Report {
     #[serde(default)]
     pub connections: Option<usize>,
     pub points: Vec<Point>,
+}
+
+/// The JSON report's layout: 2 added `schema_version` and `git_commit`.
+pub const REPORT_SCHEMA_VERSION: u32 = 2;
+
+fn schema_v1() -> u32 {
+    1
+}
+
+/// The commit this binary was built from, if known.
+fn built_from() -> Option<String> {
+    Some(env!("SLUICE_GIT_COMMIT").to_string()).filter(|c| !c.is_empty())
 }
 
 /// Where the figures were measured.
@@ -191,6 +213,11 @@ impl Report {
             })
             .collect();
         Report {
+            schema_version: REPORT_SCHEMA_VERSION,
+            git_commit: built_from(),
+            measured_at: Some(
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            ),
             server: config.server.clone(),
             machine: Machine::probe(),
             duration_s: config.duration.as_secs_f64(),
@@ -207,9 +234,17 @@ impl Report {
     /// The table, as printed after a sweep.
     pub fn table(&self) -> String {
         let mut out = format!(
+            "measured {} on commit {}; {} ({} cores, Linux {})\n",
+            self.measured_at.as_deref().unwrap_or("(date not recorded)"),
+            self.git_commit.as_deref().unwrap_or("(not recorded)"),
+            self.machine.cpu,
+            self.machine.cores,
+            self.machine.kernel,
+        );
+        out.push_str(&format!(
             "server: {}; round trip {:.0} us; server limit {:.0} records/s; {} x {:.1} s per point",
             self.server, self.round_trip_us, self.server_limit_rps, self.repeat, self.duration_s
-        );
+        ));
         if let Some(split) = self.reply_split {
             out.push_str(&format!("; reply split {split}"));
         }
@@ -630,5 +665,25 @@ mod tests {
             !last.contains("tokio-unordered"),
             "a baseline is never the best sluice mode"
         );
+    }
+
+    #[test]
+    fn a_report_names_its_schema_and_reads_back_older_reports_as_version_1() {
+        let report = report(vec![(Mode::Unordered, [1.0, 1.0, 1.0])]);
+        assert_eq!(report.schema_version, REPORT_SCHEMA_VERSION);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["schema_version"], REPORT_SCHEMA_VERSION);
+        assert!(json.get("git_commit").is_some());
+        assert!(report.table().starts_with("measured "));
+
+        let mut old = json;
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("schema_version");
+        fields.remove("git_commit");
+        fields.remove("measured_at");
+        let read: Report = serde_json::from_value(old).unwrap();
+        assert_eq!(read.schema_version, 1);
+        assert_eq!(read.git_commit, None);
+        assert_eq!(read.points.len(), 1);
     }
 }
