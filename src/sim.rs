@@ -2,32 +2,38 @@
 //! thread by a simulated clock, for deterministic tests of the engine and of user functions.
 //!
 //! Owns: nothing new; it wires the real `Producer`, `AsyncWait` and `Consumer` together without
-//! threads. Invariants: the same routing, merge, checkpoint and restore code as a real `Stage`
-//! (a shard's snapshot file is written synchronously with std I/O instead of a glommio task);
-//! time moves only when the test says; egress channels are bounded (2), so the merge's
-//! backpressure is exercised.
+//! threads, through the same `Plan` as a real `Stage` (validation, channel and window sizes,
+//! restore and re-issue). Invariants: the same routing, merge, checkpoint and restore code as a
+//! real `Stage`, where only the shard loop differs: each shard is pumped in turn on the test's
+//! thread, and its snapshot file is written synchronously with std I/O instead of a glommio
+//! task; time moves only when the test says; egress channels hold `SIM_CHANNEL_CAPACITY`
+//! messages, so the merge's backpressure is exercised; ingress channels are unbounded, since
+//! the test pushes on the thread that pumps the shards (a full channel would block it).
 
 use crate::checkpoint::coordinator::ShardReport;
 use crate::checkpoint::{
-    CheckpointError, CheckpointRefused, Checkpointing, Codec, ManifestFile, RestoreInfo,
-    ShardSnapshot, SinkPosition, SourcePosition,
+    CheckpointError, CheckpointRefused, Checkpointing, ManifestFile, RestoreInfo, ShardSnapshot,
+    SinkPosition, SourcePosition,
 };
 use crate::clock::SimClock;
 use crate::engine::handoff::{self, Doorbell};
+use crate::engine::messages::Egress;
 use crate::engine::{
-    restore, Consumer, Egress, Gate, GatedIngress, KeyFn, MergeCheckpoint, Output, Producer,
-    Routing, ShardContext,
+    Consumer, Gate, GatedIngress, KeyFn, Output, Plan, Producer, ShardCheckpoint, ShardContext,
+    Spec,
 };
 use crate::error::{BuildError, StageError};
 use crate::function::AsyncFunction;
-use crate::operator::{AsyncWait, Element, OperatorConfig, OutputMode};
+use crate::operator::{AsyncWait, Element, OperatorConfig};
 use futures::stream::{Chain, Iter};
 use futures::task::noop_waker;
 use futures::{Stream, StreamExt};
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+/// Messages each simulated shard's egress channel holds.
+const SIM_CHANNEL_CAPACITY: usize = 2;
 
 type Ingress<I> = Chain<Iter<std::vec::IntoIter<Element<I>>>, GatedIngress<I>>;
 
@@ -35,15 +41,10 @@ struct SimShard<F: AsyncFunction> {
     index: usize,
     op: AsyncWait<Ingress<F::In>, F, SimClock>,
     gate: Gate,
+    checkpoint: Option<ShardCheckpoint<F::In>>,
     egress: handoff::Sender<Egress<F::Out>>,
     held: Option<Egress<F::Out>>,
     ended: bool,
-}
-
-struct SimCheckpoint<I> {
-    dir: PathBuf,
-    input: Codec<I>,
-    reports: flume::Sender<ShardReport>,
 }
 
 /// Where `SimStage::run_now` stopped.
@@ -62,21 +63,20 @@ pub struct SimStage<F: AsyncFunction> {
     consumer: Consumer<F::Out>,
     capacity: usize,
     max_occupied: usize,
-    checkpoint: Option<SimCheckpoint<F::In>>,
     restored: Option<RestoreInfo>,
 }
 
 impl<F: AsyncFunction> SimStage<F> {
     /// `shards` operators built by `factory`, routed by `key` when given (else round-robin).
+    /// Fails as `StageBuilder::build` does when `shards` or the capacity is out of range.
     pub fn new(
         clock: &SimClock,
         shards: usize,
         config: OperatorConfig<F::Out, F::Error>,
         key: Option<KeyFn<F::In>>,
         factory: impl Fn(ShardContext) -> F,
-    ) -> Self {
+    ) -> Result<Self, BuildError> {
         Self::build(clock, shards, config, key, factory, None)
-            .expect("a stage without checkpoints always builds")
     }
 
     /// As [`SimStage::new`], checkpointing to `checkpointing.dir` and restoring the newest
@@ -100,44 +100,33 @@ impl<F: AsyncFunction> SimStage<F> {
         factory: impl Fn(ShardContext) -> F,
         checkpointing: Option<Checkpointing<F::In, F::Out>>,
     ) -> Result<Self, BuildError> {
-        assert!(shards > 0, "a stage has at least one shard");
-        assert!(
-            config.mode != OutputMode::KeyOrdered || key.is_some(),
-            "KeyOrdered needs a key"
-        );
-        let routing = if key.is_some() {
-            Routing::ByKey
-        } else {
-            Routing::RoundRobin
-        };
-        let mut opened = match &checkpointing {
-            Some(c) => Some(restore::open_checkpoints(c, shards, config.mode)?),
-            None => None,
-        };
-        let restores = match (&checkpointing, &opened) {
-            (
-                Some(c),
-                Some(restore::Opened {
-                    restored: Some(r), ..
-                }),
-            ) => restore::reissue(&c.input, r)?,
-            _ => (0..shards).map(|_| vec![]).collect(),
-        };
-        if let Some(info) = opened.as_mut().and_then(|o| o.info.as_mut()) {
-            info.reissued = restores.iter().map(Vec::len).sum();
-        }
+        let mut wiring = Plan::new(Spec {
+            shards,
+            capacity: config.capacity.get(),
+            timeout: config.timeout,
+            mode: config.mode,
+            key_fn: key,
+            routing: None,
+            channel_capacity: Some(SIM_CHANNEL_CAPACITY),
+            checkpointing,
+        })?;
         let mut senders = vec![];
         let mut receivers = vec![];
         let mut sim_shards = vec![];
-        for (index, restore) in restores.into_iter().enumerate() {
+        for index in 0..shards {
             // Everything is polled in turn here: the doorbells ring, nobody waits on them.
             let (in_tx, in_rx) = handoff::channel(None, Doorbell::new(), Doorbell::new());
-            let (out_tx, out_rx) = handoff::channel(Some(2), Doorbell::new(), Doorbell::new());
+            let (out_tx, out_rx) = handoff::channel(
+                Some(wiring.channel_capacity),
+                Doorbell::new(),
+                Doorbell::new(),
+            );
             let mut shard_config = config.clone();
             shard_config.seed = config.seed.wrapping_add(index as u64);
+            let shard_plan = wiring.shard(index);
             let gate = Gate::default();
-            let input =
-                futures::stream::iter(restore).chain(GatedIngress::new(in_rx, gate.clone()));
+            let input = futures::stream::iter(shard_plan.restore)
+                .chain(GatedIngress::new(in_rx, gate.clone()));
             let op = AsyncWait::new(
                 input,
                 factory(ShardContext { index, shards }),
@@ -150,51 +139,21 @@ impl<F: AsyncFunction> SimStage<F> {
                 index,
                 op,
                 gate,
+                checkpoint: shard_plan.checkpoint,
                 egress: out_tx,
                 held: None,
                 ended: false,
             });
         }
-        let capacity = config.capacity.get();
-        let merge_checkpoint = match (&checkpointing, &opened) {
-            (Some(c), Some(o)) => Some(MergeCheckpoint {
-                coordinator: o.coordinator.clone(),
-                output: c.output.clone(),
-            }),
-            _ => None,
-        };
-        let mut consumer = Consumer::new(
-            receivers,
-            config.mode,
-            shards * (capacity + 4),
-            merge_checkpoint,
-        );
-        let mut first_seq = 0;
-        let mut restored = None;
-        let mut coordinator = None;
-        let mut checkpoint = None;
-        if let (Some(c), Some(o)) = (&checkpointing, opened) {
-            if let (Some(r), Some(mut info)) = (&o.restored, o.info) {
-                let merge = r.merge.as_ref().expect("checked when opened");
-                info.held = consumer.restore(merge).map_err(BuildError::Checkpoint)?;
-                first_seq = merge.barrier_seq + 1;
-                restored = Some(info);
-            }
-            checkpoint = Some(SimCheckpoint {
-                dir: o.coordinator.dir().to_path_buf(),
-                input: c.input.clone(),
-                reports: o.coordinator.reports(),
-            });
-            coordinator = Some(o.coordinator);
-        }
+        let capacity = wiring.capacity.get();
+        let (producer, consumer, restored) = wiring.finish(senders, receivers)?;
         Ok(SimStage {
             clock: clock.clone(),
-            producer: Some(Producer::new(senders, key, routing, coordinator, first_seq)),
+            producer: Some(producer),
             shards: sim_shards,
             consumer,
             capacity,
             max_occupied: 0,
-            checkpoint,
             restored,
         })
     }
@@ -236,7 +195,7 @@ impl<F: AsyncFunction> SimStage<F> {
         loop {
             let mut progressed = false;
             for shard in &mut self.shards {
-                progressed |= Self::pump(shard, self.checkpoint.as_ref(), &mut cx);
+                progressed |= Self::pump(shard, &mut cx);
                 self.max_occupied = self.max_occupied.max(shard.op.occupied());
                 assert!(
                     shard.op.occupied() <= self.capacity,
@@ -317,11 +276,7 @@ impl<F: AsyncFunction> SimStage<F> {
     }
 
     /// Moves one shard's outputs into its bounded egress. Returns whether anything moved.
-    fn pump(
-        shard: &mut SimShard<F>,
-        checkpoint: Option<&SimCheckpoint<F::In>>,
-        cx: &mut Context<'_>,
-    ) -> bool {
+    fn pump(shard: &mut SimShard<F>, cx: &mut Context<'_>) -> bool {
         let mut progressed = false;
         loop {
             if let Some(item) = shard.held.take() {
@@ -349,20 +304,23 @@ impl<F: AsyncFunction> SimStage<F> {
                     shard.held = Some(Egress::Finished);
                 }
                 Poll::Pending => match shard.gate.get() {
-                    Some((seq, id)) => {
-                        let checkpoint = checkpoint.expect("barriers need checkpointing");
+                    Some(barrier) => {
+                        let checkpoint = shard
+                            .checkpoint
+                            .as_ref()
+                            .expect("barriers need checkpointing");
                         let snapshot = shard
                             .op
-                            .checkpoint(id, shard.index, |i| checkpoint.input.encode(i));
+                            .checkpoint(barrier.id, shard.index, |i| checkpoint.input.encode(i));
                         let result = write_snapshot(&checkpoint.dir, &snapshot);
                         let report = ShardReport {
-                            id,
+                            id: barrier.id,
                             shard: shard.index,
                             result,
                         };
                         let _ = checkpoint.reports.try_send(report);
                         shard.gate.set(None);
-                        shard.held = Some(Egress::Barrier { seq, id });
+                        shard.held = Some(Egress::Barrier(barrier));
                         progressed = true;
                     }
                     None => return progressed,

@@ -109,7 +109,8 @@ fn simulate(mode: OutputMode, shards: usize, capacity: usize, elements: &[Gen]) 
             clock: c.clone(),
             attempts: RefCell::new(HashMap::new()),
         }
-    });
+    })
+    .expect("shards and capacity are in range");
     let mut pushed = vec![];
     let (mut ts, mut next_id) = (0, 0);
     for e in elements {

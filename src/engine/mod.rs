@@ -17,21 +17,23 @@
 
 pub(crate) mod handoff;
 mod merge;
+pub(crate) mod messages;
 mod placement;
+mod plan;
 mod producer;
 pub(crate) mod restore;
 mod shard;
 
-pub(crate) use merge::Egress;
-pub(crate) use merge::MergeCheckpoint;
 pub use merge::{Consumer, Output, RecvTimedOut};
 pub use placement::{
     default_shards, locked_memory_per_shard, memlock_limit, plan, shards_that_fit, usable_cores,
     Pinning, ShardPlacement,
 };
+pub(crate) use plan::{Plan, Spec};
+pub use plan::{MAX_CAPACITY, MAX_SHARDS, MIN_CHANNEL_CAPACITY};
 pub use producer::{KeyFn, Producer, Routing, QUEUE_WAIT_SAMPLE};
 pub use shard::ShardContext;
-pub(crate) use shard::{Gate, GatedIngress};
+pub(crate) use shard::{Gate, GatedIngress, ShardCheckpoint};
 
 use crate::checkpoint::{Checkpointing, RestoreInfo};
 use crate::error::{BuildError, StageError};
@@ -42,7 +44,6 @@ use crate::retry::RetryPolicy;
 use glommio::{LocalExecutorBuilder, Placement};
 use handoff::Doorbell;
 use std::hash::{Hash, Hasher};
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,11 +51,6 @@ use std::time::Duration;
 /// each registration counts against `RLIMIT_MEMLOCK`, so a shard locks 3 x this: 768 KiB, which
 /// lets 10 executors share an 8 MiB limit. Network I/O does not use it; file I/O does.
 pub const DEFAULT_IO_MEMORY: usize = 256 * 1024;
-/// The default ingress/egress channel capacity is the queue capacity, but at least this: with
-/// key routing and a small capacity, a shallow channel makes the single producer wait on one
-/// busy shard while the others idle (head-of-line blocking at the producer). Channels hold
-/// records not yet started; requests in flight stay bounded by the queue capacity.
-pub const MIN_CHANNEL_CAPACITY: usize = 64;
 /// io_uring submission queue depth per ring.
 pub const DEFAULT_RING_DEPTH: usize = 128;
 
@@ -205,28 +201,15 @@ where
         self
     }
 
-    fn invalid(field: &'static str, reason: impl Into<String>) -> BuildError {
-        BuildError::InvalidConfig {
-            field,
-            reason: reason.into(),
-        }
-    }
-
     /// The shard count: as set, or one per usable core within the locked-memory limit;
-    /// refused when out of range or when its io_uring memory would exceed the limit.
+    /// refused when its io_uring memory would exceed the limit (the plan checks the range).
     fn shard_count(&self) -> Result<usize, BuildError> {
         let shards = self
             .shards
             .unwrap_or_else(|| placement::default_shards_for(self.io_memory));
-        if shards == 0 || shards > 1024 {
-            return Err(Self::invalid(
-                "shards",
-                format!("{shards} is not in 1..=1024"),
-            ));
-        }
         let limit = placement::memlock_limit();
         if let Some(fit) = placement::shards_that_fit(limit, self.io_memory) {
-            if shards > fit {
+            if shards > fit && shards <= plan::MAX_SHARDS {
                 return Err(BuildError::LockedMemory {
                     shards,
                     needed_kib: shards as u64 * locked_memory_per_shard(self.io_memory) / 1024,
@@ -240,55 +223,17 @@ where
 
     /// Starts the shards.
     pub fn start(self) -> Result<Stage<F::In, F::Out>, BuildError> {
-        let shards = self.shard_count()?;
-        let capacity = NonZeroUsize::new(self.capacity)
-            .filter(|c| c.get() <= 1 << 20)
-            .ok_or_else(|| {
-                Self::invalid(
-                    "capacity",
-                    format!("{} is not in 1..=1048576", self.capacity),
-                )
-            })?;
-        if self.timeout.is_zero() {
-            return Err(Self::invalid("timeout", "must be greater than zero"));
-        }
-        let routing = self.routing.unwrap_or(if self.key_fn.is_some() {
-            Routing::ByKey
-        } else {
-            Routing::RoundRobin
-        });
-        if self.mode == OutputMode::KeyOrdered
-            && (self.key_fn.is_none() || routing != Routing::ByKey)
-        {
-            return Err(Self::invalid(
-                "mode",
-                "KeyOrdered needs key_by(..) and key routing, so one key stays on one shard",
-            ));
-        }
-        if routing == Routing::ByKey && self.key_fn.is_none() {
-            return Err(Self::invalid("routing", "ByKey routing needs key_by(..)"));
-        }
-        let channel_capacity = self
-            .channel_capacity
-            .unwrap_or(capacity.get().max(MIN_CHANNEL_CAPACITY))
-            .max(1);
-        let mut opened = match &self.checkpointing {
-            None => None,
-            Some(c) => Some(restore::open_checkpoints(c, shards, self.mode)?),
-        };
-        let mut restores = match (&self.checkpointing, &opened) {
-            (
-                Some(c),
-                Some(restore::Opened {
-                    restored: Some(restored),
-                    ..
-                }),
-            ) => restore::reissue(&c.input, restored)?,
-            _ => (0..shards).map(|_| vec![]).collect(),
-        };
-        if let Some(info) = opened.as_mut().and_then(|o| o.info.as_mut()) {
-            info.reissued = restores.iter().map(Vec::len).sum();
-        }
+        let mut wiring = Plan::new(Spec {
+            shards: self.shard_count()?,
+            capacity: self.capacity,
+            timeout: self.timeout,
+            mode: self.mode,
+            key_fn: self.key_fn,
+            routing: self.routing,
+            channel_capacity: self.channel_capacity,
+            checkpointing: self.checkpointing,
+        })?;
+        let shards = wiring.shards;
         let placements = plan(shards, &self.pinning, &usable_cores());
         let factory = Arc::new(self.factory);
         let mut senders = Vec::with_capacity(shards);
@@ -299,15 +244,12 @@ where
         // consumer), whichever shard it is; each shard waits on its own ingress data and egress
         // space.
         let (ingress_space, egress_data) = (Doorbell::new(), Doorbell::new());
+        let channel = Some(wiring.channel_capacity);
         for placement in &placements {
-            let (in_tx, in_rx) = handoff::channel(
-                Some(channel_capacity),
-                Doorbell::new(),
-                ingress_space.clone(),
-            );
-            let (out_tx, out_rx) =
-                handoff::channel(Some(channel_capacity), egress_data.clone(), Doorbell::new());
+            let (in_tx, in_rx) = handoff::channel(channel, Doorbell::new(), ingress_space.clone());
+            let (out_tx, out_rx) = handoff::channel(channel, egress_data.clone(), Doorbell::new());
             let cell: MetricsCell = Arc::new(Mutex::new(MetricsSnapshot::default()));
+            let shard_plan = wiring.shard(placement.shard);
             let parts = shard::ShardParts::<F> {
                 context: ShardContext {
                     index: placement.shard,
@@ -316,22 +258,15 @@ where
                 ingress: in_rx,
                 egress: out_tx,
                 config: OperatorConfig {
-                    capacity,
+                    capacity: wiring.capacity,
                     timeout: self.timeout,
                     mode: self.mode,
                     retry: self.retry.clone(),
                     seed: self.seed.wrapping_add(placement.shard as u64),
                 },
                 metrics: cell.clone(),
-                restore: std::mem::take(&mut restores[placement.shard]),
-                checkpoint: match (&self.checkpointing, &opened) {
-                    (Some(c), Some(o)) => Some(shard::ShardCheckpoint {
-                        dir: o.coordinator.dir().to_path_buf(),
-                        input: c.input.clone(),
-                        reports: o.coordinator.reports(),
-                    }),
-                    _ => None,
-                },
+                restore: shard_plan.restore,
+                checkpoint: shard_plan.checkpoint,
             };
             let glommio_placement = match placement.core {
                 Some(core) => Placement::Fixed(core),
@@ -352,34 +287,16 @@ where
             cells.push(cell);
             joins.push(join);
         }
-        let window = (shards * (capacity.get() + 2 * channel_capacity)).max(64);
-        let (coordinator, restored, mut info) = match opened {
-            Some(o) => (Some(o.coordinator), o.restored, o.info),
-            None => (None, None, None),
-        };
-        let merge_checkpoint = match (&self.checkpointing, &coordinator) {
-            (Some(c), Some(coordinator)) => Some(merge::MergeCheckpoint {
-                coordinator: coordinator.clone(),
-                output: c.output.clone(),
-            }),
-            _ => None,
-        };
-        let mut consumer = Consumer::new(receivers, self.mode, window, merge_checkpoint);
-        let mut first_seq = 0;
-        if let (Some(restored), Some(info)) = (&restored, info.as_mut()) {
-            let merge = restored.merge.as_ref().expect("checked when opened");
-            info.held = consumer.restore(merge).map_err(BuildError::Checkpoint)?;
-            first_seq = merge.barrier_seq + 1;
-        }
+        let (producer, consumer, restored) = wiring.finish(senders, receivers)?;
         Ok(Stage {
-            producer: Producer::new(senders, self.key_fn, routing, coordinator, first_seq),
+            producer,
             consumer,
             handle: StageHandle {
                 cells,
                 placements,
                 joins,
             },
-            restored: info,
+            restored,
         })
     }
 }

@@ -8,6 +8,7 @@
 //! it never drops; a push that fails hands the element back.
 
 use super::handoff;
+use super::messages::{Barrier, Inbound};
 use crate::checkpoint::coordinator::Coordinator;
 use crate::checkpoint::{CheckpointRefused, SourcePosition};
 use crate::error::PushError;
@@ -20,13 +21,6 @@ use std::time::Instant;
 /// (the profile in docs/benchmarks.md, section 3). Sampling by sequence number, like Flink's latency markers, keeps
 /// the histogram's quantiles while the producer reads the clock once per 16 pushes.
 pub const QUEUE_WAIT_SAMPLE: u64 = 16;
-
-/// What travels to a shard: an element, or a checkpoint barrier (crate-private: only the
-/// producer makes barriers, and the shard takes them out before the operator sees its input).
-pub(crate) enum Inbound<I> {
-    Element(Element<I>),
-    Barrier { seq: u64, id: u64 },
-}
 
 /// A record's key for routing and key order (see `StageBuilder::key_by`).
 pub type KeyFn<I> = Arc<dyn Fn(&I) -> u64 + Send + Sync>;
@@ -165,7 +159,10 @@ impl<I> Producer<I> {
         let id = coordinator.begin(source)?;
         let seq = self.next_seq;
         for sender in &self.senders {
-            if sender.send_blocking(Inbound::Barrier { seq, id }).is_err() {
+            if sender
+                .send_blocking(Inbound::Barrier(Barrier { seq, id }))
+                .is_err()
+            {
                 coordinator.abort(id);
                 return Err(CheckpointRefused::Closed);
             }

@@ -13,15 +13,14 @@
 //! producer's next push fails instead of blocking forever.
 
 use super::handoff;
-use super::merge::Egress;
-use super::producer::Inbound;
+use super::messages::{Barrier, Egress, Inbound};
 use crate::checkpoint::coordinator::{write_shard_snapshot, ShardReport};
 use crate::checkpoint::Codec;
 use crate::clock::GlommioClock;
 use crate::error::StageError;
 use crate::function::AsyncFunction;
 use crate::metrics::MetricsCell;
-use crate::operator::{AsyncWait, Element, OperatorConfig};
+use crate::operator::{AsyncWait, Element, Emitted, OperatorConfig};
 use futures::{FutureExt, Stream, StreamExt};
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -79,8 +78,8 @@ impl<T: 'static> Stream for BatchedIngress<T> {
 
 impl<T: 'static> Unpin for BatchedIngress<T> {}
 
-/// A checkpoint barrier the input stopped at: (sequence number, checkpoint id).
-pub(crate) type Gate = Rc<Cell<Option<(u64, u64)>>>;
+/// The checkpoint barrier the input stopped at, if any.
+pub(crate) type Gate = Rc<Cell<Option<Barrier>>>;
 
 /// The operator's input: elements from the channel until a checkpoint barrier, which closes
 /// the gate. While the gate is closed the input is pending; the shard loop sees the closed
@@ -107,8 +106,8 @@ impl<T: 'static> Stream for GatedIngress<T> {
         }
         match self.inner.poll_next_unpin(cx) {
             Poll::Ready(Some(Inbound::Element(element))) => Poll::Ready(Some(element)),
-            Poll::Ready(Some(Inbound::Barrier { seq, id })) => {
-                self.gate.set(Some((seq, id)));
+            Poll::Ready(Some(Inbound::Barrier(barrier))) => {
+                self.gate.set(Some(barrier));
                 Poll::Pending
             }
             Poll::Ready(None) => Poll::Ready(None),
@@ -128,7 +127,7 @@ pub(crate) struct ShardCheckpoint<I> {
 
 enum Step<T> {
     Item(Option<T>),
-    Barrier { seq: u64, id: u64 },
+    Barrier(Barrier),
 }
 
 /// What a shard learns about itself when its function is created.
@@ -179,7 +178,7 @@ where
             let step = futures::future::poll_fn(|cx| match op.poll_next_unpin(cx) {
                 Poll::Ready(item) => Poll::Ready(Step::Item(item)),
                 Poll::Pending => match gate.get() {
-                    Some((seq, id)) => Poll::Ready(Step::Barrier { seq, id }),
+                    Some(barrier) => Poll::Ready(Step::Barrier(barrier)),
                     None => Poll::Pending,
                 },
             })
@@ -187,62 +186,23 @@ where
             let first = match step {
                 Step::Item(Some(first)) => first,
                 Step::Item(None) => break,
-                Step::Barrier { seq, id } => {
+                Step::Barrier(barrier) => {
                     let checkpoint = checkpoint
                         .as_ref()
                         .expect("barriers come only from a stage with checkpointing");
-                    let snapshot =
-                        op.checkpoint(id, context.index, |input| checkpoint.input.encode(input));
-                    let (dir, reports) = (checkpoint.dir.clone(), checkpoint.reports.clone());
-                    let shard = context.index;
-                    let write = glommio::spawn_local(async move {
-                        let result = write_shard_snapshot(dir, snapshot).await;
-                        let _ = reports.send_async(ShardReport { id, shard, result }).await;
-                    });
+                    let write = snapshot(&mut op, checkpoint, barrier, context.index);
                     if let Some(previous) = last_write.replace(write) {
                         previous.detach();
                     }
                     gate.set(None);
-                    if egress.send(Egress::Barrier { seq, id }).await.is_err() {
+                    if egress.send(Egress::Barrier(barrier)).await.is_err() {
                         op.close();
                         return true;
                     }
                     continue;
                 }
             };
-            // Send the first output with what else is ready now, together. Then let tasks
-            // already woken (the connection's next turn of replies) run and take what they
-            // completed too: the consumer gets one hand-over per burst, not one per turn.
-            let mut batch = Vec::new();
-            let mut failure = None;
-            match first {
-                Ok(emitted) => batch.push(emitted),
-                Err(error) => failure = Some(error),
-            }
-            let mut yields = 0;
-            loop {
-                let before = batch.len();
-                while failure.is_none() && batch.len() < MAX_EGRESS_BATCH {
-                    // A poll with a no-op waker; the next poll above uses the task's waker
-                    // before the shard sleeps, so no wake-up is lost.
-                    match op.next().now_or_never().flatten() {
-                        Some(Ok(emitted)) => batch.push(emitted),
-                        Some(Err(error)) => failure = Some(error),
-                        None => break,
-                    }
-                }
-                let stalled = yields > 0 && batch.len() == before;
-                if failure.is_some()
-                    || batch.len() >= MAX_EGRESS_BATCH
-                    || stalled
-                    || yields == GATHER_ROUNDS
-                {
-                    break;
-                }
-                yields += 1;
-                // Wakes this task and returns `Pending` once: the tasks already woken run first.
-                glommio::executor().yield_now().await;
-            }
+            let (batch, failure) = gather(&mut op, first).await;
             if !batch.is_empty() && egress.send(Egress::Items(batch)).await.is_err() {
                 // The consumer is gone: stop; dropping `op` drops the input.
                 op.close();
@@ -278,5 +238,70 @@ where
                 }))
                 .await;
         }
+    }
+}
+
+/// Takes the operator's part of `barrier`'s checkpoint where its input stopped, and writes it
+/// in a task of its own (the shard goes on meanwhile); the task reports to the coordinator.
+fn snapshot<S, F>(
+    op: &mut AsyncWait<S, F, GlommioClock>,
+    checkpoint: &ShardCheckpoint<F::In>,
+    barrier: Barrier,
+    shard: usize,
+) -> glommio::Task<()>
+where
+    S: Stream<Item = Element<F::In>> + Unpin,
+    F: AsyncFunction,
+{
+    let snapshot = op.checkpoint(barrier.id, shard, |input| checkpoint.input.encode(input));
+    let (dir, reports) = (checkpoint.dir.clone(), checkpoint.reports.clone());
+    let id = barrier.id;
+    glommio::spawn_local(async move {
+        let result = write_shard_snapshot(dir, snapshot).await;
+        let _ = reports.send_async(ShardReport { id, shard, result }).await;
+    })
+}
+
+/// The batch to hand to the merge, starting with `first`: what else is ready now, then what
+/// the tasks already woken (the connection's next turn of replies) complete when the shard
+/// yields to them, up to `GATHER_ROUNDS` yields, so the consumer gets one hand-over per burst,
+/// not one per turn. Stops at the first failure, which is returned beside the batch.
+async fn gather<S, F>(
+    op: &mut AsyncWait<S, F, GlommioClock>,
+    first: Result<Emitted<F::Out>, StageError>,
+) -> (Vec<Emitted<F::Out>>, Option<StageError>)
+where
+    S: Stream<Item = Element<F::In>> + Unpin,
+    F: AsyncFunction,
+{
+    let mut batch = Vec::new();
+    let mut failure = None;
+    match first {
+        Ok(emitted) => batch.push(emitted),
+        Err(error) => failure = Some(error),
+    }
+    let mut yields = 0;
+    loop {
+        let before = batch.len();
+        while failure.is_none() && batch.len() < MAX_EGRESS_BATCH {
+            // A poll with a no-op waker; the shard loop polls with the task's waker before the
+            // shard sleeps, so no wake-up is lost.
+            match op.next().now_or_never().flatten() {
+                Some(Ok(emitted)) => batch.push(emitted),
+                Some(Err(error)) => failure = Some(error),
+                None => break,
+            }
+        }
+        let stalled = yields > 0 && batch.len() == before;
+        if failure.is_some()
+            || batch.len() >= MAX_EGRESS_BATCH
+            || stalled
+            || yields == GATHER_ROUNDS
+        {
+            return (batch, failure);
+        }
+        yields += 1;
+        // Wakes this task and returns `Pending` once: the tasks already woken run first.
+        glommio::executor().yield_now().await;
     }
 }
