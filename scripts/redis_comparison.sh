@@ -16,7 +16,7 @@ for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep
 redis-benchmark -p "$port" -t set -n 300000 -r 100000 -d 128 -q >/dev/null
 # Rounds, each with redis-benchmark at 64 and 256 in flight and then every client mode at both,
 # so that each ratio to redis-benchmark is taken within one round: Redis's own speed drifts by
-# tens of percent over minutes on this VM (docs/benchmarks.md, section 3).
+# tens of percent over minutes on a shared VM.
 # Each redis-benchmark line ends with its own CPU time (user + system, bash's `time`) per GET.
 rounds=${ROUNDS:-3}
 TIMEFORMAT='%U %S'
@@ -51,10 +51,11 @@ done | tee "$out/redis-1shard-rounds.txt"
 python3 scripts/redis_rounds.py "$out/redis-benchmark.txt" \
     $(seq -f "$out/redis-1shard-round%g.json" "$rounds") |
     tee "$out/redis-1shard.txt"
-# The connection driver's reply split (docs/benchmarks.md, section 3): 1 completes every reply
-# that arrived before writing; N completes at most 1/N of the window per turn. Alternating
-# invocations, 3 rounds; the server's CPU share (from /proc) over each invocation, which
-# measures no server limit (--server-limit: the `eff.` column there is Little's law only).
+# With REPLY_SPLIT=1, also the connection driver's reply split (docs/decisions/reply-split.md):
+# 1 completes every reply that arrived before writing; N completes at most 1/N of the window
+# per turn. Alternating invocations, 3 rounds; the server's CPU share (from /proc) over each
+# invocation, which measures no server limit (--server-limit: `eff.` there is Little's law only).
+[ "${REPLY_SPLIT:-0}" = 1 ] || exit 0
 pid=$(pgrep -f "redis-server 127.0.0.1:$port" | head -1)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 {
