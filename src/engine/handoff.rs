@@ -6,7 +6,7 @@
 //! When the woken thread shares the core with the waker, it preempts it inside the lock, blocks
 //! on the lock, and is woken a second time when the lock is released: four context switches per
 //! hand-over instead of two (seen with `perf sched timehist` against Redis at 64 in flight,
-//! docs/benchmarks.md, section 3). Here the channel is only ever used with `try_send`,
+//! docs/decisions/handoff-doorbells.md). Here the channel is only ever used with `try_send`,
 //! `try_recv` and `drain`, which never block or register inside flume, and the waiting side is
 //! woken by a doorbell after the operation has returned.
 //!

@@ -22,6 +22,7 @@ mod placement;
 mod plan;
 mod producer;
 pub(crate) mod restore;
+mod routing;
 mod shard;
 
 pub use merge::{Consumer, Output, RecvTimedOut};
@@ -31,7 +32,8 @@ pub use placement::{
 };
 pub(crate) use plan::{Plan, Spec};
 pub use plan::{MAX_CAPACITY, MAX_SHARDS, MIN_CHANNEL_CAPACITY};
-pub use producer::{KeyFn, Producer, Routing, QUEUE_WAIT_SAMPLE};
+pub use producer::{Producer, QUEUE_WAIT_SAMPLE};
+pub use routing::{hash_key, KeyFn, Routing};
 pub use shard::ShardContext;
 pub(crate) use shard::{Gate, GatedIngress, ShardCheckpoint};
 
@@ -43,7 +45,6 @@ use crate::operator::{OperatorConfig, OutputMode};
 use crate::retry::RetryPolicy;
 use glommio::{LocalExecutorBuilder, Placement};
 use handoff::Doorbell;
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,14 +54,6 @@ use std::time::Duration;
 pub const DEFAULT_IO_MEMORY: usize = 256 * 1024;
 /// io_uring submission queue depth per ring.
 pub const DEFAULT_RING_DEPTH: usize = 128;
-
-/// Hashes any key to the `u64` that routing and key order use (stable across runs).
-pub fn hash_key<K: Hash + ?Sized>(key: &K) -> u64 {
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
-    key.hash(&mut h);
-    h.finish()
-}
 
 /// Builds a [`Stage`]. Start with [`Stage::builder`].
 pub struct StageBuilder<F: AsyncFunction, Fac> {
@@ -268,20 +261,8 @@ where
                 restore: shard_plan.restore,
                 checkpoint: shard_plan.checkpoint,
             };
-            let glommio_placement = match placement.core {
-                Some(core) => Placement::Fixed(core),
-                None => Placement::Unbound,
-            };
-            let factory = factory.clone();
-            let join = LocalExecutorBuilder::new(glommio_placement)
-                .name(&format!("sluice-shard-{}", placement.shard))
-                .io_memory(self.io_memory)
-                .ring_depth(self.ring_depth)
-                .spawn(move || shard::run_shard(factory, parts))
-                .map_err(|e| BuildError::Executor {
-                    shard: placement.shard,
-                    reason: e.to_string(),
-                })?;
+            let rings = (self.io_memory, self.ring_depth);
+            let join = spawn_shard(placement, rings, factory.clone(), parts)?;
             senders.push(in_tx);
             receivers.push(out_rx);
             cells.push(cell);
@@ -299,6 +280,34 @@ where
             restored,
         })
     }
+}
+
+/// Starts one shard's executor thread where `placement` says.
+fn spawn_shard<F, Fac>(
+    placement: &ShardPlacement,
+    (io_memory, ring_depth): (usize, usize),
+    factory: Arc<Fac>,
+    parts: shard::ShardParts<F>,
+) -> Result<glommio::ExecutorJoinHandle<()>, BuildError>
+where
+    F: AsyncFunction,
+    F::In: Send,
+    F::Out: Send,
+    Fac: Fn(ShardContext) -> F + Send + Sync + 'static,
+{
+    let glommio_placement = match placement.core {
+        Some(core) => Placement::Fixed(core),
+        None => Placement::Unbound,
+    };
+    LocalExecutorBuilder::new(glommio_placement)
+        .name(&format!("sluice-shard-{}", placement.shard))
+        .io_memory(io_memory)
+        .ring_depth(ring_depth)
+        .spawn(move || shard::run_shard(factory, parts))
+        .map_err(|e| BuildError::Executor {
+            shard: placement.shard,
+            reason: e.to_string(),
+        })
 }
 
 /// Observes and joins a running stage.

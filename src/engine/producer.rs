@@ -9,6 +9,7 @@
 
 use super::handoff;
 use super::messages::{Barrier, Inbound};
+use super::routing::{shard_of, KeyFn, Routing};
 use crate::checkpoint::coordinator::Coordinator;
 use crate::checkpoint::{CheckpointRefused, SourcePosition};
 use crate::error::PushError;
@@ -18,21 +19,9 @@ use std::time::Instant;
 
 /// One record in this many carries its push time, for the `queue_wait_us` metric: a clock
 /// read per record was a third of the producer thread's CPU against Redis at 64 in flight
-/// (the profile in docs/benchmarks.md, section 3). Sampling by sequence number, like Flink's latency markers, keeps
+/// (the profile in docs/decisions/cpu-at-64-in-flight.md). Sampling by sequence number, like Flink's latency markers, keeps
 /// the histogram's quantiles while the producer reads the clock once per 16 pushes.
 pub const QUEUE_WAIT_SAMPLE: u64 = 16;
-
-/// A record's key for routing and key order (see `StageBuilder::key_by`).
-pub type KeyFn<I> = Arc<dyn Fn(&I) -> u64 + Send + Sync>;
-
-/// How records are spread over shards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Routing {
-    /// In turn; ignores keys.
-    RoundRobin,
-    /// By the hash of the record's key: one key always goes to one shard.
-    ByKey,
-}
 
 /// The input side of a stage. Not `Clone`: one producer defines one input order.
 pub struct Producer<I> {
@@ -42,12 +31,6 @@ pub struct Producer<I> {
     next_shard: usize,
     key_fn: Option<KeyFn<I>>,
     routing: Routing,
-}
-
-/// Spreads a user key over shards; the key may have little entropy (small integers).
-pub(crate) fn shard_of(key: u64, shards: usize) -> usize {
-    let mixed = (key ^ (key >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
-    ((mixed ^ (mixed >> 33)) % shards as u64) as usize
 }
 
 impl<I> Producer<I> {

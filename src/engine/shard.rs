@@ -37,7 +37,7 @@ const MAX_EGRESS_BATCH: usize = 256;
 /// turn of replies) to add their outputs to a batch before handing it to the consumer. No
 /// timer: it stops as soon as a yield brings nothing. Each hand-over wakes the consumer thread,
 /// which on a shared core preempts the shard; against Redis at 64 in flight gathering cut the
-/// stage's CPU per record by 15-20% (docs/benchmarks.md, section 3).
+/// stage's CPU per record by 15-20% (docs/decisions/shard-gathering.md).
 const GATHER_ROUNDS: usize = 8;
 
 /// The shard's input: takes every queued element in one lock (`drain`) and hands them out one
@@ -150,7 +150,8 @@ pub(crate) struct ShardParts<F: AsyncFunction> {
     pub(crate) checkpoint: Option<ShardCheckpoint<F::In>>,
 }
 
-/// The body of a shard's executor.
+/// The body of a shard's executor: builds the function and the operator on the shard's thread,
+/// runs them, and turns a panic into `StageError::ShardPanicked` for the merge.
 pub(crate) async fn run_shard<F, Fac>(factory: std::sync::Arc<Fac>, parts: ShardParts<F>)
 where
     F: AsyncFunction,
@@ -169,56 +170,8 @@ where
         let func = factory(context);
         let gate: Gate = Rc::new(Cell::new(None));
         let input = futures::stream::iter(restore).chain(GatedIngress::new(ingress, gate.clone()));
-        let mut op = AsyncWait::with_metrics(input, func, config, GlommioClock, Some(metrics));
-        // The last checkpoint's file write. One checkpoint is in progress at a time and the
-        // next begins only after every shard reported, so earlier writes have finished (or,
-        // after an aborted commit, are left to finish on their own): keep one, not a list.
-        let mut last_write: Option<glommio::Task<()>> = None;
-        loop {
-            let step = futures::future::poll_fn(|cx| match op.poll_next_unpin(cx) {
-                Poll::Ready(item) => Poll::Ready(Step::Item(item)),
-                Poll::Pending => match gate.get() {
-                    Some(barrier) => Poll::Ready(Step::Barrier(barrier)),
-                    None => Poll::Pending,
-                },
-            })
-            .await;
-            let first = match step {
-                Step::Item(Some(first)) => first,
-                Step::Item(None) => break,
-                Step::Barrier(barrier) => {
-                    let checkpoint = checkpoint
-                        .as_ref()
-                        .expect("barriers come only from a stage with checkpointing");
-                    let write = snapshot(&mut op, checkpoint, barrier, context.index);
-                    if let Some(previous) = last_write.replace(write) {
-                        previous.detach();
-                    }
-                    gate.set(None);
-                    if egress.send(Egress::Barrier(barrier)).await.is_err() {
-                        op.close();
-                        return true;
-                    }
-                    continue;
-                }
-            };
-            let (batch, failure) = gather(&mut op, first).await;
-            if !batch.is_empty() && egress.send(Egress::Items(batch)).await.is_err() {
-                // The consumer is gone: stop; dropping `op` drops the input.
-                op.close();
-                return true;
-            }
-            if let Some(error) = failure {
-                op.close();
-                let _ = egress.send(Egress::Failed(error)).await;
-                return false;
-            }
-        }
-        op.close();
-        if let Some(write) = last_write {
-            write.await;
-        }
-        true
+        let op = AsyncWait::with_metrics(input, func, config, GlommioClock, Some(metrics));
+        drive(op, &gate, &egress, checkpoint.as_ref(), context.index).await
     });
     match body.catch_unwind().await {
         Ok(true) => {
@@ -239,6 +192,70 @@ where
                 .await;
         }
     }
+}
+
+/// The shard's loop: outputs gathered into batches for the merge, and each checkpoint barrier
+/// snapshotted where the operator's input stopped before it goes on. Returns `true` when the
+/// input ended or the consumer went away, `false` after it sent a failure.
+async fn drive<S, F>(
+    mut op: AsyncWait<S, F, GlommioClock>,
+    gate: &Gate,
+    egress: &handoff::Sender<Egress<F::Out>>,
+    checkpoint: Option<&ShardCheckpoint<F::In>>,
+    shard: usize,
+) -> bool
+where
+    S: Stream<Item = Element<F::In>> + Unpin,
+    F: AsyncFunction,
+{
+    // The last checkpoint's file write. One checkpoint is in progress at a time and the next
+    // begins only after every shard reported, so earlier writes have finished (or, after an
+    // aborted commit, are left to finish on their own): keep one, not a list.
+    let mut last_write: Option<glommio::Task<()>> = None;
+    loop {
+        let step = futures::future::poll_fn(|cx| match op.poll_next_unpin(cx) {
+            Poll::Ready(item) => Poll::Ready(Step::Item(item)),
+            Poll::Pending => match gate.get() {
+                Some(barrier) => Poll::Ready(Step::Barrier(barrier)),
+                None => Poll::Pending,
+            },
+        })
+        .await;
+        let first = match step {
+            Step::Item(Some(first)) => first,
+            Step::Item(None) => break,
+            Step::Barrier(barrier) => {
+                let checkpoint =
+                    checkpoint.expect("barriers come only from a stage with checkpointing");
+                let write = snapshot(&mut op, checkpoint, barrier, shard);
+                if let Some(previous) = last_write.replace(write) {
+                    previous.detach();
+                }
+                gate.set(None);
+                if egress.send(Egress::Barrier(barrier)).await.is_err() {
+                    op.close();
+                    return true;
+                }
+                continue;
+            }
+        };
+        let (batch, failure) = gather(&mut op, first).await;
+        if !batch.is_empty() && egress.send(Egress::Items(batch)).await.is_err() {
+            // The consumer is gone: stop; dropping `op` drops the input.
+            op.close();
+            return true;
+        }
+        if let Some(error) = failure {
+            op.close();
+            let _ = egress.send(Egress::Failed(error)).await;
+            return false;
+        }
+    }
+    op.close();
+    if let Some(write) = last_write {
+        write.await;
+    }
+    true
 }
 
 /// Takes the operator's part of `barrier`'s checkpoint where its input stopped, and writes it
