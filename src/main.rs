@@ -229,20 +229,20 @@ struct BenchArgs {
     server_core: Option<usize>,
     /// The sluice modes' Redis client completes at most 1/N of a connection's requests in
     /// flight per turn before writing the requests those completions issued (1: all that
-    /// arrived; see docs/benchmarks.md, section 3).
+    /// arrived; see docs/decisions/reply-split.md).
     #[arg(long, default_value_t = sluice::redis::ClientConfig::default().reply_split,
           value_parser = at_least_one())]
     reply_split: usize,
     /// Connections per shard to the server, for the sluice modes and the tokio baseline
     /// alike (requests spread round-robin over them). Under a random delay, replies on one
     /// connection leave in request order, so a slow one holds back those behind it: more
-    /// connections split the window (docs/benchmarks.md, section 2).
+    /// connections split the window (docs/decisions/write-coalescing-and-connections.md).
     #[arg(long, default_value_t = sluice::redis::ClientConfig::default().connections,
           value_parser = at_least_one())]
     connections: usize,
     /// Never pin the sluice modes' shards to cores (by default each shard gets a core when
     /// there is one per shard; on a host where other busy threads share those cores, letting
-    /// the scheduler place shards can do better: docs/benchmarks.md, section 2).
+    /// the scheduler place shards can do better: docs/decisions/shards-unpinned.md).
     #[arg(long)]
     no_pin: bool,
     /// Use this server limit (records/s, the ideal's cap) instead of measuring it first
@@ -389,7 +389,7 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
             ));
         }
     };
-    let summary = enrich::run(&config, stop, &mut progress)?;
+    let summary = enrich::run(&config, stop, &mut progress).map_err(|e| e.to_string())?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

@@ -10,6 +10,7 @@
 //!   resume each file is cut back to its committed length (`resume::open_appending`).
 
 use super::summary::{Count, Summary};
+use super::EnrichError;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Seek, Write};
@@ -59,7 +60,7 @@ impl LineFile {
         line: &[u8],
         count: Count,
         summary: &mut Summary,
-    ) -> Result<(), String> {
+    ) -> Result<(), EnrichError> {
         self.buffer.extend_from_slice(line);
         self.buffer.push(b'\n');
         self.pending.push(count);
@@ -75,9 +76,9 @@ impl LineFile {
         fields: &super::record::Fields,
         count: Count,
         summary: &mut Summary,
-    ) -> Result<(), String> {
+    ) -> Result<(), EnrichError> {
         serde_json::to_writer(&mut self.buffer, fields)
-            .map_err(|e| format!("{}: {e}", self.name))?;
+            .map_err(|e| EnrichError::file(self.name.clone(), e))?;
         self.buffer.push(b'\n');
         self.pending.push(count);
         if self.buffer.len() >= FILE_BUFFER {
@@ -93,7 +94,7 @@ impl LineFile {
     }
 
     /// Writes the buffer out; counts its lines as written, or as not written if that failed.
-    pub(crate) fn flush(&mut self, summary: &mut Summary) -> Result<(), String> {
+    pub(crate) fn flush(&mut self, summary: &mut Summary) -> Result<(), EnrichError> {
         if self.buffer.is_empty() {
             return Ok(());
         }
@@ -109,28 +110,28 @@ impl LineFile {
             Err(e) => {
                 summary.unwritten_after_failure += self.pending.len() as u64;
                 self.pending.clear();
-                Err(format!("{}: {e}", self.name))
+                Err(EnrichError::file(self.name.clone(), e))
             }
         }
     }
 
     /// Flushes and fsyncs a file; returns its length, now durable.
-    pub(crate) fn make_durable(&mut self, summary: &mut Summary) -> Result<u64, String> {
+    pub(crate) fn make_durable(&mut self, summary: &mut Summary) -> Result<u64, EnrichError> {
         self.flush(summary)?;
         let Target::File(file) = &mut self.target else {
-            return Err(format!(
-                "{}: standard output cannot be made durable",
-                self.name
+            return Err(EnrichError::file(
+                self.name.clone(),
+                "standard output cannot be made durable",
             ));
         };
         file.sync_data().map_err(|e| {
-            format!(
-                "{}: fsync failed: {e}; stopping (a failed fsync cannot be retried safely)",
-                self.name
+            EnrichError::file(
+                self.name.clone(),
+                format!("fsync failed: {e}; stopping (a failed fsync cannot be retried safely)"),
             )
         })?;
         file.stream_position()
-            .map_err(|e| format!("{}: {e}", self.name))
+            .map_err(|e| EnrichError::file(self.name.clone(), e))
     }
 }
 
@@ -158,15 +159,17 @@ impl DeadLetters {
         entry: &[u8],
         count: Count,
         summary: &mut Summary,
-    ) -> Result<(), String> {
-        let file = self
-            .files
-            .get_mut(path)
-            .ok_or_else(|| format!("dead-letter file {} was not opened", path.display()))?;
+    ) -> Result<(), EnrichError> {
+        let file = self.files.get_mut(path).ok_or_else(|| {
+            EnrichError::file(
+                format!("dead-letter file {}", path.display()),
+                "was not opened",
+            )
+        })?;
         file.push(entry, count, summary)
     }
 
-    pub(crate) fn flush(&mut self, summary: &mut Summary) -> Result<(), String> {
+    pub(crate) fn flush(&mut self, summary: &mut Summary) -> Result<(), EnrichError> {
         let mut first_error = None;
         for file in self.files.values_mut() {
             if let Err(e) = file.flush(summary) {
@@ -180,7 +183,7 @@ impl DeadLetters {
     pub(crate) fn make_durable(
         &mut self,
         summary: &mut Summary,
-    ) -> Result<BTreeMap<String, u64>, String> {
+    ) -> Result<BTreeMap<String, u64>, EnrichError> {
         let mut positions = BTreeMap::new();
         for (path, file) in &mut self.files {
             positions.insert(Self::side_output_name(path), file.make_durable(summary)?);

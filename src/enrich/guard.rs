@@ -10,6 +10,7 @@
 //! - a run that resumes a checkpoint has the settings that shaped its output (recorded by the
 //!   run that started it), or is refused with the settings that differ.
 
+use super::EnrichError;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -24,11 +25,11 @@ pub(crate) struct DirLock {
 impl DirLock {
     /// Takes the lock on `dir` (creating the directory), or says which process holds it. Also
     /// proves the directory writable: the lock file is written and fsynced.
-    pub(crate) fn acquire(dir: &Path) -> Result<DirLock, String> {
+    pub(crate) fn acquire(dir: &Path) -> Result<DirLock, EnrichError> {
         let unwritable = |e: std::io::Error| {
-            format!(
-                "checkpoint directory {} is not writable: {e}; checkpoints could not be taken",
-                dir.display()
+            EnrichError::dir(
+                dir,
+                format!("not writable: {e}; checkpoints could not be taken"),
             )
         };
         std::fs::create_dir_all(dir).map_err(unwritable)?;
@@ -50,10 +51,12 @@ impl DirLock {
             } else {
                 format!("another sluice enrich (process {holder})")
             };
-            return Err(format!(
-                "checkpoint directory {} is in use by {who}: two runs on one directory would \
-                 corrupt the output; wait for it to finish, or stop it",
-                dir.display()
+            return Err(EnrichError::dir(
+                dir,
+                format!(
+                    "in use by {who}: two runs on one directory would corrupt the output; wait \
+                     for it to finish, or stop it"
+                ),
             ));
         }
         file.set_len(0).map_err(unwritable)?;
@@ -76,21 +79,21 @@ fn identity(path: &Path) -> Option<(u64, u64)> {
 /// Refuses two roles on one file (`--output` that is the `--input`, a dead-letter file that is
 /// the output, ...). A file that does not exist yet is a file of its own, unless two roles
 /// name the same path.
-pub(crate) fn distinct_files(roles: &[Role<'_>]) -> Result<(), String> {
+pub(crate) fn distinct_files(roles: &[Role<'_>]) -> Result<(), EnrichError> {
     for (i, a) in roles.iter().enumerate() {
         for b in &roles[i + 1..] {
             let same = a.path == b.path
                 || matches!((identity(a.path), identity(b.path)), (Some(x), Some(y)) if x == y);
             // Two policies may share one dead-letter file on purpose.
             if same && !(a.what == b.what && a.what.starts_with("dead-letter")) {
-                return Err(format!(
+                return Err(EnrichError::Usage(format!(
                     "{} {} and {} {} are the same file: writing one would destroy the other; \
                      give them different files",
                     a.what,
                     a.path.display(),
                     b.what,
                     b.path.display()
-                ));
+                )));
             }
         }
     }
@@ -103,10 +106,10 @@ pub(crate) fn settings_path(dir: &Path) -> PathBuf {
 }
 
 /// Records `settings` for a run that starts afresh in `dir` (durably).
-pub(crate) fn record_settings(dir: &Path, settings: &serde_json::Value) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(settings).map_err(|e| e.to_string())?;
+pub(crate) fn record_settings(dir: &Path, settings: &serde_json::Value) -> Result<(), EnrichError> {
+    let text = serde_json::to_string_pretty(settings).map_err(|e| EnrichError::dir(dir, e))?;
     crate::checkpoint::replace_durably(dir, "settings.json", text.as_bytes())
-        .map_err(|e| format!("checkpoint directory {}: {e}", dir.display()))
+        .map_err(|e| EnrichError::dir(dir, e))
 }
 
 /// Refuses to resume checkpoint `id` in `dir` with settings other than those recorded.
@@ -114,17 +117,19 @@ pub(crate) fn check_settings(
     dir: &Path,
     id: u64,
     settings: &serde_json::Value,
-) -> Result<(), String> {
+) -> Result<(), EnrichError> {
     let path = settings_path(dir);
+    let file = || format!("settings file {}", path.display());
     let recorded: serde_json::Value = match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{}: {e}; remove the checkpoint directory", path.display()))?,
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            EnrichError::file(file(), format!("{e}; remove the checkpoint directory"))
+        })?,
         // A directory without one (written by an older build) is not checked.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(e) => return Err(EnrichError::file(file(), e)),
     };
     let (Some(then), Some(now)) = (recorded.as_object(), settings.as_object()) else {
-        return Err(format!("{}: not a JSON object", path.display()));
+        return Err(EnrichError::file(file(), "not a JSON object"));
     };
     let differ: Vec<String> = now
         .iter()
@@ -137,10 +142,13 @@ pub(crate) fn check_settings(
     if differ.is_empty() {
         return Ok(());
     }
-    Err(format!(
-        "cannot resume with other settings than the run that took the checkpoint: {}; run \
-         with the same settings, or remove the checkpoint directory to start afresh",
-        differ.join(", ")
+    Err(EnrichError::dir(
+        dir,
+        format!(
+            "cannot resume with other settings than the run that took the checkpoint: {}; run \
+             with the same settings, or remove the checkpoint directory to start afresh",
+            differ.join(", ")
+        ),
     ))
 }
 
@@ -157,7 +165,9 @@ mod tests {
         std::fs::hard_link(&input, &link).unwrap();
         let out = dir.path().join("out.jsonl");
         let role = |what, path| Role { what, path };
-        let e = distinct_files(&[role("input", &input), role("output", &link)]).unwrap_err();
+        let e = distinct_files(&[role("input", &input), role("output", &link)])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("same file") && e.contains("link.jsonl"), "{e}");
         assert!(distinct_files(&[role("input", &input), role("output", &out)]).is_ok());
         let e = distinct_files(&[role("output", &out), role("dead-letter file", &out)]);
@@ -173,7 +183,7 @@ mod tests {
     fn a_second_lock_is_refused_with_the_holder_named() {
         let dir = tempfile::tempdir().unwrap();
         let _held = DirLock::acquire(dir.path()).unwrap();
-        let e = DirLock::acquire(dir.path()).err().unwrap();
+        let e = DirLock::acquire(dir.path()).err().unwrap().to_string();
         assert!(e.contains(&std::process::id().to_string()), "{e}");
         assert!(e.contains("in use"), "{e}");
     }
@@ -185,7 +195,7 @@ mod tests {
         record_settings(dir.path(), &a).unwrap();
         assert!(check_settings(dir.path(), 3, &a).is_ok());
         let b = serde_json::json!({"key": "user:{uid}", "mode": "ordered"});
-        let e = check_settings(dir.path(), 3, &b).unwrap_err();
+        let e = check_settings(dir.path(), 3, &b).unwrap_err().to_string();
         assert!(
             e.contains("key") && e.contains("user:{id}") && e.contains("checkpoint 3"),
             "{e}"

@@ -7,7 +7,7 @@
 //! one is written first); a bad record passes through with no lookup; the line travels in an
 //! `Arc`, so a retry or a timeout never copies it.
 
-use super::reader::Budget;
+use super::budget::Budget;
 use super::record::Line;
 use crate::function::{AsyncFunction, Fallback, Outputs};
 use crate::redis::{ClientConfig, GetFuture, RedisClient, RedisError};

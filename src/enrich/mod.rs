@@ -4,13 +4,14 @@
 //! ```text
 //!  reader thread                  stage (shards)                   writer (calling thread)
 //!  line -> record | bad -> push ─▶ GET key (io_uring Redis) ─▶ policy -> output | dead letter
-//!   (reader.rs, record.rs)          (lookup.rs)                  (writer.rs, outcome.rs, files.rs)
+//!   (reader.rs, record.rs,          (lookup.rs)                  (writer.rs, outcome.rs, files.rs)
+//!    watermarks.rs, budget.rs)
 //! ```
 //!
 //! Owns: the command's orchestration: checks before any file is touched (`guard.rs`), the
 //! stage, the threads, and the summary at the end. Invariants:
 //! - memory is bounded by the stage (shards x (capacity + channels) lines) and by bytes
-//!   (`EnrichConfig::max_bytes_held`, see `reader::Budget`), never by the input size;
+//!   (`EnrichConfig::max_bytes_held`, see `budget.rs`), never by the input size;
 //! - every line read ends as an output line, a dead-letter line, a counted drop or skip, a
 //!   blank line, or a line not written because the run stopped: `Summary::accounted` equals
 //!   `lines_read` (checked by `tests/enrich_cli.rs`);
@@ -22,6 +23,8 @@
 //! - with a checkpoint directory: one run at a time holds it; a finished run's directory and
 //!   files are never touched again; output and dead letters are exactly-once (`resume.rs`).
 
+mod budget;
+mod error;
 mod fields;
 mod files;
 mod guard;
@@ -34,8 +37,10 @@ mod resume;
 mod startup;
 mod summary;
 mod template;
+mod watermarks;
 mod writer;
 
+pub use error::EnrichError;
 pub use lookup::{Enriched, Lookup};
 pub use options::{OnBadRecord, OnFailedLookup, OnMissing, RetrySpec};
 pub use record::{BadRecord, Fields, Line, Record};
@@ -44,7 +49,8 @@ pub use summary::Summary;
 pub use template::{KeyError, KeyTemplate, TemplateError};
 
 use crate::OutputMode;
-use reader::{Budget, ReaderContext, ReaderState};
+use budget::Budget;
+use reader::{ReaderContext, ReaderState};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -147,11 +153,14 @@ impl Stop {
 /// Runs the enrichment until the input ends, a failure, or a signal on `stop`. The `Err` case
 /// is a setup error (files, Redis, the checkpoint directory); run failures are in
 /// `Summary::failure`. `progress` gets the summary so far and the lines in flight.
+///
+/// Over 70 lines because it is the command's outline: set-up, the writer loop, and the
+/// summary read top to bottom; each step is one call into the module that owns it.
 pub fn run(
     config: &EnrichConfig,
     stop: Arc<Stop>,
     progress: &mut dyn FnMut(&Summary, u64),
-) -> Result<Summary, String> {
+) -> Result<Summary, EnrichError> {
     let started = Instant::now();
     let (_lock, completed) = startup::preflight(config)?;
     if completed {
@@ -251,7 +260,7 @@ impl Threads {
         input: reader::ReaderInput,
         budget: &Arc<Budget>,
         stop: &Arc<Stop>,
-    ) -> Result<Threads, String> {
+    ) -> Result<Threads, EnrichError> {
         // Shared so that a signal can end the input even while the reader is blocked reading
         // an idle pipe: the watcher takes the producer, the stage drains, the writer finishes.
         let producer = Arc::new(Mutex::new(Some(producer)));
@@ -274,7 +283,7 @@ impl Threads {
         let reader = std::thread::Builder::new()
             .name("sluice-reader".into())
             .spawn(move || context.run(input))
-            .map_err(|e| format!("cannot start the reader thread: {e}"))?;
+            .map_err(|e| EnrichError::Stage(format!("cannot start the reader thread: {e}")))?;
         Ok(Threads {
             state,
             reader,
@@ -284,7 +293,7 @@ impl Threads {
     }
 
     /// Stops the reader after a failure (or a second signal) and waits for what should end.
-    fn stop(self, failed: bool, at_once: bool, stop: &Stop) -> Result<(), String> {
+    fn stop(self, failed: bool, at_once: bool, stop: &Stop) -> Result<(), EnrichError> {
         if failed || at_once {
             stop.halt();
         }
@@ -295,7 +304,7 @@ impl Threads {
         // exit).
         let wait = !at_once && (!stop.interrupted() || self.reader.is_finished());
         if wait && self.reader.join().is_err() {
-            return Err("the reader thread panicked".into());
+            return Err(EnrichError::Stage("the reader thread panicked".into()));
         }
         Ok(())
     }
@@ -381,15 +390,18 @@ fn mark_completed(dir: &std::path::Path, writer: &mut Writer<'_>, summary: &mut 
         .make_durable(summary)
         .and_then(|_| writer.output.make_durable(summary))
         .and_then(|_| {
-            let json = serde_json::to_string_pretty(&*summary).map_err(|e| e.to_string())?;
+            let json = serde_json::to_string_pretty(&*summary)
+                .map_err(|e| EnrichError::dir(dir, format!("completed marker: {e}")))?;
             resume::mark_completed(dir, &json)
         });
     if let Err(e) = durable {
         summary.output_complete = summary.accounted() == summary.lines_read;
-        summary.failure = Some(format!(
-            "{e}: the run finished but could not be marked completed in {}; re-running the same \
-             command would resume from the last checkpoint",
-            dir.display()
+        summary.failure = Some(EnrichError::dir(
+            dir,
+            format!(
+                "the run finished but could not be marked completed ({e}); re-running the same \
+                 command would resume from the last checkpoint"
+            ),
         ));
     }
 }

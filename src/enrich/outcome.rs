@@ -9,7 +9,7 @@
 use super::options::{OnBadRecord, OnFailedLookup, OnMissing};
 use super::record::{to_json, BadRecord, Fields, Line, Record};
 use super::summary::Count;
-use super::{Enriched, Lookup, Placement};
+use super::{EnrichError, Enriched, Lookup, Placement};
 use serde_json::value::RawValue;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,7 +33,7 @@ pub(crate) enum Action {
     /// Nothing to write; count it.
     Drop(Count),
     /// Stop the run here: everything before this line has been handled.
-    Fail(String),
+    Fail(EnrichError),
 }
 
 /// A dead-letter entry: `{"line","error","input"}`.
@@ -68,9 +68,9 @@ impl Policies {
         });
         match (line, enriched.lookup) {
             (Line::Bad(bad), _) => self.bad(&bad),
-            (Line::Record(r), Lookup::NotNeeded) => Action::Fail(format!(
-                "line {}: a record came back without a lookup",
-                r.line
+            (Line::Record(r), Lookup::NotNeeded) => Action::Fail(EnrichError::line(
+                r.line,
+                "a record came back without a lookup",
             )),
             (Line::Record(r), Lookup::Found(value)) => {
                 let (line, object) = self.merged(r, &value);
@@ -111,10 +111,13 @@ impl Policies {
         match &self.on_bad_record {
             OnBadRecord::Fail => {
                 let shown: String = bad.text.chars().take(200).collect();
-                Action::Fail(format!(
-                    "line {}: bad record: {}: {shown} (--on-bad-record skip or dead-letter FILE \
-                     lets the run go on)",
-                    bad.line, bad.reason
+                Action::Fail(EnrichError::line(
+                    bad.line,
+                    format!(
+                        "bad record: {}: {shown} (--on-bad-record skip or dead-letter FILE lets \
+                         the run go on)",
+                        bad.reason
+                    ),
                 ))
             }
             OnBadRecord::Skip => Action::Drop(Count::BadSkipped),
@@ -136,9 +139,12 @@ impl Policies {
                 Action::Write(out, Count::MissingKept)
             }
             OnMissing::Drop => Action::Drop(Count::MissingDropped),
-            OnMissing::Fail => Action::Fail(format!(
-                "line {}: key {:?} has no value (--on-missing fail; keep or drop lets the run go on)",
-                r.line, r.key
+            OnMissing::Fail => Action::Fail(EnrichError::line(
+                r.line,
+                format!(
+                    "key {:?} has no value (--on-missing fail; keep or drop lets the run go on)",
+                    r.key
+                ),
             )),
         }
     }
@@ -160,9 +166,12 @@ impl Policies {
                 dead_letter_entry(r.line, what, &to_json(&r.fields)),
                 dead_lettered,
             ),
-            OnFailedLookup::Fail => Action::Fail(format!(
-                "line {}: {what} (key {:?}; {flag} emit, drop or dead-letter FILE lets the run go on)",
-                r.line, r.key
+            OnFailedLookup::Fail => Action::Fail(EnrichError::line(
+                r.line,
+                format!(
+                    "{what} (key {:?}; {flag} emit, drop or dead-letter FILE lets the run go on)",
+                    r.key
+                ),
             )),
         }
     }
@@ -274,6 +283,8 @@ mod tests {
         else {
             panic!("not a failure")
         };
+        assert!(matches!(why, EnrichError::Line { line: 5, .. }), "{why}");
+        let why = why.to_string();
         assert!(
             why.contains("line 5") && why.contains("--on-error"),
             "{why}"

@@ -12,8 +12,9 @@
 //! - a run that finished leaves `completed` in the directory (written durably last), and a
 //!   re-run with that marker does nothing.
 
+use super::files::FILE_BUFFER;
 use super::record::{to_json, BadRecord, Fields, Line, Record};
-use super::{Enriched, Lookup};
+use super::{EnrichError, Enriched, Lookup};
 use crate::checkpoint::{Codec, RestoreInfo};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -26,9 +27,9 @@ pub fn completed_marker(dir: &Path) -> PathBuf {
 }
 
 /// Writes the completed marker durably (see `replace_durably`).
-pub(crate) fn mark_completed(dir: &Path, summary_json: &str) -> Result<(), String> {
+pub(crate) fn mark_completed(dir: &Path, summary_json: &str) -> Result<(), EnrichError> {
     crate::checkpoint::replace_durably(dir, "completed", summary_json.as_bytes())
-        .map_err(|e| format!("completed marker: {e}"))
+        .map_err(|e| EnrichError::dir(dir, format!("completed marker: {e}")))
 }
 
 /// A file source's digest of its first bytes: their CRC-32, with bit 32 set to say that there
@@ -48,22 +49,28 @@ pub(crate) struct Source {
 
 /// Opens the input at the restored position (or its start), after checking that the bytes
 /// before it are those the checkpoint consumed (their CRC-32).
-pub(crate) fn open_source(path: &Path, restored: Option<&RestoreInfo>) -> Result<Source, String> {
-    let error = |e: std::io::Error| format!("input {}: {e}", path.display());
+pub(crate) fn open_source(
+    path: &Path,
+    restored: Option<&RestoreInfo>,
+) -> Result<Source, EnrichError> {
+    let name = format!("input {}", path.display());
+    let error = |e: std::io::Error| EnrichError::file(name.clone(), e);
     let mut file = File::open(path).map_err(error)?;
     let (offset, lines) = restored.map_or((0, 0), |r| (r.source.offset, r.source.records));
     let id = restored.map_or(0, |r| r.checkpoint_id);
     let len = file.metadata().map_err(error)?.len();
     if offset > len {
-        return Err(format!(
-            "input {} is {len} bytes but checkpoint {id} resumes at byte {offset}: the input \
-             changed since the checkpoint; restore it, or remove the checkpoint directory",
-            path.display(),
+        return Err(EnrichError::file(
+            name,
+            format!(
+                "{len} bytes but checkpoint {id} resumes at byte {offset}: the input changed \
+                 since the checkpoint; restore it, or remove the checkpoint directory"
+            ),
         ));
     }
     let mut hasher = crc32fast::Hasher::new();
     let mut prefix = (&mut file).take(offset);
-    let mut chunk = vec![0u8; 256 * 1024];
+    let mut chunk = vec![0u8; FILE_BUFFER];
     loop {
         let n = prefix.read(&mut chunk).map_err(error)?;
         if n == 0 {
@@ -73,16 +80,18 @@ pub(crate) fn open_source(path: &Path, restored: Option<&RestoreInfo>) -> Result
     }
     let expected = restored.map_or(0, |r| r.source.digest);
     if expected != 0 && source_digest(&hasher) != expected {
-        return Err(format!(
-            "input {}: its first {offset} bytes are not those checkpoint {id} consumed (their \
-             CRC-32 differs): the input was changed since; restore it, or remove the checkpoint \
-             directory to start afresh",
-            path.display()
+        return Err(EnrichError::file(
+            name,
+            format!(
+                "its first {offset} bytes are not those checkpoint {id} consumed (their CRC-32 \
+                 differs): the input was changed since; restore it, or remove the checkpoint \
+                 directory to start afresh"
+            ),
         ));
     }
     file.seek(SeekFrom::Start(offset)).map_err(error)?;
     Ok(Source {
-        reader: BufReader::with_capacity(256 * 1024, file),
+        reader: BufReader::with_capacity(FILE_BUFFER, file),
         offset,
         lines,
         hasher,
@@ -95,8 +104,9 @@ pub(crate) fn open_appending(
     path: &Path,
     committed: Option<(u64, u64)>,
     what: &str,
-) -> Result<File, String> {
-    let error = |e: std::io::Error| format!("{what} {}: {e}", path.display());
+) -> Result<File, EnrichError> {
+    let name = format!("{what} {}", path.display());
+    let error = |e: std::io::Error| EnrichError::file(name.clone(), e);
     let Some((checkpoint_id, position)) = committed else {
         return File::create(path).map_err(error);
     };
@@ -108,10 +118,12 @@ pub(crate) fn open_appending(
         .map_err(error)?;
     let len = file.metadata().map_err(error)?.len();
     if len < position {
-        return Err(format!(
-            "{what} {} is {len} bytes but checkpoint {checkpoint_id} committed {position} bytes: \
-             it was changed or truncated since; restore it, or remove the checkpoint directory",
-            path.display(),
+        return Err(EnrichError::file(
+            name,
+            format!(
+                "{len} bytes but checkpoint {checkpoint_id} committed {position} bytes: it was \
+                 changed or truncated since; restore it, or remove the checkpoint directory"
+            ),
         ));
     }
     file.set_len(position).map_err(error)?;

@@ -6,13 +6,14 @@
 //! completed marker, Redis answering; a resume cuts every file back to what its checkpoint
 //! committed, and only after the settings were found the same.
 
+use super::budget::Budget;
 use super::files::{DeadLetters, LineFile, Target};
 use super::guard::{self, DirLock, Role};
-use super::reader::{Budget, ReaderInput};
+use super::reader::ReaderInput;
 use super::record::Line;
 use super::{
-    completed_marker, lookup, resume, EnrichConfig, Enriched, Lookup, OnBadRecord, OnFailedLookup,
-    RetrySpec,
+    completed_marker, lookup, resume, EnrichConfig, EnrichError, Enriched, Lookup, OnBadRecord,
+    OnFailedLookup, RetrySpec,
 };
 use crate::checkpoint::{Checkpointing, RestoreInfo};
 use crate::redis::ClientConfig;
@@ -77,7 +78,7 @@ pub(crate) fn output_settings(config: &EnrichConfig) -> serde_json::Value {
 
 /// Checks what can be checked before any file is written: the files' roles, the checkpoint
 /// directory (locked for the run), the completed marker, and that Redis answers.
-pub(crate) fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool), String> {
+pub(crate) fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool), EnrichError> {
     let dead = dead_letter_paths(config);
     let mut roles = vec![];
     if let Some(p) = &config.input {
@@ -100,11 +101,11 @@ pub(crate) fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool)
     let mut lock = None;
     if let Some(dir) = &config.checkpoint_dir {
         if config.input.is_none() || config.output.is_none() {
-            return Err(format!(
+            return Err(EnrichError::Usage(format!(
                 "--checkpoint-dir {} needs --input FILE and --output FILE: standard input \
                  cannot be re-read from an offset, nor standard output cut back on resume",
                 dir.display()
-            ));
+            )));
         }
         lock = Some(DirLock::acquire(dir)?);
         if completed_marker(dir).exists() {
@@ -118,10 +119,11 @@ pub(crate) fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool)
 /// Connects to Redis and sends a PING, so that an unreachable server (or one that refuses
 /// commands) is said before any line is read or any file created. A server that is slow to
 /// answer the PING is taken as reachable: the run's timeout policy handles slowness.
-fn redis_answers(addr: SocketAddr) -> Result<(), String> {
+fn redis_answers(addr: SocketAddr) -> Result<(), EnrichError> {
     use std::io::{Read, Write};
-    let unreachable = |e: std::io::Error| {
-        format!("Redis at {addr} does not answer: {e}; check --redis and that the server runs")
+    let unreachable = |e: std::io::Error| EnrichError::Backend {
+        addr,
+        reason: format!("does not answer: {e}; check --redis and that the server runs"),
     };
     let mut stream =
         std::net::TcpStream::connect_timeout(&addr, PREFLIGHT_TIMEOUT).map_err(unreachable)?;
@@ -139,13 +141,17 @@ fn redis_answers(addr: SocketAddr) -> Result<(), String> {
     };
     match reply.get(..n) {
         Some(r) if r.starts_with(b"+PONG") => Ok(()),
-        Some(r) if r.starts_with(b"-") => Err(format!(
-            "Redis at {addr} refused PING: {}",
-            String::from_utf8_lossy(&r[1..]).trim_end()
-        )),
-        _ => Err(format!(
-            "the server at {addr} does not speak Redis (no PONG to PING)"
-        )),
+        Some(r) if r.starts_with(b"-") => Err(EnrichError::Backend {
+            addr,
+            reason: format!(
+                "refused PING: {}",
+                String::from_utf8_lossy(&r[1..]).trim_end()
+            ),
+        }),
+        _ => Err(EnrichError::Backend {
+            addr,
+            reason: "does not speak Redis (no PONG to PING)".into(),
+        }),
     }
 }
 
@@ -156,7 +162,7 @@ pub(crate) type WireTimes = Arc<Mutex<hdrhistogram::Histogram<u64>>>;
 pub(crate) fn start_stage(
     config: &EnrichConfig,
     budget: &Arc<Budget>,
-) -> Result<(Stage<Arc<Line>, Enriched>, WireTimes), String> {
+) -> Result<(Stage<Arc<Line>, Enriched>, WireTimes), EnrichError> {
     let addr = config.redis;
     // Requests on the wire per connection stay within twice the capacity: room for the
     // lookups in flight and as many abandoned by a timeout whose replies are still owed.
@@ -201,7 +207,9 @@ pub(crate) fn start_stage(
             resume::enriched_codec(),
         ));
     }
-    let stage = builder.start().map_err(|e| e.to_string())?;
+    let stage = builder
+        .start()
+        .map_err(|e| EnrichError::Stage(e.to_string()))?;
     Ok((stage, wire_us))
 }
 
@@ -217,7 +225,7 @@ pub(crate) struct Files {
 pub(crate) fn open_files(
     config: &EnrichConfig,
     restored: Option<&RestoreInfo>,
-) -> Result<Files, String> {
+) -> Result<Files, EnrichError> {
     let input = match &config.input {
         None => ReaderInput {
             input: Box::new(std::io::BufReader::new(std::io::stdin())) as Box<dyn BufRead + Send>,

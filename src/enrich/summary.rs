@@ -4,6 +4,7 @@
 //! read (`accounted` is checked against `lines_read` by the tests): every line is blank,
 //! written, dead-lettered, a counted drop or skip, or not written because the run stopped.
 
+use super::EnrichError;
 use serde::Serialize;
 
 /// Counts of what happened to every line.
@@ -50,7 +51,7 @@ pub struct Summary {
     /// A second signal stopped the run without waiting for the lookups in flight.
     pub stopped_at_once: bool,
     /// Why the run failed, if it did.
-    pub failure: Option<String>,
+    pub failure: Option<EnrichError>,
     /// The output holds every record read, as the counts say, although the run reports a
     /// failure (for example: the completed marker could not be written).
     pub output_complete: bool,

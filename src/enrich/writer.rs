@@ -11,11 +11,11 @@
 //!   `MAX_FLUSH_DELAY` after they were written while it is busy;
 //! - a second signal stops the loop at once; what was handed to the files is flushed.
 
+use super::budget::Budget;
 use super::files::{DeadLetters, LineFile};
 use super::outcome::{Action, Policies};
-use super::reader::Budget;
 use super::summary::Summary;
-use super::{Enriched, Lookup, Stop};
+use super::{EnrichError, Enriched, Lookup, Stop};
 use crate::checkpoint::{CheckpointError, SinkPosition};
 use crate::{Consumer, Output, RecvTimedOut};
 use std::sync::Arc;
@@ -36,7 +36,7 @@ pub(crate) enum Ended {
     /// The stage finished: every output was handled.
     Finished,
     /// A line's policy, a file, or the stage failed.
-    Failed(String),
+    Failed(EnrichError),
     /// A second signal: outputs still in the stage are not written.
     AtOnce,
 }
@@ -108,7 +108,7 @@ impl<'a> Writer<'a> {
                     continue;
                 }
                 Ok(None) => return Ended::Finished,
-                Ok(Some(Err(e))) => return Ended::Failed(e.to_string()),
+                Ok(Some(Err(e))) => return Ended::Failed(EnrichError::Stage(e.to_string())),
                 Ok(Some(Ok(item))) => item,
             };
             let result = match item {
@@ -144,7 +144,7 @@ impl<'a> Writer<'a> {
     }
 
     /// Applies one line's policy; `Err` stops the run (after flushing what came before).
-    fn record(&mut self, enriched: Enriched) -> Result<(), String> {
+    fn record(&mut self, enriched: Enriched) -> Result<(), EnrichError> {
         let reserved = enriched.line.held();
         let held = reserved.bytes
             + match &enriched.lookup {
@@ -170,7 +170,7 @@ impl<'a> Writer<'a> {
     }
 
     /// Writes out what the files buffer.
-    pub(crate) fn flush(&mut self) -> Result<(), String> {
+    pub(crate) fn flush(&mut self) -> Result<(), EnrichError> {
         self.last_flush = Instant::now();
         let dead = self.dead_letters.flush(&mut self.summary);
         self.output.flush(&mut self.summary).and(dead)
@@ -179,7 +179,11 @@ impl<'a> Writer<'a> {
     /// Makes the dead letters and the output durable and commits checkpoint `id`. A
     /// checkpoint that cannot be committed (a full checkpoint disk) is counted and said; a
     /// failed fsync or a file that cannot be written stops the run.
-    fn checkpoint(&mut self, consumer: &mut Consumer<Enriched>, id: u64) -> Result<(), String> {
+    fn checkpoint(
+        &mut self,
+        consumer: &mut Consumer<Enriched>,
+        id: u64,
+    ) -> Result<(), EnrichError> {
         self.last_flush = Instant::now();
         let side_outputs = self.dead_letters.make_durable(&mut self.summary)?;
         let position = self.output.make_durable(&mut self.summary)?;
@@ -189,7 +193,9 @@ impl<'a> Writer<'a> {
         };
         match consumer.commit_checkpoint(id, sink) {
             Ok(()) => self.summary.checkpoints += 1,
-            Err(e @ CheckpointError::Fsync { .. }) => return Err(e.to_string()),
+            Err(e @ CheckpointError::Fsync { .. }) => {
+                return Err(EnrichError::Stage(e.to_string()))
+            }
             Err(other) => {
                 self.summary.checkpoint_failures += 1;
                 eprintln!(
