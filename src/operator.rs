@@ -573,6 +573,9 @@ where
 {
     type Item = Result<Emitted<F::Out>, StageError>;
 
+    /// Over 70 lines: the operator's one turn (admit input, poll the ready slots, expire
+    /// deadlines, release outputs) on the per-record path; its steps share the borrowed state,
+    /// and one function keeps their order, which the invariants depend on, in view.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if this.terminated {

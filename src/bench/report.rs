@@ -140,7 +140,30 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The tokio baseline's CPU per record at each (shards, capacity), per repeat: the cheaper of
+/// its two modes. Run `r` of every mode at a point belongs to repeat `r`.
+fn tokio_cpu_per_repeat(
+    runs: &BTreeMap<(usize, usize, Mode), Vec<Measurement>>,
+    cpu: impl Fn(&Measurement) -> f64,
+) -> BTreeMap<(usize, usize), Vec<f64>> {
+    let mut tokio_cpu: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    for ((shards, capacity, mode), ms) in runs {
+        if matches!(mode, Mode::TokioBuffered | Mode::TokioUnordered) {
+            let per_repeat = tokio_cpu.entry((*shards, *capacity)).or_default();
+            for (r, m) in ms.iter().enumerate() {
+                match per_repeat.get_mut(r) {
+                    Some(best) => *best = best.min(cpu(m)),
+                    None => per_repeat.push(cpu(m)),
+                }
+            }
+        }
+    }
+    tokio_cpu
+}
+
 impl Report {
+    /// Over 70 lines: one `Point` literal with a line per report field, each computed where it
+    /// is set, reads better than helpers that each return one field.
     pub(crate) fn from_runs(
         config: &SweepConfig,
         server_limit_rps: f64,
@@ -150,20 +173,7 @@ impl Report {
         let latency = config.configured_latency.unwrap_or(round_trip);
         let rps = |m: &Measurement| m.records as f64 / m.elapsed.as_secs_f64();
         let cpu = |m: &Measurement| m.cpu.as_secs_f64() * 1e6 / m.records.max(1) as f64;
-        // Run `r` of every mode at a point belongs to repeat `r`: the tokio baseline's CPU per
-        // record per repeat, the cheaper of its two modes.
-        let mut tokio_cpu: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
-        for ((shards, capacity, mode), ms) in &runs {
-            if matches!(mode, Mode::TokioBuffered | Mode::TokioUnordered) {
-                let per_repeat = tokio_cpu.entry((*shards, *capacity)).or_default();
-                for (r, m) in ms.iter().enumerate() {
-                    match per_repeat.get_mut(r) {
-                        Some(best) => *best = best.min(cpu(m)),
-                        None => per_repeat.push(cpu(m)),
-                    }
-                }
-            }
-        }
+        let tokio_cpu = tokio_cpu_per_repeat(&runs, cpu);
         let mut sync_rps: BTreeMap<usize, f64> = BTreeMap::new();
         for ((shards, _, mode), ms) in &runs {
             if *mode == Mode::SyncMap {

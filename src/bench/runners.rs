@@ -310,19 +310,14 @@ const PIPELINE_BUFFER_DEFAULT: usize = 50;
 /// of a shared machine, or a debug build under load, to fail a whole sweep).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What a Rust user writes by hand: tokio (one worker thread per shard), redis-rs's multiplexed
-/// connection, and `buffered` / `buffer_unordered`.
-fn tokio_futures(
+/// The tokio baseline's connections, opened before the clock starts as the other contenders'
+/// are: as many multiplexed connections per worker as sluice's client opens per shard.
+fn tokio_connections(
+    runtime: &tokio::runtime::Runtime,
     shards: usize,
     capacity: usize,
-    ordered: bool,
     w: &Workload,
-) -> Result<Measurement, String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(shards)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+) -> Result<Vec<Vec<redis::aio::MultiplexedConnection>>, String> {
     // TCP_NODELAY, as sluice's client and the blocking baselines set it (and as Jedis, Lettuce
     // and go-redis do by default): redis-rs leaves Nagle on, which holds a multiplexed
     // connection's write until the previous one is acknowledged, i.e. about one round trip
@@ -337,11 +332,11 @@ fn tokio_futures(
     // And a pipeline queue that holds the requests in flight: redis-rs queues a multiplexed
     // connection's requests for its driver in a channel of 50 by default (redis-rs issue
     // #1933), which at 256 in flight against Redis halved the baseline's rate and doubled
-    // its CPU per record (docs/benchmarks.md, section 3).
+    // its CPU per record (docs/decisions/fair-baselines-and-the-embedded-server.md).
     let conn_config = redis::AsyncConnectionConfig::new()
         .set_pipeline_buffer_size(capacity.div_ceil(per_shard).max(PIPELINE_BUFFER_DEFAULT))
         .set_response_timeout(Some(LOOKUP_TIMEOUT));
-    let connections: Vec<Vec<_>> = runtime.block_on(async {
+    runtime.block_on(async {
         let mut v = vec![];
         for _ in 0..shards {
             let mut shard = vec![];
@@ -356,7 +351,73 @@ fn tokio_futures(
             v.push(shard);
         }
         Ok::<_, String>(v)
-    })?;
+    })
+}
+
+/// One tokio worker's share of the baseline: GETs over its connections through `buffered` or
+/// `buffer_unordered`, until the time budget runs out; the records done and their latencies.
+async fn tokio_shard(
+    s: usize,
+    conns: Vec<redis::aio::MultiplexedConnection>,
+    w: Workload,
+    mut budget: Budget,
+    capacity: usize,
+    ordered: bool,
+) -> Result<(u64, hdrhistogram::Histogram<u64>), String> {
+    let mut keys = Keys::new(w.seed, s as u64, w.keys);
+    let lookups = futures::stream::iter(std::iter::from_fn(move || {
+        budget.take().then(|| keys.next())
+    }))
+    .enumerate()
+    .map(move |(i, k)| {
+        // Round-robin, as sluice's client spreads requests over its connections.
+        let mut conn = conns[i % conns.len()].clone();
+        async move {
+            let mut buf = [0u8; 32];
+            let t = Instant::now();
+            let v: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(key_of(k, &mut buf))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            v.ok_or_else(|| missing(k))?;
+            Ok::<_, String>(t.elapsed())
+        }
+    });
+    let mut hist = histogram();
+    let mut n = 0;
+    // Two loops rather than one over a boxed stream: a `dyn Stream` would add a
+    // virtual call per record to the baseline.
+    if ordered {
+        let mut s = lookups.buffered(capacity);
+        while let Some(r) = s.next().await {
+            record_latency(&mut hist, r?);
+            n += 1;
+        }
+    } else {
+        let mut s = lookups.buffer_unordered(capacity);
+        while let Some(r) = s.next().await {
+            record_latency(&mut hist, r?);
+            n += 1;
+        }
+    }
+    Ok((n, hist))
+}
+
+/// What a Rust user writes by hand: tokio (one worker thread per shard), redis-rs's multiplexed
+/// connection, and `buffered` / `buffer_unordered`.
+fn tokio_futures(
+    shards: usize,
+    capacity: usize,
+    ordered: bool,
+    w: &Workload,
+) -> Result<Measurement, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(shards)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let connections = tokio_connections(&runtime, shards, capacity, w)?;
     let cpu = CpuMark::now();
     let start = Instant::now();
     let budget = Budget::new(w, start);
@@ -364,47 +425,8 @@ fn tokio_futures(
         .into_iter()
         .enumerate()
         .map(|(s, conns)| {
-            let (w, mut budget) = (w.clone(), budget.clone());
-            runtime.spawn(async move {
-                let mut keys = Keys::new(w.seed, s as u64, w.keys);
-                let lookups = futures::stream::iter(std::iter::from_fn(move || {
-                    budget.take().then(|| keys.next())
-                }))
-                .enumerate()
-                .map(move |(i, k)| {
-                    // Round-robin, as sluice's client spreads requests over its connections.
-                    let mut conn = conns[i % conns.len()].clone();
-                    async move {
-                        let mut buf = [0u8; 32];
-                        let t = Instant::now();
-                        let v: Option<Vec<u8>> = redis::cmd("GET")
-                            .arg(key_of(k, &mut buf))
-                            .query_async(&mut conn)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        v.ok_or_else(|| missing(k))?;
-                        Ok::<_, String>(t.elapsed())
-                    }
-                });
-                let mut hist = histogram();
-                let mut n = 0;
-                // Two loops rather than one over a boxed stream: a `dyn Stream` would add a
-                // virtual call per record to the baseline.
-                if ordered {
-                    let mut s = lookups.buffered(capacity);
-                    while let Some(r) = s.next().await {
-                        record_latency(&mut hist, r?);
-                        n += 1;
-                    }
-                } else {
-                    let mut s = lookups.buffer_unordered(capacity);
-                    while let Some(r) = s.next().await {
-                        record_latency(&mut hist, r?);
-                        n += 1;
-                    }
-                }
-                Ok::<_, String>((n, hist))
-            })
+            let (w, budget) = (w.clone(), budget.clone());
+            runtime.spawn(tokio_shard(s, conns, w, budget, capacity, ordered))
         })
         .collect();
     let mut records = 0;
@@ -487,6 +509,28 @@ impl AsyncFunction for KeyLookup {
     }
 }
 
+/// A thread that pushes keys into the stage until the budget runs out; the count it pushed.
+fn feed(
+    mut producer: crate::Producer<u64>,
+    w: &Workload,
+    mut budget: Budget,
+) -> (std::thread::JoinHandle<()>, Arc<AtomicU64>) {
+    let pushed = Arc::new(AtomicU64::new(0));
+    let (w, count) = (w.clone(), pushed.clone());
+    let feeder = std::thread::spawn(move || {
+        let mut keys = Keys::new(w.seed, 0, w.keys);
+        let mut i = 0u64;
+        while budget.take() {
+            if producer.push(keys.next()).is_err() {
+                break;
+            }
+            i += 1;
+        }
+        count.store(i, Ordering::Relaxed);
+    });
+    (feeder, pushed)
+}
+
 fn sluice(
     mode: OutputMode,
     shards: usize,
@@ -512,25 +556,10 @@ fn sluice(
     if mode == OutputMode::KeyOrdered {
         builder = builder.key_by(|k: &u64| *k);
     }
-    let (mut producer, mut consumer, handle) = builder.start().map_err(|e| e.to_string())?.split();
+    let (producer, mut consumer, handle) = builder.start().map_err(|e| e.to_string())?.split();
     let cpu = CpuMark::now();
     let start = Instant::now();
-    let mut budget = Budget::new(w, start);
-    let pushed = Arc::new(AtomicU64::new(0));
-    let feeder = {
-        let (w, pushed) = (w.clone(), pushed.clone());
-        std::thread::spawn(move || {
-            let mut keys = Keys::new(w.seed, 0, w.keys);
-            let mut i = 0u64;
-            while budget.take() {
-                if producer.push(keys.next()).is_err() {
-                    break;
-                }
-                i += 1;
-            }
-            pushed.store(i, Ordering::Relaxed);
-        })
-    };
+    let (feeder, pushed) = feed(producer, w, Budget::new(w, start));
     let mut records = 0;
     let mut failure = None;
     while let Some(item) = consumer.recv() {

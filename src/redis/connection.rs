@@ -45,7 +45,7 @@ const READ_CHUNK: usize = 64 * 1024;
 /// The fewest replies a driver turn completes (when that many are there). Smaller windows are
 /// not split: each turn costs the caller a wake-up (a `Stage` hands a batch to its consumer
 /// thread per turn), and against a server with a real delay, splitting 8 in flight in 4 turns
-/// doubled the stage's CPU per record for nothing (docs/benchmarks.md, section 3).
+/// doubled the stage's CPU per record for nothing (docs/decisions/reply-split.md).
 const MIN_REPLIES_PER_TURN: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,7 +327,8 @@ pub(crate) fn wire_histogram() -> hdrhistogram::Histogram<u64> {
 /// Appends `args` as a RESP2 array of bulk strings.
 ///
 /// Hand-written on purpose: `redis-protocol`'s encoder sizes integers with a floating-point
-/// `log10`, and encoding took ~17% of the client's CPU in the profile in docs/benchmarks.md.
+/// `log10`, and encoding took ~17% of the client's CPU in the profile in
+/// docs/decisions/cpu-at-64-in-flight.md.
 /// A command is `*N\r\n` then `$len\r\narg\r\n` per argument (replies are decoded by
 /// `reply::decode_reply`, hand-written too). `tests/resp_decoder.rs` checks this encoder
 /// against the crate's.
@@ -374,6 +375,9 @@ impl Io {
         }
     }
 
+    /// One driver turn. Over 70 lines: connect, write, read and complete are one state
+    /// machine over the connection's borrowed state, on the per-request path; the order of the
+    /// steps (write what completions issued before reading more) is the design, kept in view.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RedisError>> {
         {
             let mut st = self.conn.state.borrow_mut();
@@ -414,7 +418,7 @@ impl Io {
         // the driver then yields, so their futures' owners issue the next requests, which the
         // next poll writes before completing more. The server then works on those while this
         // side handles the rest of the batch, instead of the two sides taking turns on whole
-        // windows (docs/benchmarks.md, section 3).
+        // windows (docs/decisions/reply-split.md).
         let mut budget = {
             let st = self.conn.state.borrow();
             ((st.next_request - st.next_reply) as usize / self.conn.reply_split)

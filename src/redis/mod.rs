@@ -37,10 +37,10 @@ pub struct ClientConfig {
     /// 16, so windows of 16 or fewer are not split) before it yields and writes the requests
     /// those completions issued, so the server works on new requests while the client handles
     /// the rest of a batch. 1 completes every reply that arrived at once: client and server
-    /// then take turns on whole windows. Against Redis at 64 in flight (docs/benchmarks.md,
-    /// section 3), 4 gives 1.5x-1.8x the throughput of 1, for the single-threaded adapter and
-    /// for a `Stage` alike; against a server with a real delay (1 ms) it moves throughput by
-    /// no more than the noise and costs some CPU per record. 0 is taken as 1.
+    /// then take turns on whole windows. Against Redis at 64 in flight, 4 gives 1.5x-1.8x the
+    /// throughput of 1, for the single-threaded adapter and for a `Stage` alike; against a
+    /// server with a real delay (1 ms) it moves throughput by no more than the noise and costs
+    /// some CPU per record (docs/decisions/reply-split.md). 0 is taken as 1.
     pub reply_split: usize,
     /// First reconnect delay; doubles up to `reconnect_max`.
     pub reconnect_initial: Duration,

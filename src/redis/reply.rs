@@ -134,7 +134,8 @@ fn length(buf: &[u8], from: usize, what: &str) -> Result<Option<(Option<usize>, 
     })
 }
 
-/// Parses the reply at `*at`, advancing `*at` past it when it is whole.
+/// Parses the reply at `*at`, advancing `*at` past it when it is whole. Over 70 lines: one
+/// arm per RESP2 type in one match, as the protocol lists them, on the per-reply path.
 fn parse(buf: &[u8], at: &mut usize, depth: usize) -> Result<Option<Reply>, String> {
     let start = *at;
     let Some(&kind) = buf.get(start) else {
