@@ -108,6 +108,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Runs a subcommand. Over 70 lines: one arm per subcommand, each turning its flags into the
+/// library's configuration.
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Serve {
