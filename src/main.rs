@@ -201,7 +201,8 @@ struct BenchArgs {
     /// Capacities (requests in flight per shard) to sweep.
     #[arg(long)]
     capacities: Option<List<usize>>,
-    /// Modes to run: sync-map, thread-pool, tokio-buffered, tokio-unordered, ordered,
+    /// Modes to run: sync-map, thread-pool, tokio-buffered, tokio-unordered (a multi-thread
+    /// runtime), tokio-local-unordered (a current-thread runtime per shard), ordered,
     /// unordered, key-ordered (the default set), and adapter-unordered (the operator as a
     /// single-threaded Stream combinator).
     #[arg(long)]

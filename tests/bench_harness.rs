@@ -39,8 +39,8 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
     };
     let mut calls = 0;
     let report = bench::sweep(&config, 1e9, round_trip, &mut |_, _, _| calls += 1).unwrap();
-    // sync-map once per shard count; the seven others at both capacities.
-    assert_eq!(report.points.len(), 2 * (1 + 7 * 2));
+    // sync-map once per shard count; the eight others at both capacities.
+    assert_eq!(report.points.len(), 2 * (1 + 8 * 2));
     assert_eq!(
         calls,
         2 * report.points.len() + 1,
@@ -58,8 +58,8 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
         assert!((p.ideal_rps - expected_ideal).abs() < 1e-6 * expected_ideal);
         assert!((p.efficiency - p.rps / p.ideal_rps).abs() < 1e-9);
         assert!(p.cpu_us_per_record > 0.0);
-        // Both tokio modes ran at every point: each point has its ratio, and the tokio modes'
-        // own are at least 1 (each repeat divides by the cheaper of the two).
+        // Every tokio mode ran at every point: each point has its ratio, and the tokio modes'
+        // own are at least 1 (each repeat divides by the cheapest of them).
         let ratio = p
             .cpu_vs_tokio
             .expect("the tokio baseline ran at every point");
@@ -144,7 +144,7 @@ fn a_record_budget_runs_exactly_that_many_lookups_per_point() {
         pin: true,
     };
     let report = bench::sweep(&config, 1e9, Duration::from_micros(50), &mut |_, _, _| {}).unwrap();
-    assert_eq!(report.points.len(), 8);
+    assert_eq!(report.points.len(), Mode::ALL.len());
     for p in &report.points {
         assert_eq!(
             p.records, 333,

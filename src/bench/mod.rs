@@ -27,10 +27,13 @@ pub enum Mode {
     SyncMap,
     /// A pool of `shards x capacity` blocking clients (at most 512 threads).
     ThreadPool,
-    /// tokio + redis-rs + `buffered` (ordered), one worker thread per shard.
+    /// tokio + redis-rs + `buffered` (ordered), a multi-thread runtime with one worker per shard.
     TokioBuffered,
-    /// tokio + redis-rs + `buffer_unordered`.
+    /// tokio + redis-rs + `buffer_unordered`, on the same multi-thread runtime.
     TokioUnordered,
+    /// tokio + redis-rs + `buffer_unordered` on a current-thread runtime per shard, each on a
+    /// thread of its own: the single-threaded program, without work stealing or idle workers.
+    TokioLocalUnordered,
     Ordered,
     Unordered,
     KeyOrdered,
@@ -41,11 +44,12 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 8] = [
+    pub const ALL: [Mode; 9] = [
         Mode::SyncMap,
         Mode::ThreadPool,
         Mode::TokioBuffered,
         Mode::TokioUnordered,
+        Mode::TokioLocalUnordered,
         Mode::Ordered,
         Mode::Unordered,
         Mode::KeyOrdered,
@@ -63,6 +67,7 @@ impl Mode {
             Mode::ThreadPool => "thread-pool",
             Mode::TokioBuffered => "tokio-buffered",
             Mode::TokioUnordered => "tokio-unordered",
+            Mode::TokioLocalUnordered => "tokio-local-unordered",
             Mode::Ordered => "ordered",
             Mode::Unordered => "unordered",
             Mode::KeyOrdered => "key-ordered",

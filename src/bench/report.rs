@@ -36,8 +36,8 @@ pub struct Point {
     /// `p50_us` minus this is the client's own queueing. Absent in older reports.
     #[serde(default)]
     pub wire_p50_us: Option<u64>,
-    /// This mode's CPU per record over the tokio baseline's (the cheaper of `tokio-buffered`
-    /// and `tokio-unordered`) at the same shards and capacity, taken within each repeat (the
+    /// This mode's CPU per record over the tokio baseline's (the cheapest of `tokio-buffered`,
+    /// `tokio-unordered` and `tokio-local-unordered`) at the same shards and capacity, taken within each repeat (the
     /// runs measured side by side), then the median. Absent when no tokio mode ran, and in
     /// older reports.
     #[serde(default)]
@@ -140,15 +140,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The tokio baseline's CPU per record at each (shards, capacity), per repeat: the cheaper of
-/// its two modes. Run `r` of every mode at a point belongs to repeat `r`.
+/// The tokio baseline's CPU per record at each (shards, capacity), per repeat: the cheapest of
+/// its modes. Run `r` of every mode at a point belongs to repeat `r`.
 fn tokio_cpu_per_repeat(
     runs: &BTreeMap<(usize, usize, Mode), Vec<Measurement>>,
     cpu: impl Fn(&Measurement) -> f64,
 ) -> BTreeMap<(usize, usize), Vec<f64>> {
     let mut tokio_cpu: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
     for ((shards, capacity, mode), ms) in runs {
-        if matches!(mode, Mode::TokioBuffered | Mode::TokioUnordered) {
+        if matches!(
+            mode,
+            Mode::TokioBuffered | Mode::TokioUnordered | Mode::TokioLocalUnordered
+        ) {
             let per_repeat = tokio_cpu.entry((*shards, *capacity)).or_default();
             for (r, m) in ms.iter().enumerate() {
                 match per_repeat.get_mut(r) {
@@ -367,7 +370,7 @@ const LEGEND: &str = "
 speedup: records/s over the synchronous map's (one lookup at a time); eff.: records/s as a
 share of the ideal (capacity x shards / round trip, capped by the server's measured limit);
 p50/p99/p99.9 us: a record's latency; cpu us/r: the whole process's CPU time (user + system)
-per record; cpu/tokio: that over the cheaper tokio baseline's at the same shards and capacity,
+per record; cpu/tokio: that over the cheapest tokio baseline's at the same shards and capacity,
 taken within each repeat; wire p50: a request's median time between the socket and its reply
 (the rest of p50 is the client's own queueing).
 ";

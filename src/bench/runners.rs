@@ -142,6 +142,7 @@ pub fn run(
         Mode::ThreadPool => thread_pool((shards * capacity).min(512), w),
         Mode::TokioBuffered => tokio_futures(shards, capacity, true, w),
         Mode::TokioUnordered => tokio_futures(shards, capacity, false, w),
+        Mode::TokioLocalUnordered => tokio_local(shards, capacity, w),
         Mode::Ordered => sluice(OutputMode::Ordered, shards, capacity, w),
         Mode::Unordered => sluice(OutputMode::Unordered, shards, capacity, w),
         Mode::KeyOrdered => sluice(OutputMode::KeyOrdered, shards, capacity, w),
@@ -444,6 +445,66 @@ fn tokio_futures(
         elapsed,
         latency_us,
         cpu,
+        wire_us: None,
+    })
+}
+
+/// The baseline on a current-thread tokio runtime per shard, each on a thread of its own (the
+/// calling thread's cost stays out: it only starts the clock and joins): what a
+/// single-threaded tokio program costs, without a multi-thread runtime's work stealing and the
+/// wake-ups of its idle workers. Each thread connects on its own runtime (a multiplexed
+/// connection's driver runs on the runtime that opened it), then waits for the clock to start.
+fn tokio_local(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, String> {
+    type Done = Result<(u64, hdrhistogram::Histogram<u64>), String>;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut starts = Vec::with_capacity(shards);
+    let mut threads = Vec::with_capacity(shards);
+    for s in 0..shards {
+        let (start_tx, start_rx) = std::sync::mpsc::channel::<Budget>();
+        starts.push(start_tx);
+        let (w, ready) = (w.clone(), ready_tx.clone());
+        threads.push(std::thread::spawn(move || -> Done {
+            let connected = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| {
+                    let conns = tokio_connections(&rt, 1, capacity, &w)?;
+                    Ok((rt, conns.into_iter().next().unwrap_or_default()))
+                });
+            let _ = ready.send(connected.as_ref().map(|_| ()).map_err(Clone::clone));
+            let (runtime, conns) = connected?;
+            // The sender is dropped when another shard failed to connect: stop.
+            let budget = start_rx.recv().map_err(|_| "not started".to_string())?;
+            runtime.block_on(tokio_shard(s, conns, w, budget, capacity, false))
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        ready_rx
+            .recv()
+            .map_err(|_| "a tokio thread ended before it connected".to_string())??;
+    }
+    let cpu = CpuMark::now();
+    let start = Instant::now();
+    let budget = Budget::new(w, start);
+    for tx in starts {
+        let _ = tx.send(budget.clone());
+    }
+    let mut records = 0;
+    let mut latency_us = histogram();
+    for t in threads {
+        let (n, h) = t
+            .join()
+            .map_err(|_| "a tokio thread panicked".to_string())??;
+        records += n;
+        latency_us.add(&h).map_err(|e| e.to_string())?;
+    }
+    Ok(Measurement {
+        records,
+        elapsed: start.elapsed(),
+        latency_us,
+        cpu: cpu.client_since(),
         wire_us: None,
     })
 }
