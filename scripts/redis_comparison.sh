@@ -35,7 +35,7 @@ for round in $(seq "$rounds"); do
     # The first round measures the server limit (the ideal's cap); later rounds reuse it.
     # Each round starts the mode list two places further on, so that no mode always runs
     # right after the same one (Redis's slow phase seems to outlast the run that caused it).
-    modes=(tokio-buffered tokio-unordered ordered unordered key-ordered adapter-unordered)
+    modes=(tokio-buffered tokio-unordered tokio-local-unordered ordered unordered key-ordered adapter-unordered)
     shift=$(( (round - 1) * 2 % ${#modes[@]} ))
     order=$(IFS=,; echo "${modes[*]:shift},${modes[*]:0:shift}" | sed 's/,$//')
     load=--load

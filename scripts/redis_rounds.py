@@ -6,7 +6,7 @@ Usage: redis_rounds.py REDIS_BENCHMARK_TXT ROUND1.json [ROUND2.json ...]
 Round r of the JSON reports is set beside redis-benchmark's run r (same requests in flight),
 so every ratio is taken within one round, and the figures printed are medians over rounds:
 records/s, p50/p99 (us), CPU us per record, the rate as a share of redis-benchmark's, and the
-CPU per record as a share of the tokio baseline's better mode in the same round."""
+CPU per record as a share of the tokio baseline's cheapest mode in the same round."""
 import json
 import re
 import statistics
@@ -19,6 +19,8 @@ LINE = re.compile(r'run (\d+), .*\((\d+) in flight\): "GET","([\d.]+)","[\d.]+",
 def main(benchmark_txt, reports):
     benchmark = {}  # (round, in flight) -> (rps, p50 us, p99 us, cpu us)
     for line in open(benchmark_txt):
+        if line.startswith("#"):  # the stamp: commit, date, machine
+            continue
         m = LINE.search(line)
         if m is None:
             sys.exit(f"{benchmark_txt}: not a redis-benchmark line: {line.strip()!r}")
@@ -38,7 +40,7 @@ def main(benchmark_txt, reports):
         runs = [v for (r, m), v in sorted(benchmark.items()) if m == n]
         rps = [v[0] for v in runs]
         cpu = [v[3] for v in runs]
-        tokio = {r: min(p["cpu_us_per_record"] for mode in ("tokio-buffered", "tokio-unordered")
+        tokio = {r: min(p["cpu_us_per_record"] for mode in ("tokio-buffered", "tokio-unordered", "tokio-local-unordered")
                         for rr, p in rounds.get((mode, n), []) if rr == r)
                  for r in range(1, len(reports) + 1)}
         cpu_ratio = [benchmark[(r, n)][3] / tokio[r] for r in tokio if (r, n) in benchmark]
