@@ -455,7 +455,6 @@ fn tokio_futures(
 /// wake-ups of its idle workers. Each thread connects on its own runtime (a multiplexed
 /// connection's driver runs on the runtime that opened it), then waits for the clock to start.
 fn tokio_local(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, String> {
-    type Done = Result<(u64, hdrhistogram::Histogram<u64>), String>;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut starts = Vec::with_capacity(shards);
     let mut threads = Vec::with_capacity(shards);
@@ -463,7 +462,7 @@ fn tokio_local(shards: usize, capacity: usize, w: &Workload) -> Result<Measureme
         let (start_tx, start_rx) = std::sync::mpsc::channel::<Budget>();
         starts.push(start_tx);
         let (w, ready) = (w.clone(), ready_tx.clone());
-        threads.push(std::thread::spawn(move || -> Done {
+        threads.push(std::thread::spawn(move || -> WorkerResult {
             let connected = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -491,22 +490,7 @@ fn tokio_local(shards: usize, capacity: usize, w: &Workload) -> Result<Measureme
     for tx in starts {
         let _ = tx.send(budget.clone());
     }
-    let mut records = 0;
-    let mut latency_us = histogram();
-    for t in threads {
-        let (n, h) = t
-            .join()
-            .map_err(|_| "a tokio thread panicked".to_string())??;
-        records += n;
-        latency_us.add(&h).map_err(|e| e.to_string())?;
-    }
-    Ok(Measurement {
-        records,
-        elapsed: start.elapsed(),
-        latency_us,
-        cpu: cpu.client_since(),
-        wire_us: None,
-    })
+    collect(threads, start, cpu)
 }
 
 /// GET of a key index; fails on a missing key.
