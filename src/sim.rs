@@ -19,15 +19,14 @@ use crate::clock::SimClock;
 use crate::engine::handoff::{self, Doorbell};
 use crate::engine::messages::Egress;
 use crate::engine::{
-    Consumer, Gate, GatedIngress, KeyFn, Output, Plan, Producer, ShardCheckpoint, ShardContext,
-    Spec,
+    shard_input, Consumer, Gate, KeyFn, Output, Plan, Producer, ShardCheckpoint, ShardContext,
+    ShardInput, Spec,
 };
 use crate::error::{BuildError, StageError};
 use crate::function::AsyncFunction;
-use crate::operator::{AsyncWait, Element, OperatorConfig};
-use futures::stream::{Chain, Iter};
+use crate::operator::{AsyncWait, OperatorConfig};
 use futures::task::noop_waker;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,11 +34,9 @@ use std::time::Duration;
 /// Messages each simulated shard's egress channel holds.
 const SIM_CHANNEL_CAPACITY: usize = 2;
 
-type Ingress<I> = Chain<Iter<std::vec::IntoIter<Element<I>>>, GatedIngress<I>>;
-
 struct SimShard<F: AsyncFunction> {
     index: usize,
-    op: AsyncWait<Ingress<F::In>, F, SimClock>,
+    op: AsyncWait<ShardInput<F::In>, F, SimClock>,
     gate: Gate,
     checkpoint: Option<ShardCheckpoint<F::In>>,
     egress: handoff::Sender<Egress<F::Out>>,
@@ -125,8 +122,7 @@ impl<F: AsyncFunction> SimStage<F> {
             shard_config.seed = config.seed.wrapping_add(index as u64);
             let shard_plan = wiring.shard(index);
             let gate = Gate::default();
-            let input = futures::stream::iter(shard_plan.restore)
-                .chain(GatedIngress::new(in_rx, gate.clone()));
+            let input = shard_input(shard_plan.restore, in_rx, &gate);
             let op = AsyncWait::new(
                 input,
                 factory(ShardContext { index, shards }),

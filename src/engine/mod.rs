@@ -35,7 +35,7 @@ pub use plan::{MAX_CAPACITY, MAX_SHARDS, MIN_CHANNEL_CAPACITY};
 pub use producer::{Producer, QUEUE_WAIT_SAMPLE};
 pub use routing::{hash_key, KeyFn, Routing};
 pub use shard::ShardContext;
-pub(crate) use shard::{Gate, GatedIngress, ShardCheckpoint};
+pub(crate) use shard::{shard_input, Gate, ShardCheckpoint, ShardInput};
 
 use crate::checkpoint::{Checkpointing, RestoreInfo};
 use crate::error::{BuildError, StageError};

@@ -98,6 +98,20 @@ impl<T: 'static> GatedIngress<T> {
     }
 }
 
+/// A shard operator's whole input: the elements a restore re-issues, then the gated channel.
+pub(crate) type ShardInput<T> =
+    futures::stream::Chain<futures::stream::Iter<std::vec::IntoIter<Element<T>>>, GatedIngress<T>>;
+
+/// The input of a shard that re-issues `restore` and then reads `rx` behind `gate`; the real
+/// shard and `SimStage`'s pumped one both build their operator on it.
+pub(crate) fn shard_input<T: 'static>(
+    restore: Vec<Element<T>>,
+    rx: handoff::Receiver<Inbound<T>>,
+    gate: &Gate,
+) -> ShardInput<T> {
+    futures::stream::iter(restore).chain(GatedIngress::new(rx, gate.clone()))
+}
+
 impl<T: 'static> Stream for GatedIngress<T> {
     type Item = Element<T>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Element<T>>> {
@@ -169,7 +183,7 @@ where
     let body = AssertUnwindSafe(async {
         let func = factory(context);
         let gate: Gate = Rc::new(Cell::new(None));
-        let input = futures::stream::iter(restore).chain(GatedIngress::new(ingress, gate.clone()));
+        let input = shard_input(restore, ingress, &gate);
         let op = AsyncWait::with_metrics(input, func, config, GlommioClock, Some(metrics));
         drive(op, &gate, &egress, checkpoint.as_ref(), context.index).await
     });
