@@ -71,6 +71,7 @@ pub mod enrich;
 mod error;
 mod function;
 mod in_flight;
+pub mod lookup;
 mod metrics;
 mod operator;
 mod queue;

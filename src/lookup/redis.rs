@@ -1,0 +1,72 @@
+//! The Redis client as a [`BatchLookup`]: `GET` for one key (batching off), `MGET` for a batch.
+//!
+//! Owns: the mapping of replies to values. Invariant: with batching on every request is an
+//! `MGET`, even of one key, so a run's semantics do not depend on how its batches fell: `MGET`
+//! answers nil for a key that holds a non-string value, which reads as missing, where `GET`
+//! (batching off) fails the record with Redis's `WRONGTYPE` error.
+
+use super::{BatchLookup, Values};
+use crate::redis::{RedisClient, RedisError, Reply, ReplyFuture};
+use bytes::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+impl BatchLookup for RedisClient {
+    type Error = RedisError;
+    type Future = RedisValues;
+
+    fn get_many(&self, keys: &[&[u8]]) -> RedisValues {
+        let mut args: Vec<&[u8]> = Vec::with_capacity(keys.len() + 1);
+        args.push(b"MGET");
+        args.extend_from_slice(keys);
+        RedisValues {
+            reply: self.command(&args),
+            command: "MGET",
+        }
+    }
+
+    fn get_one(&self, key: &[u8]) -> RedisValues {
+        RedisValues {
+            reply: self.command(&[b"GET", key]),
+            command: "GET",
+        }
+    }
+}
+
+/// The values of a `GET` or `MGET`.
+pub struct RedisValues {
+    reply: ReplyFuture,
+    command: &'static str,
+}
+
+fn value(reply: Reply, command: &'static str) -> Result<Option<Bytes>, RedisError> {
+    match reply {
+        Reply::Bulk(v) => Ok(Some(Bytes::from(v))),
+        Reply::Nil => Ok(None),
+        Reply::Error(message) => Err(RedisError::ErrorReply { message }),
+        other => Err(RedisError::UnexpectedReply {
+            command,
+            got: other.describe(),
+        }),
+    }
+}
+
+impl Future for RedisValues {
+    type Output = Result<Values, RedisError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let command = self.command;
+        Pin::new(&mut self.reply)
+            .poll(cx)
+            .map(|r| match (r?, command) {
+                (Reply::Array(items), "MGET") => {
+                    items.into_iter().map(|i| value(i, command)).collect()
+                }
+                (reply, "GET") => Ok(vec![value(reply, command)?]),
+                (other, _) => Err(RedisError::UnexpectedReply {
+                    command,
+                    got: other.describe(),
+                }),
+            })
+    }
+}
