@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod layer_args;
+use layer_args::LayerArgs;
+
 #[derive(Parser)]
 #[command(
     version,
@@ -138,7 +141,7 @@ enum RetryOn {
 
 /// A size: a number of bytes, or with a KiB, MiB or GiB suffix (KB, MB, GB are taken as the
 /// same). At least 1 KiB.
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
@@ -203,7 +206,8 @@ struct BenchArgs {
     capacities: Option<List<usize>>,
     /// Modes to run: sync-map, thread-pool, tokio-buffered, tokio-unordered (a multi-thread
     /// runtime), tokio-local-unordered (a current-thread runtime per shard), ordered,
-    /// unordered, key-ordered (the default set), and adapter-unordered (the operator as a
+    /// unordered, key-ordered (the default set), tokio-cached-unordered (the current-thread
+    /// baseline with a moka cache in front of Redis) and adapter-unordered (the operator as a
     /// single-threaded Stream combinator).
     #[arg(long)]
     modes: Option<List<Mode>>,
@@ -260,6 +264,27 @@ struct BenchArgs {
     /// Where to write the SVG chart.
     #[arg(long, default_value = "target/sluice-bench/throughput.svg")]
     svg: PathBuf,
+    /// How the keys looked up are drawn from the keyspace: uniform, or zipf:S (S the
+    /// exponent, 1.0 classic skew; the key of rank 1 is user_000000).
+    #[arg(long, default_value = "uniform", value_parser = parse_distribution)]
+    key_distribution: loadgen::KeyDistribution,
+    #[command(flatten)]
+    layer: LayerArgs,
+}
+
+fn parse_distribution(s: &str) -> Result<loadgen::KeyDistribution, String> {
+    match s.split_once(':') {
+        None if s == "uniform" => Ok(loadgen::KeyDistribution::Uniform),
+        Some(("zipf", exponent)) => match exponent.parse::<f64>() {
+            Ok(e) if e.is_finite() && e > 0.0 => Ok(loadgen::KeyDistribution::Zipf(e)),
+            _ => Err(format!(
+                "`{s}`: the Zipf exponent must be a positive number (zipf:1.0)"
+            )),
+        },
+        _ => Err(format!(
+            "`{s}`: expected uniform or zipf:S (for example zipf:1.0)"
+        )),
+    }
 }
 
 /// A count flag that must be at least 1.
@@ -593,6 +618,9 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
             ..Default::default()
         },
         pin: !args.no_pin,
+        distribution: args.key_distribution,
+        // Capacity-bound parts (the adaptive limit's maximum) are set per point.
+        layer: args.layer.config(1)?,
     };
     let bar = ProgressBar::new(1);
     bar.set_style(

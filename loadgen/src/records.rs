@@ -75,11 +75,42 @@ impl Default for GeneratorConfig {
     }
 }
 
+/// Key indexes drawn from a keyspace of `keys` by a distribution, deterministically from a
+/// seed. Zipf ranks map to indexes in order: index 0 is the most frequent key.
+pub struct KeySampler {
+    rng: SmallRng,
+    zipf: Option<Zipf<f64>>,
+    keys: u64,
+}
+
+impl KeySampler {
+    pub fn new(keys: u64, distribution: KeyDistribution, seed: u64) -> KeySampler {
+        assert!(keys > 0, "a keyspace has at least one key");
+        let zipf = match distribution {
+            KeyDistribution::Zipf(s) => Some(Zipf::new(keys as f64, s).expect("valid Zipf")),
+            KeyDistribution::Uniform => None,
+        };
+        KeySampler {
+            rng: SmallRng::seed_from_u64(seed),
+            zipf,
+            keys,
+        }
+    }
+
+    /// The next key index, in `0..keys`.
+    pub fn next_key(&mut self) -> u64 {
+        match &self.zipf {
+            // Zipf samples 1..=n, rank 1 most frequent.
+            Some(z) => (z.sample(&mut self.rng) as u64).clamp(1, self.keys) - 1,
+            None => self.rng.random_range(0..self.keys),
+        }
+    }
+}
+
 /// An endless, deterministic iterator of [`Event`]s.
 pub struct Generator {
     config: GeneratorConfig,
-    rng: SmallRng,
-    zipf: Option<Zipf<f64>>,
+    keys: KeySampler,
     records: u64,
     clock_ms: u64,
     max_event_ms: u64,
@@ -89,14 +120,8 @@ pub struct Generator {
 
 impl Generator {
     pub fn new(config: GeneratorConfig) -> Self {
-        assert!(config.keys > 0, "a keyspace has at least one key");
-        let zipf = match config.distribution {
-            KeyDistribution::Zipf(s) => Some(Zipf::new(config.keys as f64, s).expect("valid Zipf")),
-            KeyDistribution::Uniform => None,
-        };
         Generator {
-            rng: SmallRng::seed_from_u64(config.seed),
-            zipf,
+            keys: KeySampler::new(config.keys, config.distribution, config.seed),
             records: 0,
             clock_ms: config.start_ms,
             max_event_ms: config.start_ms,
@@ -108,11 +133,7 @@ impl Generator {
 
     /// The key index of the next user.
     fn next_key(&mut self) -> u64 {
-        match &self.zipf {
-            // Zipf samples 1..=n, rank 1 most frequent.
-            Some(z) => (z.sample(&mut self.rng) as u64).clamp(1, self.config.keys) - 1,
-            None => self.rng.random_range(0..self.config.keys),
-        }
+        self.keys.next_key()
     }
 }
 
@@ -125,7 +146,9 @@ impl Iterator for Generator {
         let key = self.next_key();
         self.clock_ms += self.config.step_ms;
         let lag = if self.config.max_out_of_orderness_ms > 0 {
-            self.rng
+            // The same stream as the keys (a generated file stays what it was).
+            self.keys
+                .rng
                 .random_range(0..=self.config.max_out_of_orderness_ms)
         } else {
             0
@@ -138,9 +161,9 @@ impl Iterator for Generator {
         let tx = Transaction {
             user_id: user_id(key),
             transaction_id: format!("transaction_{:09}", self.records),
-            stock_purchased: STOCKS[(self.rng.random::<u32>() % STOCKS.len() as u32) as usize]
+            stock_purchased: STOCKS[(self.keys.rng.random::<u32>() % STOCKS.len() as u32) as usize]
                 .to_string(),
-            amount_obtained: self.rng.random_range(1..=1_000),
+            amount_obtained: self.keys.rng.random_range(1..=1_000),
             timestamp,
         };
         self.records += 1;

@@ -34,6 +34,8 @@ pub enum Mode {
     /// tokio + redis-rs + `buffer_unordered` on a current-thread runtime per shard, each on a
     /// thread of its own: the single-threaded program, without work stealing or idle workers.
     TokioLocalUnordered,
+    /// `tokio-local-unordered` with a moka cache in front of Redis, shared by its threads.
+    TokioCachedUnordered,
     Ordered,
     Unordered,
     KeyOrdered,
@@ -44,7 +46,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 9] = [
+    pub const ALL: [Mode; 10] = [
         Mode::SyncMap,
         Mode::ThreadPool,
         Mode::TokioBuffered,
@@ -53,12 +55,14 @@ impl Mode {
         Mode::Ordered,
         Mode::Unordered,
         Mode::KeyOrdered,
+        Mode::TokioCachedUnordered,
         Mode::AdapterUnordered,
     ];
 
-    /// What `sluice bench` runs without `--modes`: all but the opt-in adapter mode.
+    /// What `sluice bench` runs without `--modes`: all but the opt-in caching baseline and
+    /// adapter mode.
     pub fn defaults() -> &'static [Mode] {
-        &Mode::ALL[..Mode::ALL.len() - 1]
+        &Mode::ALL[..Mode::ALL.len() - 2]
     }
 
     pub fn name(self) -> &'static str {
@@ -68,6 +72,7 @@ impl Mode {
             Mode::TokioBuffered => "tokio-buffered",
             Mode::TokioUnordered => "tokio-unordered",
             Mode::TokioLocalUnordered => "tokio-local-unordered",
+            Mode::TokioCachedUnordered => "tokio-cached-unordered",
             Mode::Ordered => "ordered",
             Mode::Unordered => "unordered",
             Mode::KeyOrdered => "key-ordered",
@@ -125,6 +130,9 @@ pub struct SweepConfig {
     pub client: crate::redis::ClientConfig,
     /// Pin the sluice modes' shards (one core per shard when there are enough).
     pub pin: bool,
+    pub distribution: loadgen::records::KeyDistribution,
+    /// The sluice modes' lookup layer.
+    pub layer: crate::lookup::LayerConfig,
 }
 
 /// Called before each point with (done, total, label).
@@ -217,6 +225,8 @@ pub fn sweep(
                 seed: config.seed.wrapping_add(r as u64),
                 client: config.client.clone(),
                 pin: config.pin,
+                distribution: config.distribution,
+                layer: config.layer.clone(),
             };
             let m = runners::run(mode, shards, capacity, &workload)
                 .map_err(|e| format!("{mode} shards={shards} capacity={capacity}: {e}"))?;
@@ -254,6 +264,8 @@ pub fn runners_limit(
         seed: 1,
         client: Default::default(),
         pin: true,
+        distribution: loadgen::records::KeyDistribution::Uniform,
+        layer: Default::default(),
     };
     let m = runners::run(
         Mode::AdapterUnordered,

@@ -43,6 +43,20 @@ pub struct Point {
     #[serde(default)]
     pub cpu_vs_tokio: Option<f64>,
     pub repeats: usize,
+    /// sluice's modes: backend requests per record (batching, coalescing and the cache each
+    /// lower it), keys per request, cache hits per record and coalesced lookups per record
+    /// (median run). Absent for the baselines and in older reports.
+    #[serde(default)]
+    pub requests_per_record: Option<f64>,
+    #[serde(default)]
+    pub keys_per_request: Option<f64>,
+    #[serde(default)]
+    pub cache_hit_ratio: Option<f64>,
+    #[serde(default)]
+    pub coalesced_ratio: Option<f64>,
+    /// The adaptive concurrency limit at the end of the median run, summed over shards.
+    #[serde(default)]
+    pub limit: Option<u64>,
 }
 
 /// Everything a sweep produced.
@@ -75,11 +89,18 @@ pub struct Report {
     /// older reports, which used one).
     #[serde(default)]
     pub connections: Option<usize>,
+    /// The sluice modes' lookup layer settings, and how keys were drawn (absent in older
+    /// reports: no layer, uniform keys).
+    #[serde(default)]
+    pub lookup_layer: Option<String>,
+    #[serde(default)]
+    pub key_distribution: Option<String>,
     pub points: Vec<Point>,
 }
 
-/// The JSON report's layout: 2 added `schema_version` and `git_commit`.
-pub const REPORT_SCHEMA_VERSION: u32 = 2;
+/// The JSON report's layout: 2 added `schema_version` and `git_commit`; 3 the lookup layer's
+/// settings and figures.
+pub const REPORT_SCHEMA_VERSION: u32 = 3;
 
 fn schema_v1() -> u32 {
     1
@@ -222,6 +243,14 @@ impl Report {
                         .filter(|t| t.len() == ms.len())
                         .map(|t| median(ms.iter().zip(t).map(|(m, t)| cpu(m) / t).collect())),
                     repeats: ms.len(),
+                    requests_per_record: typical.layer.as_ref().map(|l| l.requests_per_lookup()),
+                    keys_per_request: typical.layer.as_ref().map(|l| l.keys_per_request()),
+                    cache_hit_ratio: typical.layer.as_ref().map(|l| l.hit_ratio()),
+                    coalesced_ratio: typical
+                        .layer
+                        .as_ref()
+                        .map(|l| l.coalesced as f64 / l.lookups.max(1) as f64),
+                    limit: typical.layer.as_ref().and_then(|l| l.limit),
                 }
             })
             .collect();
@@ -240,6 +269,11 @@ impl Report {
             reply_split: Some(config.client.reply_split),
             pinned: Some(config.pin),
             connections: Some(config.client.connections),
+            lookup_layer: Some(config.layer.describe()),
+            key_distribution: Some(match config.distribution {
+                loadgen::KeyDistribution::Uniform => "uniform".to_string(),
+                loadgen::KeyDistribution::Zipf(e) => format!("zipf:{e}"),
+            }),
             points,
         }
     }
@@ -271,9 +305,15 @@ impl Report {
                 "; shards unpinned"
             });
         }
+        if let Some(d) = &self.key_distribution {
+            out.push_str(&format!("\nkeys: {d}"));
+        }
+        if let Some(l) = &self.lookup_layer {
+            out.push_str(&format!("; lookup layer: {l}"));
+        }
         out.push_str("\n\n");
         out.push_str(&format!(
-            "{:<21} {:>6} {:>8} {:>12} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9} {:>8}\n",
+            "{:<22} {:>6} {:>8} {:>12} {:>8} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9} {:>8} {:>6} {:>5}\n",
             "mode",
             "shards",
             "capacity",
@@ -285,11 +325,13 @@ impl Report {
             "p99.9 us",
             "cpu us/r",
             "cpu/tokio",
-            "wire p50"
+            "wire p50",
+            "req/r",
+            "hit%"
         ));
         for p in &self.points {
             out.push_str(&format!(
-                "{:<21} {:>6} {:>8} {:>12.0} {:>8} {:>6.0}% {:>8} {:>8} {:>9} {:>8.2} {:>9} {:>8}\n",
+                "{:<22} {:>6} {:>8} {:>12.0} {:>8} {:>6.0}% {:>8} {:>8} {:>9} {:>8.2} {:>9} {:>8} {:>6} {:>5}\n",
                 p.mode,
                 p.shards,
                 if p.mode == "sync-map" {
@@ -306,7 +348,11 @@ impl Report {
                 p.p999_us,
                 p.cpu_us_per_record,
                 p.cpu_vs_tokio.map_or("-".into(), |c| format!("{c:.2}x")),
-                p.wire_p50_us.map_or("-".into(), |w| w.to_string())
+                p.wire_p50_us.map_or("-".into(), |w| w.to_string()),
+                p.requests_per_record
+                    .map_or("-".into(), |r| format!("{r:.3}")),
+                p.cache_hit_ratio
+                    .map_or("-".into(), |h| format!("{:.0}", h * 100.0))
             ));
         }
         out.push_str(LEGEND);
@@ -372,7 +418,8 @@ share of the ideal (capacity x shards / round trip, capped by the server's measu
 p50/p99/p99.9 us: a record's latency; cpu us/r: the whole process's CPU time (user + system)
 per record; cpu/tokio: that over the cheapest tokio baseline's at the same shards and capacity,
 taken within each repeat; wire p50: a request's median time between the socket and its reply
-(the rest of p50 is the client's own queueing).
+(the rest of p50 is the client's own queueing); req/r: backend requests per record (the
+lookup layer's batching, coalescing and cache lower it); hit%: cache hits per record.
 ";
 
 /// Reads a report written by [`write_json`].
@@ -588,6 +635,7 @@ mod tests {
             latency_us: hdrhistogram::Histogram::new(3).unwrap(),
             cpu: Duration::from_secs_f64(cpu_us_per_record * 1e-3),
             wire_us: None,
+            layer: None,
         }
     }
 
@@ -606,6 +654,8 @@ mod tests {
             seed: 0,
             client: Default::default(),
             pin: false,
+            distribution: loadgen::KeyDistribution::Uniform,
+            layer: Default::default(),
         }
     }
 

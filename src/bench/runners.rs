@@ -9,10 +9,14 @@ use super::blocking_client::BlockingClient;
 use super::cpu::CpuMark;
 use super::Mode;
 use crate::function::{AsyncFunction, Outputs};
-use crate::redis::{ClientConfig, GetFuture, RedisClient, RedisError};
+use crate::lookup::{
+    AdaptiveConfig, Concurrency, Get, LayerConfig, LayerStats, LookupError, Lookups,
+};
+use crate::redis::{ClientConfig, RedisClient, RedisError};
 use crate::{OutputMode, Stage};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use loadgen::records::{KeyDistribution, KeySampler};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -34,6 +38,8 @@ pub struct Measurement {
     /// sluice's modes: each request's time on the wire (handed to the socket -> reply read),
     /// microseconds; the rest of `latency_us` is the client's own queueing.
     pub wire_us: Option<Histogram<u64>>,
+    /// sluice's modes: what the lookup layer did (requests, cache hits, coalescing, limit).
+    pub layer: Option<LayerStats>,
 }
 
 /// Where and what to look up.
@@ -49,6 +55,11 @@ pub struct Workload {
     pub client: ClientConfig,
     /// Pin the sluice modes' shards to cores when there is one per shard (`--no-pin`: never).
     pub pin: bool,
+    /// How keys are drawn (`--key-distribution`).
+    pub distribution: KeyDistribution,
+    /// The sluice modes' lookup layer (batching, coalescing, cache, limits); the cache's
+    /// entries and TTL also size the caching tokio baseline's cache.
+    pub layer: LayerConfig,
 }
 
 /// When a point stops producing records: after `Workload::records` records in all (shared by
@@ -108,18 +119,16 @@ pub(crate) fn key_of(i: u64, buf: &mut [u8; 32]) -> &[u8] {
     &buf[..PREFIX.len() + len]
 }
 
-/// Uniform keys, a different stream per worker.
-struct Keys(fastrand::Rng, u64);
+/// The workload's keys, a different stream per worker.
+struct Keys(KeySampler);
 
 impl Keys {
-    fn new(seed: u64, worker: u64, keys: u64) -> Keys {
-        Keys(
-            fastrand::Rng::with_seed(seed ^ worker.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-            keys,
-        )
+    fn new(w: &Workload, worker: u64) -> Keys {
+        let seed = w.seed ^ worker.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Keys(KeySampler::new(w.keys, w.distribution, seed))
     }
     fn next(&mut self) -> u64 {
-        self.0.u64(0..self.1)
+        self.0.next_key()
     }
 }
 
@@ -142,7 +151,8 @@ pub fn run(
         Mode::ThreadPool => thread_pool((shards * capacity).min(512), w),
         Mode::TokioBuffered => tokio_futures(shards, capacity, true, w),
         Mode::TokioUnordered => tokio_futures(shards, capacity, false, w),
-        Mode::TokioLocalUnordered => tokio_local(shards, capacity, w),
+        Mode::TokioLocalUnordered => tokio_local(shards, capacity, false, w),
+        Mode::TokioCachedUnordered => tokio_local(shards, capacity, true, w),
         Mode::Ordered => sluice(OutputMode::Ordered, shards, capacity, w),
         Mode::Unordered => sluice(OutputMode::Unordered, shards, capacity, w),
         Mode::KeyOrdered => sluice(OutputMode::KeyOrdered, shards, capacity, w),
@@ -169,7 +179,7 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
             glommio::LocalExecutorBuilder::new(placement)
                 .io_memory(crate::DEFAULT_IO_MEMORY)
                 .spawn(move || async move {
-                    let mut keys = Keys::new(w.seed, s as u64, w.keys);
+                    let mut keys = Keys::new(&w, s as u64);
                     let input = futures::stream::iter(std::iter::from_fn(move || {
                         budget.take().then(|| keys.next())
                     }));
@@ -177,8 +187,10 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
                     config.capacity = std::num::NonZeroUsize::new(capacity).expect("capacity >= 1");
                     config.mode = OutputMode::Unordered;
                     config.timeout = LOOKUP_TIMEOUT;
-                    let client = Rc::new(RedisClient::new(w.addr, &w.client));
-                    let lookup = KeyLookup::new(client.clone(), None);
+                    let client = RedisClient::new(w.addr, &w.client);
+                    let layer = shard_layer(&w, shards, capacity);
+                    let lookups = Rc::new(Lookups::new(client, layer));
+                    let lookup = KeyLookup::new(lookups.clone(), None);
                     let mut outputs = input.async_wait(lookup, config);
                     let mut n = 0u64;
                     while let Some(r) = outputs.next().await {
@@ -186,7 +198,8 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
                         n += 1;
                     }
                     let latency = outputs.operator().metrics().invoke_to_emit_us.clone();
-                    Ok::<_, String>((n, latency, client.wire_latency()))
+                    let wire = lookups.backend().wire_latency();
+                    Ok::<_, String>((n, latency, wire, lookups.stats()))
                 })
                 .map_err(|e| e.to_string())
         })
@@ -194,11 +207,13 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
     let mut records = 0;
     let mut latency_us = histogram();
     let mut wire_us = crate::redis::wire_histogram();
+    let mut layer = LayerStats::default();
     for worker in workers {
-        let (n, h, wire) = worker.join().map_err(|e| e.to_string())??;
+        let (n, h, wire, stats) = worker.join().map_err(|e| e.to_string())??;
         records += n;
         latency_us.add(&h).map_err(|e| e.to_string())?;
         wire_us.add(&wire).map_err(|e| e.to_string())?;
+        layer.add(&stats);
     }
     let wire_us = Some(wire_us);
     Ok(Measurement {
@@ -207,6 +222,7 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
         latency_us,
         cpu: cpu.client_since(),
         wire_us,
+        layer: Some(layer),
     })
 }
 
@@ -219,7 +235,7 @@ fn sync_map(shards: usize, w: &Workload) -> Result<Measurement, String> {
         .map(|s| {
             let (w, mut budget) = (w.clone(), budget.clone());
             std::thread::spawn(move || -> WorkerResult {
-                let mut keys = Keys::new(w.seed, s, w.keys);
+                let mut keys = Keys::new(&w, s);
                 blocking_lookups(
                     w.addr,
                     std::iter::from_fn(|| budget.take().then(|| keys.next())),
@@ -269,6 +285,7 @@ fn collect(
         latency_us,
         cpu: cpu.client_since(),
         wire_us: None,
+        layer: None,
     })
 }
 
@@ -281,7 +298,7 @@ fn thread_pool(threads: usize, w: &Workload) -> Result<Measurement, String> {
     let producer = {
         let w = w.clone();
         std::thread::spawn(move || {
-            let mut keys = Keys::new(w.seed, 0, w.keys);
+            let mut keys = Keys::new(&w, 0);
             while budget.take() {
                 if tx.send(keys.next()).is_err() {
                     break;
@@ -301,6 +318,24 @@ fn thread_pool(threads: usize, w: &Workload) -> Result<Measurement, String> {
         .join()
         .map_err(|_| "producer panicked".to_string())?;
     result
+}
+
+/// The caching tokio baseline's cache, shared by its threads.
+type TokioCache = moka::sync::Cache<u64, bytes::Bytes>;
+
+/// Entries (and their TTL) of the caching baseline when the layer has no cache configured.
+const TOKIO_CACHE_DEFAULT_ENTRIES: u64 = 100_000;
+const TOKIO_CACHE_DEFAULT_TTL: Duration = Duration::from_secs(60);
+
+fn tokio_cache(shards: usize, layer: &LayerConfig) -> TokioCache {
+    let (entries, ttl) = match &layer.cache {
+        Some(c) => (c.entries.get() as u64 * shards as u64, c.ttl),
+        None => (TOKIO_CACHE_DEFAULT_ENTRIES, TOKIO_CACHE_DEFAULT_TTL),
+    };
+    moka::sync::Cache::builder()
+        .max_capacity(entries)
+        .time_to_live(ttl)
+        .build()
 }
 
 /// redis-rs's default pipeline queue per multiplexed connection.
@@ -364,8 +399,9 @@ async fn tokio_shard(
     mut budget: Budget,
     capacity: usize,
     ordered: bool,
+    cache: Option<TokioCache>,
 ) -> Result<(u64, hdrhistogram::Histogram<u64>), String> {
-    let mut keys = Keys::new(w.seed, s as u64, w.keys);
+    let mut keys = Keys::new(&w, s as u64);
     let lookups = futures::stream::iter(std::iter::from_fn(move || {
         budget.take().then(|| keys.next())
     }))
@@ -373,15 +409,24 @@ async fn tokio_shard(
     .map(move |(i, k)| {
         // Round-robin, as sluice's client spreads requests over its connections.
         let mut conn = conns[i % conns.len()].clone();
+        let cache = cache.clone();
         async move {
             let mut buf = [0u8; 32];
             let t = Instant::now();
+            if let Some(cache) = &cache {
+                if cache.get(&k).is_some() {
+                    return Ok(t.elapsed());
+                }
+            }
             let v: Option<Vec<u8>> = redis::cmd("GET")
                 .arg(key_of(k, &mut buf))
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| e.to_string())?;
-            v.ok_or_else(|| missing(k))?;
+            let v = v.ok_or_else(|| missing(k))?;
+            if let Some(cache) = &cache {
+                cache.insert(k, bytes::Bytes::from(v));
+            }
             Ok::<_, String>(t.elapsed())
         }
     });
@@ -427,7 +472,7 @@ fn tokio_futures(
         .enumerate()
         .map(|(s, conns)| {
             let (w, budget) = (w.clone(), budget.clone());
-            runtime.spawn(tokio_shard(s, conns, w, budget, capacity, ordered))
+            runtime.spawn(tokio_shard(s, conns, w, budget, capacity, ordered, None))
         })
         .collect();
     let mut records = 0;
@@ -446,6 +491,7 @@ fn tokio_futures(
         latency_us,
         cpu,
         wire_us: None,
+        layer: None,
     })
 }
 
@@ -454,14 +500,25 @@ fn tokio_futures(
 /// single-threaded tokio program costs, without a multi-thread runtime's work stealing and the
 /// wake-ups of its idle workers. Each thread connects on its own runtime (a multiplexed
 /// connection's driver runs on the runtime that opened it), then waits for the clock to start.
-fn tokio_local(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, String> {
+///
+/// With `cached`, the threads share a cache in front of Redis as a Rust user adds one: moka's
+/// concurrent cache, keyed by the key's index (cheaper than the key's string), holding as many
+/// entries for as long as sluice's per-shard caches do in all (`--cache-size` x shards,
+/// `--cache-ttl`).
+fn tokio_local(
+    shards: usize,
+    capacity: usize,
+    cached: bool,
+    w: &Workload,
+) -> Result<Measurement, String> {
+    let cache = cached.then(|| tokio_cache(shards, &w.layer));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut starts = Vec::with_capacity(shards);
     let mut threads = Vec::with_capacity(shards);
     for s in 0..shards {
         let (start_tx, start_rx) = std::sync::mpsc::channel::<Budget>();
         starts.push(start_tx);
-        let (w, ready) = (w.clone(), ready_tx.clone());
+        let (w, ready, cache) = (w.clone(), ready_tx.clone(), cache.clone());
         threads.push(std::thread::spawn(move || -> WorkerResult {
             let connected = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -475,7 +532,7 @@ fn tokio_local(shards: usize, capacity: usize, w: &Workload) -> Result<Measureme
             let (runtime, conns) = connected?;
             // The sender is dropped when another shard failed to connect: stop.
             let budget = start_rx.recv().map_err(|_| "not started".to_string())?;
-            runtime.block_on(tokio_shard(s, conns, w, budget, capacity, false))
+            runtime.block_on(tokio_shard(s, conns, w, budget, capacity, false, cache))
         }));
     }
     drop(ready_tx);
@@ -493,43 +550,57 @@ fn tokio_local(shards: usize, capacity: usize, w: &Workload) -> Result<Measureme
     collect(threads, start, cpu)
 }
 
-/// GET of a key index; fails on a missing key.
+/// A lookup of a key index through the shard's lookup layer; fails on a missing key.
 pub(crate) struct KeyLookup {
-    client: Rc<RedisClient>,
-    /// Where `close` adds the client's wire times (the stage's shards).
-    wire_sink: Option<Arc<Mutex<Histogram<u64>>>>,
+    lookups: Rc<Lookups<RedisClient>>,
+    /// Where `close` adds the client's wire times and the layer's figures (the stage's
+    /// shards).
+    sinks: Option<Sinks>,
+}
+
+/// Where a stage's shards leave their wire times and layer figures when they close.
+#[derive(Clone)]
+pub(crate) struct Sinks {
+    wire_us: Arc<Mutex<Histogram<u64>>>,
+    layer: Arc<Mutex<LayerStats>>,
+}
+
+impl Sinks {
+    fn new() -> Sinks {
+        Sinks {
+            wire_us: Arc::new(Mutex::new(crate::redis::wire_histogram())),
+            layer: Arc::new(Mutex::new(LayerStats::default())),
+        }
+    }
 }
 
 impl KeyLookup {
-    pub(crate) fn new(
-        client: Rc<RedisClient>,
-        wire_sink: Option<Arc<Mutex<Histogram<u64>>>>,
-    ) -> Self {
-        KeyLookup { client, wire_sink }
+    pub(crate) fn new(lookups: Rc<Lookups<RedisClient>>, sinks: Option<Sinks>) -> Self {
+        KeyLookup { lookups, sinks }
     }
 }
 
 /// Error of [`KeyLookup`].
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum LookupError {
+pub(crate) enum KeyLookupError {
     #[error(transparent)]
-    Redis(#[from] RedisError),
+    Lookup(#[from] LookupError<RedisError>),
     #[error("{0}")]
     Missing(String),
 }
 
 pub(crate) struct KeyLookupFuture {
-    get: GetFuture,
+    get: Get<RedisError>,
     key: u64,
 }
 
 impl Future for KeyLookupFuture {
-    type Output = Result<Outputs<u32>, LookupError>;
+    type Output = Result<Outputs<u32>, KeyLookupError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let key = self.key;
         Pin::new(&mut self.get).poll(cx).map(|r| match r? {
             Some(v) => Ok(Outputs::One(v.len() as u32)),
-            None => Err(LookupError::Missing(missing(key))),
+            None => Err(KeyLookupError::Missing(missing(key))),
         })
     }
 }
@@ -537,21 +608,33 @@ impl Future for KeyLookupFuture {
 impl AsyncFunction for KeyLookup {
     type In = u64;
     type Out = u32;
-    type Error = LookupError;
+    type Error = KeyLookupError;
     type Future = KeyLookupFuture;
     fn invoke(&self, key: &u64) -> KeyLookupFuture {
         let mut buf = [0u8; 32];
         KeyLookupFuture {
-            get: self.client.get(key_of(*key, &mut buf)),
+            get: self.lookups.get(key_of(*key, &mut buf)),
             key: *key,
         }
     }
 
     fn close(&mut self) {
-        if let Some(sink) = &self.wire_sink {
-            self.client.add_wire_latency_to(sink);
+        if let Some(sinks) = &self.sinks {
+            self.lookups.backend().add_wire_latency_to(&sinks.wire_us);
+            let mut layer = sinks.layer.lock().unwrap_or_else(|p| p.into_inner());
+            layer.add(&self.lookups.stats());
         }
     }
+}
+
+/// The layer of one shard of a point: the rate limit shared over the shards, the adaptive
+/// limit bounded by the point's capacity.
+fn shard_layer(w: &Workload, shards: usize, capacity: usize) -> LayerConfig {
+    let mut layer = w.layer.for_shard(shards);
+    if let Concurrency::Adaptive(_) = layer.concurrency {
+        layer.concurrency = Concurrency::Adaptive(AdaptiveConfig::for_capacity(capacity));
+    }
+    layer
 }
 
 /// A thread that pushes keys into the stage until the budget runs out; the count it pushed.
@@ -563,7 +646,7 @@ fn feed(
     let pushed = Arc::new(AtomicU64::new(0));
     let (w, count) = (w.clone(), pushed.clone());
     let feeder = std::thread::spawn(move || {
-        let mut keys = Keys::new(w.seed, 0, w.keys);
+        let mut keys = Keys::new(&w, 0);
         let mut i = 0u64;
         while budget.take() {
             if producer.push(keys.next()).is_err() {
@@ -583,11 +666,13 @@ fn sluice(
     w: &Workload,
 ) -> Result<Measurement, String> {
     let (addr, client_config) = (w.addr, w.client.clone());
-    let wire_sink = Arc::new(Mutex::new(crate::redis::wire_histogram()));
-    let sink = wire_sink.clone();
+    let layer = shard_layer(w, shards, capacity);
+    let sinks = Sinks::new();
+    let shard_sinks = sinks.clone();
     let mut builder = Stage::builder(move |_| {
-        let client = Rc::new(RedisClient::new(addr, &client_config));
-        KeyLookup::new(client, Some(sink.clone()))
+        let client = RedisClient::new(addr, &client_config);
+        let lookups = Rc::new(Lookups::new(client, layer.clone()));
+        KeyLookup::new(lookups, Some(shard_sinks.clone()))
     })
     .shards(shards)
     .capacity(capacity)
@@ -626,13 +711,25 @@ fn sluice(
         pushed.load(Ordering::Relaxed),
         "every pushed record came back"
     );
-    let wire_us = Some(wire_sink.lock().unwrap_or_else(|p| p.into_inner()).clone());
+    let wire_us = Some(
+        sinks
+            .wire_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+    );
+    let layer = sinks
+        .layer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     Ok(Measurement {
         records,
         elapsed,
         latency_us: metrics.invoke_to_emit_us,
         cpu,
         wire_us,
+        layer: Some(layer),
     })
 }
 

@@ -133,3 +133,59 @@ impl Default for LayerConfig {
         }
     }
 }
+
+impl LayerConfig {
+    /// This shard's share of a stage-wide setting: the rate limit split evenly over `shards`.
+    pub fn for_shard(&self, shards: usize) -> LayerConfig {
+        LayerConfig {
+            max_rate: self.max_rate.map(|r| r / shards.max(1) as f64),
+            ..self.clone()
+        }
+    }
+
+    /// A line for summaries and reports: what is on.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![if self.batch_size.get() == 1 {
+            "no batching".to_string()
+        } else if self.linger.is_zero() {
+            format!("batches of up to {}", self.batch_size)
+        } else {
+            format!(
+                "batches of up to {} (linger {:?})",
+                self.batch_size, self.linger
+            )
+        }];
+        parts.push(
+            if self.coalesce {
+                "coalescing"
+            } else {
+                "no coalescing"
+            }
+            .into(),
+        );
+        match &self.cache {
+            None => parts.push("no cache".into()),
+            Some(c) => parts.push(format!(
+                "cache of {} entries per shard ({:?}, ttl {:?}{})",
+                c.entries,
+                c.eviction,
+                c.ttl,
+                c.missing_ttl
+                    .map_or(String::new(), |m| format!(", missing keys {m:?}"))
+            )),
+        }
+        if let Concurrency::Adaptive(a) = &self.concurrency {
+            parts.push(format!("adaptive limit {}..{}", a.min, a.max));
+        }
+        if let Some(r) = self.max_rate {
+            parts.push(format!("at most {r:.0} keys/s per shard"));
+        }
+        if let Some(b) = &self.breaker {
+            parts.push(format!(
+                "breaker after {} failures ({:?} cool-down)",
+                b.failures, b.cool_down
+            ));
+        }
+        parts.join(", ")
+    }
+}
