@@ -130,6 +130,8 @@ struct EnrichArgs {
     /// values of the lookups in flight): 64MiB, 1GiB, or a number of bytes.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     max_bytes_held: u64,
+    #[command(flatten)]
+    layer: LayerArgs,
 }
 
 /// What `--retry` retries.
@@ -351,6 +353,7 @@ fn enrich_config(
     let path = |p: &str| (p != "-").then(|| PathBuf::from(p));
     let _ = args.merge; // the default; the flag exists to say so explicitly
     Ok(EnrichConfig {
+        layer: args.layer.config(args.capacity)?,
         redis,
         backend: match &args.redis {
             Some(url) => url.clone(),

@@ -10,7 +10,7 @@ use super::cpu::CpuMark;
 use super::Mode;
 use crate::function::{AsyncFunction, Outputs};
 use crate::lookup::{
-    AdaptiveConfig, Concurrency, Get, LayerConfig, LayerStats, LookupError, Lookups,
+    AdaptiveConfig, Concurrency, Get, LayerConfig, LayerStats, LookupError, Lookups, Sinks,
 };
 use crate::redis::{ClientConfig, RedisClient, RedisError};
 use crate::{OutputMode, Stage};
@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -558,22 +558,6 @@ pub(crate) struct KeyLookup {
     sinks: Option<Sinks>,
 }
 
-/// Where a stage's shards leave their wire times and layer figures when they close.
-#[derive(Clone)]
-pub(crate) struct Sinks {
-    wire_us: Arc<Mutex<Histogram<u64>>>,
-    layer: Arc<Mutex<LayerStats>>,
-}
-
-impl Sinks {
-    fn new() -> Sinks {
-        Sinks {
-            wire_us: Arc::new(Mutex::new(crate::redis::wire_histogram())),
-            layer: Arc::new(Mutex::new(LayerStats::default())),
-        }
-    }
-}
-
 impl KeyLookup {
     pub(crate) fn new(lookups: Rc<Lookups<RedisClient>>, sinks: Option<Sinks>) -> Self {
         KeyLookup { lookups, sinks }
@@ -620,9 +604,7 @@ impl AsyncFunction for KeyLookup {
 
     fn close(&mut self) {
         if let Some(sinks) = &self.sinks {
-            self.lookups.backend().add_wire_latency_to(&sinks.wire_us);
-            let mut layer = sinks.layer.lock().unwrap_or_else(|p| p.into_inner());
-            layer.add(&self.lookups.stats());
+            sinks.add(&self.lookups);
         }
     }
 }
@@ -711,18 +693,7 @@ fn sluice(
         pushed.load(Ordering::Relaxed),
         "every pushed record came back"
     );
-    let wire_us = Some(
-        sinks
-            .wire_us
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone(),
-    );
-    let layer = sinks
-        .layer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let (wire_us, layer) = (Some(sinks.wire_us()), sinks.layer());
     Ok(Measurement {
         records,
         elapsed,

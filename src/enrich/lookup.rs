@@ -1,5 +1,6 @@
-//! `RedisEnrich`: the stage's function for `sluice enrich`, a GET of the record's key that
-//! carries the record through to the writer.
+//! `RedisEnrich`: the stage's function for `sluice enrich`, a lookup of the record's key
+//! through the shard's lookup layer (batching, coalescing, cache) over Redis, that carries the
+//! record through to the writer.
 //!
 //! Owns: turning a lookup (or its timeout or failure) into an `Enriched` outcome. Invariants:
 //! every input yields exactly one `Enriched`, a timeout and a failed lookup included (the
@@ -10,12 +11,13 @@
 use super::budget::Budget;
 use super::record::Line;
 use crate::function::{AsyncFunction, Fallback, Outputs};
-use crate::redis::{ClientConfig, GetFuture, RedisClient, RedisError};
-use hdrhistogram::Histogram;
+use crate::lookup::{Get, LayerConfig, LookupError, Lookups, Sinks};
+use crate::redis::{ClientConfig, RedisClient, RedisError};
+use bytes::Bytes;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// What the lookup found.
@@ -23,7 +25,8 @@ use std::task::{Context, Poll};
 pub enum Lookup {
     /// A bad record: nothing was looked up.
     NotNeeded,
-    Found(Vec<u8>),
+    /// The value (shared, not copied, by the records a coalesced or cached lookup answered).
+    Found(Bytes),
     Missing,
     TimedOut,
     Failed(String),
@@ -36,36 +39,40 @@ pub struct Enriched {
     pub lookup: Lookup,
 }
 
+/// The error of a lookup.
+pub(crate) type EnrichError = LookupError<RedisError>;
+
 pub(crate) struct RedisEnrich {
-    client: RedisClient,
+    lookups: Lookups<RedisClient>,
     /// Found values count against the run's byte budget until the writer handled them.
     budget: Arc<Budget>,
-    /// Where `close` adds this shard's wire times (for the summary).
-    wire_sink: Arc<Mutex<Histogram<u64>>>,
+    /// Where `close` adds this shard's wire times and layer figures (for the summary).
+    sinks: Sinks,
 }
 
 impl RedisEnrich {
     pub(crate) fn new(
         addr: SocketAddr,
         config: &ClientConfig,
-        wire_sink: Arc<Mutex<Histogram<u64>>>,
+        layer: LayerConfig,
+        sinks: Sinks,
         budget: Arc<Budget>,
     ) -> Self {
         RedisEnrich {
-            client: RedisClient::new(addr, config),
+            lookups: Lookups::new(RedisClient::new(addr, config), layer),
             budget,
-            wire_sink,
+            sinks,
         }
     }
 }
 
 pub(crate) enum EnrichFuture {
-    Get(GetFuture, Option<Arc<Line>>, Arc<Budget>),
+    Get(Get<RedisError>, Option<Arc<Line>>, Arc<Budget>),
     PassThrough(Option<Arc<Line>>),
 }
 
 impl Future for EnrichFuture {
-    type Output = Result<Outputs<Enriched>, RedisError>;
+    type Output = Result<Outputs<Enriched>, EnrichError>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (line, lookup) = match self.get_mut() {
             EnrichFuture::PassThrough(line) => (line.take(), Lookup::NotNeeded),
@@ -95,13 +102,13 @@ impl Future for EnrichFuture {
 impl AsyncFunction for RedisEnrich {
     type In = Arc<Line>;
     type Out = Enriched;
-    type Error = RedisError;
+    type Error = EnrichError;
     type Future = EnrichFuture;
 
     fn invoke(&self, input: &Arc<Line>) -> EnrichFuture {
         match &**input {
             Line::Record(r) => {
-                let get = self.client.get(r.key.as_bytes());
+                let get = self.lookups.get(r.key.as_bytes());
                 EnrichFuture::Get(get, Some(input.clone()), self.budget.clone())
             }
             Line::Bad(_) => EnrichFuture::PassThrough(Some(input.clone())),
@@ -117,10 +124,10 @@ impl AsyncFunction for RedisEnrich {
     }
 
     fn close(&mut self) {
-        self.client.add_wire_latency_to(&self.wire_sink);
+        self.sinks.add(&self.lookups);
     }
 
-    fn on_error(&self, input: &Arc<Line>, error: &RedisError) -> Fallback<Enriched> {
+    fn on_error(&self, input: &Arc<Line>, error: &EnrichError) -> Fallback<Enriched> {
         Fallback::Emit(Outputs::One(Enriched {
             line: input.clone(),
             lookup: Lookup::Failed(error.to_string()),

@@ -54,7 +54,7 @@ use budget::Budget;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use threads::Threads;
 use writer::{Ended, Writer};
@@ -113,6 +113,8 @@ pub struct EnrichConfig {
     /// Bytes of lines and values the run holds at most before the reader waits (plus the
     /// values of the lookups already in flight); see `docs/enrich.md`.
     pub max_bytes_held: u64,
+    /// The lookup layer in front of Redis (batching, coalescing, cache, limits).
+    pub layer: crate::lookup::LayerConfig,
 }
 
 /// Stop requests: signals (the first drains, a second stops at once) and the run's own halt
@@ -169,7 +171,7 @@ pub fn run(
         });
     }
     let budget = Arc::new(Budget::new(config.max_bytes_held));
-    let (stage, wire_us) = startup::start_stage(config, &budget)?;
+    let (stage, sinks) = startup::start_stage(config, &budget)?;
     let restored = stage.restored().cloned();
     if let Some(dir) = &config.checkpoint_dir {
         let settings = startup::output_settings(config);
@@ -234,7 +236,8 @@ pub fn run(
     summary.stopped_at_once = at_once;
     summary.resumed_from = restored.as_ref().map(|r| r.checkpoint_id);
     summary.resumed_after_line = restored.as_ref().map(|r| r.source.records);
-    fill_timings(&mut summary, metrics.as_ref(), &wire_us, started);
+    fill_timings(&mut summary, metrics.as_ref(), &sinks.wire_us(), started);
+    summary.lookups = sinks.layer();
     warn_about_outcomes(&mut summary);
     if let Some(dir) = &config.checkpoint_dir {
         if summary.failure.is_none() && !summary.interrupted {
@@ -248,7 +251,7 @@ pub fn run(
 fn fill_timings(
     summary: &mut Summary,
     metrics: Option<&crate::MetricsSnapshot>,
-    wire_us: &Mutex<hdrhistogram::Histogram<u64>>,
+    wire: &hdrhistogram::Histogram<u64>,
     started: Instant,
 ) {
     summary.elapsed_s = started.elapsed().as_secs_f64();
@@ -264,7 +267,6 @@ fn fill_timings(
         summary.queue_wait_p50_us = q.value_at_quantile(0.5);
         summary.queue_wait_p99_us = q.value_at_quantile(0.99);
     }
-    let wire = wire_us.lock().unwrap_or_else(|p| p.into_inner());
     summary.wire_p50_us = wire.value_at_quantile(0.5);
     summary.wire_p99_us = wire.value_at_quantile(0.99);
 }

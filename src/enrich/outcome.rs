@@ -256,13 +256,16 @@ mod tests {
         let value = br#"{"a":2,"c":0.30000000000000004441}"#.to_vec();
         let out = written(p.decide(enriched(
             r#"{"a":1,"big":123456789012345678901234567890}"#,
-            Lookup::Found(value),
+            Lookup::Found(value.into()),
         )));
         assert_eq!(
             out,
             r#"{"a":2,"big":123456789012345678901234567890,"c":0.30000000000000004441}"#
         );
-        let out = written(p.decide(enriched(r#"{"a":1}"#, Lookup::Found(b"plain".to_vec()))));
+        let out = written(p.decide(enriched(
+            r#"{"a":1}"#,
+            Lookup::Found(b"plain".to_vec().into()),
+        )));
         assert_eq!(out, r#"{"a":1,"value":"plain"}"#);
         let out = written(p.decide(enriched(r#"{"a":1}"#, Lookup::Missing)));
         assert_eq!(out, r#"{"a":1,"missing":true}"#);
@@ -273,7 +276,7 @@ mod tests {
         let p = policies(Placement::Into("profile".into()));
         let out = written(p.decide(enriched(
             r#"{"a":1}"#,
-            Lookup::Found(br#"{"x":1.0}"#.to_vec()),
+            Lookup::Found(br#"{"x":1.0}"#.to_vec().into()),
         )));
         assert_eq!(out, r#"{"a":1,"profile":{"x":1.0}}"#);
         let out = written(p.decide(enriched(r#"{"a":1}"#, Lookup::TimedOut)));

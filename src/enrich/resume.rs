@@ -250,7 +250,7 @@ pub(crate) fn enriched_codec() -> Codec<Enriched> {
             let line = decode_line(b.get(5..end).ok_or_else(short)?)?;
             let payload = &b[end..];
             let lookup = match tag {
-                FOUND => Lookup::Found(payload.to_vec()),
+                FOUND => Lookup::Found(bytes::Bytes::copy_from_slice(payload)),
                 MISSING => Lookup::Missing,
                 TIMED_OUT => Lookup::TimedOut,
                 FAILED => Lookup::Failed(String::from_utf8_lossy(payload).into_owned()),
@@ -307,7 +307,7 @@ mod tests {
         assert_eq!(json_of(&back), json_of(&record()));
         let codec = enriched_codec();
         for lookup in [
-            Lookup::Found(vec![0, 255, b'{']),
+            Lookup::Found(vec![0, 255, b'{'].into()),
             Lookup::Missing,
             Lookup::TimedOut,
             Lookup::Failed("connection reset".into()),

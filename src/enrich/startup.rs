@@ -16,12 +16,13 @@ use super::{
     OnFailedLookup, RetrySpec,
 };
 use crate::checkpoint::{Checkpointing, RestoreInfo};
-use crate::redis::ClientConfig;
+use crate::lookup::Sinks;
+use crate::redis::{ClientConfig, RedisError};
 use crate::{OutputMode, Stage};
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Requests a connection may have on the wire per lookup slot of the stage (see `start_stage`).
@@ -155,14 +156,11 @@ fn redis_answers(addr: SocketAddr) -> Result<(), EnrichError> {
     }
 }
 
-/// Each shard's wire times, added when the shard closes its function.
-pub(crate) type WireTimes = Arc<Mutex<hdrhistogram::Histogram<u64>>>;
-
 /// Builds and starts the stage (restoring a checkpoint in the directory, if any).
 pub(crate) fn start_stage(
     config: &EnrichConfig,
     budget: &Arc<Budget>,
-) -> Result<(Stage<Arc<Line>, Enriched>, WireTimes), EnrichError> {
+) -> Result<(Stage<Arc<Line>, Enriched>, Sinks), EnrichError> {
     let addr = config.redis;
     // Requests on the wire per connection stay within twice the capacity: room for the
     // lookups in flight and as many abandoned by a timeout whose replies are still owed.
@@ -172,11 +170,12 @@ pub(crate) fn start_stage(
         max_in_flight: config.capacity.saturating_mul(REQUESTS_PER_SLOT).max(1),
         ..ClientConfig::default()
     };
-    // Each shard's client adds its wire times here when the shard closes its function.
-    let wire_us = Arc::new(Mutex::new(crate::redis::wire_histogram()));
-    let (wire_sink, budget) = (wire_us.clone(), budget.clone());
-    let mut builder = Stage::builder(move |_| {
-        lookup::RedisEnrich::new(addr, &client, wire_sink.clone(), budget.clone())
+    // Each shard adds its wire times and layer figures here when it closes its function.
+    let sinks = Sinks::new();
+    let (shard_sinks, budget, layer) = (sinks.clone(), budget.clone(), config.layer.clone());
+    let mut builder = Stage::builder(move |shard| {
+        let layer = layer.for_shard(shard.shards);
+        lookup::RedisEnrich::new(addr, &client, layer, shard_sinks.clone(), budget.clone())
     })
     .capacity(config.capacity)
     .timeout(config.timeout)
@@ -184,7 +183,7 @@ pub(crate) fn start_stage(
     .retry({
         let policy = config
             .retry
-            .policy(|e: &crate::redis::RedisError| e.is_retryable());
+            .policy(|e: &lookup::EnrichError| e.is_retryable(RedisError::is_retryable));
         if config.retry_missing && config.retry != RetrySpec::None {
             policy.on_result(|outs: &[Enriched]| outs.iter().any(|e| e.lookup == Lookup::Missing))
         } else {
@@ -210,7 +209,7 @@ pub(crate) fn start_stage(
     let stage = builder
         .start()
         .map_err(|e| EnrichError::Stage(e.to_string()))?;
-    Ok((stage, wire_us))
+    Ok((stage, sinks))
 }
 
 /// The files a run reads and writes, opened where it starts.

@@ -47,6 +47,8 @@ pub struct Summary {
     /// read (Redis and the network, without the client's own queueing).
     pub wire_p50_us: u64,
     pub wire_p99_us: u64,
+    /// What the lookup layer did: backend requests, cache hits, coalesced lookups, the limit.
+    pub lookups: crate::lookup::LayerStats,
     pub interrupted: bool,
     /// A second signal stopped the run without waiting for the lookups in flight.
     pub stopped_at_once: bool,
@@ -69,6 +71,38 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The lookup layer's line: how much work the backend got for the lookups.
+    fn lookup_line(&self) -> String {
+        let l = &self.lookups;
+        if l.lookups == 0 {
+            return String::new();
+        }
+        let mut s = format!(
+            "  lookups: {} -> {} backend requests ({:.1} keys each); cache hits {:.1}%, \
+             coalesced {}",
+            l.lookups,
+            l.requests,
+            l.keys_per_request(),
+            l.hit_ratio() * 100.0,
+            l.coalesced
+        );
+        if let Some(limit) = l.limit {
+            s.push_str(&format!(
+                "; concurrency limit {limit} (range {}..{})",
+                l.limit_min.unwrap_or(limit),
+                l.limit_max.unwrap_or(limit)
+            ));
+        }
+        if l.breaker_opened > 0 || l.rejected > 0 {
+            s.push_str(&format!(
+                "; circuit breaker opened {} times, {} lookups refused",
+                l.breaker_opened, l.rejected
+            ));
+        }
+        s.push('\n');
+        s
+    }
+
     /// The human-readable summary printed on stderr.
     pub fn render(&self) -> String {
         if self.already_completed {
@@ -128,6 +162,7 @@ impl Summary {
             self.wire_p50_us,
             self.wire_p99_us
         ));
+        s.push_str(&self.lookup_line());
         for w in &self.warnings {
             s.push_str(&format!("  warning: {w}\n"));
         }

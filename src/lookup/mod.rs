@@ -16,12 +16,16 @@ mod layer;
 mod limit;
 mod rate;
 mod redis;
+#[cfg(feature = "tools")]
+mod sinks;
 mod stats;
 
 pub use breaker::BreakerConfig;
 pub use cache::{Cache, CacheConfig, Eviction};
 pub use layer::{Get, Lookups};
 pub use limit::{AdaptiveConfig, Limiter};
+#[cfg(feature = "tools")]
+pub(crate) use sinks::Sinks;
 pub use stats::LayerStats;
 
 use bytes::Bytes;

@@ -1,0 +1,42 @@
+//! `Sinks`: where a stage's shards leave their Redis client's wire times and their lookup
+//! layer's figures when they close, for a summary or a report after the stage ended.
+//!
+//! Owns: the shared totals. Invariant: each shard adds its own figures once, from `close`.
+
+use super::{LayerStats, Lookups};
+use crate::redis::RedisClient;
+use hdrhistogram::Histogram;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone)]
+pub(crate) struct Sinks {
+    wire_us: Arc<Mutex<Histogram<u64>>>,
+    layer: Arc<Mutex<LayerStats>>,
+}
+
+impl Sinks {
+    pub(crate) fn new() -> Sinks {
+        Sinks {
+            wire_us: Arc::new(Mutex::new(crate::redis::wire_histogram())),
+            layer: Arc::new(Mutex::new(LayerStats::default())),
+        }
+    }
+
+    /// Adds a shard's figures (from its function's `close`).
+    pub(crate) fn add(&self, lookups: &Lookups<RedisClient>) {
+        lookups.backend().add_wire_latency_to(&self.wire_us);
+        let mut layer = self.layer.lock().unwrap_or_else(|p| p.into_inner());
+        layer.add(&lookups.stats());
+    }
+
+    pub(crate) fn wire_us(&self) -> Histogram<u64> {
+        self.wire_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn layer(&self) -> LayerStats {
+        self.layer.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
