@@ -86,6 +86,13 @@ fn batched(n: usize) -> LayerConfig {
     }
 }
 
+/// Once the layer is idle, every lookup was answered one way (`LayerStats`' invariant).
+fn assert_accounted(stats: &sluice::lookup::LayerStats) {
+    let ways =
+        stats.cache_hits + stats.coalesced + stats.rejected + stats.keys_sent + stats.abandoned;
+    assert_eq!(stats.lookups, ways, "{stats:?}");
+}
+
 fn found(key: &str) -> Result<Option<Bytes>, LookupError<String>> {
     Ok(Some(Bytes::from(format!("value-of-{key}"))))
 }
@@ -107,6 +114,7 @@ fn identical_keys_in_flight_share_one_request() {
         // Once answered, the key is looked up afresh (no cache).
         assert_eq!(layer.get(b"hot").await, found("hot"));
         assert_eq!(backend.requests().len(), 2);
+        assert_accounted(&layer.stats());
     });
 }
 
@@ -221,6 +229,7 @@ fn a_key_every_record_gave_up_on_is_not_sent() {
         let sent: Vec<String> = backend.requests().concat();
         assert_eq!(sent, vec!["a", "c"]);
         assert_eq!(layer.stats().abandoned, 1);
+        assert_accounted(&layer.stats());
     });
 }
 
@@ -280,6 +289,7 @@ fn the_cache_answers_repeated_keys_until_they_expire() {
         glommio::timer::sleep(Duration::from_millis(60)).await;
         assert_eq!(layer.get(b"k").await, found("k"));
         assert_eq!(backend.requests().len(), 3, "expired: looked up again");
+        assert_accounted(&layer.stats());
     });
 }
 

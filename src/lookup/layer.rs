@@ -50,7 +50,7 @@ impl<E: Clone> Waiting<E> {
     fn new() -> Rc<Waiting<E>> {
         Rc::new(Waiting {
             answer: RefCell::new(None),
-            wakers: RefCell::new(Vec::with_capacity(1)),
+            wakers: RefCell::new(Vec::new()),
             waiters: Cell::new(0),
             stale: Cell::new(false),
         })
@@ -67,11 +67,26 @@ impl<E: Clone> Waiting<E> {
 struct Queued<E> {
     key: Rc<[u8]>,
     waiting: Rc<Waiting<E>>,
-    at: Instant,
+    /// When it was queued (read only with a linger).
+    at: Option<Instant>,
+}
+
+/// The keys pending, for coalescing. Keys come from the input, so a keyed hash that resists
+/// flooding, at a fraction of SipHash's cost per lookup.
+type Pending<E> = HashMap<Rc<[u8]>, Rc<Waiting<E>>, ahash::RandomState>;
+
+/// The clock, read at most once per call and only when something needs it (a read per record
+/// showed in the profile).
+struct Now(Option<Instant>);
+
+impl Now {
+    fn get(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
 }
 
 struct State<E> {
-    pending: HashMap<Rc<[u8]>, Rc<Waiting<E>>>,
+    pending: Pending<E>,
     queue: VecDeque<Queued<E>>,
     keys_in_flight: usize,
     cache: Option<Cache>,
@@ -99,7 +114,7 @@ impl<B: BatchLookup> Lookups<B> {
     pub fn new(backend: B, config: LayerConfig) -> Lookups<B> {
         let now = Instant::now();
         let state = State {
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             queue: VecDeque::new(),
             keys_in_flight: 0,
             cache: config.cache.clone().map(Cache::new),
@@ -136,9 +151,9 @@ impl<B: BatchLookup> Lookups<B> {
         let mut st = shared.state.borrow_mut();
         let st = &mut *st;
         st.stats.lookups += 1;
-        let now = Instant::now();
+        let mut now = Now(None);
         if let Some(cache) = &mut st.cache {
-            if let Some(value) = cache.get(key, now) {
+            if let Some(value) = cache.get(key, now.get()) {
                 st.stats.cache_hits += 1;
                 return Get::ready(Ok(value));
             }
@@ -150,7 +165,7 @@ impl<B: BatchLookup> Lookups<B> {
             }
         }
         if let Some(breaker) = &mut st.breaker {
-            if breaker.is_open(now) {
+            if breaker.is_open(now.get()) {
                 st.stats.rejected += 1;
                 return Get::ready(Err(open_error(breaker)));
             }
@@ -164,7 +179,7 @@ impl<B: BatchLookup> Lookups<B> {
         st.queue.push_back(Queued {
             key,
             waiting,
-            at: now,
+            at: (!shared.config.linger.is_zero()).then(|| now.get()),
         });
         if let Some(w) = &st.driver {
             w.wake_by_ref();
@@ -329,15 +344,16 @@ impl<E> Drop for Get<E> {
     }
 }
 
-/// A batch on its way: its keys, when it left, the keys in flight then, and the request.
+/// A batch on its way: its keys, when it left (with an adaptive limit), the keys in flight
+/// then, and the request.
 struct InFlight<E, F> {
     keys: Vec<Queued<E>>,
-    sent_at: Instant,
+    sent_at: Option<Instant>,
     in_flight: usize,
     request: Pin<Box<F>>,
 }
 
-type Done<E> = (Vec<Queued<E>>, Instant, usize, Result<Values, E>);
+type Done<E> = (Vec<Queued<E>>, Option<Instant>, usize, Result<Values, E>);
 
 impl<E, F> Unpin for InFlight<E, F> {}
 
@@ -418,10 +434,10 @@ impl<B: BatchLookup> Shared<B> {
             let Some(oldest) = st.queue.front().map(|q| q.at) else {
                 return (sent, Next::Idle);
             };
-            let now = Instant::now();
+            let mut now = Now(None);
             let mut probe = false;
             if let Some(breaker) = &mut st.breaker {
-                match breaker.admit(now) {
+                match breaker.admit(now.get()) {
                     Admit::Yes => {}
                     Admit::Probe => probe = true,
                     Admit::Hold => return (sent, Next::Idle),
@@ -442,7 +458,7 @@ impl<B: BatchLookup> Shared<B> {
             };
             let mut take = batch_size.min(st.queue.len()).min(room);
             if let Some(bucket) = &mut st.bucket {
-                take = take.min(bucket.available(now));
+                take = take.min(bucket.available(now.get()));
                 if take == 0 {
                     return (sent, Next::At(bucket.next_token_at()));
                 }
@@ -450,9 +466,11 @@ impl<B: BatchLookup> Shared<B> {
             if take == 0 {
                 return (sent, Next::Idle);
             }
-            let linger_until = oldest + self.config.linger;
-            if take < batch_size && !self.config.linger.is_zero() && now < linger_until {
-                return (sent, Next::At(linger_until));
+            if let Some(oldest) = oldest.filter(|_| take < batch_size) {
+                let linger_until = oldest + self.config.linger;
+                if now.get() < linger_until {
+                    return (sent, Next::At(linger_until));
+                }
             }
             let keys: Vec<Queued<B::Error>> = st.queue.drain(..take).collect();
             let request = if batch_size == 1 {
@@ -469,7 +487,7 @@ impl<B: BatchLookup> Shared<B> {
             st.stats.keys_sent += take as u64;
             in_flight.push(InFlight {
                 keys,
-                sent_at: now,
+                sent_at: st.limiter.is_some().then(|| now.get()),
                 in_flight: st.keys_in_flight,
                 request: Box::pin(request),
             });
@@ -485,7 +503,7 @@ impl<B: BatchLookup> Shared<B> {
     fn complete(&self, (keys, sent_at, in_flight, result): Done<B::Error>) {
         let mut st = self.state.borrow_mut();
         let st = &mut *st;
-        let now = Instant::now();
+        let mut now = Now(None);
         st.keys_in_flight -= keys.len();
         let timed_out = keys.iter().any(|q| q.waiting.waiters.get() == 0);
         let result = match result {
@@ -501,18 +519,18 @@ impl<B: BatchLookup> Shared<B> {
                 if let Some(b) = &mut st.breaker {
                     b.on_success();
                 }
-                if let Some(l) = &mut st.limiter {
+                if let (Some(l), Some(sent_at)) = (&mut st.limiter, sent_at) {
                     if timed_out {
-                        l.on_drop(sent_at, now);
+                        l.on_drop(sent_at, now.get());
                     } else {
-                        l.on_answer(now - sent_at, in_flight);
+                        l.on_answer(now.get() - sent_at, in_flight);
                     }
                 }
                 for (q, value) in keys.into_iter().zip(values) {
                     forget(&mut st.pending, &q);
                     if let Some(cache) = &mut st.cache {
                         if !q.waiting.stale.get() {
-                            cache.insert(q.key.clone(), value.clone(), now);
+                            cache.insert(q.key.clone(), value.clone(), now.get());
                         }
                     }
                     q.waiting.answer(Ok(value));
@@ -521,10 +539,10 @@ impl<B: BatchLookup> Shared<B> {
             Err(error) => {
                 st.stats.failed_requests += 1;
                 if let Some(b) = &mut st.breaker {
-                    b.on_failure(now);
+                    b.on_failure(now.get());
                 }
-                if let Some(l) = &mut st.limiter {
-                    l.on_drop(sent_at, now);
+                if let (Some(l), Some(sent_at)) = (&mut st.limiter, sent_at) {
+                    l.on_drop(sent_at, now.get());
                 }
                 for q in keys {
                     forget(&mut st.pending, &q);
@@ -536,7 +554,7 @@ impl<B: BatchLookup> Shared<B> {
 }
 
 /// Removes `q`'s key from the pending map if it is still `q`'s lookup there.
-fn forget<E>(pending: &mut HashMap<Rc<[u8]>, Rc<Waiting<E>>>, q: &Queued<E>) {
+fn forget<E>(pending: &mut Pending<E>, q: &Queued<E>) {
     if pending
         .get(&*q.key)
         .is_some_and(|w| Rc::ptr_eq(w, &q.waiting))

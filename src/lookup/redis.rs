@@ -22,14 +22,14 @@ impl BatchLookup for RedisClient {
         args.extend_from_slice(keys);
         RedisValues {
             reply: self.command(&args),
-            command: "MGET",
+            single: false,
         }
     }
 
     fn get_one(&self, key: &[u8]) -> RedisValues {
         RedisValues {
             reply: self.command(&[b"GET", key]),
-            command: "GET",
+            single: true,
         }
     }
 }
@@ -37,7 +37,8 @@ impl BatchLookup for RedisClient {
 /// The values of a `GET` or `MGET`.
 pub struct RedisValues {
     reply: ReplyFuture,
-    command: &'static str,
+    /// A `GET` (else an `MGET`).
+    single: bool,
 }
 
 fn value(reply: Reply, command: &'static str) -> Result<Option<Bytes>, RedisError> {
@@ -55,16 +56,16 @@ fn value(reply: Reply, command: &'static str) -> Result<Option<Bytes>, RedisErro
 impl Future for RedisValues {
     type Output = Result<Values, RedisError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let command = self.command;
+        let single = self.single;
         Pin::new(&mut self.reply)
             .poll(cx)
-            .map(|r| match (r?, command) {
-                (Reply::Array(items), "MGET") => {
-                    items.into_iter().map(|i| value(i, command)).collect()
+            .map(|r| match (r?, single) {
+                (reply, true) => Ok(vec![value(reply, "GET")?]),
+                (Reply::Array(items), false) => {
+                    items.into_iter().map(|i| value(i, "MGET")).collect()
                 }
-                (reply, "GET") => Ok(vec![value(reply, command)?]),
-                (other, _) => Err(RedisError::UnexpectedReply {
-                    command,
+                (other, false) => Err(RedisError::UnexpectedReply {
+                    command: "MGET",
                     got: other.describe(),
                 }),
             })
