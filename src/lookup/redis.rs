@@ -21,7 +21,7 @@ impl BatchLookup for RedisClient {
         args.push(b"MGET");
         args.extend_from_slice(keys);
         RedisValues {
-            reply: self.command(&args),
+            reply: self.command_of_keys(&args, keys.len()),
             single: false,
         }
     }

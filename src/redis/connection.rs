@@ -24,9 +24,14 @@
 //! - every answered request's time on the wire (handed to the socket -> its reply completed)
 //!   goes into `wire_us`, so a caller can tell the server and network apart from its own
 //!   queueing;
-//! - a driver turn writes what was queued before it completes anything, and completes at most
-//!   `max(in flight / reply_split, MIN_REPLIES_PER_TURN)` replies; when it stops with replies
-//!   still buffered it wakes itself, so buffered replies are never left without a turn.
+//! - a driver turn writes what was queued before it completes anything, and completes replies
+//!   worth at most `max(weight in flight / reply_split, MIN_REPLIES_PER_TURN)`, a request
+//!   weighing what its caller said it carries (the keys of an `MGET`; 1 for other commands),
+//!   so the split means the same share of the work whether a window is 64 `GET`s or four
+//!   `MGET`s of 16; when it stops with replies still buffered it wakes itself, so buffered
+//!   replies are never left without a turn;
+//! - `weight_in_flight` is the sum of the weights of the requests holding a slot and not yet
+//!   answered.
 
 use super::error::RedisError;
 use super::reply::{decode_reply, Reply};
@@ -80,6 +85,9 @@ struct State {
     next_unsent: u64,
     /// When each slot's request was handed to the socket.
     sent_at: Box<[Instant]>,
+    /// Each slot's request's weight, and their sum over the requests not yet answered.
+    weights: Box<[u32]>,
+    weight_in_flight: usize,
     wire_us: hdrhistogram::Histogram<u64>,
     driver: Option<Waker>,
     /// Requests waiting for a free slot, woken when one frees.
@@ -129,6 +137,8 @@ impl Connection {
                 next_reply: 0,
                 next_unsent: 0,
                 sent_at: vec![Instant::now(); max_in_flight.max(1)].into_boxed_slice(),
+                weights: vec![1; max_in_flight.max(1)].into_boxed_slice(),
+                weight_in_flight: 0,
                 wire_us: wire_histogram(),
                 driver: None,
                 slot_waiters: Vec::new(),
@@ -146,15 +156,16 @@ impl Connection {
         (st.next_request - st.next_reply) as usize
     }
 
-    /// Queues a command; the returned future resolves with its reply.
-    pub(crate) fn send(self: &Rc<Self>, args: &[&[u8]]) -> ReplyFuture {
+    /// Queues a command weighing `weight` in the reply split (the keys it looks up); the
+    /// returned future resolves with its reply.
+    pub(crate) fn send(self: &Rc<Self>, args: &[&[u8]], weight: u32) -> ReplyFuture {
         let mut command = Vec::new();
         let queued = {
             let mut st = self.state.borrow_mut();
             if let Some(error) = self.refusal(&st.status) {
                 return ReplyFuture::failed(error);
             }
-            match self.take_slot(&mut st, |out| encode_command(out, args)) {
+            match self.take_slot(&mut st, weight, |out| encode_command(out, args)) {
                 Some(id) => Inner::Pending {
                     conn: self.clone(),
                     id,
@@ -164,6 +175,7 @@ impl Connection {
                     Inner::Queued {
                         conn: self.clone(),
                         command,
+                        weight,
                     }
                 }
             }
@@ -186,7 +198,12 @@ impl Connection {
 
     /// Takes the next request's slot if it is free: `encode` appends the command to the
     /// outgoing bytes, and the request's id is returned.
-    fn take_slot(&self, st: &mut State, encode: impl FnOnce(&mut Vec<u8>)) -> Option<u64> {
+    fn take_slot(
+        &self,
+        st: &mut State,
+        weight: u32,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Option<u64> {
         let limit = st.ring.len() as u64;
         let id = st.next_request;
         let index = (id % limit) as usize;
@@ -198,6 +215,9 @@ impl Connection {
         encode(&mut st.out);
         st.next_request += 1;
         st.ring[index] = Slot::Waiting(None);
+        let weight = weight.max(1);
+        st.weights[index] = weight;
+        st.weight_in_flight += weight as usize;
         if let Some(w) = &st.driver {
             w.wake_by_ref();
         }
@@ -225,6 +245,8 @@ impl Connection {
         let limit = st.ring.len() as u64;
         let mut freed = false;
         for id in st.next_reply..st.next_unsent {
+            let weight = st.weights[(id % limit) as usize] as usize;
+            st.weight_in_flight -= weight;
             let slot = &mut st.ring[(id % limit) as usize];
             *slot = match std::mem::replace(slot, Slot::Free) {
                 Slot::Waiting(waker) => {
@@ -421,8 +443,7 @@ impl Io {
         // windows (docs/decisions/reply-split.md).
         let mut budget = {
             let st = self.conn.state.borrow();
-            ((st.next_request - st.next_reply) as usize / self.conn.reply_split)
-                .max(MIN_REPLIES_PER_TURN)
+            (st.weight_in_flight / self.conn.reply_split).max(MIN_REPLIES_PER_TURN)
         };
         loop {
             match self.complete_replies(&mut budget) {
@@ -482,9 +503,12 @@ impl Io {
                 });
             }
             self.start += used;
-            *budget -= 1;
             let id = st.next_reply;
+            let weight = st.weights[(id % limit) as usize] as usize;
+            *budget = budget.saturating_sub(weight);
+            st.weight_in_flight -= weight;
             st.next_reply += 1;
+            debug_assert!(st.next_reply < st.next_request || st.weight_in_flight == 0);
             let wire = now.saturating_duration_since(st.sent_at[(id % limit) as usize]);
             st.wire_us.saturating_record(wire.as_micros() as u64);
             let index = (id % limit) as usize;
@@ -513,6 +537,7 @@ enum Inner {
     Queued {
         conn: Rc<Connection>,
         command: Vec<u8>,
+        weight: u32,
     },
     Pending {
         conn: Rc<Connection>,
@@ -538,7 +563,12 @@ impl ReplyFuture {
 impl Future for ReplyFuture {
     type Output = Result<Reply, RedisError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Inner::Queued { conn, command } = &mut self.inner {
+        if let Inner::Queued {
+            conn,
+            command,
+            weight,
+        } = &mut self.inner
+        {
             let conn = conn.clone();
             let mut st = conn.state.borrow_mut();
             if let Some(error) = conn.refusal(&st.status) {
@@ -546,7 +576,7 @@ impl Future for ReplyFuture {
                 self.inner = Inner::Finished;
                 return Poll::Ready(Err(error));
             }
-            match conn.take_slot(&mut st, |out| out.extend_from_slice(command)) {
+            match conn.take_slot(&mut st, *weight, |out| out.extend_from_slice(command)) {
                 Some(id) => {
                     drop(st);
                     self.inner = Inner::Pending {

@@ -129,9 +129,17 @@ impl RedisClient {
 
     /// Sends any command, e.g. `&[b"GET", key]`.
     pub fn command(&self, args: &[&[u8]]) -> ReplyFuture {
+        self.command_of_keys(args, 1)
+    }
+
+    /// Sends a command that looks up `keys` keys (an `MGET`): the connection's reply split
+    /// (`ClientConfig::reply_split`) counts its reply as that many, so a window of a few large
+    /// requests is split as finely as one of many small ones.
+    pub fn command_of_keys(&self, args: &[&[u8]], keys: usize) -> ReplyFuture {
         let i = self.next.get();
         self.next.set((i + 1) % self.connections.len());
-        self.connections[i].send(args)
+        let weight = u32::try_from(keys).unwrap_or(u32::MAX);
+        self.connections[i].send(args, weight)
     }
 
     /// `GET key`: the value, or `None` for a missing key.
