@@ -33,7 +33,8 @@ pub enum EvictionArg {
 
 #[derive(Args, Debug, Clone)]
 pub struct LayerArgs {
-    /// Keys per request to the backend (Redis: MGET of up to N keys; 1: a GET per key). A
+    /// Keys per request to the backend (Redis: MGET of up to N keys; 1: a GET per key), and
+    /// at most a quarter of the capacity, so that several requests keep the pipeline full. A
     /// batch leaves when full or when the shard's turn ends (see --batch-linger). With
     /// batching, a key holding a non-string value reads as missing (MGET's nil), where GET
     /// fails with WRONGTYPE.
@@ -106,6 +107,7 @@ impl LayerArgs {
         Ok(LayerConfig {
             batch_size: NonZeroUsize::new(self.batch_size as usize).expect("range 1.."),
             linger: self.batch_linger,
+            capacity: NonZeroUsize::new(capacity),
             coalesce: !self.no_coalesce,
             cache,
             concurrency: match self.concurrency {

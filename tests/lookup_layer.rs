@@ -170,6 +170,31 @@ fn keys_of_one_turn_go_out_in_full_batches_matched_to_their_values() {
 }
 
 #[test]
+fn a_batch_holds_at_most_a_quarter_of_the_capacity_so_the_pipeline_stays_full() {
+    run(|| async {
+        let backend = SimBackend::with_delay(Duration::from_millis(1));
+        let config = LayerConfig {
+            capacity: NonZeroUsize::new(64),
+            ..batched(64)
+        };
+        assert_eq!(config.batch_cap(None), 16);
+        assert_eq!(
+            config.batch_cap(Some(8)),
+            2,
+            "a quarter of the adaptive limit"
+        );
+        assert_eq!(config.batch_cap(Some(2)), 1);
+        let layer = Lookups::new(backend.clone(), config);
+        let keys: Vec<String> = (0..64).map(|i| format!("k{i}")).collect();
+        let answers = join_all(keys.iter().map(|k| layer.get(k.as_bytes()))).await;
+        assert!(keys.iter().zip(&answers).all(|(k, a)| *a == found(k)));
+        let sizes: Vec<usize> = backend.requests().iter().map(|r| r.len()).collect();
+        assert_eq!(sizes, vec![16; 4], "a full window in four requests");
+        assert_eq!(backend.requests().concat(), keys, "sent in lookup order");
+    });
+}
+
+#[test]
 fn a_failed_batch_fails_each_of_its_records() {
     run(|| async {
         let backend = SimBackend::with_delay(Duration::from_millis(1));

@@ -613,6 +613,7 @@ impl AsyncFunction for KeyLookup {
 /// limit bounded by the point's capacity.
 fn shard_layer(w: &Workload, shards: usize, capacity: usize) -> LayerConfig {
     let mut layer = w.layer.for_shard(shards);
+    layer.capacity = std::num::NonZeroUsize::new(capacity);
     if let Concurrency::Adaptive(_) = layer.concurrency {
         layer.concurrency = Concurrency::Adaptive(AdaptiveConfig::for_capacity(capacity));
     }

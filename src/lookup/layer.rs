@@ -6,7 +6,8 @@
 //! and hands their answers out. Invariants:
 //! - a lookup is answered from the cache, joins a pending request for its key (coalescing), is
 //!   refused (open breaker), or is queued; a queued key is sent in one batch of at most
-//!   `batch_size` keys, or dropped unsent when every record waiting for it is gone;
+//!   `LayerConfig::batch_cap` keys (the batch size, capped at a share of the window), or
+//!   dropped unsent when every record waiting for it is gone;
 //! - every waiting record gets its key's answer: the value, missing, or the request's error
 //!   (cloned), once; a failed batch fails each of its records, which the operator then retries
 //!   or fails one by one under its own policy;
@@ -419,7 +420,7 @@ impl<B: BatchLookup> Shared<B> {
     ) -> (bool, Next) {
         let mut st = self.state.borrow_mut();
         let st = &mut *st;
-        let batch_size = self.config.batch_size.get();
+        let batching = self.config.batch_size.get() > 1;
         let mut sent = false;
         loop {
             // Keys whose records all timed out are not sent.
@@ -452,10 +453,9 @@ impl<B: BatchLookup> Shared<B> {
                     }
                 }
             }
-            let room = match &st.limiter {
-                Some(l) => l.limit().saturating_sub(st.keys_in_flight),
-                None => usize::MAX,
-            };
+            let limit = st.limiter.as_ref().map(Limiter::limit);
+            let room = limit.map_or(usize::MAX, |l| l.saturating_sub(st.keys_in_flight));
+            let batch_size = self.config.batch_cap(limit);
             let mut take = batch_size.min(st.queue.len()).min(room);
             if let Some(bucket) = &mut st.bucket {
                 take = take.min(bucket.available(now.get()));
@@ -473,7 +473,7 @@ impl<B: BatchLookup> Shared<B> {
                 }
             }
             let keys: Vec<Queued<B::Error>> = st.queue.drain(..take).collect();
-            let request = if batch_size == 1 {
+            let request = if !batching {
                 self.backend.get_one(&keys[0].key)
             } else {
                 let slices: Vec<&[u8]> = keys.iter().map(|q| &*q.key).collect();

@@ -106,6 +106,10 @@ pub enum Concurrency {
     Adaptive(AdaptiveConfig),
 }
 
+/// The fewest requests a full window is split into when batching (see
+/// [`LayerConfig::capacity`]).
+pub const PIPELINE_REQUESTS: usize = 4;
+
 /// The layer's settings. The default is a pass-through with coalescing: one request per key,
 /// no cache, no limits.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,6 +119,12 @@ pub struct LayerConfig {
     /// How long a batch that is not full waits for more keys. Zero sends what was looked up in
     /// the current turn of the shard (the keys the operator issued before it yielded).
     pub linger: Duration,
+    /// The keys a shard has in flight at most (a stage's capacity), if known. A batch then
+    /// holds at most a [`PIPELINE_REQUESTS`]th of it (of the adaptive limit, with one), so
+    /// several requests share the pipeline: the backend works on some while the shard
+    /// handles the answers of others, where one batch of the whole window would make the two
+    /// take turns (docs/decisions/batch-size-and-pipeline-depth.md).
+    pub capacity: Option<NonZeroUsize>,
     /// Identical keys in flight share one request.
     pub coalesce: bool,
     pub cache: Option<CacheConfig>,
@@ -129,6 +139,7 @@ impl Default for LayerConfig {
         LayerConfig {
             batch_size: NonZeroUsize::MIN,
             linger: Duration::ZERO,
+            capacity: None,
             coalesce: true,
             cache: None,
             concurrency: Concurrency::Fixed,
@@ -139,6 +150,13 @@ impl Default for LayerConfig {
 }
 
 impl LayerConfig {
+    /// The keys one batch may hold now, with `limit` the adaptive limit if there is one.
+    pub fn batch_cap(&self, limit: Option<usize>) -> usize {
+        let window = limit.or(self.capacity.map(NonZeroUsize::get));
+        let cap = window.map_or(usize::MAX, |w| (w / PIPELINE_REQUESTS).max(1));
+        self.batch_size.get().min(cap)
+    }
+
     /// This shard's share of a stage-wide setting: the rate limit split evenly over `shards`.
     pub fn for_shard(&self, shards: usize) -> LayerConfig {
         LayerConfig {
