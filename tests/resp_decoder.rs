@@ -92,6 +92,7 @@ fn encode(r: &Reply, out: &mut Vec<u8>) {
             }
         }
         Reply::Error(e) => out.extend(format!("-{e}\r\n").as_bytes()),
+        other => unreachable!("RESP2 replies only: {other:?}"),
     }
 }
 
@@ -235,4 +236,114 @@ fn nesting_and_bulk_lengths_are_bounded_and_errors_name_the_offset() {
     );
     let error = decode_reply(b"*1\r\n:12a\r\n").unwrap_err();
     assert!(error.contains("byte 5") && error.contains("12a"), "{error}");
+}
+
+/// RESP3, as a connection that said `HELLO 3` reads it: every type Redis 7 sends, push
+/// messages (client tracking's invalidations) among them; and its types refused in RESP2.
+#[test]
+fn resp3_replies_decode_and_are_refused_in_resp2() {
+    use sluice::redis::{decode, Protocol};
+    let hello = b"%2\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n";
+    let cases: Vec<(&[u8], Reply)> = vec![
+        (b"_\r\n", Reply::Nil),
+        (b"#t\r\n", Reply::Bool(true)),
+        (b"#f\r\n", Reply::Bool(false)),
+        (b",3.25\r\n", Reply::Double("3.25".into())),
+        (b",inf\r\n", Reply::Double("inf".into())),
+        (
+            b"(3492890328409238509324850943850943825024385\r\n",
+            Reply::BigNumber("3492890328409238509324850943850943825024385".into()),
+        ),
+        (
+            b"=15\r\ntxt:Some string\r\n",
+            Reply::Bulk(b"Some string".to_vec()),
+        ),
+        (
+            b"~2\r\n:1\r\n$1\r\na\r\n",
+            Reply::Array(vec![Reply::Int(1), Reply::Bulk(b"a".to_vec())]),
+        ),
+        (
+            hello,
+            Reply::Map(vec![
+                (
+                    Reply::Bulk(b"server".to_vec()),
+                    Reply::Bulk(b"redis".to_vec()),
+                ),
+                (Reply::Bulk(b"proto".to_vec()), Reply::Int(3)),
+            ]),
+        ),
+        (
+            b">2\r\n$10\r\ninvalidate\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n",
+            Reply::Push(vec![
+                Reply::Bulk(b"invalidate".to_vec()),
+                Reply::Array(vec![Reply::Bulk(b"a".to_vec()), Reply::Bulk(b"b".to_vec())]),
+            ]),
+        ),
+        (
+            b">2\r\n$10\r\ninvalidate\r\n_\r\n",
+            Reply::Push(vec![Reply::Bulk(b"invalidate".to_vec()), Reply::Nil]),
+        ),
+        // An attribute describes the reply after it, which is what is returned.
+        (
+            b"|1\r\n+key-popularity\r\n:7\r\n*1\r\n:2\r\n",
+            Reply::Array(vec![Reply::Int(2)]),
+        ),
+        (
+            b"*3\r\n$1\r\nv\r\n_\r\n$1\r\nw\r\n",
+            Reply::Array(vec![
+                Reply::Bulk(b"v".to_vec()),
+                Reply::Nil,
+                Reply::Bulk(b"w".to_vec()),
+            ]),
+        ),
+    ];
+    for (bytes, expected) in cases {
+        let (reply, used) = decode(bytes, Protocol::Resp3).unwrap().unwrap();
+        assert_eq!(
+            (reply.unwrap(), used),
+            (expected, bytes.len()),
+            "{:?}",
+            String::from_utf8_lossy(bytes)
+        );
+        // Every strict prefix waits for more bytes.
+        for cut in 0..bytes.len() {
+            assert_eq!(
+                decode(&bytes[..cut], Protocol::Resp3),
+                Ok(None),
+                "{:?} cut at {cut}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        // RESP3's own types are not RESP2.
+        if !matches!(bytes[0], b'*' | b'$' | b':' | b'+' | b'-') {
+            let error = decode_reply(bytes).unwrap_err();
+            assert!(
+                error.contains("RESP2") && error.contains("byte 0"),
+                "{error}"
+            );
+        }
+    }
+    let (blob_error, _) = decode(b"!21\r\nSYNTAX invalid syntax\r\n", Protocol::Resp3)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        blob_error,
+        Err(RedisError::ErrorReply {
+            message: "SYNTAX invalid syntax".into()
+        })
+    );
+    for bad in [
+        &b"#x\r\n"[..],
+        b"_1\r\n",
+        b"(\r\n",
+        b"=3\r\nabc\r\n",
+        b"%-1\r\n",
+    ] {
+        let error = decode(bad, Protocol::Resp3).unwrap_err();
+        assert!(
+            error.contains("byte 0"),
+            "{:?}: {error}",
+            String::from_utf8_lossy(bad)
+        );
+    }
 }

@@ -11,7 +11,7 @@ mod reply;
 
 pub use connection::{encode_command, ReplyFuture};
 pub use error::RedisError;
-pub use reply::{decode_reply, Decoded, Reply, MAX_BULK, MAX_DEPTH};
+pub use reply::{decode, decode_reply, Decoded, Protocol, Reply, MAX_BULK, MAX_DEPTH};
 
 // For the tools' summaries of wire times.
 #[cfg_attr(not(feature = "tools"), allow(unused_imports))]
