@@ -15,6 +15,10 @@ use std::time::Duration;
 pub enum Invalidation {
     /// Entries expire after --cache-ttl.
     Ttl,
+    /// Redis tells each shard which keys it read were written since (client tracking, Redis 6
+    /// or newer): they leave the cache within milliseconds; --cache-ttl still bounds an
+    /// entry's life.
+    Tracking,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -82,6 +86,11 @@ pub struct LayerArgs {
 }
 
 impl LayerArgs {
+    /// Whether the Redis client tracks the keys it reads for the cache (client tracking).
+    pub fn tracking(&self) -> bool {
+        self.cache_invalidation == Invalidation::Tracking
+    }
+
     /// The layer for a stage of `capacity` per shard.
     pub fn config(&self, capacity: usize) -> Result<LayerConfig, String> {
         if let Some(r) = self.max_rate {
@@ -90,6 +99,12 @@ impl LayerArgs {
                     "--max-rate {r}: give a positive number of keys per second"
                 ));
             }
+        }
+        if self.tracking() && self.cache_size == 0 {
+            return Err(
+                "--cache-invalidation tracking keeps a cache fresh: give it one with --cache-size"
+                    .into(),
+            );
         }
         if self.cache_size > 0 && self.cache_ttl.is_zero() {
             return Err("--cache-ttl 0: a cache needs a positive TTL (or --cache-size 0)".into());

@@ -352,8 +352,16 @@ fn enrich_config(
     };
     let path = |p: &str| (p != "-").then(|| PathBuf::from(p));
     let _ = args.merge; // the default; the flag exists to say so explicitly
+    if args.layer.tracking() && args.redis.is_none() {
+        return Err(
+            "--cache-invalidation tracking needs --redis (a Redis 6 or newer): the embedded \
+             loadgen server has no client tracking"
+                .into(),
+        );
+    }
     Ok(EnrichConfig {
         layer: args.layer.config(args.capacity)?,
+        tracking: args.layer.tracking(),
         redis,
         backend: match &args.redis {
             Some(url) => url.clone(),
@@ -562,6 +570,16 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         eprintln!("wrote {}", args.svg.display());
         return Ok(());
     }
+    if args.layer.tracking() && args.redis.is_none() {
+        return Err(
+            "--cache-invalidation tracking needs --redis (a Redis 6 or newer): the embedded \
+             loadgen server has no client tracking"
+                .into(),
+        );
+    }
+    // Checked before anything is measured; capacity-bound parts (the adaptive limit's
+    // maximum, the batch cap) are set per point.
+    let layer = args.layer.config(1)?;
     let Plan {
         shards,
         capacities,
@@ -618,12 +636,12 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         client: sluice::redis::ClientConfig {
             reply_split: args.reply_split,
             connections: args.connections,
+            tracking: args.layer.tracking(),
             ..Default::default()
         },
         pin: !args.no_pin,
         distribution: args.key_distribution,
-        // Capacity-bound parts (the adaptive limit's maximum) are set per point.
-        layer: args.layer.config(1)?,
+        layer,
     };
     let bar = ProgressBar::new(1);
     bar.set_style(

@@ -115,6 +115,8 @@ pub struct EnrichConfig {
     pub max_bytes_held: u64,
     /// The lookup layer in front of Redis (batching, coalescing, cache, limits).
     pub layer: crate::lookup::LayerConfig,
+    /// Client tracking keeps the layer's cache fresh (`ClientConfig::tracking`).
+    pub tracking: bool,
 }
 
 /// Stop requests: signals (the first drains, a second stops at once) and the run's own halt

@@ -113,14 +113,15 @@ pub(crate) fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool)
             return Ok((lock, true));
         }
     }
-    redis_answers(config.redis)?;
+    redis_answers(config.redis, config.tracking)?;
     Ok((lock, false))
 }
 
-/// Connects to Redis and sends a PING, so that an unreachable server (or one that refuses
-/// commands) is said before any line is read or any file created. A server that is slow to
-/// answer the PING is taken as reachable: the run's timeout policy handles slowness.
-fn redis_answers(addr: SocketAddr) -> Result<(), EnrichError> {
+/// Connects to Redis and sends a PING (and with client tracking a `HELLO 3`, which a server
+/// older than Redis 6 refuses), so that an unreachable server (or one that refuses commands)
+/// is said before any line is read or any file created. A server that is slow to answer the
+/// PING is taken as reachable: the run's timeout policy handles slowness.
+fn redis_answers(addr: SocketAddr, tracking: bool) -> Result<(), EnrichError> {
     use std::io::{Read, Write};
     let unreachable = |e: std::io::Error| EnrichError::Backend {
         addr,
@@ -141,6 +142,7 @@ fn redis_answers(addr: SocketAddr) -> Result<(), EnrichError> {
         Err(_) => return Ok(()), // slow, or interrupted: reachable
     };
     match reply.get(..n) {
+        Some(r) if r.starts_with(b"+PONG") && tracking => says_hello_3(&mut stream, addr),
         Some(r) if r.starts_with(b"+PONG") => Ok(()),
         Some(r) if r.starts_with(b"-") => Err(EnrichError::Backend {
             addr,
@@ -156,6 +158,27 @@ fn redis_answers(addr: SocketAddr) -> Result<(), EnrichError> {
     }
 }
 
+/// Whether the server speaks RESP3 (`HELLO 3` answers a map), as client tracking needs.
+fn says_hello_3(stream: &mut std::net::TcpStream, addr: SocketAddr) -> Result<(), EnrichError> {
+    use std::io::{Read, Write};
+    let failed = |reason: String| EnrichError::Backend {
+        addr,
+        reason: format!("--cache-invalidation tracking needs Redis 6 or newer: {reason}"),
+    };
+    stream
+        .write_all(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n")
+        .map_err(|e| failed(e.to_string()))?;
+    let mut reply = [0u8; 512];
+    match stream.read(&mut reply) {
+        Ok(n) if reply[..n].starts_with(b"%") => Ok(()),
+        Ok(n) => Err(failed(format!(
+            "HELLO 3 answered {}",
+            String::from_utf8_lossy(&reply[..n.min(120)]).trim_end()
+        ))),
+        Err(e) => Err(failed(format!("HELLO 3 got no answer: {e}"))),
+    }
+}
+
 /// Builds and starts the stage (restoring a checkpoint in the directory, if any).
 pub(crate) fn start_stage(
     config: &EnrichConfig,
@@ -168,6 +191,7 @@ pub(crate) fn start_stage(
     let client = ClientConfig {
         connections: config.connections,
         max_in_flight: config.capacity.saturating_mul(REQUESTS_PER_SLOT).max(1),
+        tracking: config.tracking,
         ..ClientConfig::default()
     };
     // Each shard adds its wire times and layer figures here when it closes its function.

@@ -93,6 +93,12 @@ impl Summary {
                 l.limit_max.unwrap_or(limit)
             ));
         }
+        if l.invalidated > 0 || l.cache_flushes > 0 {
+            s.push_str(&format!(
+                "; invalidated by Redis: {} keys, the whole cache {} times",
+                l.invalidated, l.cache_flushes
+            ));
+        }
         if l.breaker_opened > 0 || l.rejected > 0 {
             s.push_str(&format!(
                 "; circuit breaker opened {} times, {} lookups refused",

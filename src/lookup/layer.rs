@@ -14,7 +14,8 @@
 //! - at most `limit` keys are in flight to the backend, and sending respects the rate limit
 //!   and the breaker; keys wait in `queue`, in arrival order, for room;
 //! - a key invalidated while its request is in flight is answered but not cached (its answer
-//!   may predate the write);
+//!   may predate the write); what the backend says was written (`BatchLookup::invalidated`)
+//!   is dropped from the cache before any lookup is answered from it;
 //! - the driver sends what was queued in the current turn of the shard: it runs after the task
 //!   that looked the keys up yields, so with zero linger a batch holds what one turn issued.
 
@@ -22,7 +23,7 @@ use super::breaker::{Admit, Breaker};
 use super::cache::Cache;
 use super::limit::Limiter;
 use super::rate::TokenBucket;
-use super::{BatchLookup, Concurrency, LayerConfig, LayerStats, LookupError, Values};
+use super::{BatchLookup, Concurrency, Invalidated, LayerConfig, LayerStats, LookupError, Values};
 use crate::clock::{Clock, GlommioClock, Timer};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -99,6 +100,42 @@ struct State<E> {
     closed: bool,
 }
 
+impl<E> State<E> {
+    fn invalidate(&mut self, key: &[u8]) {
+        if let Some(cache) = &mut self.cache {
+            cache.remove(key);
+        }
+        if let Some(w) = self.pending.get(key) {
+            w.stale.set(true);
+        }
+    }
+
+    fn flush_cache(&mut self) {
+        if let Some(cache) = &mut self.cache {
+            cache.clear();
+        }
+        for w in self.pending.values() {
+            w.stale.set(true);
+        }
+    }
+
+    /// What the backend said was written.
+    fn apply(&mut self, invalidated: Invalidated) {
+        match invalidated {
+            Invalidated::Keys(keys) => {
+                self.stats.invalidated += keys.len() as u64;
+                for key in keys {
+                    self.invalidate(&key);
+                }
+            }
+            Invalidated::All => {
+                self.stats.cache_flushes += 1;
+                self.flush_cache();
+            }
+        }
+    }
+}
+
 struct Shared<B: BatchLookup> {
     backend: B,
     config: LayerConfig,
@@ -153,6 +190,11 @@ impl<B: BatchLookup> Lookups<B> {
         let st = &mut *st;
         st.stats.lookups += 1;
         let mut now = Now(None);
+        if st.cache.is_some() {
+            if let Some(invalidated) = shared.backend.invalidated() {
+                st.apply(invalidated);
+            }
+        }
         if let Some(cache) = &mut st.cache {
             if let Some(value) = cache.get(key, now.get()) {
                 st.stats.cache_hits += 1;
@@ -190,24 +232,12 @@ impl<B: BatchLookup> Lookups<B> {
 
     /// Drops `key` from the cache; a lookup of it in flight is answered but not cached.
     pub fn invalidate(&self, key: &[u8]) {
-        let mut st = self.shared.state.borrow_mut();
-        if let Some(cache) = &mut st.cache {
-            cache.remove(key);
-        }
-        if let Some(w) = st.pending.get(key) {
-            w.stale.set(true);
-        }
+        self.shared.state.borrow_mut().invalidate(key);
     }
 
     /// Drops every cached entry (and marks every pending lookup stale).
     pub fn flush_cache(&self) {
-        let mut st = self.shared.state.borrow_mut();
-        if let Some(cache) = &mut st.cache {
-            cache.clear();
-        }
-        for w in st.pending.values() {
-            w.stale.set(true);
-        }
+        self.shared.state.borrow_mut().flush_cache();
     }
 
     /// What the layer did so far.

@@ -20,6 +20,8 @@ mod redis;
 mod sinks;
 mod stats;
 
+/// What a backend says was written since it answered (see [`BatchLookup::invalidated`]).
+pub use crate::redis::Invalidated;
 pub use breaker::BreakerConfig;
 pub use cache::{Cache, CacheConfig, Eviction};
 pub use layer::{Get, Lookups};
@@ -55,6 +57,13 @@ pub trait BatchLookup: 'static {
     /// overrides it.
     fn get_one(&self, key: &[u8]) -> Self::Future {
         self.get_many(&[key])
+    }
+
+    /// What the backend learnt was written since the last call (Redis: client tracking's
+    /// invalidations), for the layer to drop from its cache before it answers from it. The
+    /// default is nothing: cached values then live until their TTL.
+    fn invalidated(&self) -> Option<Invalidated> {
+        None
     }
 }
 

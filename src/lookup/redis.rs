@@ -1,11 +1,12 @@
-//! The Redis client as a [`BatchLookup`]: `GET` for one key (batching off), `MGET` for a batch.
+//! The Redis client as a [`BatchLookup`]: `GET` for one key (batching off), `MGET` for a batch,
+//! and client tracking's invalidations (with `ClientConfig::tracking`) for the layer's cache.
 //!
 //! Owns: the mapping of replies to values. Invariant: with batching on every request is an
 //! `MGET`, even of one key, so a run's semantics do not depend on how its batches fell: `MGET`
 //! answers nil for a key that holds a non-string value, which reads as missing, where `GET`
 //! (batching off) fails the record with Redis's `WRONGTYPE` error.
 
-use super::{BatchLookup, Values};
+use super::{BatchLookup, Invalidated, Values};
 use crate::redis::{RedisClient, RedisError, Reply, ReplyFuture};
 use bytes::Bytes;
 use std::future::Future;
@@ -31,6 +32,10 @@ impl BatchLookup for RedisClient {
             reply: self.command(&[b"GET", key]),
             single: true,
         }
+    }
+
+    fn invalidated(&self) -> Option<Invalidated> {
+        self.invalidations()?.take()
     }
 }
 

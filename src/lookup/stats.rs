@@ -22,6 +22,10 @@ pub struct LayerStats {
     pub failed_requests: u64,
     /// Keys not sent because every record waiting for them timed out first.
     pub abandoned: u64,
+    /// Cached keys dropped because the backend said they were written (client tracking), and
+    /// times the whole cache was dropped on its word (a flush, a lost tracking connection).
+    pub invalidated: u64,
+    pub cache_flushes: u64,
     pub breaker_opened: u64,
     /// Shards whose breaker is open or half-open when the stats were taken.
     pub breakers_tripped: u64,
@@ -43,6 +47,8 @@ impl LayerStats {
         self.keys_sent += o.keys_sent;
         self.failed_requests += o.failed_requests;
         self.abandoned += o.abandoned;
+        self.invalidated += o.invalidated;
+        self.cache_flushes += o.cache_flushes;
         self.breaker_opened += o.breaker_opened;
         self.breakers_tripped += o.breakers_tripped;
         let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {

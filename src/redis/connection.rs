@@ -34,7 +34,8 @@
 //!   answered.
 
 use super::error::RedisError;
-use super::reply::{decode_reply, Reply};
+use super::reply::{decode, Protocol, Reply};
+use super::tracking::Invalidations;
 use futures::io::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use std::cell::RefCell;
@@ -114,6 +115,9 @@ pub(crate) struct Backoff {
 pub(crate) struct Connection {
     addr: SocketAddr,
     reply_split: usize,
+    /// With client tracking: where the server's invalidations go (the connection then says
+    /// `HELLO 3` and `CLIENT TRACKING ON` on every connect, and reads RESP3).
+    tracking: Option<Rc<Invalidations>>,
     state: RefCell<State>,
 }
 
@@ -125,10 +129,12 @@ impl Connection {
         addr: SocketAddr,
         max_in_flight: usize,
         reply_split: usize,
+        tracking: Option<Rc<Invalidations>>,
     ) -> Rc<Connection> {
         Rc::new(Connection {
             addr,
             reply_split: reply_split.max(1),
+            tracking,
             state: RefCell::new(State {
                 status: Status::Connecting,
                 out: Vec::with_capacity(READ_CHUNK),
@@ -283,32 +289,24 @@ impl Connection {
     pub(crate) async fn drive(self: Rc<Self>, backoff: Backoff) {
         let mut delay = backoff.initial;
         loop {
-            let failure = match TcpStream::connect(self.addr).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
+            let failure = match self.connect().await {
+                Ok(mut io) => {
                     if !self.set_status(Status::Connected) {
                         return;
                     }
                     delay = backoff.initial;
-                    let mut io = Io {
-                        conn: self.clone(),
-                        stream,
-                        writing: Vec::with_capacity(READ_CHUNK),
-                        written: 0,
-                        read: vec![0; READ_CHUNK],
-                        start: 0,
-                        end: 0,
-                    };
                     match std::future::poll_fn(|cx| io.poll(cx)).await {
                         Ok(()) => return, // closed by the client
                         Err(e) => e,
                     }
                 }
-                Err(e) => RedisError::Connect {
-                    addr: self.addr,
-                    reason: e.to_string(),
-                },
+                Err(e) => e,
             };
+            // What the server said was written while this connection tracked it may be lost
+            // with it: the cache forgets everything.
+            if let Some(t) = &self.tracking {
+                t.flush_all();
+            }
             let reason = failure.to_string();
             let lost = match failure {
                 RedisError::Connect { .. }
@@ -338,6 +336,41 @@ impl Connection {
                 return;
             }
         }
+    }
+}
+
+impl Connection {
+    /// Connects, and with client tracking says `HELLO 3` and `CLIENT TRACKING ON` before any
+    /// request: a server that refuses either fails the connect attempt with its answer.
+    async fn connect(self: &Rc<Self>) -> Result<Io, RedisError> {
+        let failed = |reason: String| RedisError::Connect {
+            addr: self.addr,
+            reason,
+        };
+        let stream = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let mut io = Io {
+            conn: self.clone(),
+            stream,
+            writing: Vec::with_capacity(READ_CHUNK),
+            written: 0,
+            read: vec![0; READ_CHUNK],
+            start: 0,
+            end: 0,
+            protocol: Protocol::Resp2,
+        };
+        if self.tracking.is_some() {
+            io.protocol = Protocol::Resp3;
+            let hello: [&[&[u8]]; 2] = [&[b"HELLO", b"3"], &[b"CLIENT", b"TRACKING", b"ON"]];
+            io.handshake(&hello).await.map_err(|(command, reason)| {
+                failed(format!(
+                    "{command} (for client tracking, which needs Redis 6 or newer): {reason}"
+                ))
+            })?;
+        }
+        Ok(io)
     }
 }
 
@@ -387,9 +420,55 @@ struct Io {
     read: Vec<u8>,
     start: usize,
     end: usize,
+    protocol: Protocol,
 }
 
 impl Io {
+    /// Sends `commands` and reads their replies before any request: the connection's set-up.
+    /// On failure, the command and why.
+    async fn handshake(&mut self, commands: &[&[&[u8]]]) -> Result<(), (String, String)> {
+        use futures::io::{AsyncReadExt, AsyncWriteExt};
+        let mut out = Vec::new();
+        for c in commands {
+            encode_command(&mut out, c);
+        }
+        let name = |c: &[&[u8]]| {
+            let words: Vec<_> = c.iter().map(|w| String::from_utf8_lossy(w)).collect();
+            words.join(" ")
+        };
+        let all = || name(&commands.concat());
+        self.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| (all(), e.to_string()))?;
+        for c in commands {
+            loop {
+                match decode(&self.read[self.start..self.end], self.protocol) {
+                    Ok(Some((Ok(Reply::Push(_)), used))) => self.start += used,
+                    Ok(Some((Ok(_), used))) => {
+                        self.start += used;
+                        break;
+                    }
+                    Ok(Some((Err(e), _))) => return Err((name(c), e.to_string())),
+                    Err(reason) => return Err((name(c), reason)),
+                    Ok(None) => {
+                        if self.end == self.read.len() {
+                            return Err((name(c), "the reply is too long".into()));
+                        }
+                        match self.stream.read(&mut self.read[self.end..]).await {
+                            Ok(0) => {
+                                return Err((name(c), "the server closed the connection".into()))
+                            }
+                            Ok(n) => self.end += n,
+                            Err(e) => return Err((name(c), e.to_string())),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn broken(&self, reason: impl std::fmt::Display) -> RedisError {
         RedisError::ConnectionLost {
             addr: self.conn.addr,
@@ -486,7 +565,15 @@ impl Io {
             if *budget == 0 {
                 return Ok(self.start < self.end);
             }
-            let (result, used) = match decode_reply(&self.read[self.start..self.end]) {
+            let (result, used) = match decode(&self.read[self.start..self.end], self.protocol) {
+                Ok(Some((Ok(Reply::Push(message)), used))) => {
+                    // Out of band: answers no request.
+                    self.start += used;
+                    if let Some(t) = &self.conn.tracking {
+                        t.push(message);
+                    }
+                    continue;
+                }
                 Ok(Some(found)) => found,
                 Ok(None) => break,
                 Err(reason) => {

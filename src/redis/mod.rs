@@ -8,10 +8,12 @@
 mod connection;
 mod error;
 mod reply;
+mod tracking;
 
 pub use connection::{encode_command, ReplyFuture};
 pub use error::RedisError;
 pub use reply::{decode, decode_reply, Decoded, Protocol, Reply, MAX_BULK, MAX_DEPTH};
+pub use tracking::{Invalidated, Invalidations};
 
 // For the tools' summaries of wire times.
 #[cfg_attr(not(feature = "tools"), allow(unused_imports))]
@@ -45,6 +47,12 @@ pub struct ClientConfig {
     /// First reconnect delay; doubles up to `reconnect_max`.
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
+    /// Client tracking, for a cache in front of the client: every connection says `HELLO 3`
+    /// and `CLIENT TRACKING ON` when it connects (Redis 6 or newer; a server that refuses fails
+    /// the connect attempt, naming the command), and the server's invalidations of keys it
+    /// read are collected in [`RedisClient::invalidations`]; a lost connection invalidates
+    /// everything.
+    pub tracking: bool,
 }
 
 impl ClientConfig {
@@ -63,6 +71,7 @@ impl Default for ClientConfig {
             reply_split: 4,
             reconnect_initial: Duration::from_millis(10),
             reconnect_max: Duration::from_secs(1),
+            tracking: false,
         }
     }
 }
@@ -103,6 +112,7 @@ pub fn parse_url(url: &str) -> Result<SocketAddr, RedisError> {
 pub struct RedisClient {
     connections: Vec<Rc<Connection>>,
     next: Cell<usize>,
+    invalidations: Option<Rc<Invalidations>>,
 }
 
 impl RedisClient {
@@ -114,9 +124,15 @@ impl RedisClient {
             initial: config.reconnect_initial,
             max: config.reconnect_max.max(config.reconnect_initial),
         };
+        let invalidations = config.tracking.then(Rc::default);
         let connections = (0..config.connection_count())
             .map(|_| {
-                let conn = Connection::new(addr, config.max_in_flight, config.reply_split);
+                let conn = Connection::new(
+                    addr,
+                    config.max_in_flight,
+                    config.reply_split,
+                    invalidations.clone(),
+                );
                 glommio::spawn_local(conn.clone().drive(backoff)).detach();
                 conn
             })
@@ -124,7 +140,13 @@ impl RedisClient {
         RedisClient {
             connections,
             next: Cell::new(0),
+            invalidations,
         }
+    }
+
+    /// With `ClientConfig::tracking`: what the server invalidated of what this client read.
+    pub fn invalidations(&self) -> Option<&Invalidations> {
+        self.invalidations.as_deref()
     }
 
     /// Sends any command, e.g. `&[b"GET", key]`.
