@@ -53,6 +53,8 @@ fn enrich(server: &Server, dir: &Path, mode: &str) -> Command {
         .arg(dir.join("checkpoints"))
         .args(["--checkpoint-interval", "20ms", "--mode", mode])
         .args(["--capacity", "64", "--shards", "2", "--timeout", "30s"])
+        .args(["--batch-size", "16", "--cache-size", "300", "--cache-ttl", "60s"])
+        .args(["--concurrency", "adaptive", "--breaker-failures", "100"])
         .arg("--on-bad-record")
         .arg(format!("dead-letter:{}", dir.join("bad.jsonl").display()))
         .stdout(Stdio::null())
@@ -129,6 +131,7 @@ fn run_until_done(server: &Server, dir: &Path, mode: &str, seed: u64) -> (usize,
                 eprintln!(
                     "{mode}: finished after {kills} kills ({inside} inside a checkpoint):\n{stderr}"
                 );
+                assert_layer_worked(mode, &stderr);
                 return (kills, inside);
             }
             None => {
@@ -141,6 +144,24 @@ fn run_until_done(server: &Server, dir: &Path, mode: &str, seed: u64) -> (usize,
             }
         }
     }
+}
+
+/// The last run's summary shows batches of more than one key and cache hits: the parts were
+/// really on.
+fn assert_layer_worked(mode: &str, stderr: &str) {
+    let line = stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with("lookups:"))
+        .unwrap_or_else(|| panic!("{mode}: no lookups line in {stderr}"));
+    let number_before = |marker: &str| -> f64 {
+        let head = &line[..line.find(marker).unwrap_or_else(|| panic!("{marker} in {line}"))];
+        let word = head.trim_end().rsplit([' ', '(']).next().unwrap();
+        word.trim_end_matches('%').parse().unwrap()
+    };
+    assert!(number_before(" keys each") > 1.0, "{mode}: {line}");
+    let hits = &line[line.find("cache hits ").unwrap() + "cache hits ".len()..];
+    let hits: f64 = hits[..hits.find('%').unwrap()].parse().unwrap();
+    assert!(hits > 0.0, "{mode}: {line}");
 }
 
 /// Every good line once, enriched with its user's profile; in input order (`ordered`), or in
