@@ -53,7 +53,14 @@ fn enrich(server: &Server, dir: &Path, mode: &str) -> Command {
         .arg(dir.join("checkpoints"))
         .args(["--checkpoint-interval", "20ms", "--mode", mode])
         .args(["--capacity", "64", "--shards", "2", "--timeout", "30s"])
-        .args(["--batch-size", "16", "--cache-size", "300", "--cache-ttl", "60s"])
+        .args([
+            "--batch-size",
+            "16",
+            "--cache-size",
+            "300",
+            "--cache-ttl",
+            "60s",
+        ])
         .args(["--concurrency", "adaptive", "--breaker-failures", "100"])
         .arg("--on-bad-record")
         .arg(format!("dead-letter:{}", dir.join("bad.jsonl").display()))
@@ -154,7 +161,9 @@ fn assert_layer_worked(mode: &str, stderr: &str) {
         .find(|l| l.trim_start().starts_with("lookups:"))
         .unwrap_or_else(|| panic!("{mode}: no lookups line in {stderr}"));
     let number_before = |marker: &str| -> f64 {
-        let head = &line[..line.find(marker).unwrap_or_else(|| panic!("{marker} in {line}"))];
+        let head = &line[..line
+            .find(marker)
+            .unwrap_or_else(|| panic!("{marker} in {line}"))];
         let word = head.trim_end().rsplit([' ', '(']).next().unwrap();
         word.trim_end_matches('%').parse().unwrap()
     };
