@@ -108,18 +108,11 @@ impl Budget {
     }
 }
 
-/// What a line is taken to weigh in the budget: its bytes, and per field the parsed form's
-/// own overhead.
+/// What a line is taken to weigh in the budget: the bytes its parsed form holds (the line's
+/// text and its fields' ranges), its key, and some bookkeeping.
 pub(crate) fn weight(line: &Line) -> u64 {
     match line {
-        Line::Record(r) => {
-            let fields: usize = r
-                .fields
-                .iter()
-                .map(|(k, v)| k.len() + v.get().len() + 48)
-                .sum();
-            (fields + r.key.len() + 64) as u64
-        }
+        Line::Record(r) => (r.fields.heap_bytes() + r.key.len() + 64) as u64,
         Line::Bad(b) => (b.text.len() + b.reason.len() + 64) as u64,
     }
 }

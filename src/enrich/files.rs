@@ -77,8 +77,7 @@ impl LineFile {
         count: Count,
         summary: &mut Summary,
     ) -> Result<(), EnrichError> {
-        serde_json::to_writer(&mut self.buffer, fields)
-            .map_err(|e| EnrichError::file(self.name.clone(), e))?;
+        fields.write_json(&mut self.buffer);
         self.buffer.push(b'\n');
         self.pending.push(count);
         if self.buffer.len() >= FILE_BUFFER {

@@ -10,7 +10,6 @@ use super::options::{OnBadRecord, OnFailedLookup, OnMissing};
 use super::record::{to_json, BadRecord, Fields, Line, Record};
 use super::summary::Count;
 use super::{EnrichError, Enriched, Lookup, Placement};
-use serde_json::value::RawValue;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -73,13 +72,18 @@ impl Policies {
                 "a record came back without a lookup",
             )),
             (Line::Record(r), Lookup::Found(value)) => {
-                let (line, object) = self.merged(r, &value);
-                let count = if object {
-                    Count::Enriched
-                } else {
-                    Count::EnrichedNotObject
-                };
-                Action::Write(line, count)
+                let line = r.line;
+                match self.merged(r, &value) {
+                    Ok((fields, object)) => {
+                        let count = if object {
+                            Count::Enriched
+                        } else {
+                            Count::EnrichedNotObject
+                        };
+                        Action::Write(fields, count)
+                    }
+                    Err(e) => Action::Fail(EnrichError::line(line, e)),
+                }
             }
             (Line::Record(r), Lookup::Missing) => self.missing(r),
             (Line::Record(r), Lookup::TimedOut) => self.failed(
@@ -134,7 +138,9 @@ impl Policies {
             OnMissing::Keep => {
                 let mut out = r.fields;
                 if let Some(marker) = &self.missing_marker {
-                    out.insert(marker.clone(), raw("true"));
+                    if let Err(e) = out.insert(marker, "true") {
+                        return Action::Fail(EnrichError::line(r.line, e));
+                    }
                 }
                 Action::Write(out, Count::MissingKept)
             }
@@ -177,43 +183,36 @@ impl Policies {
     }
 
     /// The record with `value` placed as `--merge` or `--into` says, and whether the value was
-    /// a JSON object.
-    fn merged(&self, r: Record, value: &[u8]) -> (Fields, bool) {
-        let object: Option<Fields> = match value.first() {
-            Some(b'{') => serde_json::from_slice(value).ok(),
-            _ => None,
-        };
+    /// a JSON object. Fails only for a record past 4 GiB.
+    fn merged(&self, r: Record, value: &[u8]) -> Result<(Fields, bool), String> {
         let mut out = r.fields;
-        let is_object = object.is_some();
-        match (object, &self.placement) {
-            (Some(found), Placement::Merge) => out.extend(found),
-            (Some(_), Placement::Into(field)) => {
-                // Valid JSON (it parsed as an object): kept as its bytes.
-                let text = String::from_utf8_lossy(value).into_owned();
-                out.insert(field.clone(), raw_owned(text));
-            }
-            (None, placement) => {
-                let field = match placement {
-                    Placement::Into(f) => f.clone(),
-                    Placement::Merge => "value".to_string(),
-                };
-                let text = String::from_utf8_lossy(value);
-                let quoted = serde_json::to_string(&*text).unwrap_or_else(|_| "\"\"".into());
-                out.insert(field, raw_owned(quoted));
+        out.reserve(value.len() + 16);
+        // An object, merged in place or kept as its bytes (it parsed, so it is valid JSON).
+        if let (Some(b'{'), Ok(text)) = (value.first(), std::str::from_utf8(value)) {
+            match &self.placement {
+                Placement::Merge => {
+                    // A value that is not an object after all leaves the record as it was.
+                    if out.merge_object(text)? {
+                        return Ok((out, true));
+                    }
+                }
+                Placement::Into(field) => {
+                    if Fields::parse(text).is_ok() {
+                        out.insert(field, text)?;
+                        return Ok((out, true));
+                    }
+                }
             }
         }
-        (out, is_object)
+        let field = match &self.placement {
+            Placement::Into(f) => f.as_str(),
+            Placement::Merge => "value",
+        };
+        let text = String::from_utf8_lossy(value);
+        let quoted = serde_json::to_string(&*text).unwrap_or_else(|_| "\"\"".into());
+        out.insert(field, &quoted)?;
+        Ok((out, false))
     }
-}
-
-fn raw(text: &'static str) -> Box<RawValue> {
-    raw_owned(text.to_string())
-}
-
-/// `text` must be valid JSON (every caller passes serialised or parsed JSON).
-fn raw_owned(text: String) -> Box<RawValue> {
-    RawValue::from_string(text)
-        .unwrap_or_else(|_| RawValue::from_string("null".to_string()).expect("null is valid JSON"))
 }
 
 #[cfg(test)]
@@ -236,7 +235,7 @@ mod tests {
             line: Arc::new(Line::Record(Record {
                 line: 5,
                 key: "k".into(),
-                fields: serde_json::from_str(fields).unwrap(),
+                fields: Fields::parse(fields).unwrap(),
                 held: Default::default(),
             })),
             lookup,

@@ -170,7 +170,7 @@ pub(crate) fn parse(format: &LineFormat<'_>, line: u64, bytes: &[u8]) -> Parsed 
 /// A JSON object's fields, or why the text is not one. Parsed once when it is an object (the
 /// common case); only a line that is not one is parsed again, to say what it is.
 fn parse_object(text: &str) -> Result<Fields, String> {
-    let error = match serde_json::from_str::<Fields>(text) {
+    let error = match Fields::parse(text) {
         Ok(fields) => return Ok(fields),
         Err(e) => e,
     };
@@ -193,7 +193,7 @@ fn event_time_of(fields: &Fields, field: &str) -> Result<u64, String> {
         .get(field)
         .ok_or_else(|| format!("event time field `{field}` is missing"))?;
     let value: serde_json::Value =
-        serde_json::from_str(raw.get()).map_err(|e| format!("event time field `{field}`: {e}"))?;
+        serde_json::from_str(raw).map_err(|e| format!("event time field `{field}`: {e}"))?;
     event_time_ms(&value).ok_or_else(|| {
         format!(
             "event time field `{field}` is {raw}, not epoch seconds, epoch milliseconds or RFC 3339"
@@ -226,7 +226,7 @@ fn event_time_ms(value: &serde_json::Value) -> Option<u64> {
 
 /// `fields` as one JSON object on one line (raw values as they came).
 pub(crate) fn to_json(fields: &Fields) -> String {
-    serde_json::to_string(fields).unwrap_or_else(|e| format!("{{\"unprintable\":\"{e}\"}}"))
+    fields.to_json()
 }
 
 #[cfg(test)]

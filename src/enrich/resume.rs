@@ -180,8 +180,8 @@ fn decode_line(b: &[u8]) -> Result<Line, String> {
     match tag {
         RECORD => {
             let (key, end) = get_str(b, 9)?;
-            let fields: Fields =
-                serde_json::from_slice(&b[end..]).map_err(|e| format!("fields: {e}"))?;
+            let text = std::str::from_utf8(&b[end..]).map_err(|e| format!("fields: {e}"))?;
+            let fields = Fields::parse(text).map_err(|e| format!("fields: {e}"))?;
             Ok(Line::Record(Record {
                 line,
                 key,
@@ -270,8 +270,7 @@ mod tests {
     use super::*;
 
     fn record() -> Line {
-        let fields =
-            serde_json::from_str(r#"{"user":"u1","n":[1,2,{"x":null}],"big":1e400}"#).unwrap();
+        let fields = Fields::parse(r#"{"user":"u1","n":[1,2,{"x":null}],"big":1e400}"#).unwrap();
         Line::Record(Record {
             line: 42,
             key: "user:ü1".into(),
