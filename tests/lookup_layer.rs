@@ -258,6 +258,41 @@ fn a_key_every_record_gave_up_on_is_not_sent() {
     });
 }
 
+/// Without batching or limits a record's lookup sends its own request; when that record is
+/// gone first (a timeout), the records that joined its key still get the answer, and it is
+/// cached; a lookup nobody waits for any more is dropped and the key is looked up afresh.
+#[test]
+fn a_lookup_whose_record_is_gone_still_answers_the_records_that_joined_it() {
+    run(|| async {
+        let backend = SimBackend::with_delay(Duration::from_millis(5));
+        let config = LayerConfig {
+            cache: Some(CacheConfig {
+                entries: NonZeroUsize::new(100).unwrap(),
+                max_bytes: 1 << 20,
+                ttl: Duration::from_secs(60),
+                missing_ttl: None,
+                eviction: Eviction::Lru,
+            }),
+            ..LayerConfig::default()
+        };
+        let layer = Lookups::new(backend.clone(), config);
+        let leader = layer.get(b"k");
+        let followers: Vec<_> = (0..3).map(|_| layer.get(b"k")).collect();
+        drop(leader);
+        let answers = join_all(followers).await;
+        assert!(answers.iter().all(|a| *a == found("k")), "{answers:?}");
+        assert_eq!(layer.get(b"k").await, found("k"), "cached");
+        assert_eq!(layer.stats().cache_hits, 1);
+        // Nobody joined: the request is dropped, and the key is not pending any more.
+        drop(layer.get(b"alone"));
+        assert_eq!(layer.get(b"alone").await, found("alone"));
+        assert_eq!(backend.requests().concat(), vec!["k", "alone", "alone"]);
+        let stats = layer.stats();
+        assert_eq!((stats.coalesced, stats.requests), (3, 3));
+        assert_accounted(&stats);
+    });
+}
+
 #[test]
 fn linger_holds_a_batch_that_is_not_full() {
     run(|| async {

@@ -574,7 +574,7 @@ pub(crate) enum KeyLookupError {
 }
 
 pub(crate) struct KeyLookupFuture {
-    get: Get<RedisError>,
+    get: Get<RedisClient>,
     key: u64,
 }
 

@@ -67,7 +67,7 @@ impl RedisEnrich {
 }
 
 pub(crate) enum EnrichFuture {
-    Get(Get<RedisError>, Option<Arc<Line>>, Arc<Budget>),
+    Get(Get<RedisClient>, Option<Arc<Line>>, Arc<Budget>),
     PassThrough(Option<Arc<Line>>),
 }
 

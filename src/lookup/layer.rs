@@ -100,6 +100,10 @@ struct State<E> {
     closed: bool,
 }
 
+/// Requests the driver takes over from records that led them and were dropped first (a
+/// timeout) while other records wait for their answer.
+type Adopted<B> = Vec<InFlight<<B as BatchLookup>::Error, <B as BatchLookup>::Future>>;
+
 impl<E> State<E> {
     fn invalidate(&mut self, key: &[u8]) {
         if let Some(cache) = &mut self.cache {
@@ -139,7 +143,11 @@ impl<E> State<E> {
 struct Shared<B: BatchLookup> {
     backend: B,
     config: LayerConfig,
+    /// No part needs the driver to send (no batching, linger, limits or breaker): a lookup
+    /// sends its own request and its record's `Get` polls it (see `Lead`).
+    direct: bool,
     state: RefCell<State<B::Error>>,
+    adopted: RefCell<Adopted<B>>,
 }
 
 /// See the module documentation. Dropping it lets the driver finish what is in flight and end.
@@ -166,10 +174,17 @@ impl<B: BatchLookup> Lookups<B> {
             driver: None,
             closed: false,
         };
+        let direct = config.batch_size.get() == 1
+            && config.linger.is_zero()
+            && state.limiter.is_none()
+            && state.bucket.is_none()
+            && state.breaker.is_none();
         let shared = Rc::new(Shared {
             backend,
             config,
+            direct,
             state: RefCell::new(state),
+            adopted: RefCell::new(Vec::new()),
         });
         glommio::spawn_local(drive(shared.clone())).detach();
         Lookups { shared }
@@ -184,7 +199,7 @@ impl<B: BatchLookup> Lookups<B> {
     }
 
     /// Looks `key` up.
-    pub fn get(&self, key: &[u8]) -> Get<B::Error> {
+    pub fn get(&self, key: &[u8]) -> Get<B> {
         let shared = &self.shared;
         let mut st = shared.state.borrow_mut();
         let st = &mut *st;
@@ -213,6 +228,9 @@ impl<B: BatchLookup> Lookups<B> {
                 return Get::ready(Err(open_error(breaker)));
             }
         }
+        if shared.direct {
+            return self.lead(st, key);
+        }
         let key: Rc<[u8]> = Rc::from(key);
         let waiting = Waiting::new();
         if shared.config.coalesce {
@@ -228,6 +246,34 @@ impl<B: BatchLookup> Lookups<B> {
             w.wake_by_ref();
         }
         get
+    }
+
+    /// Sends `key`'s request now, for the record's `Get` to poll: no hand-over to the driver
+    /// and back. Records that look the key up meanwhile join it (coalescing).
+    fn lead(&self, st: &mut State<B::Error>, key: &[u8]) -> Get<B> {
+        let shared = &self.shared;
+        st.stats.requests += 1;
+        st.stats.keys_sent += 1;
+        let request = shared.backend.get_one(key);
+        let shares = shared.config.coalesce || st.cache.is_some();
+        let (key, waiting) = if shares {
+            let key: Rc<[u8]> = Rc::from(key);
+            let waiting = Waiting::new();
+            if shared.config.coalesce {
+                st.pending.insert(key.clone(), waiting.clone());
+            }
+            (Some(key), Some(waiting))
+        } else {
+            (None, None)
+        };
+        Get {
+            inner: GetInner::Leading(Some(Lead {
+                shared: shared.clone(),
+                request,
+                key,
+                waiting,
+            })),
+        }
     }
 
     /// Drops `key` from the cache; a lookup of it in flight is answered but not cached.
@@ -292,27 +338,38 @@ fn open_error<E>(breaker: &Breaker) -> LookupError<E> {
 }
 
 /// One record's lookup: the value, `None` for a missing key, or why it failed.
-pub struct Get<E> {
-    inner: GetInner<E>,
+pub struct Get<B: BatchLookup> {
+    inner: GetInner<B>,
 }
 
-enum GetInner<E> {
-    Ready(Option<Answer<E>>),
+/// A request a record's `Get` sent itself and polls: the key and the records sharing it
+/// when the answer is cached or shared (coalescing).
+struct Lead<B: BatchLookup> {
+    shared: Rc<Shared<B>>,
+    request: B::Future,
+    key: Option<Rc<[u8]>>,
+    waiting: Option<Rc<Waiting<B::Error>>>,
+}
+
+enum GetInner<B: BatchLookup> {
+    Ready(Option<Answer<B::Error>>),
     Waiting {
-        waiting: Rc<Waiting<E>>,
+        waiting: Rc<Waiting<B::Error>>,
         slot: Option<usize>,
         done: bool,
     },
+    /// `None` once answered.
+    Leading(Option<Lead<B>>),
 }
 
-impl<E: Clone> Get<E> {
-    fn ready(answer: Answer<E>) -> Get<E> {
+impl<B: BatchLookup> Get<B> {
+    fn ready(answer: Answer<B::Error>) -> Get<B> {
         Get {
             inner: GetInner::Ready(Some(answer)),
         }
     }
 
-    fn waiting(waiting: Rc<Waiting<E>>) -> Get<E> {
+    fn waiting(waiting: Rc<Waiting<B::Error>>) -> Get<B> {
         waiting.waiters.set(waiting.waiters.get() + 1);
         Get {
             inner: GetInner::Waiting {
@@ -324,14 +381,22 @@ impl<E: Clone> Get<E> {
     }
 }
 
-// Nothing in a `Get` is structurally pinned.
-impl<E> Unpin for Get<E> {}
+// Nothing in a `Get` is structurally pinned (the backend's future is `Unpin`).
+impl<B: BatchLookup> Unpin for Get<B> {}
 
-impl<E: Clone> Future for Get<E> {
-    type Output = Answer<E>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer<E>> {
+impl<B: BatchLookup> Future for Get<B> {
+    type Output = Answer<B::Error>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer<B::Error>> {
         match &mut self.get_mut().inner {
             GetInner::Ready(answer) => Poll::Ready(answer.take().expect("polled after completion")),
+            GetInner::Leading(lead) => {
+                let l = lead.as_mut().expect("polled after completion");
+                let Poll::Ready(result) = Pin::new(&mut l.request).poll(cx) else {
+                    return Poll::Pending;
+                };
+                let l = lead.take().expect("present above");
+                Poll::Ready(l.shared.finish_lead(l.key, l.waiting, result))
+            }
             GetInner::Waiting {
                 waiting,
                 slot,
@@ -357,20 +422,28 @@ impl<E: Clone> Future for Get<E> {
     }
 }
 
-impl<E> Drop for Get<E> {
+impl<B: BatchLookup> Drop for Get<B> {
     fn drop(&mut self) {
-        if let GetInner::Waiting {
-            waiting,
-            slot,
-            done: false,
-        } = &self.inner
-        {
-            waiting.waiters.set(waiting.waiters.get() - 1);
-            if let Some(i) = *slot {
-                if let Some(w) = waiting.wakers.borrow_mut().get_mut(i) {
-                    *w = None;
+        match &mut self.inner {
+            GetInner::Waiting {
+                waiting,
+                slot,
+                done: false,
+            } => {
+                waiting.waiters.set(waiting.waiters.get() - 1);
+                if let Some(i) = *slot {
+                    if let Some(w) = waiting.wakers.borrow_mut().get_mut(i) {
+                        *w = None;
+                    }
                 }
             }
+            GetInner::Leading(lead) => {
+                if let Some(l) = lead.take() {
+                    let shared = l.shared.clone();
+                    shared.abandon_lead(l);
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -381,18 +454,18 @@ struct InFlight<E, F> {
     keys: Vec<Queued<E>>,
     sent_at: Option<Instant>,
     in_flight: usize,
-    request: Pin<Box<F>>,
+    request: F,
 }
 
 type Done<E> = (Vec<Queued<E>>, Option<Instant>, usize, Result<Values, E>);
 
 impl<E, F> Unpin for InFlight<E, F> {}
 
-impl<E, F: Future<Output = Result<Values, E>>> Future for InFlight<E, F> {
+impl<E, F: Future<Output = Result<Values, E>> + Unpin> Future for InFlight<E, F> {
     type Output = Done<E>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Done<E>> {
         let this = self.get_mut();
-        this.request.as_mut().poll(cx).map(|r| {
+        Pin::new(&mut this.request).poll(cx).map(|r| {
             (
                 std::mem::take(&mut this.keys),
                 this.sent_at,
@@ -418,6 +491,9 @@ async fn drive<B: BatchLookup>(shared: Rc<Shared<B>>) {
     let mut timer = GlommioClock.timer();
     std::future::poll_fn(|cx| loop {
         let mut progress = false;
+        for adopted in shared.adopted.borrow_mut().drain(..) {
+            in_flight.push(adopted);
+        }
         while let Poll::Ready(Some(done)) = in_flight.poll_next_unpin(cx) {
             shared.complete(done);
             progress = true;
@@ -443,6 +519,73 @@ async fn drive<B: BatchLookup>(shared: Rc<Shared<B>>) {
 }
 
 impl<B: BatchLookup> Shared<B> {
+    /// A led request's answer: shared with the records that joined it, cached, counted.
+    fn finish_lead(
+        &self,
+        key: Option<Rc<[u8]>>,
+        waiting: Option<Rc<Waiting<B::Error>>>,
+        result: Result<Values, B::Error>,
+    ) -> Answer<B::Error> {
+        let answer = match result {
+            Ok(mut values) if values.len() == 1 => Ok(values.pop().expect("one value")),
+            Ok(values) => Err(LookupError::Answer {
+                expected: 1,
+                got: values.len(),
+            }),
+            Err(e) => Err(LookupError::Backend(e)),
+        };
+        let mut st = self.state.borrow_mut();
+        let st = &mut *st;
+        if answer.is_err() {
+            st.stats.failed_requests += 1;
+        }
+        if let (Some(key), Some(waiting)) = (key, waiting) {
+            forget(&mut st.pending, &key, &waiting);
+            if let (Ok(value), Some(cache)) = (&answer, &mut st.cache) {
+                if !waiting.stale.get() {
+                    cache.insert(key, value.clone(), Instant::now());
+                }
+            }
+            if waiting.waiters.get() > 0 {
+                waiting.answer(answer.clone());
+            }
+        }
+        answer
+    }
+
+    /// A led request whose record is gone: the driver finishes it for the records that joined
+    /// it, if any; otherwise it is dropped (the backend discards its answer).
+    fn abandon_lead(&self, lead: Lead<B>) {
+        let Lead {
+            request,
+            key,
+            waiting,
+            ..
+        } = lead;
+        let (Some(key), Some(waiting)) = (key, waiting) else {
+            return;
+        };
+        let mut st = self.state.borrow_mut();
+        if waiting.waiters.get() == 0 {
+            forget(&mut st.pending, &key, &waiting);
+            return;
+        }
+        st.keys_in_flight += 1;
+        self.adopted.borrow_mut().push(InFlight {
+            keys: vec![Queued {
+                key,
+                waiting,
+                at: None,
+            }],
+            sent_at: None,
+            in_flight: st.keys_in_flight,
+            request,
+        });
+        if let Some(w) = &st.driver {
+            w.wake_by_ref();
+        }
+    }
+
     /// Sends every batch the limits allow now.
     fn send(
         &self,
@@ -460,7 +603,7 @@ impl<B: BatchLookup> Shared<B> {
                 }
                 let q = st.queue.pop_front().expect("front exists");
                 st.stats.abandoned += 1;
-                forget(&mut st.pending, &q);
+                forget(&mut st.pending, &q.key, &q.waiting);
             }
             let Some(oldest) = st.queue.front().map(|q| q.at) else {
                 return (sent, Next::Idle);
@@ -476,7 +619,7 @@ impl<B: BatchLookup> Shared<B> {
                         let error = open_error(breaker);
                         for q in std::mem::take(&mut st.queue) {
                             st.stats.rejected += 1;
-                            forget(&mut st.pending, &q);
+                            forget(&mut st.pending, &q.key, &q.waiting);
                             q.waiting.answer(Err(error.clone()));
                         }
                         return (sent, Next::Idle);
@@ -519,7 +662,7 @@ impl<B: BatchLookup> Shared<B> {
                 keys,
                 sent_at: st.limiter.is_some().then(|| now.get()),
                 in_flight: st.keys_in_flight,
-                request: Box::pin(request),
+                request,
             });
             sent = true;
             // The probe goes alone; the breaker holds the rest until it is answered.
@@ -557,7 +700,7 @@ impl<B: BatchLookup> Shared<B> {
                     }
                 }
                 for (q, value) in keys.into_iter().zip(values) {
-                    forget(&mut st.pending, &q);
+                    forget(&mut st.pending, &q.key, &q.waiting);
                     if let Some(cache) = &mut st.cache {
                         if !q.waiting.stale.get() {
                             cache.insert(q.key.clone(), value.clone(), now.get());
@@ -575,7 +718,7 @@ impl<B: BatchLookup> Shared<B> {
                     l.on_drop(sent_at, now.get());
                 }
                 for q in keys {
-                    forget(&mut st.pending, &q);
+                    forget(&mut st.pending, &q.key, &q.waiting);
                     q.waiting.answer(Err(error.clone()));
                 }
             }
@@ -583,12 +726,9 @@ impl<B: BatchLookup> Shared<B> {
     }
 }
 
-/// Removes `q`'s key from the pending map if it is still `q`'s lookup there.
-fn forget<E>(pending: &mut Pending<E>, q: &Queued<E>) {
-    if pending
-        .get(&*q.key)
-        .is_some_and(|w| Rc::ptr_eq(w, &q.waiting))
-    {
-        pending.remove(&*q.key);
+/// Removes `key` from the pending map if `waiting` is still its lookup there.
+fn forget<E>(pending: &mut Pending<E>, key: &[u8], waiting: &Rc<Waiting<E>>) {
+    if pending.get(key).is_some_and(|w| Rc::ptr_eq(w, waiting)) {
+        pending.remove(key);
     }
 }

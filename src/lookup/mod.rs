@@ -47,7 +47,8 @@ pub type Values = Vec<Option<Bytes>>;
 pub trait BatchLookup: 'static {
     /// A failed request. Cloned to every record the request answered.
     type Error: Clone + fmt::Debug + fmt::Display + 'static;
-    type Future: Future<Output = Result<Values, Self::Error>> + 'static;
+    /// `Unpin` so that the layer holds it without a box (a boxed future is `Unpin` too).
+    type Future: Future<Output = Result<Values, Self::Error>> + Unpin + 'static;
 
     /// Looks up `keys` in one request.
     fn get_many(&self, keys: &[&[u8]]) -> Self::Future;
