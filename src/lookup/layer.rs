@@ -27,6 +27,7 @@ use super::{BatchLookup, Concurrency, Invalidated, LayerConfig, LayerStats, Look
 use crate::clock::{Clock, GlommioClock, Timer};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use smallvec::SmallVec;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -41,7 +42,7 @@ type Answer<E> = Result<Option<Bytes>, LookupError<E>>;
 struct Waiting<E> {
     answer: RefCell<Option<Answer<E>>>,
     /// One slot per `Get` (its index is the `Get`'s), so a re-poll replaces its own waker.
-    wakers: RefCell<Vec<Option<Waker>>>,
+    wakers: RefCell<SmallVec<[Option<Waker>; 1]>>,
     /// `Get`s alive and unanswered.
     waiters: Cell<usize>,
     /// Invalidated while pending: answer, but do not cache.
@@ -52,7 +53,7 @@ impl<E: Clone> Waiting<E> {
     fn new() -> Rc<Waiting<E>> {
         Rc::new(Waiting {
             answer: RefCell::new(None),
-            wakers: RefCell::new(Vec::new()),
+            wakers: RefCell::new(SmallVec::new()),
             waiters: Cell::new(0),
             stale: Cell::new(false),
         })
