@@ -33,7 +33,9 @@ enum Command {
 
 #[derive(Args)]
 struct EnrichArgs {
-    /// The Redis to look up in, redis://HOST:PORT.
+    /// The Redis to look up in: redis://[USER:PASSWORD@]HOST[:PORT][/DB] (AUTH and SELECT on
+    /// every connection; percent-escape special characters in the password), or
+    /// unix:///PATH[?db=N&password=P]. TLS (rediss://) is not supported yet.
     #[arg(long, required_unless_present = "loadgen", conflicts_with = "loadgen")]
     redis: Option<String>,
     /// Look up in an embedded loadgen server instead (keys user:user_000000 ..., JSON profiles),
@@ -316,10 +318,10 @@ fn main() -> ExitCode {
 
 /// The backend `sluice enrich` looks up in: the `--redis` address, or an embedded loadgen
 /// server (returned, to live as long as the run).
-fn enrich_backend(args: &EnrichArgs) -> Result<(SocketAddr, Option<Server>), String> {
+fn enrich_backend(args: &EnrichArgs) -> Result<(sluice::redis::Endpoint, Option<Server>), String> {
     match &args.redis {
         Some(url) => Ok((
-            sluice::redis::parse_url(url).map_err(|e| e.to_string())?,
+            sluice::redis::Endpoint::parse(url).map_err(|e| e.to_string())?,
             None,
         )),
         None => {
@@ -329,7 +331,7 @@ fn enrich_backend(args: &EnrichArgs) -> Result<(SocketAddr, Option<Server>), Str
                 ..Default::default()
             })
             .map_err(|e| e.to_string())?;
-            Ok((server.addr(), Some(server)))
+            Ok((server.addr().into(), Some(server)))
         }
     }
 }
@@ -337,7 +339,7 @@ fn enrich_backend(args: &EnrichArgs) -> Result<(SocketAddr, Option<Server>), Str
 /// The run's configuration from the command line; `redis` is where lookups go.
 fn enrich_config(
     args: EnrichArgs,
-    redis: SocketAddr,
+    redis: sluice::redis::Endpoint,
 ) -> Result<sluice::enrich::EnrichConfig, String> {
     use sluice::enrich::{EnrichConfig, KeyTemplate, OnBadRecord, OnFailedLookup, Placement};
     let mode = match args.mode.as_str() {
@@ -364,7 +366,8 @@ fn enrich_config(
         tracking: args.layer.tracking(),
         redis,
         backend: match &args.redis {
-            Some(url) => url.clone(),
+            // As recorded with checkpoints and shown in the summary: never the password.
+            Some(url) => sluice::redis::redact_url(url),
             None => format!("loadgen (keys {})", args.loadgen_keys),
         },
         max_bytes_held: args.max_bytes_held,

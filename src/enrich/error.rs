@@ -4,9 +4,9 @@
 //! (the input line, the file with its role, the checkpoint directory, the backend, or the
 //! flags that conflict) and, where there is one, what the user can do about it.
 
+use crate::redis::Server;
 use serde::{Serialize, Serializer};
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// See the module documentation.
@@ -21,7 +21,7 @@ pub enum EnrichError {
     /// written by a run with other settings).
     CheckpointDir { dir: PathBuf, reason: String },
     /// The backend does not answer as Redis does.
-    Backend { addr: SocketAddr, reason: String },
+    Backend { addr: Server, reason: String },
     /// Flags that cannot go together (two roles on one file, checkpoints without files).
     Usage(String),
     /// The stage could not start or failed, or a thread of the run did.

@@ -15,7 +15,6 @@ use crate::lookup::{Get, LayerConfig, LookupError, Lookups, Sinks};
 use crate::redis::{ClientConfig, RedisClient, RedisError};
 use bytes::Bytes;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -52,14 +51,14 @@ pub(crate) struct RedisEnrich {
 
 impl RedisEnrich {
     pub(crate) fn new(
-        addr: SocketAddr,
+        endpoint: crate::redis::Endpoint,
         config: &ClientConfig,
         layer: LayerConfig,
         sinks: Sinks,
         budget: Arc<Budget>,
     ) -> Self {
         RedisEnrich {
-            lookups: Lookups::new(RedisClient::new(addr, config), layer),
+            lookups: Lookups::new(RedisClient::new(endpoint, config), layer),
             budget,
             sinks,
         }

@@ -51,7 +51,6 @@ pub use template::{KeyError, KeyTemplate, TemplateError};
 
 use crate::OutputMode;
 use budget::Budget;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -75,7 +74,7 @@ pub enum Placement {
 /// Everything `sluice enrich` needs.
 #[derive(Debug, Clone)]
 pub struct EnrichConfig {
-    pub redis: SocketAddr,
+    pub redis: crate::redis::Endpoint,
     /// The backend as the user named it (`redis://host:port`, `loadgen`), recorded with
     /// checkpoints so that a resume against another backend is refused.
     pub backend: String,

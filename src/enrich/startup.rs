@@ -17,10 +17,9 @@ use super::{
 };
 use crate::checkpoint::{Checkpointing, RestoreInfo};
 use crate::lookup::Sinks;
-use crate::redis::{ClientConfig, RedisError};
+use crate::redis::{ClientConfig, Endpoint, RedisError, Server};
 use crate::{OutputMode, Stage};
 use std::io::BufRead;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,78 +112,98 @@ pub(crate) fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool)
             return Ok((lock, true));
         }
     }
-    redis_answers(config.redis, config.tracking)?;
+    redis_answers(&config.redis, config.tracking)?;
     Ok((lock, false))
 }
 
-/// Connects to Redis and sends a PING (and with client tracking a `HELLO 3`, which a server
-/// older than Redis 6 refuses), so that an unreachable server (or one that refuses commands)
-/// is said before any line is read or any file created. A server that is slow to answer the
-/// PING is taken as reachable: the run's timeout policy handles slowness.
-fn redis_answers(addr: SocketAddr, tracking: bool) -> Result<(), EnrichError> {
-    use std::io::{Read, Write};
-    let unreachable = |e: std::io::Error| EnrichError::Backend {
-        addr,
-        reason: format!("does not answer: {e}; check --redis and that the server runs"),
+/// Connects to Redis, logs in (`AUTH`, `SELECT`) and sends a PING (and with client tracking a
+/// `HELLO 3`, which a server older than Redis 6 refuses), so that an unreachable server, a
+/// wrong password or a server that refuses commands is said before any line is read or any
+/// file created. A server that is slow to answer is taken as reachable: the run's timeout
+/// policy handles slowness.
+fn redis_answers(endpoint: &Endpoint, tracking: bool) -> Result<(), EnrichError> {
+    let addr = endpoint.server.clone();
+    let failed = |reason: String| EnrichError::Backend {
+        addr: addr.clone(),
+        reason,
     };
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, PREFLIGHT_TIMEOUT).map_err(unreachable)?;
-    stream
-        .set_read_timeout(Some(PING_WAIT))
-        .map_err(unreachable)?;
-    stream
-        .write_all(b"*1\r\n$4\r\nPING\r\n")
-        .map_err(unreachable)?;
-    let mut reply = [0u8; 256];
-    let n = match stream.read(&mut reply) {
-        Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(unreachable(e)),
-        Err(_) => return Ok(()), // slow, or interrupted: reachable
+    let unreachable = |e: std::io::Error| {
+        failed(format!(
+            "does not answer: {e}; check --redis and that the server runs"
+        ))
     };
-    match reply.get(..n) {
-        Some(r) if r.starts_with(b"+PONG") && tracking => says_hello_3(&mut stream, addr),
-        Some(r) if r.starts_with(b"+PONG") => Ok(()),
-        Some(r) if r.starts_with(b"-") => Err(EnrichError::Backend {
-            addr,
-            reason: format!(
-                "refused PING: {}",
-                String::from_utf8_lossy(&r[1..]).trim_end()
-            ),
-        }),
-        _ => Err(EnrichError::Backend {
-            addr,
-            reason: "does not speak Redis (no PONG to PING)".into(),
-        }),
+    let mut stream: Box<dyn ReadWrite> = match &endpoint.server {
+        Server::Tcp(a) => {
+            let s =
+                std::net::TcpStream::connect_timeout(a, PREFLIGHT_TIMEOUT).map_err(unreachable)?;
+            s.set_read_timeout(Some(PING_WAIT)).map_err(unreachable)?;
+            Box::new(s)
+        }
+        Server::Unix(path) => {
+            let s = std::os::unix::net::UnixStream::connect(path).map_err(unreachable)?;
+            s.set_read_timeout(Some(PING_WAIT)).map_err(unreachable)?;
+            Box::new(s)
+        }
+    };
+    let mut commands = endpoint.login();
+    commands.push(("PING".into(), vec![b"PING".to_vec()]));
+    if tracking {
+        commands.push((
+            "HELLO 3 (--cache-invalidation tracking needs Redis 6 or newer)".into(),
+            vec![b"HELLO".to_vec(), b"3".to_vec()],
+        ));
     }
+    for (name, command) in &commands {
+        let args: Vec<&[u8]> = command.iter().map(Vec::as_slice).collect();
+        let mut out = Vec::new();
+        crate::redis::encode_command(&mut out, &args);
+        stream.write_all(&out).map_err(unreachable)?;
+        let mut reply = [0u8; 512];
+        let n = match stream.read(&mut reply) {
+            Ok(0) => return Err(failed(format!("closed the connection after {name}"))),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(unreachable(e))
+            }
+            Err(_) => return Ok(()), // slow, or interrupted: reachable
+        };
+        let reply = &reply[..n];
+        let text = || {
+            String::from_utf8_lossy(&reply[1..reply.len().min(200)])
+                .trim_end()
+                .to_string()
+        };
+        match reply.first() {
+            Some(b'-') => return Err(failed(format!("refused {name}: {}", text()))),
+            Some(b'+') if name == "PING" && !reply.starts_with(b"+PONG") => {
+                return Err(failed("does not speak Redis (no PONG to PING)".into()))
+            }
+            Some(b'%') if name.starts_with("HELLO") => {}
+            _ if name.starts_with("HELLO") => {
+                return Err(failed(format!("{name} answered {}", text())))
+            }
+            Some(b'+') => {}
+            _ => {
+                return Err(failed(format!(
+                    "does not speak Redis (answered {name} with {})",
+                    text()
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
-/// Whether the server speaks RESP3 (`HELLO 3` answers a map), as client tracking needs.
-fn says_hello_3(stream: &mut std::net::TcpStream, addr: SocketAddr) -> Result<(), EnrichError> {
-    use std::io::{Read, Write};
-    let failed = |reason: String| EnrichError::Backend {
-        addr,
-        reason: format!("--cache-invalidation tracking needs Redis 6 or newer: {reason}"),
-    };
-    stream
-        .write_all(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n")
-        .map_err(|e| failed(e.to_string()))?;
-    let mut reply = [0u8; 512];
-    match stream.read(&mut reply) {
-        Ok(n) if reply[..n].starts_with(b"%") => Ok(()),
-        Ok(n) => Err(failed(format!(
-            "HELLO 3 answered {}",
-            String::from_utf8_lossy(&reply[..n.min(120)]).trim_end()
-        ))),
-        Err(e) => Err(failed(format!("HELLO 3 got no answer: {e}"))),
-    }
-}
+/// A blocking socket of either kind, for the preflight.
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 
 /// Builds and starts the stage (restoring a checkpoint in the directory, if any).
 pub(crate) fn start_stage(
     config: &EnrichConfig,
     budget: &Arc<Budget>,
 ) -> Result<(Stage<Arc<Line>, Enriched>, Sinks), EnrichError> {
-    let addr = config.redis;
+    let addr = config.redis.clone();
     // Requests on the wire per connection stay within twice the capacity: room for the
     // lookups in flight and as many abandoned by a timeout whose replies are still owed.
     // Against a stalled server the rest wait for a slot (not sent) until their timeout.
@@ -199,7 +218,13 @@ pub(crate) fn start_stage(
     let (shard_sinks, budget, layer) = (sinks.clone(), budget.clone(), config.layer.clone());
     let mut builder = Stage::builder(move |shard| {
         let layer = layer.for_shard(shard.shards);
-        lookup::RedisEnrich::new(addr, &client, layer, shard_sinks.clone(), budget.clone())
+        lookup::RedisEnrich::new(
+            addr.clone(),
+            &client,
+            layer,
+            shard_sinks.clone(),
+            budget.clone(),
+        )
     })
     .capacity(config.capacity)
     .timeout(config.timeout)

@@ -36,11 +36,11 @@
 use super::error::RedisError;
 use super::reply::{decode, Protocol, Reply};
 use super::tracking::Invalidations;
+use super::{Endpoint, Server};
 use futures::io::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
+use glommio::net::{TcpStream, UnixStream};
 use std::cell::RefCell;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -113,7 +113,9 @@ pub(crate) struct Backoff {
 }
 
 pub(crate) struct Connection {
-    addr: SocketAddr,
+    endpoint: Rc<Endpoint>,
+    /// Where, for errors.
+    addr: Server,
     reply_split: usize,
     /// With client tracking: where the server's invalidations go (the connection then says
     /// `HELLO 3` and `CLIENT TRACKING ON` on every connect, and reads RESP3).
@@ -126,13 +128,14 @@ impl Connection {
     /// At most `in flight / reply_split` replies (at least `MIN_REPLIES_PER_TURN`) are
     /// completed per turn of the driver (see `Io::poll`); 1 completes all that arrived.
     pub(crate) fn new(
-        addr: SocketAddr,
+        endpoint: Rc<Endpoint>,
         max_in_flight: usize,
         reply_split: usize,
         tracking: Option<Rc<Invalidations>>,
     ) -> Rc<Connection> {
         Rc::new(Connection {
-            addr,
+            addr: endpoint.server.clone(),
+            endpoint,
             reply_split: reply_split.max(1),
             tracking,
             state: RefCell::new(State {
@@ -197,7 +200,7 @@ impl Connection {
             Status::Connecting | Status::Connected | Status::Down(_) => return None,
         };
         Some(RedisError::Unavailable {
-            addr: self.addr,
+            addr: self.addr.clone(),
             reason,
         })
     }
@@ -313,7 +316,7 @@ impl Connection {
                 | RedisError::Protocol { .. }
                 | RedisError::ConnectionLost { .. } => failure,
                 other => RedisError::ConnectionLost {
-                    addr: self.addr,
+                    addr: self.addr.clone(),
                     reason: other.to_string(),
                 },
             };
@@ -344,13 +347,23 @@ impl Connection {
     /// request: a server that refuses either fails the connect attempt with its answer.
     async fn connect(self: &Rc<Self>) -> Result<Io, RedisError> {
         let failed = |reason: String| RedisError::Connect {
-            addr: self.addr,
+            addr: self.addr.clone(),
             reason,
         };
-        let stream = TcpStream::connect(self.addr)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+        let stream = match &self.endpoint.server {
+            Server::Tcp(addr) => {
+                let stream = TcpStream::connect(*addr)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                let _ = stream.set_nodelay(true);
+                Stream::Tcp(stream)
+            }
+            Server::Unix(path) => Stream::Unix(
+                UnixStream::connect(path)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?,
+            ),
+        };
         let mut io = Io {
             conn: self.clone(),
             stream,
@@ -361,14 +374,23 @@ impl Connection {
             end: 0,
             protocol: Protocol::Resp2,
         };
+        let mut commands = self.endpoint.login();
         if self.tracking.is_some() {
             io.protocol = Protocol::Resp3;
-            let hello: [&[&[u8]]; 2] = [&[b"HELLO", b"3"], &[b"CLIENT", b"TRACKING", b"ON"]];
-            io.handshake(&hello).await.map_err(|(command, reason)| {
-                failed(format!(
-                    "{command} (for client tracking, which needs Redis 6 or newer): {reason}"
-                ))
-            })?;
+            let why = "(for client tracking, which needs Redis 6 or newer)";
+            commands.push((
+                format!("HELLO 3 {why}"),
+                vec![b"HELLO".to_vec(), b"3".to_vec()],
+            ));
+            commands.push((
+                format!("CLIENT TRACKING ON {why}"),
+                vec![b"CLIENT".to_vec(), b"TRACKING".to_vec(), b"ON".to_vec()],
+            ));
+        }
+        if !commands.is_empty() {
+            io.handshake(&commands)
+                .await
+                .map_err(|(command, reason)| failed(format!("{command}: {reason}")))?;
         }
         Ok(io)
     }
@@ -412,9 +434,53 @@ pub fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
     }
 }
 
+/// A connection's socket: TCP, or a unix socket.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_close(cx),
+            Stream::Unix(s) => Pin::new(s).poll_close(cx),
+        }
+    }
+}
+
 struct Io {
     conn: Rc<Connection>,
-    stream: TcpStream,
+    stream: Stream,
     writing: Vec<u8>,
     written: usize,
     read: Vec<u8>,
@@ -424,24 +490,29 @@ struct Io {
 }
 
 impl Io {
-    /// Sends `commands` and reads their replies before any request: the connection's set-up.
-    /// On failure, the command and why.
-    async fn handshake(&mut self, commands: &[&[&[u8]]]) -> Result<(), (String, String)> {
+    /// Sends `commands` and reads their replies before any request: the connection's set-up
+    /// (`AUTH`, `SELECT`, `HELLO 3`). Each command comes with how errors name it (never with a
+    /// password). On failure, that name and why.
+    async fn handshake(
+        &mut self,
+        commands: &[(String, Vec<Vec<u8>>)],
+    ) -> Result<(), (String, String)> {
         use futures::io::{AsyncReadExt, AsyncWriteExt};
         let mut out = Vec::new();
-        for c in commands {
-            encode_command(&mut out, c);
+        for (_, c) in commands {
+            let args: Vec<&[u8]> = c.iter().map(Vec::as_slice).collect();
+            encode_command(&mut out, &args);
         }
-        let name = |c: &[&[u8]]| {
-            let words: Vec<_> = c.iter().map(|w| String::from_utf8_lossy(w)).collect();
-            words.join(" ")
+        let all = || {
+            let names: Vec<&str> = commands.iter().map(|(n, _)| n.as_str()).collect();
+            names.join(", ")
         };
-        let all = || name(&commands.concat());
         self.stream
             .write_all(&out)
             .await
             .map_err(|e| (all(), e.to_string()))?;
-        for c in commands {
+        for (name, _) in commands {
+            let name = || name.clone();
             loop {
                 match decode(&self.read[self.start..self.end], self.protocol) {
                     Ok(Some((Ok(Reply::Push(_)), used))) => self.start += used,
@@ -449,18 +520,18 @@ impl Io {
                         self.start += used;
                         break;
                     }
-                    Ok(Some((Err(e), _))) => return Err((name(c), e.to_string())),
-                    Err(reason) => return Err((name(c), reason)),
+                    Ok(Some((Err(e), _))) => return Err((name(), e.to_string())),
+                    Err(reason) => return Err((name(), reason)),
                     Ok(None) => {
                         if self.end == self.read.len() {
-                            return Err((name(c), "the reply is too long".into()));
+                            return Err((name(), "the reply is too long".into()));
                         }
                         match self.stream.read(&mut self.read[self.end..]).await {
                             Ok(0) => {
-                                return Err((name(c), "the server closed the connection".into()))
+                                return Err((name(), "the server closed the connection".into()))
                             }
                             Ok(n) => self.end += n,
-                            Err(e) => return Err((name(c), e.to_string())),
+                            Err(e) => return Err((name(), e.to_string())),
                         }
                     }
                 }
@@ -471,7 +542,7 @@ impl Io {
 
     fn broken(&self, reason: impl std::fmt::Display) -> RedisError {
         RedisError::ConnectionLost {
-            addr: self.conn.addr,
+            addr: self.conn.addr.clone(),
             reason: reason.to_string(),
         }
     }
@@ -578,14 +649,14 @@ impl Io {
                 Ok(None) => break,
                 Err(reason) => {
                     return Err(RedisError::Protocol {
-                        addr: self.conn.addr,
+                        addr: self.conn.addr.clone(),
                         reason,
                     })
                 }
             };
             if st.next_reply == st.next_request {
                 return Err(RedisError::Protocol {
-                    addr: self.conn.addr,
+                    addr: self.conn.addr.clone(),
                     reason: "a reply arrived with no request pending".into(),
                 });
             }

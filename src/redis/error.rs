@@ -1,6 +1,6 @@
 //! `RedisError`: what can go wrong talking to Redis, and whether a retry may help.
 
-use std::net::SocketAddr;
+use super::Server;
 
 /// A failed Redis request.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -8,24 +8,27 @@ use std::net::SocketAddr;
 pub enum RedisError {
     /// The connection could not be established.
     #[error("cannot connect to Redis at {addr}: {reason}. Is the server running and reachable?")]
-    Connect { addr: SocketAddr, reason: String },
+    Connect { addr: Server, reason: String },
     /// The connection broke with this request in flight; it may or may not have been executed.
     #[error("connection to Redis at {addr} lost with the request in flight: {reason}")]
-    ConnectionLost { addr: SocketAddr, reason: String },
+    ConnectionLost { addr: Server, reason: String },
     /// The connection is down and being re-established (with backoff).
     #[error("Redis at {addr} is unavailable (reconnecting after: {reason})")]
-    Unavailable { addr: SocketAddr, reason: String },
+    Unavailable { addr: Server, reason: String },
     /// Redis answered with an error reply.
     #[error("Redis replied with an error: {message}")]
     ErrorReply { message: String },
     /// The server sent bytes that are not RESP2; the connection is closed.
     #[error("protocol error from Redis at {addr}: {reason}")]
-    Protocol { addr: SocketAddr, reason: String },
+    Protocol { addr: Server, reason: String },
     /// A reply of an unexpected type for the command.
     #[error("unexpected reply to {command}: {got}")]
     UnexpectedReply { command: &'static str, got: String },
     /// The `redis://` URL is malformed.
-    #[error("invalid Redis URL `{url}`: {reason}. Expected redis://HOST:PORT")]
+    #[error(
+        "invalid Redis URL `{url}`: {reason}. Expected redis://[USER:PASSWORD@]HOST[:PORT][/DB] \
+         or unix:///PATH[?db=N]"
+    )]
     InvalidUrl { url: String, reason: String },
 }
 
