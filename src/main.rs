@@ -33,6 +33,10 @@ enum Command {
 
 #[derive(Args)]
 struct EnrichArgs {
+    /// What the keys hold: string (GET, or MGET when batching), hash (HGETALL: the hash's
+    /// fields become a JSON object), or hash:FIELD,FIELD,... (HMGET of those fields).
+    #[arg(long, default_value = "string")]
+    value: sluice::lookup::ValueKind,
     /// The Redis to look up in: redis://[USER:PASSWORD@]HOST[:PORT][/DB] (AUTH and SELECT on
     /// every connection; percent-escape special characters in the password), or
     /// unix:///PATH[?db=N&password=P]. TLS (rediss://) is not supported yet.
@@ -364,6 +368,7 @@ fn enrich_config(
     Ok(EnrichConfig {
         layer: args.layer.config(args.capacity)?,
         tracking: args.layer.tracking(),
+        value: args.value,
         redis,
         backend: match &args.redis {
             // As recorded with checkpoints and shown in the summary: never the password.

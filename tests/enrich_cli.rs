@@ -651,6 +651,108 @@ fn real_redis_enrichment_with_a_composite_key() {
     send(&["DEL", &format!("{prefix}:NL:7"), &format!("{prefix}:US:8")]);
 }
 
+/// Profiles kept as hashes: `--value hash` reads each with HGETALL (its fields become the
+/// record's), `--value hash:F,G` with HMGET; a key with no hash is missing. Batched (the
+/// commands pipelined) and not, over RESP2 and over RESP3 (client tracking on).
+#[test]
+fn real_redis_hash_values_as_json_objects() {
+    let Some(addr) = real_redis() else { return };
+    let prefix = format!("sluice-hash-test-{}", std::process::id());
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    for (user, tier, zip) in [("1", "gold", "1011"), ("2", "silver", "2022")] {
+        redis_command(
+            &mut conn,
+            &[
+                "HSET",
+                &format!("{prefix}:{user}"),
+                "tier",
+                tier,
+                "zip",
+                zip,
+            ],
+        );
+    }
+    let scratch = Scratch::new();
+    let (input, output) = (
+        scratch.file("in-hash.jsonl"),
+        scratch.file("out-hash.jsonl"),
+    );
+    let records: String = (0..40)
+        .map(|i| {
+            format!(
+                "{{\"p\":\"{prefix}\",\"n\":{i},\"user\":\"{}\"}}\n",
+                i % 3 + 1
+            )
+        })
+        .collect();
+    std::fs::write(&input, records).unwrap();
+    let url = format!("redis://{addr}");
+    let flag_sets: [&[&str]; 4] = [
+        &["--value", "hash"],
+        &["--value", "hash", "--batch-size", "8"],
+        &["--value", "hash:zip,none", "--batch-size", "8"],
+        &[
+            "--value",
+            "hash",
+            "--cache-size",
+            "10",
+            "--cache-invalidation",
+            "tracking",
+        ],
+    ];
+    for flags in flag_sets {
+        let mut args = vec![
+            "enrich",
+            "--redis",
+            &url,
+            "--key",
+            "{p}:{user}",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        args.extend_from_slice(flags);
+        let out = run(&args);
+        assert!(
+            out.status.success(),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = lines(&output);
+        assert_eq!(got.len(), 40);
+        for r in &got {
+            let n = r["n"].as_u64().unwrap();
+            let fields: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+            match (n % 3 + 1, flags[1]) {
+                (3, _) => assert_eq!(fields, ["p", "n", "user"], "missing: {r}"),
+                (u, "hash") => {
+                    assert_eq!(r["tier"], if u == 1 { "gold" } else { "silver" }, "{r}");
+                    assert_eq!(r["zip"], if u == 1 { "1011" } else { "2022" }, "{r}");
+                }
+                (u, _) => {
+                    assert_eq!(
+                        fields,
+                        ["p", "n", "user", "zip"],
+                        "only the fields asked: {r}"
+                    );
+                    assert_eq!(r["zip"], if u == 1 { "1011" } else { "2022" }, "{r}");
+                }
+            }
+        }
+    }
+    let out = run(&["enrich", "--redis", &url, "--key", "{p}", "--value", "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--value"),
+        "{stderr}"
+    );
+    redis_command(
+        &mut conn,
+        &["DEL", &format!("{prefix}:1"), &format!("{prefix}:2")],
+    );
+}
+
 /// Starts a private `redis-server` on a free port, or `None` (skip) when the binary is missing
 /// and not required.
 fn private_redis_server() -> Option<(std::process::Child, u16)> {

@@ -11,7 +11,7 @@
 use super::budget::Budget;
 use super::record::Line;
 use crate::function::{AsyncFunction, Fallback, Outputs};
-use crate::lookup::{Get, LayerConfig, LookupError, Lookups, Sinks};
+use crate::lookup::{Get, LayerConfig, LookupError, Lookups, RedisLookup, Sinks, ValueKind};
 use crate::redis::{ClientConfig, RedisClient, RedisError};
 use bytes::Bytes;
 use std::future::Future;
@@ -42,7 +42,7 @@ pub struct Enriched {
 pub(crate) type EnrichError = LookupError<RedisError>;
 
 pub(crate) struct RedisEnrich {
-    lookups: Lookups<RedisClient>,
+    lookups: Lookups<RedisLookup>,
     /// Found values count against the run's byte budget until the writer handled them.
     budget: Arc<Budget>,
     /// Where `close` adds this shard's wire times and layer figures (for the summary).
@@ -53,12 +53,14 @@ impl RedisEnrich {
     pub(crate) fn new(
         endpoint: crate::redis::Endpoint,
         config: &ClientConfig,
+        value: ValueKind,
         layer: LayerConfig,
         sinks: Sinks,
         budget: Arc<Budget>,
     ) -> Self {
+        let backend = RedisLookup::new(RedisClient::new(endpoint, config), value);
         RedisEnrich {
-            lookups: Lookups::new(RedisClient::new(endpoint, config), layer),
+            lookups: Lookups::new(backend, layer),
             budget,
             sinks,
         }
@@ -66,7 +68,7 @@ impl RedisEnrich {
 }
 
 pub(crate) enum EnrichFuture {
-    Get(Get<RedisClient>, Option<Arc<Line>>, Arc<Budget>),
+    Get(Get<RedisLookup>, Option<Arc<Line>>, Arc<Budget>),
     PassThrough(Option<Arc<Line>>),
 }
 
@@ -123,7 +125,8 @@ impl AsyncFunction for RedisEnrich {
     }
 
     fn close(&mut self) {
-        self.sinks.add(&self.lookups);
+        self.sinks
+            .add(self.lookups.backend().client(), &self.lookups);
     }
 
     fn on_error(&self, input: &Arc<Line>, error: &EnrichError) -> Fallback<Enriched> {

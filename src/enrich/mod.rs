@@ -116,6 +116,8 @@ pub struct EnrichConfig {
     pub layer: crate::lookup::LayerConfig,
     /// Client tracking keeps the layer's cache fresh (`ClientConfig::tracking`).
     pub tracking: bool,
+    /// What the keys hold: strings, or hashes read as JSON objects.
+    pub value: crate::lookup::ValueKind,
 }
 
 /// Stop requests: signals (the first drains, a second stops at once) and the run's own halt

@@ -58,7 +58,7 @@ pub(crate) fn dead_letter_paths(config: &EnrichConfig) -> Vec<PathBuf> {
 /// The settings that shape the output, recorded with checkpoints.
 pub(crate) fn output_settings(config: &EnrichConfig) -> serde_json::Value {
     let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-    serde_json::json!({
+    let mut settings = serde_json::json!({
         "backend": config.backend,
         "key": config.key.source(),
         "input": show(&config.input),
@@ -73,7 +73,12 @@ pub(crate) fn output_settings(config: &EnrichConfig) -> serde_json::Value {
         "event_time": config.event_time,
         "max_out_of_orderness_ms": config.max_out_of_orderness.as_millis() as u64,
         "emit_watermarks": config.emit_watermarks,
-    })
+    });
+    // Strings, the default, are recorded by saying nothing (as before the setting existed).
+    if config.value != crate::lookup::ValueKind::String {
+        settings["value"] = format!("{:?}", config.value).into();
+    }
+    settings
 }
 
 /// Checks what can be checked before any file is written: the files' roles, the checkpoint
@@ -216,11 +221,13 @@ pub(crate) fn start_stage(
     // Each shard adds its wire times and layer figures here when it closes its function.
     let sinks = Sinks::new();
     let (shard_sinks, budget, layer) = (sinks.clone(), budget.clone(), config.layer.clone());
+    let value = config.value.clone();
     let mut builder = Stage::builder(move |shard| {
         let layer = layer.for_shard(shard.shards);
         lookup::RedisEnrich::new(
             addr.clone(),
             &client,
+            value.clone(),
             layer,
             shard_sinks.clone(),
             budget.clone(),

@@ -16,6 +16,7 @@ mod layer;
 mod limit;
 mod rate;
 mod redis;
+mod redis_hash;
 #[cfg(feature = "tools")]
 mod sinks;
 mod stats;
@@ -26,6 +27,8 @@ pub use breaker::BreakerConfig;
 pub use cache::{Cache, CacheConfig, Eviction};
 pub use layer::{Get, Lookups};
 pub use limit::{AdaptiveConfig, Limiter};
+pub use redis::RedisValues;
+pub use redis_hash::{HashValues, LookupFuture, RedisLookup, ValueKind};
 #[cfg(feature = "tools")]
 pub(crate) use sinks::Sinks;
 pub use stats::LayerStats;

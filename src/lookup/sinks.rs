@@ -3,7 +3,7 @@
 //!
 //! Owns: the shared totals. Invariant: each shard adds its own figures once, from `close`.
 
-use super::{LayerStats, Lookups};
+use super::{BatchLookup, LayerStats, Lookups};
 use crate::redis::RedisClient;
 use hdrhistogram::Histogram;
 use std::sync::{Arc, Mutex};
@@ -22,9 +22,10 @@ impl Sinks {
         }
     }
 
-    /// Adds a shard's figures (from its function's `close`).
-    pub(crate) fn add(&self, lookups: &Lookups<RedisClient>) {
-        lookups.backend().add_wire_latency_to(&self.wire_us);
+    /// Adds a shard's figures (from its function's `close`): its client's wire times and its
+    /// layer's counters.
+    pub(crate) fn add<B: BatchLookup>(&self, client: &RedisClient, lookups: &Lookups<B>) {
+        client.add_wire_latency_to(&self.wire_us);
         let mut layer = self.layer.lock().unwrap_or_else(|p| p.into_inner());
         layer.add(&lookups.stats());
     }
