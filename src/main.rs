@@ -33,13 +33,23 @@ enum Command {
 
 #[derive(Args)]
 struct EnrichArgs {
+    /// With rediss://: trust only the CA certificates in this PEM file (by default the
+    /// system's roots).
+    #[arg(long, requires = "redis")]
+    tls_ca: Option<PathBuf>,
+    /// With rediss://: present this client certificate (PEM; with --tls-key).
+    #[arg(long, requires = "redis")]
+    tls_cert: Option<PathBuf>,
+    /// With rediss://: the client certificate's private key (PEM).
+    #[arg(long, requires = "redis")]
+    tls_key: Option<PathBuf>,
     /// What the keys hold: string (GET, or MGET when batching), hash (HGETALL: the hash's
     /// fields become a JSON object), or hash:FIELD,FIELD,... (HMGET of those fields).
     #[arg(long, default_value = "string")]
     value: sluice::lookup::ValueKind,
     /// The Redis to look up in: redis://[USER:PASSWORD@]HOST[:PORT][/DB] (AUTH and SELECT on
     /// every connection; percent-escape special characters in the password), or
-    /// unix:///PATH[?db=N&password=P]. TLS (rediss://) is not supported yet.
+    /// unix:///PATH[?db=N&password=P]; rediss:// for TLS (see --tls-ca).
     #[arg(long, required_unless_present = "loadgen", conflicts_with = "loadgen")]
     redis: Option<String>,
     /// Look up in an embedded loadgen server instead (keys user:user_000000 ..., JSON profiles),
@@ -324,10 +334,25 @@ fn main() -> ExitCode {
 /// server (returned, to live as long as the run).
 fn enrich_backend(args: &EnrichArgs) -> Result<(sluice::redis::Endpoint, Option<Server>), String> {
     match &args.redis {
-        Some(url) => Ok((
-            sluice::redis::Endpoint::parse(url).map_err(|e| e.to_string())?,
-            None,
-        )),
+        Some(url) => {
+            let mut endpoint = sluice::redis::Endpoint::parse(url).map_err(|e| e.to_string())?;
+            let files = [&args.tls_ca, &args.tls_cert, &args.tls_key];
+            match &mut endpoint.tls {
+                Some(tls) => {
+                    tls.ca_file.clone_from(&args.tls_ca);
+                    tls.cert_file.clone_from(&args.tls_cert);
+                    tls.key_file.clone_from(&args.tls_key);
+                }
+                None if files.iter().any(|f| f.is_some()) => {
+                    return Err("--tls-ca, --tls-cert and --tls-key need a rediss:// URL".into())
+                }
+                None => {}
+            }
+            if args.tls_cert.is_some() != args.tls_key.is_some() {
+                return Err("--tls-cert and --tls-key go together".into());
+            }
+            Ok((endpoint, None))
+        }
         None => {
             let server = Server::start(ServerConfig {
                 keys: args.loadgen_keys,

@@ -139,10 +139,23 @@ fn redis_answers(endpoint: &Endpoint, tracking: bool) -> Result<(), EnrichError>
     };
     let mut stream: Box<dyn ReadWrite> = match &endpoint.server {
         Server::Tcp(a) => {
-            let s =
+            let mut s =
                 std::net::TcpStream::connect_timeout(a, PREFLIGHT_TIMEOUT).map_err(unreachable)?;
             s.set_read_timeout(Some(PING_WAIT)).map_err(unreachable)?;
-            Box::new(s)
+            match &endpoint.tls {
+                None => Box::new(s),
+                Some(tls) => {
+                    let config = crate::redis::tls::client_config(tls).map_err(&failed)?;
+                    let name = crate::redis::tls::server_name(&endpoint.host).map_err(&failed)?;
+                    let mut conn = rustls::ClientConnection::new(config, name)
+                        .map_err(|e| failed(format!("TLS: {e}")))?;
+                    while conn.is_handshaking() {
+                        conn.complete_io(&mut s)
+                            .map_err(|e| failed(format!("TLS handshake: {e}")))?;
+                    }
+                    Box::new(rustls::StreamOwned::new(conn, s))
+                }
+            }
         }
         Server::Unix(path) => {
             let s = std::os::unix::net::UnixStream::connect(path).map_err(unreachable)?;

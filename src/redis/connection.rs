@@ -43,6 +43,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -114,6 +115,9 @@ pub(crate) struct Backoff {
 
 pub(crate) struct Connection {
     endpoint: Rc<Endpoint>,
+    /// With TLS: its configuration, or why it could not be made (each connect attempt then
+    /// fails with that reason).
+    tls: Option<Result<Arc<rustls::ClientConfig>, String>>,
     /// Where, for errors.
     addr: Server,
     reply_split: usize,
@@ -135,6 +139,7 @@ impl Connection {
     ) -> Rc<Connection> {
         Rc::new(Connection {
             addr: endpoint.server.clone(),
+            tls: endpoint.tls.as_ref().map(super::tls::client_config),
             endpoint,
             reply_split: reply_split.max(1),
             tracking,
@@ -356,7 +361,21 @@ impl Connection {
                     .await
                     .map_err(|e| failed(e.to_string()))?;
                 let _ = stream.set_nodelay(true);
-                Stream::Tcp(stream)
+                match &self.tls {
+                    None => Stream::Tcp(stream),
+                    Some(config) => {
+                        let config = config.clone().map_err(&failed)?;
+                        let name = super::tls::server_name(&self.endpoint.host).map_err(&failed)?;
+                        let tls = futures_rustls::TlsConnector::from(config)
+                            .connect(name, stream)
+                            .await
+                            .map_err(|e| failed(format!("TLS handshake: {e}")))?;
+                        Stream::Tls(Box::new(tls))
+                    }
+                }
+            }
+            Server::Unix(_) if self.tls.is_some() => {
+                return Err(failed("TLS over a unix socket is not supported".into()))
             }
             Server::Unix(path) => Stream::Unix(
                 UnixStream::connect(path)
@@ -438,6 +457,7 @@ pub fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl AsyncRead for Stream {
@@ -449,6 +469,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -462,18 +483,21 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_close(cx),
             Stream::Unix(s) => Pin::new(s).poll_close(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
         }
     }
 }

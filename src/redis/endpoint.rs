@@ -1,9 +1,9 @@
 //! `Endpoint`: which Redis to talk to and how to log in, from a URL as redis-cli and redis-rs
 //! take it: `redis://[user[:password]@]host[:port][/db]` or `unix:///path/redis.sock[?db=N]`.
 //!
-//! Owns: URL parsing and the connection's set-up commands (`AUTH`, `SELECT`). Invariants: the
-//! password never appears in a `Display`, a `Debug` or an error message; a URL that cannot be
-//! used is refused with what was wrong in it (`rediss://`, TLS, is not supported yet).
+//! Owns: URL parsing, the connection's set-up commands (`AUTH`, `SELECT`) and its TLS settings
+//! (`rediss://`). Invariants: the password never appears in a `Display`, a `Debug` or an error
+//! message; a URL that cannot be used is refused with what was wrong in it.
 
 use super::RedisError;
 use std::fmt;
@@ -32,10 +32,23 @@ impl From<SocketAddr> for Server {
     }
 }
 
+/// TLS to the server (`rediss://`): the roots to trust (the system's, or only the CA in
+/// `ca_file`) and a client certificate (`cert_file` with `key_file`), all PEM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
 /// A server and the login on it. `Debug` and `Display` leave the password out.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub server: Server,
+    /// The host as written in the URL: the name TLS checks the certificate against (SNI).
+    pub host: String,
+    /// `Some` for `rediss://`.
+    pub tls: Option<Tls>,
     /// An ACL user (with `password`); `None` with a password is Redis's `default` user.
     pub username: Option<String>,
     pub password: Option<String>,
@@ -47,6 +60,8 @@ impl From<SocketAddr> for Endpoint {
     fn from(addr: SocketAddr) -> Endpoint {
         Endpoint {
             server: Server::Tcp(addr),
+            host: addr.ip().to_string(),
+            tls: None,
             username: None,
             password: None,
             db: 0,
@@ -61,7 +76,8 @@ impl fmt::Display for Endpoint {
             (None, Some(_)) => "(password)@".to_string(),
             (None, None) => String::new(),
         };
-        write!(f, "{login}{}", self.server)?;
+        let tls = if self.tls.is_some() { "tls " } else { "" };
+        write!(f, "{tls}{login}{}", self.server)?;
         if self.db != 0 {
             write!(f, " db {}", self.db)?;
         }
@@ -73,6 +89,8 @@ impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Endpoint")
             .field("server", &self.server)
+            .field("host", &self.host)
+            .field("tls", &self.tls)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "(hidden)"))
             .field("db", &self.db)
@@ -135,9 +153,6 @@ impl Endpoint {
             url: shown.clone(),
             reason: reason.to_string(),
         };
-        if url.starts_with("rediss://") {
-            return Err(invalid("TLS (rediss://) is not supported yet"));
-        }
         if let Some(rest) = url
             .strip_prefix("unix://")
             .or_else(|| url.strip_prefix("redis+unix://"))
@@ -148,6 +163,8 @@ impl Endpoint {
             }
             let mut endpoint = Endpoint {
                 server: Server::Unix(PathBuf::from(path)),
+                host: String::new(),
+                tls: None,
                 username: None,
                 password: None,
                 db: 0,
@@ -168,14 +185,15 @@ impl Endpoint {
             }
             return Ok(endpoint);
         }
-        let rest = match url.split_once("://") {
-            Some(("redis", rest)) => rest,
+        let (rest, tls) = match url.split_once("://") {
+            Some(("redis", rest)) => (rest, None),
+            Some(("rediss", rest)) => (rest, Some(Tls::default())),
             Some((scheme, _)) => {
                 return Err(invalid(&format!(
                     "the scheme `{scheme}` is not redis://, rediss:// or unix://"
                 )))
             }
-            None => url,
+            None => (url, None),
         };
         let (authority, db) = match rest.split_once('/') {
             Some((a, db)) => (a, db),
@@ -221,6 +239,14 @@ impl Endpoint {
         if hostport.is_empty() {
             return Err(invalid("no host"));
         }
+        // The host without its port (and an IPv6 literal without its brackets), for SNI.
+        let host = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => hostport,
+        }
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
         let hostport = if hostport.contains(':') {
             hostport.to_string()
         } else {
@@ -233,6 +259,8 @@ impl Endpoint {
             .ok_or_else(|| invalid("the host resolves to no address"))?;
         Ok(Endpoint {
             server: Server::Tcp(addr),
+            host,
+            tls,
             username,
             password,
             db,
@@ -284,7 +312,12 @@ mod tests {
         assert_eq!((e.username, e.password.as_deref()), (None, Some("pw")));
         assert_eq!(e.server, Server::Tcp("127.0.0.1:6379".parse().unwrap()));
         let e = Endpoint::parse("127.0.0.1:7001").unwrap();
-        assert_eq!((e.db, e.password), (0, None));
+        assert_eq!((e.db, e.password, e.tls), (0, None, None));
+        let e = Endpoint::parse("rediss://localhost:7002/1").unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.tls, e.db),
+            ("localhost", Some(Tls::default()), 1)
+        );
         let e = Endpoint::parse("unix:///tmp/r.sock?db=2&password=x").unwrap();
         assert_eq!(e.server, Server::Unix("/tmp/r.sock".into()));
         assert_eq!((e.db, e.password.as_deref()), (2, Some("x")));
@@ -295,7 +328,6 @@ mod tests {
     #[test]
     fn bad_urls_say_what_is_wrong_without_the_password() {
         let error = |url: &str| Endpoint::parse(url).unwrap_err().to_string();
-        assert!(error("rediss://h:1").contains("TLS"));
         assert!(error("redis://u:hunter2@127.0.0.1:1/x").contains("not a number"));
         assert!(!error("redis://u:hunter2@127.0.0.1:1/x").contains("hunter2"));
         assert!(error("http://h:1").contains("scheme `http`"));

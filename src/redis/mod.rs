@@ -9,10 +9,11 @@ mod connection;
 mod endpoint;
 mod error;
 mod reply;
+pub mod tls;
 mod tracking;
 
 pub use connection::{encode_command, ReplyFuture};
-pub use endpoint::{redact_url, Endpoint, Server};
+pub use endpoint::{redact_url, Endpoint, Server, Tls};
 pub use error::RedisError;
 pub use reply::{decode, decode_reply, Decoded, Protocol, Reply, MAX_BULK, MAX_DEPTH};
 pub use tracking::{Invalidated, Invalidations};
