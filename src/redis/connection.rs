@@ -318,6 +318,7 @@ impl Connection {
             let reason = failure.to_string();
             let lost = match failure {
                 RedisError::Connect { .. }
+                | RedisError::Refused { .. }
                 | RedisError::Protocol { .. }
                 | RedisError::ConnectionLost { .. } => failure,
                 other => RedisError::ConnectionLost {
@@ -328,7 +329,10 @@ impl Connection {
             // A failed connect is the attempt of every request waiting for it, and requests
             // fail at once until a connect succeeds; a connection that broke costs only the
             // requests on the wire an attempt, and the others wait for the reconnect.
-            let connect_failed = matches!(lost, RedisError::Connect { .. });
+            let connect_failed = matches!(
+                lost,
+                RedisError::Connect { .. } | RedisError::Refused { .. }
+            );
             let status = if connect_failed {
                 Status::Unreachable(reason)
             } else {
@@ -355,6 +359,10 @@ impl Connection {
             addr: self.addr.clone(),
             reason,
         };
+        let refused = |reason: String| RedisError::Refused {
+            addr: self.addr.clone(),
+            reason,
+        };
         let stream = match &self.endpoint.server {
             Server::Tcp(addr) => {
                 let stream = TcpStream::connect(*addr)
@@ -364,18 +372,19 @@ impl Connection {
                 match &self.tls {
                     None => Stream::Tcp(stream),
                     Some(config) => {
-                        let config = config.clone().map_err(&failed)?;
-                        let name = super::tls::server_name(&self.endpoint.host).map_err(&failed)?;
+                        let config = config.clone().map_err(&refused)?;
+                        let name =
+                            super::tls::server_name(&self.endpoint.host).map_err(&refused)?;
                         let tls = futures_rustls::TlsConnector::from(config)
                             .connect(name, stream)
                             .await
-                            .map_err(|e| failed(format!("TLS handshake: {e}")))?;
+                            .map_err(|e| refused(format!("TLS handshake: {e}")))?;
                         Stream::Tls(Box::new(tls))
                     }
                 }
             }
             Server::Unix(_) if self.tls.is_some() => {
-                return Err(failed("TLS over a unix socket is not supported".into()))
+                return Err(refused("TLS over a unix socket is not supported".into()))
             }
             Server::Unix(path) => Stream::Unix(
                 UnixStream::connect(path)
@@ -409,7 +418,7 @@ impl Connection {
         if !commands.is_empty() {
             io.handshake(&commands)
                 .await
-                .map_err(|(command, reason)| failed(format!("{command}: {reason}")))?;
+                .map_err(|(command, reason)| refused(format!("{command}: {reason}")))?;
         }
         Ok(io)
     }

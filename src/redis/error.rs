@@ -9,6 +9,10 @@ pub enum RedisError {
     /// The connection could not be established.
     #[error("cannot connect to Redis at {addr}: {reason}. Is the server running and reachable?")]
     Connect { addr: Server, reason: String },
+    /// The server was reached but refused the connection's set-up: its TLS certificate, or the
+    /// login (`AUTH`, `SELECT`, `HELLO 3`). Retrying does not help until the setting is fixed.
+    #[error("Redis at {addr} refused the connection: {reason}")]
+    Refused { addr: Server, reason: String },
     /// The connection broke with this request in flight; it may or may not have been executed.
     #[error("connection to Redis at {addr} lost with the request in flight: {reason}")]
     ConnectionLost { addr: Server, reason: String },
