@@ -111,6 +111,24 @@ impl BatchLookup for RedisLookup {
     }
 }
 
+impl BatchLookup for crate::redis::cluster::RedisCluster {
+    type Error = RedisError;
+    type Future = Pin<Box<dyn Future<Output = Result<Values, RedisError>>>>;
+
+    /// `MGET` per hash slot, to each slot's node.
+    fn get_many(&self, keys: &[&[u8]]) -> Self::Future {
+        self.lookup(keys.iter().map(|k| k.to_vec()).collect(), false)
+    }
+
+    fn get_one(&self, key: &[u8]) -> Self::Future {
+        self.lookup(vec![key.to_vec()], true)
+    }
+
+    fn invalidated(&self) -> Option<Invalidated> {
+        crate::redis::cluster::RedisCluster::invalidated(self)
+    }
+}
+
 /// The values of a `RedisLookup` request.
 pub enum LookupFuture {
     Strings(RedisValues),

@@ -5,6 +5,7 @@
 //! Owns: the shard's connections. Invariant: requests spread round-robin over connections,
 //! and each connection's requests are answered in the order sent.
 
+pub mod cluster;
 mod connection;
 mod endpoint;
 mod error;
@@ -151,6 +152,16 @@ impl RedisClient {
         self.next.set((i + 1) % self.connections.len());
         let weight = u32::try_from(keys).unwrap_or(u32::MAX);
         self.connections[i].send(args, weight)
+    }
+
+    /// `ASKING`, then `args`, on one connection (a cluster's `ASK` redirection: the node
+    /// serves a slot it is importing only to a connection that said `ASKING` just before).
+    /// `ASKING`'s own reply is discarded.
+    pub fn command_after_asking(&self, args: &[&[u8]]) -> ReplyFuture {
+        let i = self.next.get();
+        self.next.set((i + 1) % self.connections.len());
+        drop(self.connections[i].send(&[b"ASKING"], 1));
+        self.connections[i].send(args, 1)
     }
 
     /// `GET key`: the value, or `None` for a missing key.

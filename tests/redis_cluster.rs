@@ -1,0 +1,264 @@
+//! Redis Cluster: a 3-master cluster this test starts on private ports (`redis-server
+//! --cluster-enabled yes`, `redis-cli --cluster create`). Lookups through the lookup layer,
+//! batched, reach each key's node; a slot migrated during the run is followed through `ASK`
+//! (while it migrates) and `MOVED` (once it moved). Skipped (saying so) when `redis-server` is
+//! missing, unless SLUICE_REQUIRE_REDIS=1.
+
+use bytes::Bytes;
+use futures::future::join_all;
+use sluice::lookup::{LayerConfig, Lookups};
+use sluice::redis::cluster::{key_slot, RedisCluster};
+use sluice::redis::{ClientConfig, Endpoint};
+use std::io::Write;
+use std::net::TcpListener;
+use std::num::NonZeroUsize;
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+struct Cluster {
+    nodes: Vec<(Child, u16)>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A free port whose cluster bus port (port + 10000) is free too.
+fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if port < 50000 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn start_cluster() -> Option<Cluster> {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+            panic!("SLUICE_REQUIRE_REDIS=1 but redis-server is not installed");
+        }
+        eprintln!("skipping: redis-server is not installed");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster {
+        nodes: Vec::new(),
+        dir,
+    };
+    for i in 0..3 {
+        let port = free_port();
+        let conf = cluster.dir.path().join(format!("nodes-{i}.conf"));
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+            .arg(&conf)
+            .args(["--save", "", "--appendonly", "no"])
+            .current_dir(cluster.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        cluster.nodes.push((child, port));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (_, port) in &cluster.nodes {
+        while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+            assert!(Instant::now() < deadline, "a node did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let addrs: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|(_, p)| format!("127.0.0.1:{p}"))
+        .collect();
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create runs");
+    assert!(out.status.success(), "{out:?}");
+    for (_, port) in &cluster.nodes {
+        while !cli(*port, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(Instant::now() < deadline, "the cluster did not settle");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Some(cluster)
+}
+
+fn run<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
+    f: impl FnOnce() -> F + Send + 'static,
+) -> T {
+    glommio::LocalExecutorBuilder::default()
+        .io_memory(sluice::DEFAULT_IO_MEMORY)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+const KEYS: usize = 500;
+
+fn key(i: usize) -> String {
+    format!("user:{i}")
+}
+
+/// The node owning `slot`, and its id.
+fn owner(cluster: &Cluster, slot: u16) -> (u16, String) {
+    let port = cluster.nodes[0].1;
+    let nodes = cli(port, &["CLUSTER", "NODES"]);
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        for range in &fields[8..] {
+            let (start, end) = match range.split_once('-') {
+                Some((s, e)) => (s.parse::<u16>().unwrap(), e.parse::<u16>().unwrap()),
+                None => match range.parse::<u16>() {
+                    Ok(s) => (s, s),
+                    Err(_) => continue, // a migration marker
+                },
+            };
+            if (start..=end).contains(&slot) {
+                let port = fields[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+                return (port, fields[0].to_string());
+            }
+        }
+    }
+    panic!("no owner of slot {slot}");
+}
+
+#[test]
+fn batched_lookups_reach_each_node_and_follow_a_migrating_slot() {
+    let Some(cluster) = start_cluster() else {
+        return;
+    };
+    let first = cluster.nodes[0].1;
+    let mut set = Command::new("redis-cli")
+        .args(["-c", "-p", &first.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = set.stdin.take().unwrap();
+    for i in 0..KEYS {
+        writeln!(stdin, "SET {} v{i}", key(i)).unwrap();
+    }
+    drop(stdin);
+    assert!(set.wait().unwrap().success());
+
+    // The slot of key 0, and where it will move.
+    let slot = key_slot(key(0).as_bytes());
+    let (source, source_id) = owner(&cluster, slot);
+    let (target, target_id) = cluster
+        .nodes
+        .iter()
+        .map(|(_, p)| *p)
+        .find(|p| *p != source)
+        .map(|p| (p, cli(p, &["CLUSTER", "MYID"])))
+        .unwrap();
+    let (slot_s, in_slot): (String, Vec<usize>) = (
+        slot.to_string(),
+        (0..KEYS)
+            .filter(|&i| key_slot(key(i).as_bytes()) == slot)
+            .collect(),
+    );
+    let ports: Vec<u16> = cluster.nodes.iter().map(|(_, p)| *p).collect();
+
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let lookups_thread = std::thread::spawn(move || {
+        run(move || async move {
+            let seed = Endpoint::parse(&format!("redis://127.0.0.1:{first}")).unwrap();
+            let layer = LayerConfig {
+                batch_size: NonZeroUsize::new(16).unwrap(),
+                capacity: NonZeroUsize::new(256),
+                ..LayerConfig::default()
+            };
+            let lookups = Rc::new(Lookups::new(
+                RedisCluster::new(seed, &ClientConfig::default()),
+                layer,
+            ));
+            let check = |lookups: Rc<Lookups<RedisCluster>>| async move {
+                let keys: Vec<String> = (0..KEYS).map(key).collect();
+                let answers = join_all(keys.iter().map(|k| lookups.get(k.as_bytes()))).await;
+                for (i, a) in answers.into_iter().enumerate() {
+                    assert_eq!(a.unwrap(), Some(Bytes::from(format!("v{i}"))), "key {i}");
+                }
+            };
+            check(lookups.clone()).await;
+            assert_eq!(lookups.backend().nodes().len(), 3, "every node reached");
+            let batched = lookups.stats();
+            assert!(batched.keys_per_request() > 1.0, "{batched:?}");
+            // The slot is migrating, its keys already on the target: ASK.
+            done_tx.send(()).unwrap();
+            rx.recv().unwrap();
+            check(lookups.clone()).await;
+            let (moved, asked, _) = lookups.backend().redirections();
+            assert!(asked >= 1 && moved == 0, "asked {asked}, moved {moved}");
+            // The slot moved: MOVED, and the map is read again.
+            done_tx.send(()).unwrap();
+            rx.recv().unwrap();
+            check(lookups.clone()).await;
+            let (moved, _, refreshes) = lookups.backend().redirections();
+            assert!(
+                moved >= 1 && refreshes >= 2,
+                "moved {moved}, refreshes {refreshes}"
+            );
+        })
+    });
+
+    done_rx.recv().unwrap();
+    cli(
+        target,
+        &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &source_id],
+    );
+    cli(
+        source,
+        &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &target_id],
+    );
+    let mut migrate = vec![
+        "MIGRATE".to_string(),
+        "127.0.0.1".into(),
+        target.to_string(),
+        String::new(),
+        "0".into(),
+        "5000".into(),
+        "KEYS".into(),
+    ];
+    migrate.extend(in_slot.iter().map(|&i| key(i)));
+    let migrate: Vec<&str> = migrate.iter().map(String::as_str).collect();
+    assert_eq!(cli(source, &migrate), "OK");
+    tx.send(()).unwrap();
+    done_rx.recv().unwrap();
+    for port in &ports {
+        cli(*port, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &target_id]);
+    }
+    tx.send(()).unwrap();
+    lookups_thread.join().expect("the lookups saw every value");
+}
