@@ -262,3 +262,58 @@ fn batched_lookups_reach_each_node_and_follow_a_migrating_slot() {
     tx.send(()).unwrap();
     lookups_thread.join().expect("the lookups saw every value");
 }
+
+#[test]
+fn enrich_finds_a_cluster_by_itself_and_reads_from_every_node() {
+    let Some(cluster) = start_cluster() else {
+        return;
+    };
+    let port = cluster.nodes[1].1;
+    let mut set = Command::new("redis-cli")
+        .args(["-c", "-p", &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = set.stdin.take().unwrap();
+    for i in 0..100 {
+        writeln!(stdin, "SET user:{i} '{{\"tier\":\"t{i}\"}}'").unwrap();
+    }
+    drop(stdin);
+    assert!(set.wait().unwrap().success());
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines: String = (0..200).map(|i| format!("{{\"id\":{i}}}\n")).collect();
+    std::fs::write(&input, lines).unwrap();
+    let output = dir.path().join("out.jsonl");
+    let url = format!("redis://127.0.0.1:{port}");
+    let enrich = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["enrich", "--redis", &url, "--key", "user:{id}", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let run = enrich(&["--batch-size", "8", "--shards", "2"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let out = std::fs::read_to_string(&output).unwrap();
+    for (i, line) in out.lines().enumerate() {
+        let expected = if i < 100 {
+            format!("{{\"id\":{i},\"tier\":\"t{i}\"}}")
+        } else {
+            format!("{{\"id\":{i}}}")
+        };
+        assert_eq!(line, expected);
+    }
+    assert_eq!(out.lines().count(), 200);
+    let run = enrich(&["--value", "hash"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && stderr.contains("Redis Cluster"),
+        "{stderr}"
+    );
+}

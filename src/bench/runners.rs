@@ -604,7 +604,7 @@ impl AsyncFunction for KeyLookup {
 
     fn close(&mut self) {
         if let Some(sinks) = &self.sinks {
-            sinks.add(self.lookups.backend(), &self.lookups);
+            sinks.add(self.lookups.backend().wire_latency(), &self.lookups);
         }
     }
 }

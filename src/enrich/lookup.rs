@@ -12,6 +12,7 @@ use super::budget::Budget;
 use super::record::Line;
 use crate::function::{AsyncFunction, Fallback, Outputs};
 use crate::lookup::{Get, LayerConfig, LookupError, Lookups, RedisLookup, Sinks, ValueKind};
+use crate::redis::cluster::RedisCluster;
 use crate::redis::{ClientConfig, RedisClient, RedisError};
 use bytes::Bytes;
 use std::future::Future;
@@ -53,12 +54,18 @@ impl RedisEnrich {
     pub(crate) fn new(
         endpoint: crate::redis::Endpoint,
         config: &ClientConfig,
+        cluster: bool,
         value: ValueKind,
         layer: LayerConfig,
         sinks: Sinks,
         budget: Arc<Budget>,
     ) -> Self {
-        let backend = RedisLookup::new(RedisClient::new(endpoint, config), value);
+        let client = RedisClient::new(endpoint.clone(), config);
+        let backend = if cluster {
+            RedisLookup::cluster(client, RedisCluster::new(endpoint, config))
+        } else {
+            RedisLookup::new(client, value)
+        };
         RedisEnrich {
             lookups: Lookups::new(backend, layer),
             budget,
@@ -126,7 +133,7 @@ impl AsyncFunction for RedisEnrich {
 
     fn close(&mut self) {
         self.sinks
-            .add(self.lookups.backend().client(), &self.lookups);
+            .add(self.lookups.backend().wire_latency(), &self.lookups);
     }
 
     fn on_error(&self, input: &Arc<Line>, error: &EnrichError) -> Fallback<Enriched> {

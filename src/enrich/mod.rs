@@ -166,7 +166,12 @@ pub fn run(
     progress: &mut dyn FnMut(&Summary, u64),
 ) -> Result<Summary, EnrichError> {
     let started = Instant::now();
-    let (_lock, completed) = startup::preflight(config)?;
+    // The lock is held until the run ends.
+    let startup::Preflight {
+        lock: _lock,
+        completed,
+        cluster,
+    } = startup::preflight(config)?;
     if completed {
         return Ok(Summary {
             already_completed: true,
@@ -174,7 +179,7 @@ pub fn run(
         });
     }
     let budget = Arc::new(Budget::new(config.max_bytes_held));
-    let (stage, sinks) = startup::start_stage(config, &budget)?;
+    let (stage, sinks) = startup::start_stage(config, cluster, &budget)?;
     let restored = stage.restored().cloned();
     if let Some(dir) = &config.checkpoint_dir {
         let settings = startup::output_settings(config);

@@ -83,7 +83,15 @@ pub(crate) fn output_settings(config: &EnrichConfig) -> serde_json::Value {
 
 /// Checks what can be checked before any file is written: the files' roles, the checkpoint
 /// directory (locked for the run), the completed marker, and that Redis answers.
-pub(crate) fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool), EnrichError> {
+/// What the preflight found: the checkpoint directory's lock, whether the run already
+/// completed, and whether the server is a Redis Cluster node.
+pub(crate) struct Preflight {
+    pub lock: Option<DirLock>,
+    pub completed: bool,
+    pub cluster: bool,
+}
+
+pub(crate) fn preflight(config: &EnrichConfig) -> Result<Preflight, EnrichError> {
     let dead = dead_letter_paths(config);
     let mut roles = vec![];
     if let Some(p) = &config.input {
@@ -114,11 +122,26 @@ pub(crate) fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool)
         }
         lock = Some(DirLock::acquire(dir)?);
         if completed_marker(dir).exists() {
-            return Ok((lock, true));
+            return Ok(Preflight {
+                lock,
+                completed: true,
+                cluster: false,
+            });
         }
     }
-    redis_answers(&config.redis, config.tracking)?;
-    Ok((lock, false))
+    let cluster = redis_answers(&config.redis, config.tracking)?;
+    if cluster && config.value != crate::lookup::ValueKind::String {
+        return Err(EnrichError::Usage(
+            "--value hash with a Redis Cluster is not supported yet: the keys hold strings \
+             (--value string)"
+                .into(),
+        ));
+    }
+    Ok(Preflight {
+        lock,
+        completed: false,
+        cluster,
+    })
 }
 
 /// Connects to Redis, logs in (`AUTH`, `SELECT`) and sends a PING (and with client tracking a
@@ -126,7 +149,8 @@ pub(crate) fn preflight(config: &EnrichConfig) -> Result<(Option<DirLock>, bool)
 /// wrong password or a server that refuses commands is said before any line is read or any
 /// file created. A server that is slow to answer is taken as reachable: the run's timeout
 /// policy handles slowness.
-fn redis_answers(endpoint: &Endpoint, tracking: bool) -> Result<(), EnrichError> {
+/// Whether the server is a Redis Cluster node (`INFO cluster` says `cluster_enabled:1`).
+fn redis_answers(endpoint: &Endpoint, tracking: bool) -> Result<bool, EnrichError> {
     let addr = endpoint.server.clone();
     let failed = |reason: String| EnrichError::Backend {
         addr: addr.clone(),
@@ -165,12 +189,17 @@ fn redis_answers(endpoint: &Endpoint, tracking: bool) -> Result<(), EnrichError>
     };
     let mut commands = endpoint.login();
     commands.push(("PING".into(), vec![b"PING".to_vec()]));
+    commands.push((
+        "INFO cluster".into(),
+        vec![b"INFO".to_vec(), b"cluster".to_vec()],
+    ));
     if tracking {
         commands.push((
             "HELLO 3 (--cache-invalidation tracking needs Redis 6 or newer)".into(),
             vec![b"HELLO".to_vec(), b"3".to_vec()],
         ));
     }
+    let mut cluster = false;
     for (name, command) in &commands {
         let args: Vec<&[u8]> = command.iter().map(Vec::as_slice).collect();
         let mut out = Vec::new();
@@ -183,7 +212,7 @@ fn redis_answers(endpoint: &Endpoint, tracking: bool) -> Result<(), EnrichError>
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 return Err(unreachable(e))
             }
-            Err(_) => return Ok(()), // slow, or interrupted: reachable
+            Err(_) => return Ok(cluster), // slow, or interrupted: reachable
         };
         let reply = &reply[..n];
         let text = || {
@@ -197,6 +226,9 @@ fn redis_answers(endpoint: &Endpoint, tracking: bool) -> Result<(), EnrichError>
                 return Err(failed("does not speak Redis (no PONG to PING)".into()))
             }
             Some(b'%') if name.starts_with("HELLO") => {}
+            Some(b'$') if name == "INFO cluster" => {
+                cluster = String::from_utf8_lossy(reply).contains("cluster_enabled:1");
+            }
             _ if name.starts_with("HELLO") => {
                 return Err(failed(format!("{name} answered {}", text())))
             }
@@ -209,7 +241,7 @@ fn redis_answers(endpoint: &Endpoint, tracking: bool) -> Result<(), EnrichError>
             }
         }
     }
-    Ok(())
+    Ok(cluster)
 }
 
 /// A blocking socket of either kind, for the preflight.
@@ -219,6 +251,7 @@ impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 /// Builds and starts the stage (restoring a checkpoint in the directory, if any).
 pub(crate) fn start_stage(
     config: &EnrichConfig,
+    cluster: bool,
     budget: &Arc<Budget>,
 ) -> Result<(Stage<Arc<Line>, Enriched>, Sinks), EnrichError> {
     let addr = config.redis.clone();
@@ -240,6 +273,7 @@ pub(crate) fn start_stage(
         lookup::RedisEnrich::new(
             addr.clone(),
             &client,
+            cluster,
             value.clone(),
             layer,
             shard_sinks.clone(),

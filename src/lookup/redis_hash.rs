@@ -11,6 +11,7 @@
 
 use super::redis::RedisValues;
 use super::{BatchLookup, Invalidated, Values};
+use crate::redis::cluster::RedisCluster;
 use crate::redis::{RedisClient, RedisError, Reply, ReplyFuture};
 use bytes::Bytes;
 use std::future::Future;
@@ -53,16 +54,37 @@ impl std::str::FromStr for ValueKind {
 /// See the module documentation.
 pub struct RedisLookup {
     client: RedisClient,
+    /// A cluster's nodes instead of `client`'s server (strings only).
+    cluster: Option<RedisCluster>,
     value: ValueKind,
 }
 
 impl RedisLookup {
     pub fn new(client: RedisClient, value: ValueKind) -> RedisLookup {
-        RedisLookup { client, value }
+        RedisLookup {
+            client,
+            cluster: None,
+            value,
+        }
     }
 
-    pub fn client(&self) -> &RedisClient {
-        &self.client
+    /// Lookups of string values in a cluster; `seed` (one of its nodes) is also where
+    /// `client` connects, for the wire times of what goes there.
+    pub fn cluster(client: RedisClient, cluster: RedisCluster) -> RedisLookup {
+        RedisLookup {
+            client,
+            cluster: Some(cluster),
+            value: ValueKind::String,
+        }
+    }
+
+    /// Every answered request's time on the wire, over the clients of every node.
+    pub fn wire_latency(&self) -> hdrhistogram::Histogram<u64> {
+        let mut total = self.client.wire_latency();
+        if let Some(c) = &self.cluster {
+            c.add_wire_latency_to(&mut total);
+        }
+        total
     }
 
     fn hashes(&self, keys: &[&[u8]]) -> HashValues {
@@ -93,27 +115,32 @@ impl BatchLookup for RedisLookup {
     type Future = LookupFuture;
 
     fn get_many(&self, keys: &[&[u8]]) -> LookupFuture {
-        match self.value {
-            ValueKind::String => LookupFuture::Strings(self.client.get_many(keys)),
-            _ => LookupFuture::Hashes(self.hashes(keys)),
+        match (&self.cluster, &self.value) {
+            (Some(c), _) => LookupFuture::Cluster(c.get_many(keys)),
+            (None, ValueKind::String) => LookupFuture::Strings(self.client.get_many(keys)),
+            (None, _) => LookupFuture::Hashes(self.hashes(keys)),
         }
     }
 
     fn get_one(&self, key: &[u8]) -> LookupFuture {
-        match self.value {
-            ValueKind::String => LookupFuture::Strings(self.client.get_one(key)),
-            _ => LookupFuture::Hashes(self.hashes(&[key])),
+        match (&self.cluster, &self.value) {
+            (Some(c), _) => LookupFuture::Cluster(c.get_one(key)),
+            (None, ValueKind::String) => LookupFuture::Strings(self.client.get_one(key)),
+            (None, _) => LookupFuture::Hashes(self.hashes(&[key])),
         }
     }
 
     fn invalidated(&self) -> Option<Invalidated> {
-        self.client.invalidated()
+        match &self.cluster {
+            Some(c) => BatchLookup::invalidated(c),
+            None => self.client.invalidated(),
+        }
     }
 }
 
-impl BatchLookup for crate::redis::cluster::RedisCluster {
+impl BatchLookup for RedisCluster {
     type Error = RedisError;
-    type Future = Pin<Box<dyn Future<Output = Result<Values, RedisError>>>>;
+    type Future = ClusterValues;
 
     /// `MGET` per hash slot, to each slot's node.
     fn get_many(&self, keys: &[&[u8]]) -> Self::Future {
@@ -125,7 +152,7 @@ impl BatchLookup for crate::redis::cluster::RedisCluster {
     }
 
     fn invalidated(&self) -> Option<Invalidated> {
-        crate::redis::cluster::RedisCluster::invalidated(self)
+        RedisCluster::invalidated(self)
     }
 }
 
@@ -133,7 +160,11 @@ impl BatchLookup for crate::redis::cluster::RedisCluster {
 pub enum LookupFuture {
     Strings(RedisValues),
     Hashes(HashValues),
+    Cluster(ClusterValues),
 }
+
+/// The values of a cluster request (slots to their nodes, redirections followed).
+pub type ClusterValues = crate::redis::cluster::Lookup;
 
 impl Future for LookupFuture {
     type Output = Result<Values, RedisError>;
@@ -141,6 +172,7 @@ impl Future for LookupFuture {
         match self.get_mut() {
             LookupFuture::Strings(f) => Pin::new(f).poll(cx),
             LookupFuture::Hashes(f) => Pin::new(f).poll(cx),
+            LookupFuture::Cluster(f) => f.as_mut().poll(cx),
         }
     }
 }

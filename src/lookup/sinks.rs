@@ -4,7 +4,6 @@
 //! Owns: the shared totals. Invariant: each shard adds its own figures once, from `close`.
 
 use super::{BatchLookup, LayerStats, Lookups};
-use crate::redis::RedisClient;
 use hdrhistogram::Histogram;
 use std::sync::{Arc, Mutex};
 
@@ -22,10 +21,14 @@ impl Sinks {
         }
     }
 
-    /// Adds a shard's figures (from its function's `close`): its client's wire times and its
+    /// Adds a shard's figures (from its function's `close`): its clients' wire times and its
     /// layer's counters.
-    pub(crate) fn add<B: BatchLookup>(&self, client: &RedisClient, lookups: &Lookups<B>) {
-        client.add_wire_latency_to(&self.wire_us);
+    pub(crate) fn add<B: BatchLookup>(&self, wire_us: Histogram<u64>, lookups: &Lookups<B>) {
+        self.wire_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(wire_us)
+            .expect("wire histograms share their bounds");
         let mut layer = self.layer.lock().unwrap_or_else(|p| p.into_inner());
         layer.add(&lookups.stats());
     }

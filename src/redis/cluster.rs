@@ -18,6 +18,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
 use std::rc::Rc;
 
+/// A cluster lookup's answer: one value per key, in key order.
+pub type Lookup = Pin<Box<dyn Future<Output = Result<Vec<Option<Bytes>>, RedisError>>>>;
+
 /// Hash slots in a cluster.
 pub const SLOTS: usize = 16384;
 /// Redirections (`MOVED`, `ASK`) followed for one request before it fails.
@@ -157,6 +160,15 @@ impl RedisCluster {
         (i.moved.get(), i.asked.get(), i.refreshes.get())
     }
 
+    /// Adds every node's wire times to `total`.
+    pub fn add_wire_latency_to(&self, total: &mut hdrhistogram::Histogram<u64>) {
+        for (_, client) in &self.inner.topology.borrow().nodes {
+            total
+                .add(client.wire_latency())
+                .expect("wire histograms share their bounds");
+        }
+    }
+
     /// The nodes known so far.
     pub fn nodes(&self) -> Vec<SocketAddr> {
         let t = self.inner.topology.borrow();
@@ -168,7 +180,7 @@ impl RedisCluster {
         &self,
         keys: Vec<Vec<u8>>,
         single: bool,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<Option<Bytes>>, RedisError>>>> {
+    ) -> Lookup {
         let inner = self.inner.clone();
         Box::pin(async move { inner.lookup(keys, single).await })
     }
