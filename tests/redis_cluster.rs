@@ -30,6 +30,37 @@ impl Drop for Cluster {
     }
 }
 
+impl Cluster {
+    /// Node `i` on `port`, with its cluster configuration file (kept across a restart).
+    fn spawn_node(&self, i: usize, port: u16) -> Child {
+        let conf = self.dir.path().join(format!("nodes-{i}.conf"));
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+            .arg(&conf)
+            .args(["--save", "", "--appendonly", "no"])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts")
+    }
+
+    /// Starts node `i`, killed before, again on its port with its configuration: its keys are
+    /// gone (nothing is saved), its slots are its own again.
+    fn start_again(&mut self, i: usize) {
+        let port = self.nodes[i].1;
+        let child = self.spawn_node(i, port);
+        self.nodes[i].0 = child;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+            || !cli(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+        {
+            assert!(Instant::now() < deadline, "node {i} did not come back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string()])
@@ -73,16 +104,7 @@ fn start_cluster() -> Option<Cluster> {
     };
     for i in 0..3 {
         let port = free_port();
-        let conf = cluster.dir.path().join(format!("nodes-{i}.conf"));
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--cluster-enabled", "yes", "--cluster-config-file"])
-            .arg(&conf)
-            .args(["--save", "", "--appendonly", "no"])
-            .current_dir(cluster.dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
+        let child = cluster.spawn_node(i, port);
         cluster.nodes.push((child, port));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -316,4 +338,60 @@ fn enrich_finds_a_cluster_by_itself_and_reads_from_every_node() {
         !run.status.success() && stderr.contains("Redis Cluster"),
         "{stderr}"
     );
+}
+
+/// A node that dies and comes back: its keys' lookups fail while it is down (the connection's
+/// error, for the retry policy) and succeed again once it is back, through the reconnect.
+#[test]
+fn a_restarted_node_is_reconnected() {
+    let Some(mut cluster) = start_cluster() else {
+        return;
+    };
+    let seed = cluster.nodes[0].1;
+    let victim = cluster.nodes[2].1;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let lookups_thread = std::thread::spawn(move || {
+        run(move || async move {
+            let seed = Endpoint::parse(&format!("redis://127.0.0.1:{seed}")).unwrap();
+            let cluster = RedisCluster::new(seed, &ClientConfig::default());
+            let lookups = Lookups::new(cluster, LayerConfig::default());
+            // A key on each node; the value is missing (nothing was written), the point is
+            // that each node answers.
+            let keys: Vec<String> = (0..60).map(key).collect();
+            let all = |lookups: &Lookups<RedisCluster>| {
+                let gets: Vec<_> = keys.iter().map(|k| lookups.get(k.as_bytes())).collect();
+                join_all(gets)
+            };
+            assert!(all(&lookups).await.iter().all(|a| a.is_ok()));
+            done_tx.send(()).unwrap();
+            rx.recv().unwrap(); // the node was killed
+            let answers = all(&lookups).await;
+            let failed = answers.iter().filter(|a| a.is_err()).count();
+            assert!(failed > 0 && failed < answers.len(), "{failed} failed");
+            done_tx.send(()).unwrap();
+            rx.recv().unwrap(); // the node is back
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if all(&lookups).await.iter().all(|a| a.is_ok()) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the node's keys failed after it came back"
+                );
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    done_rx.recv().unwrap();
+    let (child, _) = &mut cluster.nodes[2];
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(victim, cluster.nodes[2].1);
+    tx.send(()).unwrap();
+    done_rx.recv().unwrap();
+    cluster.start_again(2);
+    tx.send(()).unwrap();
+    lookups_thread.join().expect("lookups recovered");
 }

@@ -7,7 +7,9 @@
 //! of its hash tag (the text between the first `{` and the next `}`, when not empty), modulo
 //! 16384, as Redis computes it; an `MGET` holds keys of one slot only (Redis refuses keys of
 //! several slots with `CROSSSLOT`); a request is redirected at most `MAX_REDIRECTS` times, then
-//! fails with the last redirection as its error; a map refresh replaces the whole map.
+//! fails with the last redirection as its error; a request whose node cannot be reached reads
+//! the map again once and goes to the slot's owner then (a failover), else fails with the
+//! connection's error for the retry policy to decide; a map refresh replaces the whole map.
 
 use super::{ClientConfig, Endpoint, Invalidated, RedisClient, RedisError, Reply, Server};
 use bytes::Bytes;
@@ -176,11 +178,7 @@ impl RedisCluster {
     }
 
     /// Looks `keys` up: `GET` for one key when `single`, else `MGET` per slot.
-    pub fn lookup(
-        &self,
-        keys: Vec<Vec<u8>>,
-        single: bool,
-    ) -> Lookup {
+    pub fn lookup(&self, keys: Vec<Vec<u8>>, single: bool) -> Lookup {
         let inner = self.inner.clone();
         Box::pin(async move { inner.lookup(keys, single).await })
     }
@@ -296,6 +294,7 @@ impl Inner {
         let mut client = self.owner(slot).await?;
         let mut asking = false;
         let mut redirects = 0;
+        let mut failed_over = false;
         loop {
             let reply = if asking {
                 client.command_after_asking(&args).await
@@ -315,6 +314,22 @@ impl Inner {
                 }
                 Err(e) => e,
             };
+            let connection = matches!(
+                error,
+                RedisError::Connect { .. }
+                    | RedisError::ConnectionLost { .. }
+                    | RedisError::Unavailable { .. }
+            );
+            if connection && !failed_over {
+                // The node may be gone for good (a replica took its slots over): read the map
+                // again, once, and go to whoever serves the slot now. Reads may be repeated.
+                failed_over = true;
+                if self.refresh().await.is_ok() {
+                    client = self.owner(slot).await?;
+                    asking = false;
+                    continue;
+                }
+            }
             let Some(to) = redirect(&error) else {
                 return Err(error);
             };
