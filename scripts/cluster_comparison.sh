@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One Redis against a 3-master Redis Cluster, as sluice sees them (docs/benchmarks.md, "Redis
-# Cluster"): every server pinned to core 1, the client (examples/cluster_rate.rs) to core 0,
+# Cluster"): every server pinned to core 1, the client (examples/backend_cost.rs) to core 0,
 # the same 1M keys of 128 bytes in both; ROUNDS (default 3) alternating runs of 500 000 uniform
 # lookups at 256 in flight, batches of 16. The servers' CPU comes from /proc: the single
 # server works only in its phases and the cluster's nodes only in theirs. Writes
@@ -61,8 +61,8 @@ ticks() { awk '{print $14 + $15}' "/proc/$(pgrep -f "redis-server 127.0.0.1:$1" 
 before=(); for p in "$single" "${ports[@]}"; do before+=("$(ticks "$p")"); done
 {
     echo "# commit $(git rev-parse --short HEAD), $(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; Redis $(redis-server --version | grep -o 'v=[0-9.]*' | cut -d= -f2), every server on core 1, the client on core 0"
-    taskset -c 0 ./target/release/examples/cluster_rate "redis://127.0.0.1:$single" \
-        "redis://127.0.0.1:${ports[0]}" 256 500000 1000000 "$rounds"
+    taskset -c 0 ./target/release/examples/backend_cost "redis://127.0.0.1:$single" \
+        "redis://127.0.0.1:${ports[0]}" --cluster --in-flight 256 --batch 16 --rounds "$rounds"
     i=0
     for p in "$single" "${ports[@]}"; do
         after=$(ticks "$p")

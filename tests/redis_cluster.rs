@@ -4,8 +4,11 @@
 //! (while it migrates) and `MOVED` (once it moved). Skipped (saying so) when `redis-server` is
 //! missing, unless SLUICE_REQUIRE_REDIS=1.
 
+mod real_redis;
+
 use bytes::Bytes;
 use futures::future::join_all;
+use real_redis::{free_port, redis_server_installed};
 use sluice::lookup::{LayerConfig, Lookups};
 use sluice::redis::cluster::{key_slot, RedisCluster};
 use sluice::redis::{ClientConfig, Endpoint};
@@ -72,13 +75,9 @@ fn cli(port: u16, args: &[&str]) -> String {
 }
 
 /// A free port whose cluster bus port (port + 10000) is free too.
-fn free_port() -> u16 {
+fn free_cluster_port() -> u16 {
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         if port < 50000 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
             return port;
         }
@@ -86,15 +85,7 @@ fn free_port() -> u16 {
 }
 
 fn start_cluster() -> Option<Cluster> {
-    let found = Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        if std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-            panic!("SLUICE_REQUIRE_REDIS=1 but redis-server is not installed");
-        }
-        eprintln!("skipping: redis-server is not installed");
+    if !redis_server_installed() {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -103,7 +94,7 @@ fn start_cluster() -> Option<Cluster> {
         dir,
     };
     for i in 0..3 {
-        let port = free_port();
+        let port = free_cluster_port();
         let child = cluster.spawn_node(i, port);
         cluster.nodes.push((child, port));
     }

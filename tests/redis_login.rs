@@ -4,9 +4,11 @@
 //! enrich` end to end with a `redis://user:password@host/db` URL and a `unix://` one. Skipped
 //! (saying so) when `redis-server` is not installed, unless SLUICE_REQUIRE_REDIS=1.
 
+mod real_redis;
+
+use real_redis::{free_port, redis_server_installed};
 use sluice::redis::{ClientConfig, Endpoint, RedisClient, Server};
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,22 +32,10 @@ impl Drop for OwnRedis {
 }
 
 fn own_redis(name: &str) -> Option<OwnRedis> {
-    let found = Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        if std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-            panic!("SLUICE_REQUIRE_REDIS=1 but redis-server is not installed");
-        }
-        eprintln!("skipping: redis-server is not installed");
+    if !redis_server_installed() {
         return None;
     }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let socket = std::env::temp_dir().join(format!("sluice-{}-{name}.sock", std::process::id()));
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])

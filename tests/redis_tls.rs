@@ -5,10 +5,12 @@
 //! enrich` runs end to end over TLS. Skipped (saying so) when `redis-server` is missing, unless
 //! SLUICE_REQUIRE_REDIS=1.
 
+mod real_redis;
+
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use real_redis::{free_port, redis_server_installed};
 use sluice::redis::{ClientConfig, Endpoint, RedisClient};
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -60,27 +62,9 @@ impl Drop for TlsRedis {
     }
 }
 
-fn redis_installed() -> bool {
-    let found = Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        if std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-            panic!("SLUICE_REQUIRE_REDIS=1 but redis-server is not installed");
-        }
-        eprintln!("skipping: redis-server is not installed");
-    }
-    found
-}
-
 /// A TLS-only `redis-server`; `clients` is its `--tls-auth-clients` (`yes`, `optional`).
 fn tls_redis(certs: &Certs, clients: &str) -> TlsRedis {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let p = |name: &str| certs.path(name).to_str().unwrap().to_string();
     let child = Command::new("redis-server")
         .args([
@@ -143,7 +127,7 @@ fn set_get(endpoint: Endpoint) -> Result<Option<Vec<u8>>, String> {
 
 #[test]
 fn the_client_verifies_the_server_and_presents_its_certificate() {
-    if !redis_installed() {
+    if !redis_server_installed() {
         return;
     }
     let certs = Certs::make();
@@ -176,7 +160,7 @@ fn the_client_verifies_the_server_and_presents_its_certificate() {
 
 #[test]
 fn enrich_over_tls_and_an_untrusted_server_refused_before_writing() {
-    if !redis_installed() {
+    if !redis_server_installed() {
         return;
     }
     let certs = Certs::make();

@@ -1,5 +1,7 @@
 //! A real Redis for the tests that need one: `REDIS_URL`, else 127.0.0.1:6379; a test skips
-//! (saying so) when none answers, unless SLUICE_REQUIRE_REDIS=1 makes that a failure.
+//! (saying so) when none answers, unless SLUICE_REQUIRE_REDIS=1 makes that a failure. And the
+//! `redis-server` binary, for the tests that start servers of their own.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -29,4 +31,29 @@ pub fn redis_command(conn: &mut std::net::TcpStream, args: &[&str]) -> String {
     let mut buf = [0u8; 256];
     let n = conn.read(&mut buf).unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Whether `redis-server` can be started; `false` (saying so: the test skips) when it is not
+/// installed, a failure instead under SLUICE_REQUIRE_REDIS=1.
+pub fn redis_server_installed() -> bool {
+    let found = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("SLUICE_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+            panic!("SLUICE_REQUIRE_REDIS=1 but redis-server is not installed");
+        }
+        eprintln!("skipping: redis-server is not installed");
+    }
+    found
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
