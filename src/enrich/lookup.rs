@@ -60,11 +60,10 @@ impl RedisEnrich {
         sinks: Sinks,
         budget: Arc<Budget>,
     ) -> Self {
-        let client = RedisClient::new(endpoint.clone(), config);
         let backend = if cluster {
-            RedisLookup::cluster(client, RedisCluster::new(endpoint, config))
+            RedisLookup::cluster(RedisCluster::new(endpoint, config))
         } else {
-            RedisLookup::new(client, value)
+            RedisLookup::new(RedisClient::new(endpoint, config), value)
         };
         RedisEnrich {
             lookups: Lookups::new(backend, layer),

@@ -53,56 +53,60 @@ impl std::str::FromStr for ValueKind {
 
 /// See the module documentation.
 pub struct RedisLookup {
-    client: RedisClient,
-    /// A cluster's nodes instead of `client`'s server (strings only).
-    cluster: Option<RedisCluster>,
+    target: Target,
     value: ValueKind,
+}
+
+/// One server, or a cluster's nodes (strings only).
+enum Target {
+    One(RedisClient),
+    Cluster(RedisCluster),
 }
 
 impl RedisLookup {
     pub fn new(client: RedisClient, value: ValueKind) -> RedisLookup {
         RedisLookup {
-            client,
-            cluster: None,
+            target: Target::One(client),
             value,
         }
     }
 
-    /// Lookups of string values in a cluster; `seed` (one of its nodes) is also where
-    /// `client` connects, for the wire times of what goes there.
-    pub fn cluster(client: RedisClient, cluster: RedisCluster) -> RedisLookup {
+    /// Lookups of string values in a cluster.
+    pub fn cluster(cluster: RedisCluster) -> RedisLookup {
         RedisLookup {
-            client,
-            cluster: Some(cluster),
+            target: Target::Cluster(cluster),
             value: ValueKind::String,
         }
     }
 
     /// Every answered request's time on the wire, over the clients of every node.
     pub fn wire_latency(&self) -> hdrhistogram::Histogram<u64> {
-        let mut total = self.client.wire_latency();
-        if let Some(c) = &self.cluster {
-            c.add_wire_latency_to(&mut total);
+        match &self.target {
+            Target::One(client) => client.wire_latency(),
+            Target::Cluster(c) => {
+                let mut total = crate::redis::wire_histogram();
+                c.add_wire_latency_to(&mut total);
+                total
+            }
         }
-        total
     }
 
-    fn hashes(&self, keys: &[&[u8]]) -> HashValues {
+    fn hashes(client: &RedisClient, value: &ValueKind, keys: &[&[u8]]) -> HashValues {
         let requests = keys
             .iter()
-            .map(|key| match &self.value {
+            .map(|key| match value {
                 ValueKind::HashFields(fields) => {
                     let mut args: Vec<&[u8]> = vec![b"HMGET", key];
                     args.extend(fields.iter().map(|f| f.as_bytes()));
-                    self.client.command(&args)
+                    client.command(&args)
                 }
-                _ => self.client.command(&[b"HGETALL", key]),
+                _ => client.command(&[b"HGETALL", key]),
             })
             .map(Pending::Waiting)
             .collect();
         HashValues {
             requests,
-            fields: match &self.value {
+            fields: match value {
                 ValueKind::HashFields(f) => Some(f.clone()),
                 _ => None,
             },
@@ -115,25 +119,29 @@ impl BatchLookup for RedisLookup {
     type Future = LookupFuture;
 
     fn get_many(&self, keys: &[&[u8]]) -> LookupFuture {
-        match (&self.cluster, &self.value) {
-            (Some(c), _) => LookupFuture::Cluster(c.get_many(keys)),
-            (None, ValueKind::String) => LookupFuture::Strings(self.client.get_many(keys)),
-            (None, _) => LookupFuture::Hashes(self.hashes(keys)),
+        match (&self.target, &self.value) {
+            (Target::Cluster(c), _) => LookupFuture::Cluster(c.get_many(keys)),
+            (Target::One(client), ValueKind::String) => {
+                LookupFuture::Strings(client.get_many(keys))
+            }
+            (Target::One(client), value) => LookupFuture::Hashes(Self::hashes(client, value, keys)),
         }
     }
 
     fn get_one(&self, key: &[u8]) -> LookupFuture {
-        match (&self.cluster, &self.value) {
-            (Some(c), _) => LookupFuture::Cluster(c.get_one(key)),
-            (None, ValueKind::String) => LookupFuture::Strings(self.client.get_one(key)),
-            (None, _) => LookupFuture::Hashes(self.hashes(&[key])),
+        match (&self.target, &self.value) {
+            (Target::Cluster(c), _) => LookupFuture::Cluster(c.get_one(key)),
+            (Target::One(client), ValueKind::String) => LookupFuture::Strings(client.get_one(key)),
+            (Target::One(client), value) => {
+                LookupFuture::Hashes(Self::hashes(client, value, &[key]))
+            }
         }
     }
 
     fn invalidated(&self) -> Option<Invalidated> {
-        match &self.cluster {
-            Some(c) => BatchLookup::invalidated(c),
-            None => self.client.invalidated(),
+        match &self.target {
+            Target::Cluster(c) => BatchLookup::invalidated(c),
+            Target::One(client) => client.invalidated(),
         }
     }
 }
