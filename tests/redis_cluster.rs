@@ -291,6 +291,7 @@ fn enrich_finds_a_cluster_by_itself_and_reads_from_every_node() {
     let mut stdin = set.stdin.take().unwrap();
     for i in 0..100 {
         writeln!(stdin, "SET user:{i} '{{\"tier\":\"t{i}\"}}'").unwrap();
+        writeln!(stdin, "HSET profile:{i} tier h{i} zip z{i}").unwrap();
     }
     drop(stdin);
     assert!(set.wait().unwrap().success());
@@ -323,12 +324,39 @@ fn enrich_finds_a_cluster_by_itself_and_reads_from_every_node() {
         assert_eq!(line, expected);
     }
     assert_eq!(out.lines().count(), 200);
-    let run = enrich(&["--value", "hash"]);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        !run.status.success() && stderr.contains("Redis Cluster"),
-        "{stderr}"
-    );
+    // Hashes, each key's HGETALL (or HMGET) at its slot's node.
+    for (value, fields) in [("hash", "tier,zip"), ("hash:zip", "zip")] {
+        let run = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "enrich",
+                "--redis",
+                &url,
+                "--key",
+                "profile:{id}",
+                "--input",
+            ])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .args(["--value", value, "--batch-size", "8"])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let out = std::fs::read_to_string(&output).unwrap();
+        assert_eq!(out.lines().count(), 200);
+        for (i, line) in out.lines().enumerate() {
+            let expected = match (i < 100, fields) {
+                (false, _) => format!("{{\"id\":{i}}}"),
+                (true, "zip") => format!("{{\"id\":{i},\"zip\":\"z{i}\"}}"),
+                (true, _) => format!("{{\"id\":{i},\"tier\":\"h{i}\",\"zip\":\"z{i}\"}}"),
+            };
+            assert_eq!(line, expected, "--value {value}");
+        }
+    }
 }
 
 /// A node that dies and comes back: its keys' lookups fail while it is down (the connection's

@@ -61,7 +61,7 @@ impl RedisEnrich {
         budget: Arc<Budget>,
     ) -> Self {
         let backend = if cluster {
-            RedisLookup::cluster(RedisCluster::new(endpoint, config))
+            RedisLookup::cluster(RedisCluster::new(endpoint, config), value)
         } else {
             RedisLookup::new(RedisClient::new(endpoint, config), value)
         };

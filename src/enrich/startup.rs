@@ -130,13 +130,6 @@ pub(crate) fn preflight(config: &EnrichConfig) -> Result<Preflight, EnrichError>
         }
     }
     let cluster = redis_answers(&config.redis, config.tracking)?;
-    if cluster && config.value != crate::lookup::ValueKind::String {
-        return Err(EnrichError::Usage(
-            "--value hash with a Redis Cluster is not supported yet: the keys hold strings \
-             (--value string)"
-                .into(),
-        ));
-    }
     Ok(Preflight {
         lock,
         completed: false,

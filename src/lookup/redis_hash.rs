@@ -11,7 +11,7 @@
 
 use super::redis::RedisValues;
 use super::{BatchLookup, Invalidated, Values};
-use crate::redis::cluster::RedisCluster;
+use crate::redis::cluster::{RedisCluster, Routed};
 use crate::redis::{RedisClient, RedisError, Reply, ReplyFuture};
 use bytes::Bytes;
 use std::future::Future;
@@ -57,7 +57,7 @@ pub struct RedisLookup {
     value: ValueKind,
 }
 
-/// One server, or a cluster's nodes (strings only).
+/// One server, or a cluster's nodes.
 enum Target {
     One(RedisClient),
     Cluster(RedisCluster),
@@ -71,11 +71,11 @@ impl RedisLookup {
         }
     }
 
-    /// Lookups of string values in a cluster.
-    pub fn cluster(cluster: RedisCluster) -> RedisLookup {
+    /// Lookups in a cluster, each key at its slot's node.
+    pub fn cluster(cluster: RedisCluster, value: ValueKind) -> RedisLookup {
         RedisLookup {
             target: Target::Cluster(cluster),
-            value: ValueKind::String,
+            value,
         }
     }
 
@@ -91,16 +91,24 @@ impl RedisLookup {
         }
     }
 
-    fn hashes(client: &RedisClient, value: &ValueKind, keys: &[&[u8]]) -> HashValues {
+    fn hashes(target: &Target, value: &ValueKind, keys: &[&[u8]]) -> HashValues {
         let requests = keys
             .iter()
-            .map(|key| match value {
-                ValueKind::HashFields(fields) => {
-                    let mut args: Vec<&[u8]> = vec![b"HMGET", key];
+            .map(|key| {
+                let mut args: Vec<&[u8]> = match value {
+                    ValueKind::HashFields(_) => vec![b"HMGET", key],
+                    _ => vec![b"HGETALL", key],
+                };
+                if let ValueKind::HashFields(fields) = value {
                     args.extend(fields.iter().map(|f| f.as_bytes()));
-                    client.command(&args)
                 }
-                _ => client.command(&[b"HGETALL", key]),
+                match target {
+                    Target::One(client) => Request::One(client.command(&args)),
+                    Target::Cluster(c) => {
+                        let owned = args.iter().map(|a| a.to_vec()).collect();
+                        Request::Routed(c.command_for_key(key, owned))
+                    }
+                }
             })
             .map(Pending::Waiting)
             .collect();
@@ -120,21 +128,19 @@ impl BatchLookup for RedisLookup {
 
     fn get_many(&self, keys: &[&[u8]]) -> LookupFuture {
         match (&self.target, &self.value) {
-            (Target::Cluster(c), _) => LookupFuture::Cluster(c.get_many(keys)),
+            (Target::Cluster(c), ValueKind::String) => LookupFuture::Cluster(c.get_many(keys)),
             (Target::One(client), ValueKind::String) => {
                 LookupFuture::Strings(client.get_many(keys))
             }
-            (Target::One(client), value) => LookupFuture::Hashes(Self::hashes(client, value, keys)),
+            (target, value) => LookupFuture::Hashes(Self::hashes(target, value, keys)),
         }
     }
 
     fn get_one(&self, key: &[u8]) -> LookupFuture {
         match (&self.target, &self.value) {
-            (Target::Cluster(c), _) => LookupFuture::Cluster(c.get_one(key)),
+            (Target::Cluster(c), ValueKind::String) => LookupFuture::Cluster(c.get_one(key)),
             (Target::One(client), ValueKind::String) => LookupFuture::Strings(client.get_one(key)),
-            (Target::One(client), value) => {
-                LookupFuture::Hashes(Self::hashes(client, value, &[key]))
-            }
+            (target, value) => LookupFuture::Hashes(Self::hashes(target, value, &[key])),
         }
     }
 
@@ -186,8 +192,24 @@ impl Future for LookupFuture {
 }
 
 enum Pending {
-    Waiting(ReplyFuture),
+    Waiting(Request),
     Answered(Option<Bytes>),
+}
+
+/// One hash's command: to the one server, or routed to its slot's node.
+enum Request {
+    One(ReplyFuture),
+    Routed(Routed),
+}
+
+impl Future for Request {
+    type Output = Result<Reply, RedisError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Request::One(f) => Pin::new(f).poll(cx),
+            Request::Routed(f) => f.as_mut().poll(cx),
+        }
+    }
 }
 
 /// The hashes of a batch, one command per key.

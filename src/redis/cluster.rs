@@ -23,6 +23,9 @@ use std::rc::Rc;
 /// A cluster lookup's answer: one value per key, in key order.
 pub type Lookup = Pin<Box<dyn Future<Output = Result<Vec<Option<Bytes>>, RedisError>>>>;
 
+/// A routed command's reply.
+pub type Routed = Pin<Box<dyn Future<Output = Result<Reply, RedisError>>>>;
+
 /// Hash slots in a cluster.
 pub const SLOTS: usize = 16384;
 /// Redirections (`MOVED`, `ASK`) followed for one request before it fails.
@@ -183,6 +186,17 @@ impl RedisCluster {
         Box::pin(async move { inner.lookup(keys, single).await })
     }
 
+    /// Sends `args`, a command about `key` (`HGETALL key`), to the node serving the key's slot,
+    /// following redirections: its reply.
+    pub fn command_for_key(&self, key: &[u8], args: Vec<Vec<u8>>) -> Routed {
+        let inner = self.inner.clone();
+        let slot = key_slot(key);
+        Box::pin(async move {
+            let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            inner.routed(slot, &args, 1).await
+        })
+    }
+
     /// What the nodes' connections heard from client tracking (with `ClientConfig::tracking`).
     pub fn invalidated(&self) -> Option<Invalidated> {
         let t = self.inner.topology.borrow();
@@ -281,6 +295,7 @@ impl Inner {
     }
 
     /// One slot's keys, redirected as the cluster says.
+    /// One slot's keys, redirected as the cluster says.
     async fn slot_lookup(
         &self,
         slot: u16,
@@ -291,27 +306,31 @@ impl Inner {
         let mut args: Vec<&[u8]> = Vec::with_capacity(keys.len() + 1);
         args.push(command);
         args.extend_from_slice(keys);
+        match self.routed(slot, &args, keys.len()).await? {
+            reply if single => Ok(vec![value(reply, "GET")?]),
+            Reply::Array(items) => items.into_iter().map(|i| value(i, "MGET")).collect(),
+            other => Err(RedisError::UnexpectedReply {
+                command: "MGET",
+                got: other.describe(),
+            }),
+        }
+    }
+
+    /// `args`, about keys of `slot` (`weight` of them), to the slot's node, following `MOVED`,
+    /// `ASK` and a failover; the reply.
+    async fn routed(&self, slot: u16, args: &[&[u8]], weight: usize) -> Result<Reply, RedisError> {
         let mut client = self.owner(slot).await?;
         let mut asking = false;
         let mut redirects = 0;
         let mut failed_over = false;
         loop {
             let reply = if asking {
-                client.command_after_asking(&args).await
+                client.command_after_asking(args).await
             } else {
-                client.command_of_keys(&args, keys.len()).await
+                client.command_of_keys(args, weight).await
             };
             let error = match reply {
-                Ok(reply) if single => return Ok(vec![value(reply, "GET")?]),
-                Ok(Reply::Array(items)) => {
-                    return items.into_iter().map(|i| value(i, "MGET")).collect();
-                }
-                Ok(other) => {
-                    return Err(RedisError::UnexpectedReply {
-                        command: "MGET",
-                        got: other.describe(),
-                    })
-                }
+                Ok(reply) => return Ok(reply),
                 Err(e) => e,
             };
             let connection = matches!(
