@@ -16,7 +16,7 @@ mod layer;
 mod limit;
 mod rate;
 mod redis;
-mod redis_hash;
+mod redis_lookup;
 #[cfg(feature = "tools")]
 mod sinks;
 mod stats;
@@ -28,7 +28,7 @@ pub use cache::{Cache, CacheConfig, Eviction};
 pub use layer::{Get, Lookups};
 pub use limit::{AdaptiveConfig, Limiter};
 pub use redis::RedisValues;
-pub use redis_hash::{ClusterValues, HashValues, LookupFuture, RedisLookup, ValueKind};
+pub use redis_lookup::{ClusterValues, HashValues, LookupFuture, RedisLookup, ValueKind};
 #[cfg(feature = "tools")]
 pub(crate) use sinks::Sinks;
 pub use stats::LayerStats;

@@ -1,8 +1,9 @@
-//! `RedisLookup`: the Redis client as a [`BatchLookup`] for the value kind a user's keys hold —
-//! strings (`GET`/`MGET`, as `RedisClient` itself), whole hashes (`HGETALL`) or some fields of
-//! hashes (`HMGET`).
+//! `RedisLookup`: Redis as a [`BatchLookup`] for the value kind a user's keys hold — strings
+//! (`GET`/`MGET`, as `RedisClient` itself), whole hashes (`HGETALL`) or some fields of hashes
+//! (`HMGET`) — on one server or a cluster (`RedisCluster`, which is also a `BatchLookup` of
+//! strings on its own).
 //!
-//! Owns: turning hash replies into values. Invariants: a hash's value is a JSON object of its
+//! Owns: turning hash replies into values, and choosing the commands for a value kind. Invariants: a hash's value is a JSON object of its
 //! fields, each value a JSON string, in the order Redis answered (text that is not UTF-8 is
 //! replaced, as `sluice enrich` does with lines); a key with no hash (an empty `HGETALL`, or
 //! every `HMGET` field nil) is missing; there is no multi-key `HGETALL`, so a batch of hash keys
