@@ -8,7 +8,7 @@ mod real_redis;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use real_redis::{free_port, redis_server_installed};
+use real_redis::{enrich_files, free_port, redis_server_installed};
 use sluice::lookup::{LayerConfig, Lookups};
 use sluice::redis::cluster::{key_slot, RedisCluster};
 use sluice::redis::{ClientConfig, Endpoint};
@@ -301,17 +301,9 @@ fn enrich_finds_a_cluster_by_itself_and_reads_from_every_node() {
     std::fs::write(&input, lines).unwrap();
     let output = dir.path().join("out.jsonl");
     let url = format!("redis://127.0.0.1:{port}");
-    let enrich = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["enrich", "--redis", &url, "--key", "user:{id}", "--input"])
-            .arg(&input)
-            .arg("--output")
-            .arg(&output)
-            .args(extra)
-            .output()
-            .unwrap()
-    };
-    let run = enrich(&["--batch-size", "8", "--shards", "2"]);
+    let sluice = env!("CARGO_BIN_EXE_sluice");
+    let extra = ["--batch-size", "8", "--shards", "2"];
+    let run = enrich_files(sluice, &url, "user:{id}", &input, &output, &extra);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     let out = std::fs::read_to_string(&output).unwrap();
@@ -326,21 +318,8 @@ fn enrich_finds_a_cluster_by_itself_and_reads_from_every_node() {
     assert_eq!(out.lines().count(), 200);
     // Hashes, each key's HGETALL (or HMGET) at its slot's node.
     for (value, fields) in [("hash", "tier,zip"), ("hash:zip", "zip")] {
-        let run = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args([
-                "enrich",
-                "--redis",
-                &url,
-                "--key",
-                "profile:{id}",
-                "--input",
-            ])
-            .arg(&input)
-            .arg("--output")
-            .arg(&output)
-            .args(["--value", value, "--batch-size", "8"])
-            .output()
-            .unwrap();
+        let extra = ["--value", value, "--batch-size", "8"];
+        let run = enrich_files(sluice, &url, "profile:{id}", &input, &output, &extra);
         assert!(
             run.status.success(),
             "{}",

@@ -6,7 +6,7 @@
 
 mod real_redis;
 
-use real_redis::{free_port, redis_server_installed};
+use real_redis::{enrich_files, free_port, redis_server_installed};
 use sluice::redis::{ClientConfig, Endpoint, RedisClient, Server};
 use std::io::Write;
 use std::path::PathBuf;
@@ -157,22 +157,8 @@ fn enrich_logs_in_and_refuses_a_wrong_password_before_writing() {
     writeln!(f, r#"{{"user_id":"u2","n":2}}"#).unwrap();
     drop(f);
     let output = dir.path().join("out.jsonl");
-    let enrich = |url: &str| {
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args([
-                "enrich",
-                "--redis",
-                url,
-                "--key",
-                "user:{user_id}",
-                "--input",
-            ])
-            .arg(&input)
-            .arg("--output")
-            .arg(&output)
-            .output()
-            .unwrap()
-    };
+    let sluice = env!("CARGO_BIN_EXE_sluice");
+    let enrich = |url: &str| enrich_files(sluice, url, "user:{user_id}", &input, &output, &[]);
     for url in [
         format!("redis://alice:{ALICE}@127.0.0.1:{}/3", redis.port),
         format!(

@@ -8,7 +8,7 @@
 mod real_redis;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
-use real_redis::{free_port, redis_server_installed};
+use real_redis::{enrich_files, free_port, redis_server_installed};
 use sluice::redis::{ClientConfig, Endpoint, RedisClient};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -173,16 +173,8 @@ fn enrich_over_tls_and_an_untrusted_server_refused_before_writing() {
     writeln!(f, r#"{{"k":"tls-key"}}"#).unwrap();
     drop(f);
     let output = dir.path().join("out.jsonl");
-    let enrich = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["enrich", "--redis", &url, "--key", "{k}", "--input"])
-            .arg(&input)
-            .arg("--output")
-            .arg(&output)
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let sluice = env!("CARGO_BIN_EXE_sluice");
+    let enrich = |extra: &[&str]| enrich_files(sluice, &url, "{k}", &input, &output, extra);
     let ca = certs.path("ca.pem");
     let run = enrich(&["--tls-ca", ca.to_str().unwrap()]);
     assert!(

@@ -57,3 +57,23 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Runs `sluice enrich` (the binary at `bin`, `env!("CARGO_BIN_EXE_sluice")`) against `url`
+/// with `key`, from `input` to `output`, with `extra` flags; its output.
+pub fn enrich_files(
+    bin: &str,
+    url: &str,
+    key: &str,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(bin)
+        .args(["enrich", "--redis", url, "--key", key, "--input"])
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .output()
+        .expect("sluice runs")
+}
