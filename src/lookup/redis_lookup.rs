@@ -159,11 +159,11 @@ impl BatchLookup for RedisCluster {
 
     /// `MGET` per hash slot, to each slot's node.
     fn get_many(&self, keys: &[&[u8]]) -> Self::Future {
-        self.lookup(keys.iter().map(|k| k.to_vec()).collect(), false)
+        self.lookup(keys, false)
     }
 
     fn get_one(&self, key: &[u8]) -> Self::Future {
-        self.lookup(vec![key.to_vec()], true)
+        self.lookup(&[key], true)
     }
 
     fn invalidated(&self) -> Option<Invalidated> {

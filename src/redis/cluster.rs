@@ -11,10 +11,12 @@
 //! the map again once and goes to the slot's owner then (a failover), else fails with the
 //! connection's error for the retry policy to decide; a map refresh replaces the whole map.
 
-use super::{ClientConfig, Endpoint, Invalidated, RedisClient, RedisError, Reply, Server};
+use super::{
+    ClientConfig, Endpoint, Invalidated, RedisClient, RedisError, Reply, ReplyFuture, Server,
+};
 use bytes::Bytes;
+use smallvec::SmallVec;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
@@ -180,10 +182,15 @@ impl RedisCluster {
         t.nodes.iter().map(|(a, _)| *a).collect()
     }
 
-    /// Looks `keys` up: `GET` for one key when `single`, else `MGET` per slot.
-    pub fn lookup(&self, keys: Vec<Vec<u8>>, single: bool) -> Lookup {
+    /// Looks `keys` up: `GET` for one key when `single`, else `MGET` per slot. Each slot's
+    /// request is sent now to the node the map says (pipelined, in slot order of first
+    /// appearance); a slot whose node redirects or cannot be reached, or has no owner known
+    /// yet, is then looked up through the map and its redirections.
+    pub fn lookup(&self, keys: &[&[u8]], single: bool) -> Lookup {
+        let batch = Batch::new(keys);
+        let sent = self.inner.send_known(&batch, single);
         let inner = self.inner.clone();
-        Box::pin(async move { inner.lookup(keys, single).await })
+        Box::pin(async move { inner.finish(batch, sent, single).await })
     }
 
     /// Sends `args`, a command about `key` (`HGETALL key`), to the node serving the key's slot,
@@ -306,14 +313,7 @@ impl Inner {
         let mut args: Vec<&[u8]> = Vec::with_capacity(keys.len() + 1);
         args.push(command);
         args.extend_from_slice(keys);
-        match self.routed(slot, &args, keys.len()).await? {
-            reply if single => Ok(vec![value(reply, "GET")?]),
-            Reply::Array(items) => items.into_iter().map(|i| value(i, "MGET")).collect(),
-            other => Err(RedisError::UnexpectedReply {
-                command: "MGET",
-                got: other.describe(),
-            }),
-        }
+        answer(self.routed(slot, &args, keys.len()).await?, single)
     }
 
     /// `args`, about keys of `slot` (`weight` of them), to the slot's node, following `MOVED`,
@@ -333,13 +333,7 @@ impl Inner {
                 Ok(reply) => return Ok(reply),
                 Err(e) => e,
             };
-            let connection = matches!(
-                error,
-                RedisError::Connect { .. }
-                    | RedisError::ConnectionLost { .. }
-                    | RedisError::Unavailable { .. }
-            );
-            if connection && !failed_over {
+            if is_connection(&error) && !failed_over {
                 // The node may be gone for good (a replica took its slots over): read the map
                 // again, once, and go to whoever serves the slot now. Reads may be repeated.
                 failed_over = true;
@@ -373,36 +367,127 @@ impl Inner {
         }
     }
 
-    async fn lookup(
+    /// Sends each slot's request whose owner is known; `None` for the others.
+    fn send_known(&self, batch: &Batch, single: bool) -> Vec<Option<ReplyFuture>> {
+        let command: &[u8] = if single { b"GET" } else { b"MGET" };
+        let t = self.topology.borrow();
+        let mut args: Vec<&[u8]> = Vec::with_capacity(batch.keys.len() + 1);
+        batch
+            .groups
+            .iter()
+            .map(|(slot, members)| {
+                let node = t.slots[*slot as usize]?;
+                args.clear();
+                args.push(command);
+                args.extend(members.iter().map(|&i| batch.key(i as usize)));
+                Some(
+                    t.nodes[node as usize]
+                        .1
+                        .command_of_keys(&args, members.len()),
+                )
+            })
+            .collect()
+    }
+
+    /// Collects the answers of what `send_known` sent, and looks up the rest (or what was
+    /// redirected, or lost with its node) through the map.
+    async fn finish(
         &self,
-        keys: Vec<Vec<u8>>,
+        batch: Batch,
+        sent: Vec<Option<ReplyFuture>>,
         single: bool,
     ) -> Result<Vec<Option<Bytes>>, RedisError> {
-        // Keys by slot, in order of first appearance; each key's place in the answer.
-        let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
-        let mut order = Vec::new();
-        for (i, key) in keys.iter().enumerate() {
-            let slot = key_slot(key);
-            groups
-                .entry(slot)
-                .or_insert_with(|| {
-                    order.push(slot);
-                    Vec::new()
-                })
-                .push(i);
-        }
-        let requests = order.iter().map(|slot| {
-            let group: Vec<&[u8]> = groups[slot].iter().map(|&i| keys[i].as_slice()).collect();
-            async move { self.slot_lookup(*slot, &group, single).await }
-        });
-        let answers = futures::future::join_all(requests).await;
-        let mut values = vec![None; keys.len()];
-        for (slot, answer) in order.iter().zip(answers) {
-            for (&i, v) in groups[slot].iter().zip(answer?) {
-                values[i] = v;
+        let mut values = vec![None; batch.keys.len()];
+        for ((slot, members), request) in batch.groups.iter().zip(sent) {
+            let first = match request {
+                Some(reply) => match reply.await {
+                    Ok(reply) => Some(answer(reply, single)?),
+                    // A redirection or a lost node: through the map below (read again first
+                    // when the slot moved for good).
+                    Err(e) if redirect(&e).is_some() || is_connection(&e) => {
+                        if let Some(Redirect::Moved(_)) = redirect(&e) {
+                            self.moved.set(self.moved.get() + 1);
+                            let _ = self.refresh().await;
+                        }
+                        None
+                    }
+                    Err(e) => return Err(e),
+                },
+                None => None,
+            };
+            let answer = match first {
+                Some(a) => a,
+                None => {
+                    let keys: Vec<&[u8]> = members.iter().map(|&i| batch.key(i as usize)).collect();
+                    self.slot_lookup(*slot, &keys, single).await?
+                }
+            };
+            if answer.len() != members.len() {
+                return Err(RedisError::UnexpectedReply {
+                    command: "MGET",
+                    got: format!("{} values for {} keys", answer.len(), members.len()),
+                });
+            }
+            for (&i, v) in members.iter().zip(answer) {
+                values[i as usize] = v;
             }
         }
         Ok(values)
+    }
+}
+
+/// A batch's keys in one buffer, grouped by slot in order of first appearance.
+struct Batch {
+    bytes: Vec<u8>,
+    keys: Vec<(u32, u32)>,
+    groups: Vec<(u16, SmallVec<[u32; 4]>)>,
+}
+
+impl Batch {
+    fn new(keys: &[&[u8]]) -> Batch {
+        let mut batch = Batch {
+            bytes: Vec::with_capacity(keys.iter().map(|k| k.len()).sum()),
+            keys: Vec::with_capacity(keys.len()),
+            groups: Vec::new(),
+        };
+        for (i, key) in keys.iter().enumerate() {
+            let start = batch.bytes.len() as u32;
+            batch.bytes.extend_from_slice(key);
+            batch.keys.push((start, batch.bytes.len() as u32));
+            let slot = key_slot(key);
+            match batch.groups.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, members)) => members.push(i as u32),
+                None => batch.groups.push((slot, smallvec::smallvec![i as u32])),
+            }
+        }
+        batch
+    }
+
+    fn key(&self, i: usize) -> &[u8] {
+        let (start, end) = self.keys[i];
+        &self.bytes[start as usize..end as usize]
+    }
+}
+
+/// Whether `e` says the node could not be reached (rather than answered).
+fn is_connection(e: &RedisError) -> bool {
+    matches!(
+        e,
+        RedisError::Connect { .. }
+            | RedisError::ConnectionLost { .. }
+            | RedisError::Unavailable { .. }
+    )
+}
+
+/// The values of a `GET` (`single`) or `MGET` reply.
+fn answer(reply: Reply, single: bool) -> Result<Vec<Option<Bytes>>, RedisError> {
+    match reply {
+        reply if single => Ok(vec![value(reply, "GET")?]),
+        Reply::Array(items) => items.into_iter().map(|i| value(i, "MGET")).collect(),
+        other => Err(RedisError::UnexpectedReply {
+            command: "MGET",
+            got: other.describe(),
+        }),
     }
 }
 
