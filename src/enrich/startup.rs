@@ -74,7 +74,8 @@ pub(crate) fn output_settings(config: &EnrichConfig) -> serde_json::Value {
         "max_out_of_orderness_ms": config.max_out_of_orderness.as_millis() as u64,
         "emit_watermarks": config.emit_watermarks,
     });
-    // Strings, the default, are recorded by saying nothing (as before the setting existed).
+    // Strings, the default, leave `value` out: a run over strings records the same settings
+    // whether or not it says what its keys hold.
     if config.value != crate::lookup::ValueKind::String {
         settings["value"] = format!("{:?}", config.value).into();
     }
