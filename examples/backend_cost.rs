@@ -8,22 +8,12 @@
 //! [--cluster] [--in-flight N] [--batch N] [--records N] [--keys N] [--rounds N]`
 
 use futures::StreamExt;
+use sluice::bench::cpu::process_cpu;
 use sluice::lookup::{BatchLookup, LayerConfig, Lookups};
 use sluice::redis::cluster::RedisCluster;
 use sluice::redis::{ClientConfig, Endpoint, RedisClient};
 use std::num::NonZeroUsize;
-use std::time::{Duration, Instant};
-
-fn cpu() -> Duration {
-    // SAFETY: getrusage writes into the zeroed struct we own; RUSAGE_SELF is always valid.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
+use std::time::Instant;
 
 /// Looks `keys` up, `in_flight` at a time: records/s, CPU us per record, and how many were
 /// found.
@@ -32,7 +22,7 @@ async fn measure<B: BatchLookup>(
     keys: &[String],
     in_flight: usize,
 ) -> (f64, f64, usize) {
-    let (cpu0, wall0) = (cpu(), Instant::now());
+    let (cpu0, wall0) = (process_cpu(), Instant::now());
     let mut found = 0usize;
     let mut answers = futures::stream::iter(keys.iter())
         .map(|k| lookups.get(k.as_bytes()))
@@ -47,7 +37,7 @@ async fn measure<B: BatchLookup>(
     let n = keys.len() as f64;
     (
         n / wall0.elapsed().as_secs_f64(),
-        (cpu() - cpu0).as_secs_f64() * 1e6 / n,
+        (process_cpu() - cpu0).as_secs_f64() * 1e6 / n,
         found,
     )
 }

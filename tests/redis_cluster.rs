@@ -143,6 +143,22 @@ fn key(i: usize) -> String {
     format!("user:{i}")
 }
 
+/// Runs `commands` through `redis-cli -c` at the node on `port` (it follows redirections).
+fn write_through(port: u16, commands: &[String]) {
+    let mut cli = Command::new("redis-cli")
+        .args(["-c", "-p", &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = cli.stdin.take().unwrap();
+    for c in commands {
+        writeln!(stdin, "{c}").unwrap();
+    }
+    drop(stdin);
+    assert!(cli.wait().unwrap().success());
+}
+
 /// The node owning `slot`, and its id.
 fn owner(cluster: &Cluster, slot: u16) -> (u16, String) {
     let port = cluster.nodes[0].1;
@@ -172,18 +188,8 @@ fn batched_lookups_reach_each_node_and_follow_a_migrating_slot() {
         return;
     };
     let first = cluster.nodes[0].1;
-    let mut set = Command::new("redis-cli")
-        .args(["-c", "-p", &first.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = set.stdin.take().unwrap();
-    for i in 0..KEYS {
-        writeln!(stdin, "SET {} v{i}", key(i)).unwrap();
-    }
-    drop(stdin);
-    assert!(set.wait().unwrap().success());
+    let commands: Vec<String> = (0..KEYS).map(|i| format!("SET {} v{i}", key(i))).collect();
+    write_through(first, &commands);
 
     // The slot of key 0, and where it will move.
     let slot = key_slot(key(0).as_bytes());
@@ -282,19 +288,15 @@ fn enrich_finds_a_cluster_by_itself_and_reads_from_every_node() {
         return;
     };
     let port = cluster.nodes[1].1;
-    let mut set = Command::new("redis-cli")
-        .args(["-c", "-p", &port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = set.stdin.take().unwrap();
-    for i in 0..100 {
-        writeln!(stdin, "SET user:{i} '{{\"tier\":\"t{i}\"}}'").unwrap();
-        writeln!(stdin, "HSET profile:{i} tier h{i} zip z{i}").unwrap();
-    }
-    drop(stdin);
-    assert!(set.wait().unwrap().success());
+    let commands: Vec<String> = (0..100)
+        .flat_map(|i| {
+            [
+                format!("SET user:{i} '{{\"tier\":\"t{i}\"}}'"),
+                format!("HSET profile:{i} tier h{i} zip z{i}"),
+            ]
+        })
+        .collect();
+    write_through(port, &commands);
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.jsonl");
     let lines: String = (0..200).map(|i| format!("{{\"id\":{i}}}\n")).collect();

@@ -7,8 +7,7 @@
 //! (batching off) fails the record with Redis's `WRONGTYPE` error.
 
 use super::{BatchLookup, Invalidated, Values};
-use crate::redis::{RedisClient, RedisError, Reply, ReplyFuture};
-use bytes::Bytes;
+use crate::redis::{get_values, RedisClient, RedisError, ReplyFuture};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -46,33 +45,12 @@ pub struct RedisValues {
     single: bool,
 }
 
-fn value(reply: Reply, command: &'static str) -> Result<Option<Bytes>, RedisError> {
-    match reply {
-        Reply::Bulk(v) => Ok(Some(Bytes::from(v))),
-        Reply::Nil => Ok(None),
-        Reply::Error(message) => Err(RedisError::ErrorReply { message }),
-        other => Err(RedisError::UnexpectedReply {
-            command,
-            got: other.describe(),
-        }),
-    }
-}
-
 impl Future for RedisValues {
     type Output = Result<Values, RedisError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let single = self.single;
         Pin::new(&mut self.reply)
             .poll(cx)
-            .map(|r| match (r?, single) {
-                (reply, true) => Ok(vec![value(reply, "GET")?]),
-                (Reply::Array(items), false) => {
-                    items.into_iter().map(|i| value(i, "MGET")).collect()
-                }
-                (other, false) => Err(RedisError::UnexpectedReply {
-                    command: "MGET",
-                    got: other.describe(),
-                }),
-            })
+            .map(|r| get_values(r?, single))
     }
 }

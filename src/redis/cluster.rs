@@ -12,7 +12,8 @@
 //! connection's error for the retry policy to decide; a map refresh replaces the whole map.
 
 use super::{
-    ClientConfig, Endpoint, Invalidated, RedisClient, RedisError, Reply, ReplyFuture, Server,
+    get_values, ClientConfig, Endpoint, Invalidated, RedisClient, RedisError, Reply, ReplyFuture,
+    Server,
 };
 use bytes::Bytes;
 use smallvec::SmallVec;
@@ -223,18 +224,6 @@ impl RedisCluster {
     }
 }
 
-/// A value reply: bulk is a value, nil is missing.
-fn value(reply: Reply, command: &'static str) -> Result<Option<Bytes>, RedisError> {
-    match reply {
-        Reply::Bulk(v) => Ok(Some(Bytes::from(v))),
-        Reply::Nil => Ok(None),
-        other => Err(RedisError::UnexpectedReply {
-            command,
-            got: other.describe(),
-        }),
-    }
-}
-
 impl Inner {
     /// The client for the node at `addr`, created (with the seed's login and TLS) if new.
     fn node(&self, addr: SocketAddr) -> (u16, Rc<RedisClient>) {
@@ -313,7 +302,7 @@ impl Inner {
         let mut args: Vec<&[u8]> = Vec::with_capacity(keys.len() + 1);
         args.push(command);
         args.extend_from_slice(keys);
-        answer(self.routed(slot, &args, keys.len()).await?, single)
+        get_values(self.routed(slot, &args, keys.len()).await?, single)
     }
 
     /// `args`, about keys of `slot` (`weight` of them), to the slot's node, following `MOVED`,
@@ -401,7 +390,7 @@ impl Inner {
         for ((slot, members), request) in batch.groups.iter().zip(sent) {
             let first = match request {
                 Some(reply) => match reply.await {
-                    Ok(reply) => Some(answer(reply, single)?),
+                    Ok(reply) => Some(get_values(reply, single)?),
                     // A redirection or a lost node: through the map below (read again first
                     // when the slot moved for good).
                     Err(e) if redirect(&e).is_some() || is_connection(&e) => {
@@ -477,18 +466,6 @@ fn is_connection(e: &RedisError) -> bool {
             | RedisError::ConnectionLost { .. }
             | RedisError::Unavailable { .. }
     )
-}
-
-/// The values of a `GET` (`single`) or `MGET` reply.
-fn answer(reply: Reply, single: bool) -> Result<Vec<Option<Bytes>>, RedisError> {
-    match reply {
-        reply if single => Ok(vec![value(reply, "GET")?]),
-        Reply::Array(items) => items.into_iter().map(|i| value(i, "MGET")).collect(),
-        other => Err(RedisError::UnexpectedReply {
-            command: "MGET",
-            got: other.describe(),
-        }),
-    }
 }
 
 #[cfg(test)]

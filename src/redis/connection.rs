@@ -118,8 +118,6 @@ pub(crate) struct Connection {
     /// With TLS: its configuration, or why it could not be made (each connect attempt then
     /// fails with that reason).
     tls: Option<Result<Arc<rustls::ClientConfig>, String>>,
-    /// Where, for errors.
-    addr: Server,
     reply_split: usize,
     /// With client tracking: where the server's invalidations go (the connection then says
     /// `HELLO 3` and `CLIENT TRACKING ON` on every connect, and reads RESP3).
@@ -138,7 +136,6 @@ impl Connection {
         tracking: Option<Rc<Invalidations>>,
     ) -> Rc<Connection> {
         Rc::new(Connection {
-            addr: endpoint.server.clone(),
             tls: endpoint.tls.as_ref().map(super::tls::client_config),
             endpoint,
             reply_split: reply_split.max(1),
@@ -205,7 +202,7 @@ impl Connection {
             Status::Connecting | Status::Connected | Status::Down(_) => return None,
         };
         Some(RedisError::Unavailable {
-            addr: self.addr.clone(),
+            addr: self.endpoint.server.clone(),
             reason,
         })
     }
@@ -322,7 +319,7 @@ impl Connection {
                 | RedisError::Protocol { .. }
                 | RedisError::ConnectionLost { .. } => failure,
                 other => RedisError::ConnectionLost {
-                    addr: self.addr.clone(),
+                    addr: self.endpoint.server.clone(),
                     reason: other.to_string(),
                 },
             };
@@ -356,11 +353,11 @@ impl Connection {
     /// request: a server that refuses either fails the connect attempt with its answer.
     async fn connect(self: &Rc<Self>) -> Result<Io, RedisError> {
         let failed = |reason: String| RedisError::Connect {
-            addr: self.addr.clone(),
+            addr: self.endpoint.server.clone(),
             reason,
         };
         let refused = |reason: String| RedisError::Refused {
-            addr: self.addr.clone(),
+            addr: self.endpoint.server.clone(),
             reason,
         };
         let stream = match &self.endpoint.server {
@@ -575,7 +572,7 @@ impl Io {
 
     fn broken(&self, reason: impl std::fmt::Display) -> RedisError {
         RedisError::ConnectionLost {
-            addr: self.conn.addr.clone(),
+            addr: self.conn.endpoint.server.clone(),
             reason: reason.to_string(),
         }
     }
@@ -682,14 +679,14 @@ impl Io {
                 Ok(None) => break,
                 Err(reason) => {
                     return Err(RedisError::Protocol {
-                        addr: self.conn.addr.clone(),
+                        addr: self.conn.endpoint.server.clone(),
                         reason,
                     })
                 }
             };
             if st.next_reply == st.next_request {
                 return Err(RedisError::Protocol {
-                    addr: self.conn.addr.clone(),
+                    addr: self.conn.endpoint.server.clone(),
                     reason: "a reply arrived with no request pending".into(),
                 });
             }

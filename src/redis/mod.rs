@@ -16,7 +16,7 @@ mod tracking;
 pub use connection::{encode_command, ReplyFuture};
 pub use endpoint::{redact_url, Endpoint, Server, Tls};
 pub use error::RedisError;
-pub use reply::{decode, decode_reply, Decoded, Protocol, Reply, MAX_BULK, MAX_DEPTH};
+pub use reply::{decode, decode_reply, get_values, Decoded, Protocol, Reply, MAX_BULK, MAX_DEPTH};
 pub use tracking::{Invalidated, Invalidations};
 
 // For the tools' summaries of wire times.

@@ -90,6 +90,28 @@ impl Reply {
     }
 }
 
+/// The values a `GET` (`single`) or an `MGET` answered: a bulk string is a value, nil is
+/// missing (what the lookup layer, on one server or a cluster, hands its records).
+pub fn get_values(reply: Reply, single: bool) -> Result<Vec<Option<bytes::Bytes>>, RedisError> {
+    let value = |reply: Reply, command: &'static str| match reply {
+        Reply::Bulk(v) => Ok(Some(bytes::Bytes::from(v))),
+        Reply::Nil => Ok(None),
+        Reply::Error(message) => Err(RedisError::ErrorReply { message }),
+        other => Err(RedisError::UnexpectedReply {
+            command,
+            got: other.describe(),
+        }),
+    };
+    match reply {
+        reply if single => Ok(vec![value(reply, "GET")?]),
+        Reply::Array(items) => items.into_iter().map(|i| value(i, "MGET")).collect(),
+        other => Err(RedisError::UnexpectedReply {
+            command: "MGET",
+            got: other.describe(),
+        }),
+    }
+}
+
 /// The line that starts at `from` (up to its CRLF, which may not occur before) and the
 /// offset just past its CRLF; `None` while the CRLF has not arrived.
 fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
