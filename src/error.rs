@@ -35,6 +35,13 @@ pub enum StageError {
     /// A shard's thread panicked (in the user's function or factory).
     #[error("shard {shard} panicked: {message}")]
     ShardPanicked { shard: usize, message: String },
+    /// A sink running on a shard could not take its outputs (`ShardSink::write` or `finish`).
+    #[error("shard {shard}'s sink failed: {source}")]
+    Sink {
+        shard: usize,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The stage could not be built or started.

@@ -41,8 +41,9 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
     };
     let mut calls = 0;
     let report = bench::sweep(&config, 1e9, round_trip, &mut |_, _, _| calls += 1).unwrap();
-    // sync-map once per shard count; the nine others at both capacities.
-    assert_eq!(report.points.len(), 2 * (1 + 9 * 2));
+    // sync-map once per shard count; the others at both capacities.
+    let others = Mode::ALL.len() - 1;
+    assert_eq!(report.points.len(), 2 * (1 + others * 2));
     assert_eq!(
         calls,
         2 * report.points.len() + 1,

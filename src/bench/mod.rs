@@ -34,11 +34,20 @@ pub enum Mode {
     /// tokio + redis-rs + `buffer_unordered` on a current-thread runtime per shard, each on a
     /// thread of its own: the single-threaded program, without work stealing or idle workers.
     TokioLocalUnordered,
+    /// `buffered` (ordered) on the current-thread runtimes of `tokio-local-unordered`.
+    TokioLocalBuffered,
     /// `tokio-local-unordered` with a moka cache in front of Redis, shared by its threads.
     TokioCachedUnordered,
+    /// The stage fed by a producer thread and read by a consumer thread (the embedding shape:
+    /// records cross from the user's threads to the shards and back).
     Ordered,
     Unordered,
     KeyOrdered,
+    /// The stage with its source and sink on the shards (`StageBuilder::run_on_shards`, the
+    /// way `sluice enrich` runs): records generated, looked up and counted on each shard's
+    /// thread.
+    OnShardOrdered,
+    OnShardUnordered,
     /// The operator as a `Stream` combinator on one glommio executor: records generated and
     /// consumed on that thread, as the tokio baseline and redis-benchmark do (no producer or
     /// consumer thread).
@@ -46,7 +55,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 10] = [
+    pub const ALL: [Mode; 13] = [
         Mode::SyncMap,
         Mode::ThreadPool,
         Mode::TokioBuffered,
@@ -55,14 +64,17 @@ impl Mode {
         Mode::Ordered,
         Mode::Unordered,
         Mode::KeyOrdered,
+        Mode::OnShardOrdered,
+        Mode::OnShardUnordered,
+        Mode::TokioLocalBuffered,
         Mode::TokioCachedUnordered,
         Mode::AdapterUnordered,
     ];
 
-    /// What `sluice bench` runs without `--modes`: all but the opt-in caching baseline and
-    /// adapter mode.
+    /// What `sluice bench` runs without `--modes`: all but the opt-in baselines (the ordered
+    /// current-thread tokio program and the caching one) and the adapter mode.
     pub fn defaults() -> &'static [Mode] {
-        &Mode::ALL[..Mode::ALL.len() - 2]
+        &Mode::ALL[..Mode::ALL.len() - 3]
     }
 
     pub fn name(self) -> &'static str {
@@ -72,10 +84,13 @@ impl Mode {
             Mode::TokioBuffered => "tokio-buffered",
             Mode::TokioUnordered => "tokio-unordered",
             Mode::TokioLocalUnordered => "tokio-local-unordered",
+            Mode::TokioLocalBuffered => "tokio-local-buffered",
             Mode::TokioCachedUnordered => "tokio-cached-unordered",
             Mode::Ordered => "ordered",
             Mode::Unordered => "unordered",
             Mode::KeyOrdered => "key-ordered",
+            Mode::OnShardOrdered => "on-shard-ordered",
+            Mode::OnShardUnordered => "on-shard-unordered",
             Mode::AdapterUnordered => "adapter-unordered",
         }
     }

@@ -171,7 +171,10 @@ fn tokio_cpu_per_repeat(
     for ((shards, capacity, mode), ms) in runs {
         if matches!(
             mode,
-            Mode::TokioBuffered | Mode::TokioUnordered | Mode::TokioLocalUnordered
+            Mode::TokioBuffered
+                | Mode::TokioUnordered
+                | Mode::TokioLocalUnordered
+                | Mode::TokioLocalBuffered
         ) {
             let per_repeat = tokio_cpu.entry((*shards, *capacity)).or_default();
             for (r, m) in ms.iter().enumerate() {

@@ -151,11 +151,14 @@ pub fn run(
         Mode::ThreadPool => thread_pool((shards * capacity).min(512), w),
         Mode::TokioBuffered => tokio_futures(shards, capacity, true, w),
         Mode::TokioUnordered => tokio_futures(shards, capacity, false, w),
-        Mode::TokioLocalUnordered => tokio_local(shards, capacity, false, w),
-        Mode::TokioCachedUnordered => tokio_local(shards, capacity, true, w),
+        Mode::TokioLocalUnordered => tokio_local(shards, capacity, false, false, w),
+        Mode::TokioLocalBuffered => tokio_local(shards, capacity, true, false, w),
+        Mode::TokioCachedUnordered => tokio_local(shards, capacity, false, true, w),
         Mode::Ordered => sluice(OutputMode::Ordered, shards, capacity, w),
         Mode::Unordered => sluice(OutputMode::Unordered, shards, capacity, w),
         Mode::KeyOrdered => sluice(OutputMode::KeyOrdered, shards, capacity, w),
+        Mode::OnShardOrdered => on_shard(OutputMode::Ordered, shards, capacity, w),
+        Mode::OnShardUnordered => on_shard(OutputMode::Unordered, shards, capacity, w),
         Mode::AdapterUnordered => adapter(shards, capacity, w),
     }
 }
@@ -501,13 +504,14 @@ fn tokio_futures(
 /// wake-ups of its idle workers. Each thread connects on its own runtime (a multiplexed
 /// connection's driver runs on the runtime that opened it), then waits for the clock to start.
 ///
-/// With `cached`, the threads share a cache in front of Redis as a Rust user adds one: moka's
+/// `ordered` uses `buffered`, else `buffer_unordered`. With `cached`, the threads share a cache in front of Redis as a Rust user adds one: moka's
 /// concurrent cache, keyed by the key's index (cheaper than the key's string), holding as many
 /// entries for as long as sluice's per-shard caches do in all (`--cache-size` x shards,
 /// `--cache-ttl`).
 fn tokio_local(
     shards: usize,
     capacity: usize,
+    ordered: bool,
     cached: bool,
     w: &Workload,
 ) -> Result<Measurement, String> {
@@ -532,7 +536,7 @@ fn tokio_local(
             let (runtime, conns) = connected?;
             // The sender is dropped when another shard failed to connect: stop.
             let budget = start_rx.recv().map_err(|_| "not started".to_string())?;
-            runtime.block_on(tokio_shard(s, conns, w, budget, capacity, false, cache))
+            runtime.block_on(tokio_shard(s, conns, w, budget, capacity, ordered, cache))
         }));
     }
     drop(ready_tx);
@@ -702,6 +706,94 @@ fn sluice(
         cpu,
         wire_us,
         layer: Some(layer),
+    })
+}
+
+/// Counts the records a shard's operator emitted; adds its count to `total` when its source
+/// ended.
+struct CountOutputs {
+    records: u64,
+    total: Arc<AtomicU64>,
+}
+
+impl<O: 'static> crate::ShardSink<O> for CountOutputs {
+    async fn write(&mut self, outputs: &mut Vec<crate::Output<O>>) -> Result<(), crate::SinkError> {
+        let records = outputs
+            .iter()
+            .filter(|o| matches!(o, crate::Output::Record { .. }))
+            .count();
+        self.records += records as u64;
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), crate::SinkError> {
+        self.total.fetch_add(self.records, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The stage with its source and sink on the shards: each shard draws keys until the budget
+/// runs out, looks them up through its layer, and counts what its operator emits, all on its
+/// own thread.
+fn on_shard(
+    mode: OutputMode,
+    shards: usize,
+    capacity: usize,
+    w: &Workload,
+) -> Result<Measurement, String> {
+    let (addr, client_config) = (w.addr, w.client.clone());
+    let layer = shard_layer(w, shards, capacity);
+    let figures = Sinks::new();
+    let shard_figures = figures.clone();
+    let counted = Arc::new(AtomicU64::new(0));
+    let total = counted.clone();
+    let cpu = CpuMark::now();
+    let start = Instant::now();
+    let budget = Budget::new(w, start);
+    let source_w = w.clone();
+    let mut handle = Stage::builder(move |_| {
+        let client = RedisClient::new(addr, &client_config);
+        let lookups = Rc::new(Lookups::new(client, layer.clone()));
+        KeyLookup::new(lookups, Some(shard_figures.clone()))
+    })
+    .shards(shards)
+    .capacity(capacity)
+    .timeout(LOOKUP_TIMEOUT)
+    .mode(mode)
+    .pinning(if w.pin {
+        crate::engine::Pinning::Auto
+    } else {
+        crate::engine::Pinning::Off
+    })
+    .run_on_shards(
+        move |ctx| {
+            let (mut budget, mut keys) = (budget.clone(), Keys::new(&source_w, ctx.index as u64));
+            futures::stream::iter(std::iter::from_fn(move || {
+                budget
+                    .take()
+                    .then(|| crate::SourceItem::Record(keys.next()))
+            }))
+        },
+        move |_| CountOutputs {
+            records: 0,
+            total: total.clone(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let ended = handle.wait();
+    let elapsed = start.elapsed();
+    let cpu = cpu.client_since();
+    ended.map_err(|e| e.to_string())?;
+    let metrics = handle.metrics();
+    let records = counted.load(Ordering::Relaxed);
+    assert_eq!(records, metrics.records_in, "every record read came out");
+    Ok(Measurement {
+        records,
+        elapsed,
+        latency_us: metrics.invoke_to_emit_us,
+        cpu,
+        wire_us: Some(figures.wire_us()),
+        layer: Some(figures.layer()),
     })
 }
 

@@ -16,6 +16,7 @@
 //! checkpoint barrier's sequence number on.
 
 pub(crate) mod handoff;
+mod local;
 mod merge;
 pub(crate) mod messages;
 mod placement;
@@ -25,6 +26,7 @@ pub(crate) mod restore;
 mod routing;
 mod shard;
 
+pub use local::{ShardSink, SinkError, SourceItem};
 pub use merge::{Consumer, Output, RecvTimedOut};
 pub use placement::{
     default_shards, locked_memory_per_shard, memlock_limit, plan, shards_that_fit, usable_cores,
@@ -194,26 +196,6 @@ where
         self
     }
 
-    /// The shard count: as set, or one per usable core within the locked-memory limit;
-    /// refused when its io_uring memory would exceed the limit (the plan checks the range).
-    fn shard_count(&self) -> Result<usize, BuildError> {
-        let shards = self
-            .shards
-            .unwrap_or_else(|| placement::default_shards_for(self.io_memory));
-        let limit = placement::memlock_limit();
-        if let Some(fit) = placement::shards_that_fit(limit, self.io_memory) {
-            if shards > fit && shards <= plan::MAX_SHARDS {
-                return Err(BuildError::LockedMemory {
-                    shards,
-                    needed_kib: shards as u64 * locked_memory_per_shard(self.io_memory) / 1024,
-                    limit_kib: limit.unwrap_or(0) / 1024,
-                    fit,
-                });
-            }
-        }
-        Ok(shards)
-    }
-
     /// Starts the shards.
     pub fn start(self) -> Result<Stage<F::In, F::Out>, BuildError> {
         let mut wiring = Plan::new(Spec {
@@ -282,13 +264,35 @@ where
     }
 }
 
+impl<F: AsyncFunction, Fac> StageBuilder<F, Fac> {
+    /// The shard count: as set, or one per usable core within the locked-memory limit;
+    /// refused when its io_uring memory would exceed the limit (the plan checks the range).
+    fn shard_count(&self) -> Result<usize, BuildError> {
+        let shards = self
+            .shards
+            .unwrap_or_else(|| placement::default_shards_for(self.io_memory));
+        let limit = placement::memlock_limit();
+        if let Some(fit) = placement::shards_that_fit(limit, self.io_memory) {
+            if shards > fit && shards <= plan::MAX_SHARDS {
+                return Err(BuildError::LockedMemory {
+                    shards,
+                    needed_kib: shards as u64 * locked_memory_per_shard(self.io_memory) / 1024,
+                    limit_kib: limit.unwrap_or(0) / 1024,
+                    fit,
+                });
+            }
+        }
+        Ok(shards)
+    }
+}
+
 /// Starts one shard's executor thread where `placement` says.
 fn spawn_shard<F, Fac>(
     placement: &ShardPlacement,
     (io_memory, ring_depth): (usize, usize),
     factory: Arc<Fac>,
     parts: shard::ShardParts<F>,
-) -> Result<glommio::ExecutorJoinHandle<()>, BuildError>
+) -> Result<glommio::ExecutorJoinHandle<Result<(), StageError>>, BuildError>
 where
     F: AsyncFunction,
     F::In: Send,
@@ -303,7 +307,11 @@ where
         .name(&format!("sluice-shard-{}", placement.shard))
         .io_memory(io_memory)
         .ring_depth(ring_depth)
-        .spawn(move || shard::run_shard(factory, parts))
+        .spawn(move || async move {
+            // Its failures travel to the merge, which reports them.
+            shard::run_shard(factory, parts).await;
+            Ok(())
+        })
         .map_err(|e| BuildError::Executor {
             shard: placement.shard,
             reason: e.to_string(),
@@ -314,7 +322,7 @@ where
 pub struct StageHandle {
     cells: Vec<MetricsCell>,
     placements: Vec<ShardPlacement>,
-    joins: Vec<glommio::ExecutorJoinHandle<()>>,
+    joins: Vec<glommio::ExecutorJoinHandle<Result<(), StageError>>>,
 }
 
 impl StageHandle {
@@ -350,15 +358,27 @@ impl StageHandle {
     }
 
     /// Waits for every shard thread to end (after the input finished and the consumer read
-    /// to the end, or after either side was dropped).
-    pub fn join(self) -> Result<(), StageError> {
+    /// to the end, or after either side was dropped; with sources on the shards, after every
+    /// source ended and its sink finished) and reports the first shard's failure: a panic, and
+    /// with sources on the shards also the function's failure or the sink's.
+    pub fn join(mut self) -> Result<(), StageError> {
+        self.wait()
+    }
+
+    /// [`StageHandle::join`] keeping the handle: afterwards its metrics are the shards' final
+    /// ones. A second call returns at once.
+    pub fn wait(&mut self) -> Result<(), StageError> {
         let mut first_error = None;
-        for (shard, join) in self.joins.into_iter().enumerate() {
-            if let Err(e) = join.join() {
-                first_error.get_or_insert(StageError::ShardPanicked {
+        for (shard, join) in self.joins.drain(..).enumerate() {
+            let failure = match join.join() {
+                Ok(result) => result.err(),
+                Err(e) => Some(StageError::ShardPanicked {
                     shard,
                     message: e.to_string(),
-                });
+                }),
+            };
+            if let Some(failure) = failure {
+                first_error.get_or_insert(failure);
             }
         }
         first_error.map_or(Ok(()), Err)

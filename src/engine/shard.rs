@@ -193,19 +193,23 @@ where
         }
         Ok(false) => {}
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string panic payload".into());
             let _ = egress
                 .send(Egress::Failed(StageError::ShardPanicked {
                     shard: context.index,
-                    message,
+                    message: panic_message(panic),
                 }))
                 .await;
         }
     }
+}
+
+/// What a caught panic said.
+pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".into())
 }
 
 /// The shard's loop: outputs gathered into batches for the merge, and each checkpoint barrier
@@ -253,7 +257,7 @@ where
                 continue;
             }
         };
-        let (batch, failure) = gather(&mut op, first).await;
+        let (batch, failure) = gather(&mut op, first, GATHER_ROUNDS).await;
         if !batch.is_empty() && egress.send(Egress::Items(batch)).await.is_err() {
             // The consumer is gone: stop; dropping `op` drops the input.
             op.close();
@@ -293,13 +297,14 @@ where
     })
 }
 
-/// The batch to hand to the merge, starting with `first`: what else is ready now, then what
-/// the tasks already woken (the connection's next turn of replies) complete when the shard
-/// yields to them, up to `GATHER_ROUNDS` yields, so the consumer gets one hand-over per burst,
-/// not one per turn. Stops at the first failure, which is returned beside the batch.
-async fn gather<S, F>(
+/// The batch to hand on, starting with `first`: what else is ready now, then what the tasks
+/// already woken (the connection's next turn of replies) complete when the shard yields to
+/// them, up to `rounds` yields, so the consumer gets one hand-over per burst, not one per turn.
+/// Stops at the first failure, which is returned beside the batch.
+pub(crate) async fn gather<S, F>(
     op: &mut AsyncWait<S, F, GlommioClock>,
     first: Result<Emitted<F::Out>, StageError>,
+    rounds: usize,
 ) -> (Vec<Emitted<F::Out>>, Option<StageError>)
 where
     S: Stream<Item = Element<F::In>> + Unpin,
@@ -324,11 +329,7 @@ where
             }
         }
         let stalled = yields > 0 && batch.len() == before;
-        if failure.is_some()
-            || batch.len() >= MAX_EGRESS_BATCH
-            || stalled
-            || yields == GATHER_ROUNDS
-        {
+        if failure.is_some() || batch.len() >= MAX_EGRESS_BATCH || stalled || yields == rounds {
             return (batch, failure);
         }
         yields += 1;
