@@ -401,6 +401,173 @@ fn missing_keys_keep_drop_or_fail() {
     );
 }
 
+/// One shard reading a file runs on the shard's thread (`on_one_thread`); the same input with
+/// every kind of line (records, a missing key, bad lines, blank lines, event times) gives the
+/// same output, dead letters and counts as the run with a reader thread and two shards, and
+/// a failing policy stops it after writing every line before the failing one.
+#[test]
+fn one_shard_on_its_own_thread_writes_what_the_threaded_run_writes() {
+    let scratch = Scratch::new();
+    let input = scratch.file("in-one.jsonl");
+    transactions(&input, 2_000, 10);
+    let mut text = std::fs::read_to_string(&input).unwrap();
+    let mut lines_in: Vec<&str> = text.lines().collect();
+    lines_in.insert(700, "not json");
+    lines_in.insert(900, "");
+    lines_in.insert(1200, "{\"user_id\":\"nobody\",\"timestamp\":1}");
+    text = lines_in.join("\n") + "\n";
+    std::fs::write(&input, &text).unwrap();
+    let run_with = |shards: &str, more: &[&str]| {
+        let (output, dead, metrics) = (
+            scratch.file(&format!("out-{shards}.jsonl")),
+            scratch.file(&format!("dead-{shards}.jsonl")),
+            scratch.file(&format!("m-{shards}.json")),
+        );
+        let base = loadgen_args(&input, &output);
+        let base: Vec<&str> = base.iter().map(String::as_str).collect();
+        let flags = [
+            "--shards",
+            shards,
+            "--capacity",
+            "16",
+            "--loadgen-latency",
+            "uniform:0ms:1ms",
+            "--on-bad-record",
+            "dead-letter",
+            dead.to_str().unwrap(),
+            "--event-time",
+            "timestamp",
+            "--emit-watermarks",
+            "--metrics-json",
+            metrics.to_str().unwrap(),
+        ];
+        let out = run(&[&base[..], &flags, more].concat());
+        let summary: Value =
+            serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+        (out, output, dead, summary)
+    };
+    let (one, out1, dead1, m1) = run_with("1", &[]);
+    let (two, out2, dead2, m2) = run_with("2", &[]);
+    assert!(one.status.success() && two.status.success());
+    assert_eq!(m1["on_one_thread"], true, "{m1}");
+    assert_eq!(m2["on_one_thread"], false, "{m2}");
+    assert_eq!(
+        std::fs::read_to_string(&out1).unwrap(),
+        std::fs::read_to_string(&out2).unwrap(),
+        "the same output lines, watermarks included, in the same order"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&dead1).unwrap(),
+        std::fs::read_to_string(&dead2).unwrap()
+    );
+    for count in [
+        "lines_read",
+        "blank_lines",
+        "enriched",
+        "missing_kept",
+        "bad_dead_lettered",
+        "watermarks",
+    ] {
+        assert_eq!(m1[count], m2[count], "{count}: {m1} vs {m2}");
+    }
+    assert_eq!(m1["lines_read"], 2_003);
+    assert_eq!(m1["missing_kept"], 1);
+    assert!(m1["watermarks"].as_u64().unwrap() > 10, "{m1}");
+    // A failing policy on the shard: the line is named, every line before it is written.
+    let (failed, out1, _, m1) = run_with("1", &["--on-missing", "fail"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("line 1201") && stderr.contains("user:nobody"),
+        "{stderr}"
+    );
+    let written = lines(&out1);
+    let records = written
+        .iter()
+        .filter(|v| v.get("user_id").is_some())
+        .count();
+    assert_eq!(
+        records, 1_198,
+        "the records before line 1201 (less the bad one)"
+    );
+    assert_eq!(m1["on_one_thread"], true);
+}
+
+/// SIGINT to a run on one shard's thread: the source stops, what is in flight drains and is
+/// written, the counts add up, exit 130; a second SIGINT stops at once and still flushes what
+/// the writer holds.
+#[test]
+fn sigint_drains_a_run_on_one_thread_and_a_second_stops_it_at_once() {
+    let scratch = Scratch::new();
+    let input = scratch.file("in-sig.jsonl");
+    transactions(&input, 20_000, 10);
+    for signals in [1, 2] {
+        let (output, metrics) = (
+            scratch.file(&format!("out-sig{signals}.jsonl")),
+            scratch.file(&format!("m-sig{signals}.json")),
+        );
+        let base = loadgen_args(&input, &output);
+        let base: Vec<&str> = base.iter().map(String::as_str).collect();
+        // One signal: 4 in flight at 2 ms each (2000 records/s), so the run is mid-way at the
+        // signal. Two: 5 s per lookup, so the second comes while the first lines wait (until a
+        // first lookup completes the byte budget lets one line in at a time).
+        let latency = if signals == 1 { "2ms" } else { "5s" };
+        let flags = [
+            "--shards",
+            "1",
+            "--capacity",
+            if signals == 1 { "4" } else { "8" },
+            "--loadgen-latency",
+            latency,
+            "--metrics-json",
+            metrics.to_str().unwrap(),
+        ];
+        let child = sluice()
+            .args([&base[..], &flags].concat())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // (A server that slow also delays the start: the preflight's PING waits for it.)
+        std::thread::sleep(Duration::from_millis(if signals == 1 {
+            700
+        } else {
+            2_500
+        }));
+        for _ in 0..signals {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let signalled = std::time::Instant::now();
+        let out = child.wait_with_output().unwrap();
+        if signals == 2 {
+            assert!(
+                signalled.elapsed() < Duration::from_secs(4),
+                "not waiting for the lookups"
+            );
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{stderr}");
+        let m: Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+        assert_eq!(m["on_one_thread"], true, "{m}");
+        assert_eq!(m["interrupted"], true, "{m}");
+        assert_eq!(m["stopped_at_once"], signals == 2, "{m}");
+        let read = m["lines_read"].as_u64().unwrap();
+        assert!(read > 0 && read < 20_000, "stopped mid-way: {m}");
+        let written = lines(&output).len() as u64;
+        assert_eq!(written, m["enriched"].as_u64().unwrap(), "{m}");
+        let unwritten = m["unwritten_after_failure"].as_u64().unwrap();
+        assert_eq!(
+            written + unwritten,
+            read,
+            "every line read is accounted for: {m}"
+        );
+        if signals == 1 {
+            assert_eq!(unwritten, 0, "a first signal drains what is in flight: {m}");
+        }
+    }
+}
+
 #[test]
 fn into_field_and_non_json_values() {
     let scratch = Scratch::new();

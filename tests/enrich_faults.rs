@@ -589,25 +589,34 @@ fn the_bytes_held_stay_under_the_bound_with_large_values() {
         ..Default::default()
     })
     .unwrap();
-    let f = Files::with_input(200);
     let limit = 2 * 1024 * 1024;
-    let flags = [
-        "--capacity",
-        "64",
-        "--shards",
-        "2",
-        "--max-bytes-held",
-        "2MiB",
-    ];
-    let out = f.enrich(server.addr(), &flags);
-    assert!(out.status.success());
-    assert_eq!(read_lines(&f.output).len(), 200);
-    let m = f.summary();
-    let peak = m["peak_bytes_held"].as_u64().unwrap();
-    // The limit, plus one line's reservation (its weight and a value's estimate) and its value.
-    let bound = limit + 1024 + 2 * VALUE as u64;
-    assert!(peak > VALUE as u64, "the values were counted: {peak}");
-    assert!(peak <= bound, "peak {peak} bytes held, bound {bound}");
+    // One shard runs on its own thread (the source waits on the budget without blocking the
+    // shard), two shards with a reader thread.
+    for shards in ["1", "2"] {
+        let f = Files::with_input(200);
+        let flags = [
+            "--capacity",
+            "64",
+            "--shards",
+            shards,
+            "--max-bytes-held",
+            "2MiB",
+        ];
+        let out = f.enrich(server.addr(), &flags);
+        assert!(out.status.success());
+        assert_eq!(read_lines(&f.output).len(), 200);
+        let m = f.summary();
+        assert_eq!(m["on_one_thread"], shards == "1", "{m}");
+        let peak = m["peak_bytes_held"].as_u64().unwrap();
+        // The limit, plus one line's reservation (its weight and a value's estimate) and its
+        // value.
+        let bound = limit + 1024 + 2 * VALUE as u64;
+        assert!(peak > VALUE as u64, "the values were counted: {peak}");
+        assert!(
+            peak <= bound,
+            "{shards} shards: peak {peak} bytes held, bound {bound}"
+        );
+    }
 }
 
 /// Runs to a first checkpoint and kills the run (SIGKILL) mid-way.

@@ -29,6 +29,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -111,6 +112,8 @@ struct LocalShard<Fac, SF, KF, I, O, E> {
     key_fn: Option<KeyFn<I>>,
     config: OperatorConfig<O, E>,
     metrics: MetricsCell,
+    /// Counted up when this shard's pipeline ended, on any path.
+    ended: Arc<AtomicUsize>,
 }
 
 impl<F, Fac> StageBuilder<F, Fac>
@@ -173,6 +176,7 @@ where
             (Arc::new(self.factory), Arc::new(sources), Arc::new(sinks));
         let mut cells = Vec::with_capacity(shards);
         let mut joins = Vec::with_capacity(shards);
+        let ended = Arc::new(AtomicUsize::new(0));
         for placement in &placements {
             let cell: MetricsCell = Arc::new(Mutex::new(MetricsSnapshot::default()));
             let shard = LocalShard {
@@ -192,6 +196,7 @@ where
                     seed: self.seed.wrapping_add(placement.shard as u64),
                 },
                 metrics: cell.clone(),
+                ended: ended.clone(),
             };
             let core = match placement.core {
                 Some(core) => Placement::Fixed(core),
@@ -218,6 +223,7 @@ where
         }
         Ok(StageHandle {
             cells,
+            ended,
             placements,
             joins,
         })
@@ -238,6 +244,7 @@ where
     KF: Fn(ShardContext) -> K,
 {
     let index = shard.context.index;
+    let ended = shard.ended.clone();
     let body = AssertUnwindSafe(async move {
         let func = (shard.factory)(shard.context);
         let input = LocalInput {
@@ -250,13 +257,15 @@ where
             AsyncWait::with_metrics(input, func, shard.config, GlommioClock, Some(shard.metrics));
         drive_local(op, sink, index).await
     });
-    match body.catch_unwind().await {
+    let result = match body.catch_unwind().await {
         Ok(result) => result,
         Err(panic) => Err(StageError::ShardPanicked {
             shard: index,
             message: panic_message(panic),
         }),
-    }
+    };
+    ended.fetch_add(1, Ordering::Release);
+    result
 }
 
 /// The shard's loop: what the operator has ready at once goes to the sink in one `write`.

@@ -47,6 +47,7 @@ use crate::operator::{OperatorConfig, OutputMode};
 use crate::retry::RetryPolicy;
 use glommio::{LocalExecutorBuilder, Placement};
 use handoff::Doorbell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -219,6 +220,7 @@ where
         // consumer), whichever shard it is; each shard waits on its own ingress data and egress
         // space.
         let (ingress_space, egress_data) = (Doorbell::new(), Doorbell::new());
+        let ended = Arc::new(AtomicUsize::new(0));
         let channel = Some(wiring.channel_capacity);
         for placement in &placements {
             let (in_tx, in_rx) = handoff::channel(channel, Doorbell::new(), ingress_space.clone());
@@ -244,7 +246,7 @@ where
                 checkpoint: shard_plan.checkpoint,
             };
             let rings = (self.io_memory, self.ring_depth);
-            let join = spawn_shard(placement, rings, factory.clone(), parts)?;
+            let join = spawn_shard(placement, rings, factory.clone(), parts, ended.clone())?;
             senders.push(in_tx);
             receivers.push(out_rx);
             cells.push(cell);
@@ -256,6 +258,7 @@ where
             consumer,
             handle: StageHandle {
                 cells,
+                ended,
                 placements,
                 joins,
             },
@@ -292,6 +295,7 @@ fn spawn_shard<F, Fac>(
     (io_memory, ring_depth): (usize, usize),
     factory: Arc<Fac>,
     parts: shard::ShardParts<F>,
+    ended: Arc<AtomicUsize>,
 ) -> Result<glommio::ExecutorJoinHandle<Result<(), StageError>>, BuildError>
 where
     F: AsyncFunction,
@@ -310,6 +314,7 @@ where
         .spawn(move || async move {
             // Its failures travel to the merge, which reports them.
             shard::run_shard(factory, parts).await;
+            ended.fetch_add(1, Ordering::Release);
             Ok(())
         })
         .map_err(|e| BuildError::Executor {
@@ -321,6 +326,8 @@ where
 /// Observes and joins a running stage.
 pub struct StageHandle {
     cells: Vec<MetricsCell>,
+    /// Shards whose work ended (their thread is about to end).
+    ended: Arc<AtomicUsize>,
     placements: Vec<ShardPlacement>,
     joins: Vec<glommio::ExecutorJoinHandle<Result<(), StageError>>>,
 }
@@ -329,6 +336,12 @@ impl StageHandle {
     /// Where each shard runs.
     pub fn placements(&self) -> &[ShardPlacement] {
         &self.placements
+    }
+
+    /// Whether every shard's work ended (with sources on the shards: each source ended and
+    /// its sink finished, or the shard failed), so that [`StageHandle::wait`] returns at once.
+    pub fn finished(&self) -> bool {
+        self.ended.load(Ordering::Acquire) == self.cells.len()
     }
 
     /// Each shard's last published metrics.

@@ -62,6 +62,13 @@ impl Budget {
         held
     }
 
+    /// Reserves `line`'s weight and its value's estimate, and marks the line with it.
+    pub(crate) fn hold(&self, line: &mut Line) -> Reservation {
+        let held = self.reserve(weight(line));
+        line.set_held(held);
+        held
+    }
+
     /// A lookup of a line that reserved `held` completed with a value of `bytes` (0: none).
     pub(crate) fn value_arrived(&self, held: Reservation, bytes: u64) {
         self.take(held.beyond(bytes));
@@ -92,7 +99,9 @@ impl Budget {
         self.peak.load(Ordering::Relaxed)
     }
 
-    fn full(&self) -> bool {
+    /// Whether a new line must wait: the bytes held are above the limit, or a line is held
+    /// and no lookup completed yet.
+    pub(crate) fn full(&self) -> bool {
         let held = self.held.load(Ordering::Relaxed);
         held > self.limit || (held > 0 && !self.known.load(Ordering::Relaxed))
     }

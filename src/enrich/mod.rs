@@ -29,6 +29,7 @@ mod fields;
 mod files;
 mod guard;
 mod lookup;
+mod on_shard;
 mod options;
 mod outcome;
 mod reader;
@@ -158,8 +159,8 @@ impl Stop {
 /// is a setup error (files, Redis, the checkpoint directory); run failures are in
 /// `Summary::failure`. `progress` gets the summary so far and the lines in flight.
 ///
-/// Over 70 lines because it is the command's outline: set-up, the writer loop, and the
-/// summary read top to bottom; each step is one call into the module that owns it.
+/// One shard reading a file without checkpoints runs on that shard's thread (`on_shard.rs`);
+/// otherwise a reader thread feeds the stage and this thread writes.
 pub fn run(
     config: &EnrichConfig,
     stop: Arc<Stop>,
@@ -179,7 +180,47 @@ pub fn run(
         });
     }
     let budget = Arc::new(Budget::new(config.max_bytes_held));
-    let (stage, sinks) = startup::start_stage(config, cluster, &budget)?;
+    let run = Run {
+        config,
+        cluster,
+        budget,
+        stop,
+        started,
+    };
+    if on_shard::applies(config) {
+        on_shard::run(&run, progress)
+    } else {
+        run_threads(&run, progress)
+    }
+}
+
+/// What both ways of running share.
+pub(crate) struct Run<'a> {
+    pub config: &'a EnrichConfig,
+    pub cluster: bool,
+    pub budget: Arc<Budget>,
+    pub stop: Arc<Stop>,
+    pub started: Instant,
+}
+
+/// How a run ended, for its summary.
+pub(crate) struct RunEnd {
+    pub state: Arc<reader::ReaderState>,
+    /// The shards' metrics (not read after a stop at once).
+    pub metrics: Option<crate::MetricsSnapshot>,
+    pub sinks: crate::lookup::Sinks,
+    pub at_once: bool,
+    pub failure: Option<EnrichError>,
+    pub restored: Option<crate::checkpoint::RestoreInfo>,
+}
+
+/// A reader thread pushes into the stage; this thread writes what it releases.
+fn run_threads(
+    run: &Run<'_>,
+    progress: &mut dyn FnMut(&Summary, u64),
+) -> Result<Summary, EnrichError> {
+    let (config, stop) = (run.config, &run.stop);
+    let (stage, sinks) = startup::start_stage(config, run.cluster, &run.budget)?;
     let restored = stage.restored().cloned();
     if let Some(dir) = &config.checkpoint_dir {
         let settings = startup::output_settings(config);
@@ -193,31 +234,30 @@ pub fn run(
     }
     let files = startup::open_files(config, restored.as_ref())?;
     let (producer, mut consumer, handle) = stage.split();
-    let threads = Threads::start(config, producer, files.input, &budget, &stop)?;
-    let policies = outcome::Policies::of(config);
+    let threads = Threads::start(config, producer, files.input, &run.budget, stop)?;
     let mut writer = Writer::new(
-        &policies,
+        outcome::Policies::of(config),
         files.output,
         files.dead_letters,
-        budget.clone(),
+        run.budget.clone(),
         config.emit_watermarks,
     );
     let state = threads.state.clone();
     let mut report = |s: &mut Summary, handled: u64| {
         s.lines_read = state.lines_read.load(Ordering::Relaxed);
         s.retries = handle.sum(|m| m.retries);
-        s.elapsed_s = started.elapsed().as_secs_f64();
+        s.elapsed_s = run.started.elapsed().as_secs_f64();
         let accepted = state.accepted.load(Ordering::Relaxed);
         progress(s, accepted.saturating_sub(handled));
     };
-    let ended = writer.run(&mut consumer, &stop, &mut report);
+    let ended = writer.run(&mut consumer, stop, &mut report);
     drop(consumer);
     let at_once = matches!(ended, Ended::AtOnce);
     let mut failure = match ended {
         Ended::Failed(e) => Some(e),
         Ended::Finished | Ended::AtOnce => None,
     };
-    if let Err(e) = threads.stop(failure.is_some(), at_once, &stop) {
+    if let Err(e) = threads.stop(failure.is_some(), at_once, stop) {
         failure.get_or_insert(e);
     }
     if let Err(e) = writer.flush() {
@@ -228,6 +268,28 @@ pub fn run(
         let _ = handle.join();
         m
     });
+    let ended = RunEnd {
+        state,
+        metrics,
+        sinks,
+        at_once,
+        failure,
+        restored,
+    };
+    Ok(summarize(run, ended, &mut writer))
+}
+
+/// The run's summary from what its writer counted and how it ended; marks a checkpointed
+/// run completed.
+pub(crate) fn summarize(run: &Run<'_>, ended: RunEnd, writer: &mut Writer) -> Summary {
+    let RunEnd {
+        state,
+        metrics,
+        sinks,
+        at_once,
+        failure,
+        restored,
+    } = ended;
     let mut summary = std::mem::take(&mut writer.summary);
     summary.lines_read = state.lines_read.load(Ordering::Relaxed);
     summary.blank_lines = state.blank_lines.load(Ordering::Relaxed);
@@ -239,20 +301,25 @@ pub fn run(
         .unwrap_or_else(|p| p.into_inner())
         .take();
     summary.failure = failure.or(reader_failure);
-    summary.peak_bytes_held = budget.peak();
-    summary.interrupted = stop.interrupted();
+    summary.peak_bytes_held = run.budget.peak();
+    summary.interrupted = run.stop.interrupted();
     summary.stopped_at_once = at_once;
     summary.resumed_from = restored.as_ref().map(|r| r.checkpoint_id);
     summary.resumed_after_line = restored.as_ref().map(|r| r.source.records);
-    fill_timings(&mut summary, metrics.as_ref(), &sinks.wire_us(), started);
+    fill_timings(
+        &mut summary,
+        metrics.as_ref(),
+        &sinks.wire_us(),
+        run.started,
+    );
     summary.lookups = sinks.layer();
     warn_about_outcomes(&mut summary);
-    if let Some(dir) = &config.checkpoint_dir {
+    if let Some(dir) = &run.config.checkpoint_dir {
         if summary.failure.is_none() && !summary.interrupted {
-            mark_completed(dir, &mut writer, &mut summary);
+            mark_completed(dir, writer, &mut summary);
         }
     }
-    Ok(summary)
+    summary
 }
 
 /// The latency and wire-time figures of the summary.
@@ -310,7 +377,7 @@ fn warn_about_outcomes(summary: &mut Summary) {
 
 /// Makes every file durable and leaves the completed marker; a failure there is said with the
 /// news that the output is complete.
-fn mark_completed(dir: &std::path::Path, writer: &mut Writer<'_>, summary: &mut Summary) {
+fn mark_completed(dir: &std::path::Path, writer: &mut Writer, summary: &mut Summary) {
     let durable = writer
         .dead_letters
         .make_durable(summary)

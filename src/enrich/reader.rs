@@ -1,5 +1,5 @@
-//! The reader thread: input bytes to lines, lines into the stage, with event-time watermarks
-//! and checkpoint barriers between them.
+//! The input's lines (`Lines`: read, counted, parsed, with event-time watermarks), and the
+//! reader thread that pushes them into the stage with checkpoint barriers between them.
 //!
 //! Owns: the input's position and the watermark generator. Invariants:
 //! - every line read is pushed (a record or a bad record, which the writer handles in order) or
@@ -12,7 +12,7 @@
 //! - a watermark (`watermarks.rs`) goes in after the record that raised it, and the final one
 //!   after the last record.
 
-use super::budget::{weight, Budget};
+use super::budget::Budget;
 use super::record::{self, Line, LineFormat, Parsed};
 use super::resume;
 use super::watermarks::Watermarks;
@@ -56,15 +56,97 @@ pub(crate) struct ReaderContext {
     pub stop: Arc<Stop>,
 }
 
-impl ReaderContext {
-    fn fail(&self, error: EnrichError) {
-        self.state
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(error);
+/// The input's non-blank lines, parsed, each with the watermark that goes in after it; the
+/// one reading of the input that the reader thread and the source on the shard share.
+pub(crate) struct Lines {
+    pub(crate) input: ReaderInput,
+    key: super::KeyTemplate,
+    event_time: Option<String>,
+    watermarks: Watermarks,
+    buffer: Vec<u8>,
+    state: Arc<ReaderState>,
+}
+
+impl Lines {
+    pub(crate) fn new(
+        input: ReaderInput,
+        key: super::KeyTemplate,
+        event_time: Option<String>,
+        max_out_of_orderness: Duration,
+        state: Arc<ReaderState>,
+    ) -> Lines {
+        Lines {
+            input,
+            key,
+            event_time,
+            watermarks: Watermarks::new(max_out_of_orderness.as_millis() as u64),
+            buffer: Vec::with_capacity(1024),
+            state,
+        }
     }
 
+    /// The next line that is not blank, and the watermark to push after it; `None` at the end
+    /// of the input or at a read error (recorded in the shared state, naming the line). Blank
+    /// lines are counted and skipped.
+    pub(crate) fn next_line(&mut self) -> Option<(Line, Option<u64>)> {
+        loop {
+            self.buffer.clear();
+            let first = self.input.offset == 0;
+            match self.input.input.read_until(b'\n', &mut self.buffer) {
+                Ok(0) => return None,
+                Ok(n) => {
+                    self.input.offset += n as u64;
+                    self.input.hasher.update(&self.buffer);
+                }
+                Err(e) => {
+                    let line = self.input.line + 1;
+                    fail(
+                        &self.state,
+                        EnrichError::line(line, format!("cannot be read: {e}")),
+                    );
+                    return None;
+                }
+            }
+            self.input.line += 1;
+            self.state.lines_read.fetch_add(1, Ordering::Relaxed);
+            let format = LineFormat {
+                key: &self.key,
+                event_time: self.event_time.as_deref(),
+            };
+            let content = record::content(&self.buffer, first);
+            match record::parse(&format, self.input.line, content) {
+                Parsed::Blank => {
+                    self.state.blank_lines.fetch_add(1, Ordering::Relaxed);
+                }
+                Parsed::Line(line, event_time) => {
+                    let watermark = event_time.and_then(|t| self.watermarks.after(t));
+                    return Some((line, watermark));
+                }
+            }
+        }
+    }
+
+    /// A line returned by `next_line` was not handed to the stage (it stopped): not read.
+    pub(crate) fn unread(&self) {
+        self.state.lines_read.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The watermark after the last line.
+    pub(crate) fn last_watermark(&self) -> Option<u64> {
+        self.watermarks.last()
+    }
+}
+
+/// Records the run's first failure.
+fn fail(state: &ReaderState, error: EnrichError) {
+    state
+        .failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert(error);
+}
+
+impl ReaderContext {
     /// Runs `f` on the producer; `None` once it is gone (a signal, or the stage stopped).
     fn with_producer<T>(&self, f: impl FnOnce(&mut Producer<Arc<Line>>) -> T) -> Option<T> {
         let mut guard = self.producer.lock().unwrap_or_else(|p| p.into_inner());
@@ -73,8 +155,7 @@ impl ReaderContext {
 
     fn push(&self, mut line: Line) -> bool {
         self.budget.wait_for_room(&self.stop);
-        let held = self.budget.reserve(weight(&line));
-        line.set_held(held);
+        let held = self.budget.hold(&mut line);
         let pushed = self
             .with_producer(|p| p.push(Arc::new(line)).is_ok())
             .unwrap_or(false);
@@ -114,58 +195,36 @@ impl ReaderContext {
     }
 
     /// Reads to the end of the input, a read error, or `stop`; then ends the stage's input.
-    pub(crate) fn run(self, mut input: ReaderInput) {
-        let format = LineFormat {
-            key: &self.key,
-            event_time: self.event_time.as_deref(),
-        };
-        let mut watermarks = Watermarks::new(self.max_out_of_orderness.as_millis() as u64);
+    pub(crate) fn run(self, input: ReaderInput) {
+        let mut lines = Lines::new(
+            input,
+            self.key.clone(),
+            self.event_time.clone(),
+            self.max_out_of_orderness,
+            self.state.clone(),
+        );
         let mut last_checkpoint = Instant::now();
-        let mut buffer = Vec::with_capacity(1024);
         while !self.stop.requested() {
-            if !self.checkpoint_if_due(&input, &mut last_checkpoint) {
+            if !self.checkpoint_if_due(&lines.input, &mut last_checkpoint) {
                 break;
             }
-            buffer.clear();
-            let first = input.offset == 0;
-            match input.input.read_until(b'\n', &mut buffer) {
-                Ok(0) => break,
-                Ok(n) => {
-                    input.offset += n as u64;
-                    input.hasher.update(&buffer);
-                }
-                Err(e) => {
-                    self.fail(EnrichError::line(
-                        input.line + 1,
-                        format!("cannot be read: {e}"),
-                    ));
-                    break;
-                }
-            }
-            input.line += 1;
-            self.state.lines_read.fetch_add(1, Ordering::Relaxed);
-            let content = record::content(&buffer, first);
-            let (line, event_time) = match record::parse(&format, input.line, content) {
-                Parsed::Blank => {
-                    self.state.blank_lines.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                Parsed::Line(line, event_time) => (line, event_time),
+            let Some((line, watermark)) = lines.next_line() else {
+                break;
             };
             if !self.push(line) {
                 // The stage stopped (the writer reports why) or a signal: this line was read
                 // but not handed over.
-                self.state.lines_read.fetch_sub(1, Ordering::Relaxed);
+                lines.unread();
                 break;
             }
             self.state.accepted.fetch_add(1, Ordering::Relaxed);
-            if let Some(w) = event_time.and_then(|t| watermarks.after(t)) {
+            if let Some(w) = watermark {
                 if self.with_producer(|p| p.push_watermark(w).is_ok()) != Some(true) {
                     break;
                 }
             }
         }
-        if let Some(w) = watermarks.last() {
+        if let Some(w) = lines.last_watermark() {
             self.with_producer(|p| p.push_watermark(w));
         }
         self.producer

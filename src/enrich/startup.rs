@@ -18,7 +18,7 @@ use super::{
 use crate::checkpoint::{Checkpointing, RestoreInfo};
 use crate::lookup::Sinks;
 use crate::redis::{ClientConfig, Endpoint, RedisError, Server};
-use crate::{OutputMode, Stage};
+use crate::{OutputMode, ShardContext, Stage, StageBuilder};
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -248,6 +248,30 @@ pub(crate) fn start_stage(
     cluster: bool,
     budget: &Arc<Budget>,
 ) -> Result<(Stage<Arc<Line>, Enriched>, Sinks), EnrichError> {
+    let (mut builder, sinks) = stage_builder(config, cluster, budget);
+    if let Some(dir) = &config.checkpoint_dir {
+        builder = builder.checkpointing(Checkpointing::new(
+            dir,
+            resume::line_codec(),
+            resume::enriched_codec(),
+        ));
+    }
+    let stage = builder
+        .start()
+        .map_err(|e| EnrichError::Stage(e.to_string()))?;
+    Ok((stage, sinks))
+}
+
+/// The stage's settings: the lookup per shard, capacity, timeout, mode, retries and key; and
+/// where its shards add their wire times and layer figures.
+pub(crate) fn stage_builder(
+    config: &EnrichConfig,
+    cluster: bool,
+    budget: &Arc<Budget>,
+) -> (
+    StageBuilder<lookup::RedisEnrich, impl Fn(ShardContext) -> lookup::RedisEnrich + Send + Sync>,
+    Sinks,
+) {
     let addr = config.redis.clone();
     // Requests on the wire per connection stay within twice the capacity: room for the
     // lookups in flight and as many abandoned by a timeout whose replies are still owed.
@@ -296,17 +320,7 @@ pub(crate) fn start_stage(
             Line::Bad(b) => b.line,
         });
     }
-    if let Some(dir) = &config.checkpoint_dir {
-        builder = builder.checkpointing(Checkpointing::new(
-            dir,
-            resume::line_codec(),
-            resume::enriched_codec(),
-        ));
-    }
-    let stage = builder
-        .start()
-        .map_err(|e| EnrichError::Stage(e.to_string()))?;
-    Ok((stage, sinks))
+    (builder, sinks)
 }
 
 /// The files a run reads and writes, opened where it starts.

@@ -27,7 +27,7 @@ pub(crate) const IDLE_FLUSH: Duration = Duration::from_millis(100);
 /// Buffered lines are flushed at least this often while outputs keep arriving.
 pub(crate) const MAX_FLUSH_DELAY: Duration = Duration::from_secs(1);
 /// The progress callback runs at most this often.
-const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// The clock is read for the flush and progress cadences once per this many outputs.
 const CLOCK_EVERY: u32 = 64;
 
@@ -41,8 +41,8 @@ pub(crate) enum Ended {
     AtOnce,
 }
 
-pub(crate) struct Writer<'a> {
-    pub policies: &'a Policies,
+pub(crate) struct Writer {
+    pub policies: Policies,
     pub output: LineFile,
     pub dead_letters: DeadLetters,
     pub summary: Summary,
@@ -53,14 +53,14 @@ pub(crate) struct Writer<'a> {
     last_flush: Instant,
 }
 
-impl<'a> Writer<'a> {
+impl Writer {
     pub(crate) fn new(
-        policies: &'a Policies,
+        policies: Policies,
         output: LineFile,
         dead_letters: DeadLetters,
         budget: Arc<Budget>,
         emit_watermarks: bool,
-    ) -> Writer<'a> {
+    ) -> Writer {
         Writer {
             policies,
             output,
@@ -114,11 +114,7 @@ impl<'a> Writer<'a> {
             let result = match item {
                 Output::Checkpoint(id) => self.checkpoint(consumer, id),
                 Output::Watermark(ts) => {
-                    self.summary.watermarks += 1;
-                    if self.emit_watermarks {
-                        self.output
-                            .push_uncounted(format!("{{\"watermark\":{ts}}}").as_bytes());
-                    }
+                    self.watermark(ts);
                     Ok(())
                 }
                 Output::Record { value, .. } => self.record(value),
@@ -131,10 +127,8 @@ impl<'a> Writer<'a> {
                 continue;
             }
             since_clock = 0;
-            if self.last_flush.elapsed() >= MAX_FLUSH_DELAY {
-                if let Err(e) = self.flush() {
-                    return Ended::Failed(e);
-                }
+            if let Err(e) = self.flush_if_due() {
+                return Ended::Failed(e);
             }
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 progress(&mut self.summary, self.handled);
@@ -143,8 +137,25 @@ impl<'a> Writer<'a> {
         }
     }
 
+    /// Counts a watermark, and writes it when the run emits them.
+    pub(crate) fn watermark(&mut self, ts: u64) {
+        self.summary.watermarks += 1;
+        if self.emit_watermarks {
+            self.output
+                .push_uncounted(format!("{{\"watermark\":{ts}}}").as_bytes());
+        }
+    }
+
+    /// Writes out what the files buffer if the last flush is `MAX_FLUSH_DELAY` ago.
+    pub(crate) fn flush_if_due(&mut self) -> Result<(), EnrichError> {
+        if self.last_flush.elapsed() >= MAX_FLUSH_DELAY {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     /// Applies one line's policy; `Err` stops the run (after flushing what came before).
-    fn record(&mut self, enriched: Enriched) -> Result<(), EnrichError> {
+    pub(crate) fn record(&mut self, enriched: Enriched) -> Result<(), EnrichError> {
         let reserved = enriched.line.held();
         let held = reserved.bytes
             + match &enriched.lookup {

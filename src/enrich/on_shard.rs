@@ -1,0 +1,248 @@
+//! `sluice enrich` on one shard: the input read, parsed and keyed, looked up, merged and
+//! written on the shard's thread (`StageBuilder::run_on_shards`); the calling thread only
+//! reports progress and waits.
+//!
+//! ```text
+//!  shard 0 (one thread)
+//!  ┌────────────────────────────────────────────────────────────────────────────┐
+//!  │ Source: Lines (read, parse, key) ─▶ AsyncWait(RedisEnrich) ─▶ Sink: Writer  │
+//!  │   waits (Pending) while the budget is full ◀── woken after each write ──┘   │
+//!  └────────────────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Owns: the run when it has one shard, reads a file and keeps no checkpoints (a pipe on
+//! standard input would block the shard while it waits for a line, and checkpoint barriers
+//! travel through the producer: those runs use the reader thread). Invariants: the same as the
+//! threaded run's (`mod.rs`), kept by the same parts: `Lines` reads, `Budget` bounds the bytes
+//! (the source waits without blocking: it returns `Pending` and the sink wakes it after the
+//! lines it handled released their bytes), `Writer` applies every line's policy in the order
+//! the operator releases them; a signal ends the source, so what is in flight drains and is
+//! written; a second one stops at once, after flushing what the writer holds.
+
+use super::budget::Budget;
+use super::reader::{Lines, ReaderState};
+use super::writer::{Writer, PROGRESS_EVERY};
+use super::{
+    outcome, startup, summarize, EnrichConfig, EnrichError, Enriched, Line, Run, RunEnd, Stop,
+    Summary,
+};
+use crate::error::StageError;
+use crate::{Output, ShardSink, SinkError, SourceItem};
+use futures::task::AtomicWaker;
+use futures::Stream;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// How often the calling thread looks at the shard and the signals while the run goes on.
+const WATCH_EVERY: Duration = Duration::from_millis(20);
+
+/// Whether `config`'s run goes on one shard's thread.
+pub(crate) fn applies(config: &EnrichConfig) -> bool {
+    let shards = config.shards.unwrap_or_else(crate::default_shards);
+    shards == 1 && config.input.is_some() && config.checkpoint_dir.is_none()
+}
+
+/// The input as the shard's source: a line whenever the operator has room and the budget
+/// allows, the watermark it raised after it, and the last watermark at the end.
+struct LineSource {
+    lines: Lines,
+    budget: Arc<Budget>,
+    stop: Arc<Stop>,
+    state: Arc<ReaderState>,
+    /// Woken by the sink after it handled lines (and released their bytes).
+    room: Arc<AtomicWaker>,
+    /// The watermark that goes after the line just yielded.
+    watermark: Option<u64>,
+    ended: bool,
+}
+
+impl LineSource {
+    fn end(&mut self) -> Poll<Option<SourceItem<Arc<Line>>>> {
+        self.ended = true;
+        Poll::Ready(self.lines.last_watermark().map(SourceItem::Watermark))
+    }
+}
+
+impl Stream for LineSource {
+    type Item = SourceItem<Arc<Line>>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(w) = this.watermark.take() {
+            return Poll::Ready(Some(SourceItem::Watermark(w)));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.stop.requested() {
+            return this.end();
+        }
+        if this.budget.full() {
+            // Registered before the second look, so a release in between is not missed.
+            this.room.register(cx.waker());
+            if this.budget.full() {
+                return Poll::Pending;
+            }
+        }
+        match this.lines.next_line() {
+            None => this.end(),
+            Some((mut line, watermark)) => {
+                this.budget.hold(&mut line);
+                this.state.accepted.fetch_add(1, Ordering::Relaxed);
+                this.watermark = watermark;
+                Poll::Ready(Some(SourceItem::Record(Arc::new(line))))
+            }
+        }
+    }
+}
+
+/// The writer as the shard's sink. The writer sits behind a lock that the calling thread takes
+/// for progress, and to flush after a second signal while the shard may be waiting on a
+/// stalled server; the shard takes it once per batch.
+struct WriterSink {
+    writer: Arc<Mutex<Writer>>,
+    room: Arc<AtomicWaker>,
+}
+
+impl ShardSink<Enriched> for WriterSink {
+    async fn write(&mut self, outputs: &mut Vec<Output<Enriched>>) -> Result<(), SinkError> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let handled = outputs.drain(..).try_for_each(|output| match output {
+            Output::Record { value, .. } => writer.record(value),
+            Output::Watermark(ts) => {
+                writer.watermark(ts);
+                Ok(())
+            }
+            // This run keeps no checkpoints.
+            Output::Checkpoint(_) => Ok(()),
+        });
+        self.room.wake();
+        handled.and_then(|()| writer.flush_if_due())?;
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), SinkError> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        writer.flush()?;
+        Ok(())
+    }
+}
+
+/// Runs `run` on one shard; this thread reports progress until the shard ends or a second
+/// signal.
+pub(crate) fn run(
+    run: &Run<'_>,
+    progress: &mut dyn FnMut(&Summary, u64),
+) -> Result<Summary, EnrichError> {
+    let config = run.config;
+    let files = startup::open_files(config, None)?;
+    let (builder, sinks) = startup::stage_builder(config, run.cluster, &run.budget);
+    let state = Arc::new(ReaderState::default());
+    let room = Arc::new(AtomicWaker::new());
+    let writer = Arc::new(Mutex::new(Writer::new(
+        outcome::Policies::of(config),
+        files.output,
+        files.dead_letters,
+        run.budget.clone(),
+        config.emit_watermarks,
+    )));
+    // Taken by the source's factory on the shard (one shard: called once).
+    let lines = Mutex::new(Some(Lines::new(
+        files.input,
+        config.key.clone(),
+        config.event_time.clone(),
+        config.max_out_of_orderness,
+        state.clone(),
+    )));
+    let source = {
+        let (budget, stop, state, room) = (
+            run.budget.clone(),
+            run.stop.clone(),
+            state.clone(),
+            room.clone(),
+        );
+        move |_| LineSource {
+            lines: lines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .expect("one shard: its source is made once"),
+            budget: budget.clone(),
+            stop: stop.clone(),
+            state: state.clone(),
+            room: room.clone(),
+            watermark: None,
+            ended: false,
+        }
+    };
+    let sink = {
+        let writer = writer.clone();
+        move |_| WriterSink {
+            writer: writer.clone(),
+            room: room.clone(),
+        }
+    };
+    let mut handle = builder
+        .shards(1)
+        .run_on_shards(source, sink)
+        .map_err(|e| EnrichError::Stage(e.to_string()))?;
+    let mut last_progress = Instant::now();
+    let mut at_once = false;
+    while !handle.finished() {
+        if run.stop.at_once() {
+            at_once = true;
+            break;
+        }
+        std::thread::sleep(WATCH_EVERY);
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            let (mut summary, handled) = {
+                let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                (w.summary.clone(), w.handled)
+            };
+            summary.lines_read = state.lines_read.load(Ordering::Relaxed);
+            summary.retries = handle.sum(|m| m.retries);
+            summary.elapsed_s = run.started.elapsed().as_secs_f64();
+            let accepted = state.accepted.load(Ordering::Relaxed);
+            progress(&summary, accepted.saturating_sub(handled));
+        }
+    }
+    let mut failure = None;
+    let metrics = if at_once {
+        // The shard may wait on a stalled server: leave it (the process is about to exit).
+        None
+    } else {
+        failure = handle.wait().err().map(enrich_error);
+        Some(handle.metrics())
+    };
+    // What the writer holds reaches the files whichever way the run ended.
+    let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = writer.flush() {
+        failure.get_or_insert(e);
+    }
+    let ended = RunEnd {
+        state,
+        metrics,
+        sinks,
+        at_once,
+        failure,
+        restored: None,
+    };
+    let mut summary = summarize(run, ended, &mut writer);
+    summary.on_one_thread = true;
+    Ok(summary)
+}
+
+/// The run's failure from the shard's: a line's policy or a file (the sink's), as the writer
+/// said it; anything else as the stage said it.
+fn enrich_error(error: StageError) -> EnrichError {
+    match error {
+        StageError::Sink { source, .. } => match source.downcast::<EnrichError>() {
+            Ok(e) => *e,
+            Err(other) => EnrichError::Stage(other.to_string()),
+        },
+        other => EnrichError::Stage(other.to_string()),
+    }
+}
