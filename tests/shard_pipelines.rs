@@ -7,6 +7,7 @@
 mod common;
 
 use common::{check_merged, In, Out};
+use sluice::checkpoint::{CheckpointError, Checkpointing, Codec, SinkPosition, SourcePosition};
 use sluice::{
     from_fn, BuildError, Output, OutputMode, Outputs, ShardContext, ShardSink, SinkError,
     SourceItem, Stage, StageError,
@@ -259,7 +260,7 @@ fn a_panic_in_the_function_is_reported_with_its_shard() {
 }
 
 #[test]
-fn checkpointing_and_routing_are_refused_with_the_setting_named() {
+fn routing_and_checkpoints_across_shards_are_refused_with_the_setting_named() {
     let function = |_ctx: ShardContext| {
         from_fn(|&n: &u64| async move { Ok::<_, std::io::Error>(Outputs::One(n)) })
     };
@@ -284,18 +285,10 @@ fn checkpointing_and_routing_are_refused_with_the_setting_named() {
         "{refused}"
     );
     let dir = tempfile::tempdir().unwrap();
-    let (_seen, sinks) = collecting(1, None);
     let refused = Stage::builder(function)
-        .shards(1)
-        .checkpointing(sluice::checkpoint::Checkpointing::new(
-            dir.path(),
-            sluice::checkpoint::Codec::u64(),
-            sluice::checkpoint::Codec::u64(),
-        ))
-        .run_on_shards(
-            |_| futures::stream::iter(Vec::<SourceItem<u64>>::new()),
-            sinks,
-        )
+        .shards(2)
+        .checkpointing(Checkpointing::new(dir.path(), Codec::u64(), Codec::u64()))
+        .on_shards()
         .err()
         .expect("refused");
     assert!(
@@ -307,5 +300,123 @@ fn checkpointing_and_routing_are_refused_with_the_setting_named() {
             }
         ),
         "{refused}"
+    );
+}
+
+/// The sink of the checkpoint test: a "file" of the values written, whose durable length is
+/// what a checkpoint records; it fails (the run's crash) at its `crash_at`-th write after
+/// `crash_after` checkpoints were committed.
+struct FileSink {
+    file: Arc<Mutex<Vec<u64>>>,
+    committed: Arc<Mutex<Vec<u64>>>,
+    crash: Option<(usize, usize)>,
+    writes_after: usize,
+}
+
+impl ShardSink<u64> for FileSink {
+    async fn write(&mut self, outputs: &mut Vec<Output<u64>>) -> Result<(), SinkError> {
+        if let Some((after, at)) = self.crash {
+            if self.committed.lock().unwrap().len() >= after {
+                self.writes_after += 1;
+                if self.writes_after == at {
+                    return Err("crash".into());
+                }
+            }
+        }
+        let mut file = self.file.lock().unwrap();
+        for output in outputs.drain(..) {
+            if let Output::Record { value, .. } = output {
+                file.push(value);
+            }
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&mut self, _id: u64) -> Result<SinkPosition, SinkError> {
+        Ok(SinkPosition::from(self.file.lock().unwrap().len() as u64))
+    }
+
+    async fn committed(
+        &mut self,
+        id: u64,
+        result: Result<(), CheckpointError>,
+    ) -> Result<(), SinkError> {
+        result?;
+        self.committed.lock().unwrap().push(id);
+        Ok(())
+    }
+}
+
+/// `records` numbers from `from` on, with a checkpoint request every 250 (its position: the
+/// records before it).
+fn numbers_with_checkpoints(from: u64, records: u64) -> Vec<SourceItem<u64>> {
+    let mut items = vec![];
+    for n in from..records {
+        if n % 250 == 0 && n > from {
+            items.push(SourceItem::Checkpoint(SourcePosition {
+                offset: n,
+                records: n,
+                digest: 0,
+            }));
+        }
+        items.push(SourceItem::Record(n));
+    }
+    items
+}
+
+/// One shard with its source and sink on it checkpoints: a run that fails after its third
+/// committed checkpoint resumes from the newest, re-issues what was in flight there, and the
+/// "file" cut back to the checkpoint's length ends up holding every record once, in order.
+#[test]
+fn one_shard_checkpoints_and_a_restart_resumes_exactly_once() {
+    const RECORDS: u64 = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let file = Arc::new(Mutex::new(Vec::new()));
+    let stage = |crash: Option<(usize, usize)>, committed: Arc<Mutex<Vec<u64>>>| {
+        let builder = Stage::builder(|_ctx| {
+            from_fn(|&n: &u64| async move {
+                glommio::timer::sleep(Duration::from_micros(n * 7919 % 400)).await;
+                Ok::<_, std::io::Error>(Outputs::One(n))
+            })
+        })
+        .shards(1)
+        .capacity(32)
+        .mode(OutputMode::Ordered)
+        .checkpointing(Checkpointing::new(dir.path(), Codec::u64(), Codec::u64()))
+        .on_shards()
+        .expect("the stage's checkpoints open");
+        let resume_at = builder.restored().map_or(0, |r| r.source.records);
+        if let Some(restored) = builder.restored() {
+            file.lock()
+                .unwrap()
+                .truncate(restored.sink_position as usize);
+        }
+        let sink_file = file.clone();
+        let handle = builder
+            .run(
+                move |_| futures::stream::iter(numbers_with_checkpoints(resume_at, RECORDS)),
+                move |_| FileSink {
+                    file: sink_file.clone(),
+                    committed: committed.clone(),
+                    crash,
+                    writes_after: 0,
+                },
+            )
+            .expect("stage starts");
+        (handle, resume_at)
+    };
+    let committed = Arc::new(Mutex::new(Vec::new()));
+    let (mut first, _) = stage(Some((3, 2)), committed.clone());
+    let error = first.wait().expect_err("the sink crashes");
+    assert!(error.to_string().contains("crash"), "{error}");
+    assert!(committed.lock().unwrap().len() >= 3);
+    let (mut second, resumed_at) = stage(None, Arc::new(Mutex::new(Vec::new())));
+    second.wait().expect("the resumed run ends cleanly");
+    assert!(resumed_at >= 750, "resumed from the third checkpoint or later: {resumed_at}");
+    let expected: Vec<u64> = (0..RECORDS).collect();
+    assert_eq!(
+        *file.lock().unwrap(),
+        expected,
+        "every record once, in order"
     );
 }

@@ -8,27 +8,41 @@
 //!  └──────────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! Owns: the per-shard pipeline and its end. Invariants: each shard numbers its source's
-//! elements from 0 in the order the source yields them, and a record stays on that shard; the
+//! Owns: the per-shard pipeline, its end, and (one shard) its checkpoints. Invariants: each
+//! shard numbers its source's elements from 0 (after a restore: from the checkpoint's barrier
+//! on, its re-issued elements first) in the order the source yields them, and a record stays on
+//! that shard; the
 //! source is polled only when the operator has a free slot (a full queue is backpressure on the
 //! source, with nothing buffered between them); the sink gets outputs in the operator's emission
 //! order (`Ordered`: the source's order) and watermarks only when they advance; everything
 //! emitted before a failure reaches the sink before the shard stops; `finish` is called once,
 //! after the last output, and only when the source ended without a failure; the user's function
-//! is closed on every path.
+//! is closed on every path. A checkpoint (`SourceItem::Checkpoint`) stops the source where it
+//! was yielded, snapshots the operator there (the elements before it that are still in it),
+//! asks the sink to make everything it got before it durable, and commits only after both: the
+//! snapshot file, then the merge's (nothing held) and the manifest, as a producer-fed stage
+//! writes them, so the same restore applies.
 
+use super::merge::mode_code;
+use super::messages::Barrier;
 use super::routing::KeyFn;
-use super::shard::{gather, panic_message, ShardContext};
+use super::shard::{gather, panic_message, write_snapshot, Gate, ShardCheckpoint, ShardContext};
 use super::{placement, plan, Output, Plan, Spec, StageBuilder, StageHandle};
+use crate::checkpoint::coordinator::Coordinator;
+use crate::checkpoint::{
+    CheckpointError, MergeSnapshot, RestoreInfo, SinkPosition, SourcePosition,
+};
 use crate::clock::GlommioClock;
 use crate::error::{BuildError, StageError};
 use crate::function::AsyncFunction;
 use crate::metrics::{MetricsCell, MetricsSnapshot};
-use crate::operator::{AsyncWait, Element, Emitted, OperatorConfig};
+use crate::operator::{AsyncWait, Element, Emitted, OperatorConfig, OutputMode};
 use futures::{FutureExt, Stream, StreamExt};
 use glommio::{LocalExecutorBuilder, Placement};
+use std::cell::Cell;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -40,6 +54,10 @@ pub enum SourceItem<I> {
     Record(I),
     /// An event-time watermark: no later record of this source belongs before it.
     Watermark(u64),
+    /// Take a checkpoint here (a stage with `checkpointing`; ignored otherwise, and while the
+    /// previous one is being committed): the source resumes at `position`, just after every
+    /// element it yielded before this one.
+    Checkpoint(SourcePosition),
 }
 
 impl<I> From<I> for SourceItem<I> {
@@ -66,13 +84,36 @@ pub trait ShardSink<O>: 'static {
     async fn finish(&mut self) -> Result<(), SinkError> {
         Ok(())
     }
+
+    /// Checkpoint `id`: make everything written so far durable (flush and fsync) and say where
+    /// the output (and its side outputs) then ends; a restore cuts them back there. Needed
+    /// with `checkpointing`; a sink that cannot fails the shard.
+    async fn checkpoint(&mut self, id: u64) -> Result<SinkPosition, SinkError> {
+        Err(format!("checkpoint {id}: this sink cannot make its output durable").into())
+    }
+
+    /// Whether checkpoint `id` was committed. By default a checkpoint that could not be
+    /// committed stops the shard; a sink may count it and go on instead (the next one may
+    /// succeed), except for `CheckpointError::Fsync`, after which the process must stop.
+    async fn committed(
+        &mut self,
+        id: u64,
+        result: Result<(), CheckpointError>,
+    ) -> Result<(), SinkError> {
+        let _ = id;
+        result.map_err(Into::into)
+    }
 }
 
-/// A source's elements numbered and keyed for the operator.
+/// A source's elements numbered and keyed for the operator, after the elements a restore
+/// re-issues; stopped at a checkpoint until the shard took its snapshot (the gate).
 struct LocalInput<S, I> {
+    restore: std::vec::IntoIter<Element<I>>,
     source: S,
     key_fn: Option<KeyFn<I>>,
     next_seq: u64,
+    checkpoints: Option<Arc<Coordinator>>,
+    gate: Gate,
 }
 
 impl<S, I> Stream for LocalInput<S, I>
@@ -82,26 +123,56 @@ where
     type Item = Element<I>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Element<I>>> {
         let this = &mut *self;
-        let item = match this.source.poll_next_unpin(cx) {
-            Poll::Ready(Some(item)) => item,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        let seq = this.next_seq;
-        this.next_seq += 1;
-        Poll::Ready(Some(match item {
-            SourceItem::Record(input) => Element::Record {
-                seq,
-                key: this.key_fn.as_ref().map_or(seq, |key| key(&input)),
-                input,
-                pushed_at: None,
-            },
-            SourceItem::Watermark(timestamp) => Element::Watermark { seq, timestamp },
-        }))
+        if this.gate.get().is_some() {
+            return Poll::Pending;
+        }
+        if let Some(element) = this.restore.next() {
+            return Poll::Ready(Some(element));
+        }
+        loop {
+            let item = match this.source.poll_next_unpin(cx) {
+                Poll::Ready(Some(item)) => item,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            let seq = this.next_seq;
+            return Poll::Ready(Some(match item {
+                SourceItem::Record(input) => {
+                    this.next_seq += 1;
+                    Element::Record {
+                        seq,
+                        key: this.key_fn.as_ref().map_or(seq, |key| key(&input)),
+                        input,
+                        pushed_at: None,
+                    }
+                }
+                SourceItem::Watermark(timestamp) => {
+                    this.next_seq += 1;
+                    Element::Watermark { seq, timestamp }
+                }
+                SourceItem::Checkpoint(position) => {
+                    // The barrier takes a sequence number, as the producer's does.
+                    if let Some(Ok(id)) = this.checkpoints.as_ref().map(|c| c.begin(position)) {
+                        this.next_seq += 1;
+                        this.gate.set(Some(Barrier { seq, id }));
+                        // The shard loop sees the closed gate when the operator goes pending.
+                        return Poll::Pending;
+                    }
+                    continue;
+                }
+            }));
+        }
     }
 }
 
 impl<S, I> Unpin for LocalInput<S, I> {}
+
+/// What a checkpointing shard needs beside its operator.
+struct LocalCheckpoint<I> {
+    coordinator: Arc<Coordinator>,
+    shard: ShardCheckpoint<I>,
+    mode: OutputMode,
+}
 
 /// One shard's pipeline, moved onto its thread.
 struct LocalShard<Fac, SF, KF, I, O, E> {
@@ -114,11 +185,17 @@ struct LocalShard<Fac, SF, KF, I, O, E> {
     metrics: MetricsCell,
     /// Counted up when this shard's pipeline ended, on any path.
     ended: Arc<AtomicUsize>,
+    /// Elements re-issued from a checkpoint, and the first sequence number of new input.
+    restore: Vec<Element<I>>,
+    first_seq: u64,
+    checkpoint: Option<LocalCheckpoint<I>>,
 }
 
 impl<F, Fac> StageBuilder<F, Fac>
 where
     F: AsyncFunction,
+    // Elements a restore re-issues are decoded here and moved to the shard.
+    F::In: Send,
     Fac: Fn(ShardContext) -> F + Send + Sync + 'static,
 {
     /// Starts the shards with a source and a sink on each, made there by `sources` and `sinks`
@@ -126,12 +203,47 @@ where
     /// channel, so a record is read, looked up and written without leaving its thread. Shard
     /// `i` reads its own source (a partition, a file, a generator); with `Ordered` its sink
     /// gets the outputs in that source's order, and with `KeyOrdered` a key's records must
-    /// all come from one shard's source.
+    /// all come from one shard's source. [`StageBuilder::on_shards`] then
+    /// [`OnShards::run`], for a program that needs to see what a checkpoint restored first.
     ///
     /// `join` on the handle waits for every shard's source to end and its sink to finish, and
-    /// reports the first failure (the function's, under its policy; a sink's; a panic). Not
-    /// with `checkpointing` or `routing`, which concern records that cross threads: refused
-    /// with `BuildError::InvalidConfig`.
+    /// reports the first failure (the function's, under its policy; a sink's; a panic).
+    /// `routing` is refused (`BuildError::InvalidConfig`): it concerns records that cross
+    /// threads; `checkpointing` needs one shard.
+    ///
+    /// ```
+    /// use sluice::{from_fn, Output, Outputs, ShardSink, SinkError, SourceItem, Stage};
+    ///
+    /// /// Sums what its shard's operator emits.
+    /// struct Sum(u64);
+    /// impl ShardSink<u64> for Sum {
+    ///     async fn write(&mut self, outputs: &mut Vec<Output<u64>>) -> Result<(), SinkError> {
+    ///         for output in outputs.drain(..) {
+    ///             if let Output::Record { value, .. } = output {
+    ///                 self.0 += value;
+    ///             }
+    ///         }
+    ///         Ok(())
+    ///     }
+    ///     async fn finish(&mut self) -> Result<(), SinkError> {
+    ///         assert_eq!(self.0, (0..1000u64).map(|n| n * 2).sum::<u64>());
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// let mut handle = Stage::builder(|_shard| {
+    ///     from_fn(|&n: &u64| async move { Ok::<_, std::io::Error>(Outputs::One(n * 2)) })
+    /// })
+    /// .shards(2)
+    /// .capacity(16)
+    /// .run_on_shards(
+    ///     |_shard| futures::stream::iter((0..1000u64).map(SourceItem::Record)),
+    ///     |_shard| Sum(0),
+    /// )
+    /// .unwrap();
+    /// handle.wait().unwrap();
+    /// assert_eq!(handle.metrics().records_out, 2000);
+    /// ```
     pub fn run_on_shards<S, SF, K, KF>(
         self,
         sources: SF,
@@ -143,17 +255,18 @@ where
         K: ShardSink<F::Out>,
         KF: Fn(ShardContext) -> K + Send + Sync + 'static,
     {
+        self.on_shards()?.run(sources, sinks)
+    }
+
+    /// Checks the settings for sources and sinks on the shards and, with `checkpointing`,
+    /// opens the checkpoint directory and loads what a restore re-issues, before anything
+    /// runs: [`OnShards::restored`] says where the source resumes and where the sink's output
+    /// is cut back to.
+    pub fn on_shards(mut self) -> Result<OnShards<F, Fac>, BuildError> {
         let refuse = |field, reason: &str| BuildError::InvalidConfig {
             field,
             reason: reason.into(),
         };
-        if self.checkpointing.is_some() {
-            return Err(refuse(
-                "checkpointing",
-                "a stage whose sources run on the shards does not checkpoint; use start() with \
-                 a producer for exactly-once checkpoints",
-            ));
-        }
         if self.routing.is_some() {
             return Err(refuse(
                 "routing",
@@ -161,7 +274,15 @@ where
             ));
         }
         let shards = self.shard_count()?;
-        let checked: Plan<F::In, F::Out> = Plan::new(Spec {
+        if self.checkpointing.is_some() && shards != 1 {
+            return Err(refuse(
+                "checkpointing",
+                "a stage whose sources run on the shards checkpoints with one shard; use \
+                 start() with a producer for checkpoints across several",
+            ));
+        }
+        let input_codec = self.checkpointing.as_ref().map(|c| c.input.clone());
+        let mut checked: Plan<F::In, F::Out> = Plan::new(Spec {
             shards,
             capacity: self.capacity,
             timeout: self.timeout,
@@ -169,11 +290,74 @@ where
             key_fn: self.key_fn.clone(),
             routing: None,
             channel_capacity: None,
-            checkpointing: None,
+            checkpointing: self.checkpointing.take(),
         })?;
-        let placements = plan(shards, &self.pinning, &placement::usable_cores());
-        let (factory, sources, sinks) =
-            (Arc::new(self.factory), Arc::new(sources), Arc::new(sinks));
+        let shard_plan = checked.shard(0);
+        let (coordinator, first_seq, restored) = checked.local_checkpoints()?;
+        let checkpoint = match (coordinator, shard_plan.checkpoint, input_codec) {
+            (Some(coordinator), Some(shard), Some(_)) => Some(LocalCheckpoint {
+                coordinator,
+                shard,
+                mode: self.mode,
+            }),
+            _ => None,
+        };
+        Ok(OnShards {
+            builder: self,
+            shards,
+            capacity: checked.capacity,
+            restore: shard_plan.restore,
+            first_seq,
+            checkpoint,
+            restored,
+        })
+    }
+}
+
+/// A stage for sources and sinks on the shards, checked and (with checkpoints) restored, not
+/// yet running. From [`StageBuilder::on_shards`].
+pub struct OnShards<F: AsyncFunction, Fac> {
+    builder: StageBuilder<F, Fac>,
+    shards: usize,
+    capacity: std::num::NonZeroUsize,
+    /// Shard 0's re-issued elements (only a one-shard stage checkpoints).
+    restore: Vec<Element<F::In>>,
+    first_seq: u64,
+    checkpoint: Option<LocalCheckpoint<F::In>>,
+    restored: Option<RestoreInfo>,
+}
+
+impl<F, Fac> OnShards<F, Fac>
+where
+    F: AsyncFunction,
+    F::In: Send,
+    Fac: Fn(ShardContext) -> F + Send + Sync + 'static,
+{
+    /// What the stage restored from its checkpoint directory: resume the source at `source`
+    /// and cut the sink back to `sink_position` (and its side outputs to theirs).
+    pub fn restored(&self) -> Option<&RestoreInfo> {
+        self.restored.as_ref()
+    }
+
+    /// Starts the shards; see [`StageBuilder::run_on_shards`].
+    pub fn run<S, SF, K, KF>(self, sources: SF, sinks: KF) -> Result<StageHandle, BuildError>
+    where
+        S: Stream<Item = SourceItem<F::In>> + Unpin + 'static,
+        SF: Fn(ShardContext) -> S + Send + Sync + 'static,
+        K: ShardSink<F::Out>,
+        KF: Fn(ShardContext) -> K + Send + Sync + 'static,
+    {
+        let OnShards {
+            builder: b,
+            shards,
+            capacity,
+            mut restore,
+            first_seq,
+            mut checkpoint,
+            restored: _,
+        } = self;
+        let placements = plan(shards, &b.pinning, &placement::usable_cores());
+        let (factory, sources, sinks) = (Arc::new(b.factory), Arc::new(sources), Arc::new(sinks));
         let mut cells = Vec::with_capacity(shards);
         let mut joins = Vec::with_capacity(shards);
         let ended = Arc::new(AtomicUsize::new(0));
@@ -187,38 +371,36 @@ where
                 factory: factory.clone(),
                 sources: sources.clone(),
                 sinks: sinks.clone(),
-                key_fn: self.key_fn.clone(),
+                key_fn: b.key_fn.clone(),
                 config: OperatorConfig {
-                    capacity: checked.capacity,
-                    timeout: self.timeout,
-                    mode: self.mode,
-                    retry: self.retry.clone(),
-                    seed: self.seed.wrapping_add(placement.shard as u64),
+                    capacity,
+                    timeout: b.timeout,
+                    mode: b.mode,
+                    retry: b.retry.clone(),
+                    seed: b.seed.wrapping_add(placement.shard as u64),
                 },
                 metrics: cell.clone(),
                 ended: ended.clone(),
+                restore: std::mem::take(&mut restore),
+                first_seq,
+                checkpoint: checkpoint.take(),
             };
             let core = match placement.core {
                 Some(core) => Placement::Fixed(core),
                 None => Placement::Unbound,
             };
+            // A shard that cannot start fails the build; those already started run their
+            // sources to the end on their own.
             let join = LocalExecutorBuilder::new(core)
                 .name(&format!("sluice-shard-{}", placement.shard))
-                .io_memory(self.io_memory)
-                .ring_depth(self.ring_depth)
+                .io_memory(b.io_memory)
+                .ring_depth(b.ring_depth)
                 .spawn(move || run_local_shard(shard))
                 .map_err(|e| BuildError::Executor {
                     shard: placement.shard,
                     reason: e.to_string(),
-                });
-            match join {
-                Ok(join) => joins.push(join),
-                Err(e) => {
-                    // The shards already started run their sources to the end; they are not
-                    // joined here, so the caller is not held by them.
-                    return Err(e);
-                }
-            }
+                })?;
+            joins.push(join);
             cells.push(cell);
         }
         Ok(StageHandle {
@@ -247,15 +429,19 @@ where
     let ended = shard.ended.clone();
     let body = AssertUnwindSafe(async move {
         let func = (shard.factory)(shard.context);
+        let gate: Gate = Rc::new(Cell::new(None));
         let input = LocalInput {
+            restore: shard.restore.into_iter(),
             source: (shard.sources)(shard.context),
             key_fn: shard.key_fn,
-            next_seq: 0,
+            next_seq: shard.first_seq,
+            checkpoints: shard.checkpoint.as_ref().map(|c| c.coordinator.clone()),
+            gate: gate.clone(),
         };
         let sink = (shard.sinks)(shard.context);
         let op =
             AsyncWait::with_metrics(input, func, shard.config, GlommioClock, Some(shard.metrics));
-        drive_local(op, sink, index).await
+        drive_local(op, sink, index, &gate, shard.checkpoint.as_ref()).await
     });
     let result = match body.catch_unwind().await {
         Ok(result) => result,
@@ -268,11 +454,19 @@ where
     result
 }
 
-/// The shard's loop: what the operator has ready at once goes to the sink in one `write`.
+enum Step<T> {
+    Item(Option<T>),
+    Barrier(Barrier),
+}
+
+/// The shard's loop: what the operator has ready at once goes to the sink in one `write`; a
+/// checkpoint is taken where the source stopped.
 async fn drive_local<S, F, K>(
     mut op: AsyncWait<S, F, GlommioClock>,
     mut sink: K,
     shard: usize,
+    gate: &Gate,
+    checkpoint: Option<&LocalCheckpoint<F::In>>,
 ) -> Result<(), StageError>
 where
     S: Stream<Item = Element<F::In>> + Unpin,
@@ -282,7 +476,30 @@ where
     let sink_failed = |source| StageError::Sink { shard, source };
     let mut outputs = Vec::new();
     let mut watermark = None;
-    while let Some(first) = op.next().await {
+    loop {
+        let step = futures::future::poll_fn(|cx| match op.poll_next_unpin(cx) {
+            Poll::Ready(item) => Poll::Ready(Step::Item(item)),
+            Poll::Pending => match gate.get() {
+                Some(barrier) => Poll::Ready(Step::Barrier(barrier)),
+                None => Poll::Pending,
+            },
+        })
+        .await;
+        let first = match step {
+            Step::Item(Some(first)) => first,
+            Step::Item(None) => break,
+            Step::Barrier(barrier) => {
+                let checkpoint = checkpoint.expect("a barrier needs checkpointing");
+                let taken =
+                    take_checkpoint(&mut op, &mut sink, checkpoint, barrier, watermark).await;
+                gate.set(None);
+                if let Err(e) = taken {
+                    op.close();
+                    return Err(sink_failed(e));
+                }
+                continue;
+            }
+        };
         // No yields: nothing crosses a thread, so a batch is only what is ready now.
         let (batch, failure) = gather(&mut op, first, 0).await;
         for emitted in batch {
@@ -313,4 +530,55 @@ where
     }
     op.close();
     sink.finish().await.map_err(sink_failed)
+}
+
+/// Checkpoint `barrier`: the operator's snapshot (written by a task of its own), the sink's
+/// output made durable, then the commit (the merge's snapshot, holding nothing, and the
+/// manifest) on a blocking thread, so the shard's lookups go on while it fsyncs. Everything
+/// the sink got before the barrier is before it in the output; nothing after.
+async fn take_checkpoint<S, F, K>(
+    op: &mut AsyncWait<S, F, GlommioClock>,
+    sink: &mut K,
+    checkpoint: &LocalCheckpoint<F::In>,
+    barrier: Barrier,
+    watermark: Option<u64>,
+) -> Result<(), SinkError>
+where
+    S: Stream<Item = Element<F::In>> + Unpin,
+    F: AsyncFunction,
+    K: ShardSink<F::Out>,
+{
+    let coordinator = &checkpoint.coordinator;
+    let snapshot = op.checkpoint(barrier.id, 0, |input| checkpoint.shard.input.encode(input));
+    // Ordered: the merge of a producer-fed stage would next release the oldest element still
+    // in the operator (everything emitted before it went to the sink).
+    let base_seq = match checkpoint.mode {
+        OutputMode::Ordered => snapshot.entries.first().map_or(barrier.seq, |e| e.seq),
+        _ => 0,
+    };
+    let write = write_snapshot(&checkpoint.shard, snapshot);
+    let position = match sink.checkpoint(barrier.id).await {
+        Ok(position) => position,
+        Err(e) => {
+            write.await;
+            coordinator.abort(barrier.id);
+            return Err(e);
+        }
+    };
+    write.await;
+    let merge = MergeSnapshot {
+        checkpoint_id: barrier.id,
+        barrier_seq: barrier.seq,
+        shards: 1,
+        mode: mode_code(checkpoint.mode),
+        base_seq,
+        last_watermark: watermark,
+        held: vec![],
+        released_in_flight: vec![],
+    };
+    let committing = coordinator.clone();
+    let committed = glommio::executor()
+        .spawn_blocking(move || committing.commit(&merge, &position))
+        .await;
+    sink.committed(barrier.id, committed).await
 }

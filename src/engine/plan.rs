@@ -15,10 +15,12 @@ use super::messages::{Egress, Inbound};
 use super::restore;
 use super::shard::ShardCheckpoint;
 use super::{Consumer, KeyFn, Producer, Routing};
-use crate::checkpoint::{Checkpointing, RestoreInfo};
+use crate::checkpoint::coordinator::Coordinator;
+use crate::checkpoint::{CheckpointError, Checkpointing, RestoreInfo};
 use crate::error::BuildError;
 use crate::operator::{Element, OutputMode};
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The default ingress/egress channel capacity is the queue capacity, but at least this: with
@@ -162,6 +164,31 @@ impl<I, O> Plan<I, O> {
                 _ => None,
             },
         }
+    }
+
+    /// For a stage with its source and sink on its one shard (no merge): the coordinator, the
+    /// first sequence number of new input and what was restored. Refuses a checkpoint whose
+    /// merge held outputs (one written by a producer-fed stage with released outputs pending),
+    /// which only a merge can give back.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn local_checkpoints(
+        &mut self,
+    ) -> Result<(Option<Arc<Coordinator>>, u64, Option<RestoreInfo>), BuildError> {
+        let Some(opened) = self.opened.take() else {
+            return Ok((None, 0, None));
+        };
+        let mut first_seq = 0;
+        if let Some(merge) = opened.restored.as_ref().and_then(|r| r.merge.as_ref()) {
+            if !merge.held.is_empty() {
+                return Err(BuildError::Checkpoint(CheckpointError::Mismatch {
+                    checkpoint_id: merge.checkpoint_id,
+                    found: format!("{} outputs held by the merge", merge.held.len()),
+                    expected: "none (a stage with its sink on the shard has no merge)".into(),
+                }));
+            }
+            first_seq = merge.barrier_seq + 1;
+        }
+        Ok((Some(opened.coordinator), first_seq, opened.info))
     }
 
     /// The producer and the consumer around the shards' channels (in shard order), the

@@ -289,8 +289,16 @@ where
     F: AsyncFunction,
 {
     let snapshot = op.checkpoint(barrier.id, shard, |input| checkpoint.input.encode(input));
+    write_snapshot(checkpoint, snapshot)
+}
+
+/// Writes a shard's snapshot in a task of its own, which reports to the coordinator.
+pub(crate) fn write_snapshot<I>(
+    checkpoint: &ShardCheckpoint<I>,
+    snapshot: crate::checkpoint::ShardSnapshot,
+) -> glommio::Task<()> {
     let (dir, reports) = (checkpoint.dir.clone(), checkpoint.reports.clone());
-    let id = barrier.id;
+    let (id, shard) = (snapshot.checkpoint_id, snapshot.shard as usize);
     glommio::spawn_local(async move {
         let result = write_shard_snapshot(dir, snapshot).await;
         let _ = reports.send_async(ShardReport { id, shard, result }).await;
