@@ -40,8 +40,9 @@ fn write_input_with_bad(path: &Path, lines: u64, bad_every: u64) {
     }
 }
 
-/// Bad lines go to `DIR/bad.jsonl`.
-fn enrich(server: &Server, dir: &Path, mode: &str) -> Command {
+/// Bad lines go to `DIR/bad.jsonl`. With one shard the run reads, looks up and writes on the
+/// shard's thread; with two it has a reader thread.
+fn enrich(server: &Server, dir: &Path, mode: &str, shards: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
     c.args(["enrich", "--redis"])
         .arg(format!("redis://{}", server.addr()))
@@ -52,7 +53,7 @@ fn enrich(server: &Server, dir: &Path, mode: &str) -> Command {
         .arg("--checkpoint-dir")
         .arg(dir.join("checkpoints"))
         .args(["--checkpoint-interval", "20ms", "--mode", mode])
-        .args(["--capacity", "64", "--shards", "2", "--timeout", "30s"])
+        .args(["--capacity", "64", "--shards", shards, "--timeout", "30s"])
         .args([
             "--batch-size",
             "16",
@@ -94,7 +95,13 @@ fn killed_inside_a_checkpoint(dir: &Path) -> bool {
 
 /// Runs, kills at random moments, re-runs until a run finishes; returns the number of kills,
 /// and how many of them landed inside a checkpoint.
-fn run_until_done(server: &Server, dir: &Path, mode: &str, seed: u64) -> (usize, usize) {
+fn run_until_done(
+    server: &Server,
+    dir: &Path,
+    mode: &str,
+    shards: &str,
+    seed: u64,
+) -> (usize, usize) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let started = Instant::now();
     let checkpoints = dir.join("checkpoints");
@@ -104,7 +111,7 @@ fn run_until_done(server: &Server, dir: &Path, mode: &str, seed: u64) -> (usize,
             started.elapsed() < Duration::from_secs(240),
             "{mode}: not finished after {kills} kills in 240 s"
         );
-        let mut child = enrich(server, dir, mode).spawn().unwrap();
+        let mut child = enrich(server, dir, mode, shards).spawn().unwrap();
         // Mostly short lives, so most runs die mid-way; after 20 kills let it finish. Every
         // third kill waits for a checkpoint to be begun but not committed (shard files newer
         // than the newest manifest) and kills right then.
@@ -134,6 +141,11 @@ fn run_until_done(server: &Server, dir: &Path, mode: &str, seed: u64) -> (usize,
                 assert!(
                     kills == 0 || stderr.contains("resumed from checkpoint"),
                     "{mode}: the last run did not resume: {stderr}"
+                );
+                assert_eq!(
+                    stderr.contains("on one thread"),
+                    shards == "1",
+                    "{mode}, {shards} shards: {stderr}"
                 );
                 eprintln!(
                     "{mode}: finished after {kills} kills ({inside} inside a checkpoint):\n{stderr}"
@@ -230,11 +242,11 @@ fn check_output_with_bad(dir: &Path, lines: u64, bad_every: u64, mode: &str) {
     assert_eq!(count, lines - bad as u64, "every good input line once");
 }
 
-fn crash_test(mode: &str, seed: u64) {
-    crash_test_with_bad(mode, seed, 100_000, 0);
+fn crash_test(mode: &str, shards: &str, seed: u64) {
+    crash_test_with_bad(mode, shards, seed, 100_000, 0);
 }
 
-fn crash_test_with_bad(mode: &str, seed: u64, lines: u64, bad_every: u64) {
+fn crash_test_with_bad(mode: &str, shards: &str, seed: u64, lines: u64, bad_every: u64) {
     let server = Server::start(ServerConfig {
         keys: KEYS,
         value_size: VALUE_SIZE,
@@ -246,16 +258,16 @@ fn crash_test_with_bad(mode: &str, seed: u64, lines: u64, bad_every: u64) {
         ..Default::default()
     })
     .unwrap();
-    let dir = temp_dir(&format!("{mode}-{bad_every}"));
+    let dir = temp_dir(&format!("{mode}-{shards}-{bad_every}"));
     write_input_with_bad(&dir.join("in.jsonl"), lines, bad_every);
-    let (kills, inside) = run_until_done(&server, &dir, mode, seed);
+    let (kills, inside) = run_until_done(&server, &dir, mode, shards, seed);
     assert!(kills >= 5, "only {kills} kills: the test did not test much");
     assert!(inside >= 1, "no kill landed inside a checkpoint");
     check_output_with_bad(&dir, lines, bad_every, mode);
     // A re-run of a finished job does nothing.
     let before = std::fs::read(dir.join("out.jsonl")).unwrap();
     let dead_before = std::fs::read(dir.join("bad.jsonl")).unwrap_or_default();
-    let rerun = enrich(&server, &dir, mode).output().unwrap();
+    let rerun = enrich(&server, &dir, mode, shards).output().unwrap();
     let stderr = String::from_utf8_lossy(&rerun.stderr);
     assert!(rerun.status.success(), "{stderr}");
     assert!(stderr.contains("already completed"), "{stderr}");
@@ -270,20 +282,30 @@ fn crash_test_with_bad(mode: &str, seed: u64, lines: u64, bad_every: u64) {
 
 #[test]
 fn ordered_enrich_survives_sigkill() {
-    crash_test("ordered", 11);
+    crash_test("ordered", "2", 11);
 }
 
 #[test]
 fn unordered_enrich_survives_sigkill() {
-    crash_test("unordered", 12);
+    crash_test("unordered", "2", 12);
 }
 
 #[test]
 fn key_ordered_enrich_survives_sigkill() {
-    crash_test("key-ordered", 13);
+    crash_test("key-ordered", "2", 13);
 }
 
 #[test]
 fn dead_letters_are_exactly_once_through_sigkill() {
-    crash_test_with_bad("ordered", 14, 60_000, 37);
+    crash_test_with_bad("ordered", "2", 14, 60_000, 37);
+}
+
+#[test]
+fn ordered_enrich_on_one_thread_survives_sigkill() {
+    crash_test_with_bad("ordered", "1", 15, 100_000, 53);
+}
+
+#[test]
+fn unordered_enrich_on_one_thread_survives_sigkill() {
+    crash_test("unordered", "1", 16);
 }

@@ -9,8 +9,8 @@ mod common;
 use common::{check_merged, In, Out};
 use sluice::checkpoint::{CheckpointError, Checkpointing, Codec, SinkPosition, SourcePosition};
 use sluice::{
-    from_fn, BuildError, Output, OutputMode, Outputs, ShardContext, ShardSink, SinkError,
-    SourceItem, Stage, StageError,
+    from_fn, BuildError, Output, OutputMode, Outputs, ShardContext, ShardSink, SinkCheckpoint,
+    SinkError, SourceItem, Stage, StageError,
 };
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
@@ -332,8 +332,8 @@ impl ShardSink<u64> for FileSink {
         Ok(())
     }
 
-    async fn checkpoint(&mut self, _id: u64) -> Result<SinkPosition, SinkError> {
-        Ok(SinkPosition::from(self.file.lock().unwrap().len() as u64))
+    async fn checkpoint(&mut self, _id: u64) -> Result<SinkCheckpoint, SinkError> {
+        Ok(SinkPosition::from(self.file.lock().unwrap().len() as u64).into())
     }
 
     async fn committed(
@@ -412,7 +412,10 @@ fn one_shard_checkpoints_and_a_restart_resumes_exactly_once() {
     assert!(committed.lock().unwrap().len() >= 3);
     let (mut second, resumed_at) = stage(None, Arc::new(Mutex::new(Vec::new())));
     second.wait().expect("the resumed run ends cleanly");
-    assert!(resumed_at >= 750, "resumed from the third checkpoint or later: {resumed_at}");
+    assert!(
+        resumed_at >= 750,
+        "resumed from the third checkpoint or later: {resumed_at}"
+    );
     let expected: Vec<u64> = (0..RECORDS).collect();
     assert_eq!(
         *file.lock().unwrap(),

@@ -69,6 +69,24 @@ impl<I> From<I> for SourceItem<I> {
 /// Why a sink could not take its outputs; it stops the shard (`StageError::Sink`).
 pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A sink's part of a checkpoint: where its output ends, and what makes that durable.
+pub struct SinkCheckpoint {
+    pub position: SinkPosition,
+    /// Run on a blocking thread before the checkpoint is committed (while the shard goes on):
+    /// typically the output files' fsync. `None`: the position is durable already. An error
+    /// stops the shard (`StageError::Sink`): a failed fsync cannot be retried safely.
+    pub make_durable: Option<Box<dyn FnOnce() -> Result<(), SinkError> + Send>>,
+}
+
+impl From<SinkPosition> for SinkCheckpoint {
+    fn from(position: SinkPosition) -> Self {
+        SinkCheckpoint {
+            position,
+            make_durable: None,
+        }
+    }
+}
+
 /// Where a shard's outputs go when the sink runs on the shard (a file written through the
 /// shard's ring, a socket, a counter). Created on the shard by the factory given to
 /// [`StageBuilder::run_on_shards`], so it may hold `!Send` state.
@@ -85,10 +103,11 @@ pub trait ShardSink<O>: 'static {
         Ok(())
     }
 
-    /// Checkpoint `id`: make everything written so far durable (flush and fsync) and say where
-    /// the output (and its side outputs) then ends; a restore cuts them back there. Needed
-    /// with `checkpointing`; a sink that cannot fails the shard.
-    async fn checkpoint(&mut self, id: u64) -> Result<SinkPosition, SinkError> {
+    /// Checkpoint `id`: say where the output (and its side outputs) ends after everything
+    /// written so far, and what makes that durable (an fsync, run on a blocking thread while
+    /// the shard goes on, before the commit); a restore cuts them back there. Needed with
+    /// `checkpointing`; a sink that cannot fails the shard.
+    async fn checkpoint(&mut self, id: u64) -> Result<SinkCheckpoint, SinkError> {
         Err(format!("checkpoint {id}: this sink cannot make its output durable").into())
     }
 
@@ -457,10 +476,18 @@ where
 enum Step<T> {
     Item(Option<T>),
     Barrier(Barrier),
+    /// A checkpoint's commit ended: `Err` when the sink could not make its output durable.
+    Committed(u64, Result<Result<(), CheckpointError>, SinkError>),
 }
 
+/// A checkpoint being made durable and committed on a blocking thread.
+type Commit = (
+    u64,
+    glommio::Task<Result<Result<(), CheckpointError>, SinkError>>,
+);
+
 /// The shard's loop: what the operator has ready at once goes to the sink in one `write`; a
-/// checkpoint is taken where the source stopped.
+/// checkpoint is taken where the source stopped, and committed while the loop goes on.
 async fn drive_local<S, F, K>(
     mut op: AsyncWait<S, F, GlommioClock>,
     mut sink: K,
@@ -476,13 +503,21 @@ where
     let sink_failed = |source| StageError::Sink { shard, source };
     let mut outputs = Vec::new();
     let mut watermark = None;
+    let mut commit: Option<Commit> = None;
     loop {
-        let step = futures::future::poll_fn(|cx| match op.poll_next_unpin(cx) {
-            Poll::Ready(item) => Poll::Ready(Step::Item(item)),
-            Poll::Pending => match gate.get() {
-                Some(barrier) => Poll::Ready(Step::Barrier(barrier)),
-                None => Poll::Pending,
-            },
+        let step = futures::future::poll_fn(|cx| {
+            if let Some((id, task)) = &mut commit {
+                if let Poll::Ready(result) = task.poll_unpin(cx) {
+                    return Poll::Ready(Step::Committed(*id, result));
+                }
+            }
+            match op.poll_next_unpin(cx) {
+                Poll::Ready(item) => Poll::Ready(Step::Item(item)),
+                Poll::Pending => match gate.get() {
+                    Some(barrier) => Poll::Ready(Step::Barrier(barrier)),
+                    None => Poll::Pending,
+                },
+            }
         })
         .await;
         let first = match step {
@@ -490,10 +525,25 @@ where
             Step::Item(None) => break,
             Step::Barrier(barrier) => {
                 let checkpoint = checkpoint.expect("a barrier needs checkpointing");
-                let taken =
-                    take_checkpoint(&mut op, &mut sink, checkpoint, barrier, watermark).await;
+                let taken = take_checkpoint(&mut op, &mut sink, checkpoint, barrier, watermark);
+                let taken = taken.await;
                 gate.set(None);
-                if let Err(e) = taken {
+                match taken {
+                    Ok(task) => commit = Some((barrier.id, task)),
+                    Err(e) => {
+                        op.close();
+                        return Err(sink_failed(e));
+                    }
+                }
+                continue;
+            }
+            Step::Committed(id, result) => {
+                commit = None;
+                let heard = match result {
+                    Ok(committed) => sink.committed(id, committed).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = heard {
                     op.close();
                     return Err(sink_failed(e));
                 }
@@ -529,26 +579,34 @@ where
         }
     }
     op.close();
+    // The last checkpoint's commit is heard before the sink finishes.
+    if let Some((id, task)) = commit {
+        match task.await {
+            Ok(committed) => sink.committed(id, committed).await,
+            Err(e) => Err(e),
+        }
+        .map_err(sink_failed)?;
+    }
     sink.finish().await.map_err(sink_failed)
 }
 
-/// Checkpoint `barrier`: the operator's snapshot (written by a task of its own), the sink's
-/// output made durable, then the commit (the merge's snapshot, holding nothing, and the
-/// manifest) on a blocking thread, so the shard's lookups go on while it fsyncs. Everything
-/// the sink got before the barrier is before it in the output; nothing after.
+/// Checkpoint `barrier`: the operator's snapshot (written by a task of its own, which reports
+/// to the coordinator), the sink's position after everything it got before the barrier; then,
+/// on a blocking thread while the shard goes on, the sink's output made durable and the
+/// commit (the merge's snapshot, holding nothing, and the manifest).
 async fn take_checkpoint<S, F, K>(
     op: &mut AsyncWait<S, F, GlommioClock>,
     sink: &mut K,
     checkpoint: &LocalCheckpoint<F::In>,
     barrier: Barrier,
     watermark: Option<u64>,
-) -> Result<(), SinkError>
+) -> Result<glommio::Task<Result<Result<(), CheckpointError>, SinkError>>, SinkError>
 where
     S: Stream<Item = Element<F::In>> + Unpin,
     F: AsyncFunction,
     K: ShardSink<F::Out>,
 {
-    let coordinator = &checkpoint.coordinator;
+    let coordinator = checkpoint.coordinator.clone();
     let snapshot = op.checkpoint(barrier.id, 0, |input| checkpoint.shard.input.encode(input));
     // Ordered: the merge of a producer-fed stage would next release the oldest element still
     // in the operator (everything emitted before it went to the sink).
@@ -556,16 +614,17 @@ where
         OutputMode::Ordered => snapshot.entries.first().map_or(barrier.seq, |e| e.seq),
         _ => 0,
     };
-    let write = write_snapshot(&checkpoint.shard, snapshot);
-    let position = match sink.checkpoint(barrier.id).await {
-        Ok(position) => position,
+    write_snapshot(&checkpoint.shard, snapshot).detach();
+    let SinkCheckpoint {
+        position,
+        make_durable,
+    } = match sink.checkpoint(barrier.id).await {
+        Ok(taken) => taken,
         Err(e) => {
-            write.await;
             coordinator.abort(barrier.id);
             return Err(e);
         }
     };
-    write.await;
     let merge = MergeSnapshot {
         checkpoint_id: barrier.id,
         barrier_seq: barrier.seq,
@@ -576,9 +635,17 @@ where
         held: vec![],
         released_in_flight: vec![],
     };
-    let committing = coordinator.clone();
-    let committed = glommio::executor()
-        .spawn_blocking(move || committing.commit(&merge, &position))
-        .await;
-    sink.committed(barrier.id, committed).await
+    Ok(glommio::spawn_local(async move {
+        glommio::executor()
+            .spawn_blocking(move || {
+                if let Some(make_durable) = make_durable {
+                    if let Err(e) = make_durable() {
+                        coordinator.abort(merge.checkpoint_id);
+                        return Err(e);
+                    }
+                }
+                Ok(coordinator.commit(&merge, &position))
+            })
+            .await
+    }))
 }

@@ -26,7 +26,7 @@ pub(crate) mod restore;
 mod routing;
 mod shard;
 
-pub use local::{OnShards, ShardSink, SinkError, SourceItem};
+pub use local::{OnShards, ShardSink, SinkCheckpoint, SinkError, SourceItem};
 pub use merge::{Consumer, Output, RecvTimedOut};
 pub use placement::{
     default_shards, locked_memory_per_shard, memlock_limit, plan, shards_that_fit, usable_cores,

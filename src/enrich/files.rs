@@ -6,8 +6,10 @@
 //!   written;
 //! - only the writer thread appends (bad records reach it through the stage), so a file's
 //!   length at a checkpoint is exactly what the lines before the checkpoint produced;
-//! - `make_durable` flushes and fsyncs and returns the length, which a checkpoint commits; on
-//!   resume each file is cut back to its committed length (`resume::open_appending`).
+//! - `make_durable` flushes and fsyncs and returns the length, which a checkpoint commits (or
+//!   `flush_for_checkpoint` returns the length and the fsync, for another thread to run before
+//!   the commit); on resume each file is cut back to its committed length
+//!   (`resume::open_appending`).
 
 use super::summary::{Count, Summary};
 use super::EnrichError;
@@ -116,6 +118,17 @@ impl LineFile {
 
     /// Flushes and fsyncs a file; returns its length, now durable.
     pub(crate) fn make_durable(&mut self, summary: &mut Summary) -> Result<u64, EnrichError> {
+        let (position, sync) = self.flush_for_checkpoint(summary)?;
+        sync.sync()?;
+        Ok(position)
+    }
+
+    /// Flushes a file; returns its length and what fsyncs it (on another thread, if need be):
+    /// the length is durable once that succeeded.
+    pub(crate) fn flush_for_checkpoint(
+        &mut self,
+        summary: &mut Summary,
+    ) -> Result<(u64, PendingSync), EnrichError> {
         self.flush(summary)?;
         let Target::File(file) = &mut self.target else {
             return Err(EnrichError::file(
@@ -123,14 +136,32 @@ impl LineFile {
                 "standard output cannot be made durable",
             ));
         };
-        file.sync_data().map_err(|e| {
+        let position = file
+            .stream_position()
+            .map_err(|e| EnrichError::file(self.name.clone(), e))?;
+        let file = file
+            .try_clone()
+            .map_err(|e| EnrichError::file(self.name.clone(), e))?;
+        let name = self.name.clone();
+        Ok((position, PendingSync { name, file }))
+    }
+}
+
+/// A file's fsync, to run where it does not hold up the writing (the descriptor is a
+/// duplicate: the same open file).
+pub(crate) struct PendingSync {
+    name: String,
+    file: File,
+}
+
+impl PendingSync {
+    pub(crate) fn sync(self) -> Result<(), EnrichError> {
+        self.file.sync_data().map_err(|e| {
             EnrichError::file(
-                self.name.clone(),
+                self.name,
                 format!("fsync failed: {e}; stopping (a failed fsync cannot be retried safely)"),
             )
-        })?;
-        file.stream_position()
-            .map_err(|e| EnrichError::file(self.name.clone(), e))
+        })
     }
 }
 
@@ -183,10 +214,23 @@ impl DeadLetters {
         &mut self,
         summary: &mut Summary,
     ) -> Result<BTreeMap<String, u64>, EnrichError> {
-        let mut positions = BTreeMap::new();
-        for (path, file) in &mut self.files {
-            positions.insert(Self::side_output_name(path), file.make_durable(summary)?);
-        }
+        let (positions, syncs) = self.flush_for_checkpoint(summary)?;
+        syncs.into_iter().try_for_each(PendingSync::sync)?;
         Ok(positions)
+    }
+
+    /// Flushes every file; returns their lengths by side-output name and their fsyncs.
+    pub(crate) fn flush_for_checkpoint(
+        &mut self,
+        summary: &mut Summary,
+    ) -> Result<(BTreeMap<String, u64>, Vec<PendingSync>), EnrichError> {
+        let mut positions = BTreeMap::new();
+        let mut syncs = Vec::with_capacity(self.files.len());
+        for (path, file) in &mut self.files {
+            let (position, sync) = file.flush_for_checkpoint(summary)?;
+            positions.insert(Self::side_output_name(path), position);
+            syncs.push(sync);
+        }
+        Ok((positions, syncs))
     }
 }

@@ -222,16 +222,7 @@ fn run_threads(
     let (config, stop) = (run.config, &run.stop);
     let (stage, sinks) = startup::start_stage(config, run.cluster, &run.budget)?;
     let restored = stage.restored().cloned();
-    if let Some(dir) = &config.checkpoint_dir {
-        let settings = startup::output_settings(config);
-        match &restored {
-            Some(r) => guard::check_settings(dir, r.checkpoint_id, &settings)?,
-            None => guard::record_settings(dir, &settings)?,
-        }
-    }
-    for skipped in restored.iter().flat_map(|r| &r.skipped) {
-        eprintln!("sluice enrich: {skipped}");
-    }
+    startup::check_restored(config, restored.as_ref())?;
     let files = startup::open_files(config, restored.as_ref())?;
     let (producer, mut consumer, handle) = stage.split();
     let threads = Threads::start(config, producer, files.input, &run.budget, stop)?;

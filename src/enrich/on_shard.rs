@@ -10,24 +10,28 @@
 //!  └────────────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! Owns: the run when it has one shard, reads a file and keeps no checkpoints (a pipe on
-//! standard input would block the shard while it waits for a line, and checkpoint barriers
-//! travel through the producer: those runs use the reader thread). Invariants: the same as the
-//! threaded run's (`mod.rs`), kept by the same parts: `Lines` reads, `Budget` bounds the bytes
+//! Owns: the run when it has one shard and reads a file (a pipe on standard input would block
+//! the shard while it waits for a line: those runs use the reader thread). Invariants: the
+//! same as the threaded run's (`mod.rs`), kept by the same parts: `Lines` reads and says when
+//! a checkpoint is due (`CheckpointClock`), `Budget` bounds the bytes
 //! (the source waits without blocking: it returns `Pending` and the sink wakes it after the
 //! lines it handled released their bytes), `Writer` applies every line's policy in the order
-//! the operator releases them; a signal ends the source, so what is in flight drains and is
-//! written; a second one stops at once, after flushing what the writer holds.
+//! the operator releases them and makes the files durable for a checkpoint, whose commit the
+//! stage does (`ShardSink::checkpoint`, `committed`); a signal ends the source, so what is in
+//! flight drains and is written; a second one stops at once, after flushing what the writer
+//! holds.
 
 use super::budget::Budget;
-use super::reader::{Lines, ReaderState};
+use super::files::PendingSync;
+use super::reader::{CheckpointClock, Lines, ReaderState};
 use super::writer::{Writer, PROGRESS_EVERY};
 use super::{
     outcome, startup, summarize, EnrichConfig, EnrichError, Enriched, Line, Run, RunEnd, Stop,
     Summary,
 };
+use crate::checkpoint::CheckpointError;
 use crate::error::StageError;
-use crate::{Output, ShardSink, SinkError, SourceItem};
+use crate::{Output, ShardSink, SinkCheckpoint, SinkError, SourceItem};
 use futures::task::AtomicWaker;
 use futures::Stream;
 use std::pin::Pin;
@@ -42,7 +46,7 @@ const WATCH_EVERY: Duration = Duration::from_millis(20);
 /// Whether `config`'s run goes on one shard's thread.
 pub(crate) fn applies(config: &EnrichConfig) -> bool {
     let shards = config.shards.unwrap_or_else(crate::default_shards);
-    shards == 1 && config.input.is_some() && config.checkpoint_dir.is_none()
+    shards == 1 && config.input.is_some()
 }
 
 /// The input as the shard's source: a line whenever the operator has room and the budget
@@ -56,6 +60,8 @@ struct LineSource {
     room: Arc<AtomicWaker>,
     /// The watermark that goes after the line just yielded.
     watermark: Option<u64>,
+    /// With `--checkpoint-dir`.
+    checkpoints: Option<CheckpointClock>,
     ended: bool,
 }
 
@@ -78,6 +84,9 @@ impl Stream for LineSource {
         }
         if this.stop.requested() {
             return this.end();
+        }
+        if let Some(at) = this.checkpoints.as_mut().and_then(|c| c.due(&this.lines)) {
+            return Poll::Ready(Some(SourceItem::Checkpoint(at)));
         }
         if this.budget.full() {
             // Registered before the second look, so a release in between is not missed.
@@ -115,7 +124,7 @@ impl ShardSink<Enriched> for WriterSink {
                 writer.watermark(ts);
                 Ok(())
             }
-            // This run keeps no checkpoints.
+            // The stage commits its checkpoints through `checkpoint` and `committed`.
             Output::Checkpoint(_) => Ok(()),
         });
         self.room.wake();
@@ -128,6 +137,28 @@ impl ShardSink<Enriched> for WriterSink {
         writer.flush()?;
         Ok(())
     }
+
+    /// The files flushed here; their fsyncs run on a blocking thread before the commit, while
+    /// the shard goes on.
+    async fn checkpoint(&mut self, _id: u64) -> Result<SinkCheckpoint, SinkError> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let (position, syncs) = writer.flush_for_checkpoint()?;
+        Ok(SinkCheckpoint {
+            position,
+            make_durable: Some(Box::new(move || {
+                Ok(syncs.into_iter().try_for_each(PendingSync::sync)?)
+            })),
+        })
+    }
+
+    async fn committed(
+        &mut self,
+        id: u64,
+        result: Result<(), CheckpointError>,
+    ) -> Result<(), SinkError> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(writer.committed(id, result)?)
+    }
 }
 
 /// Runs `run` on one shard; this thread reports progress until the shard ends or a second
@@ -137,8 +168,14 @@ pub(crate) fn run(
     progress: &mut dyn FnMut(&Summary, u64),
 ) -> Result<Summary, EnrichError> {
     let config = run.config;
-    let files = startup::open_files(config, None)?;
     let (builder, sinks) = startup::stage_builder(config, run.cluster, &run.budget);
+    let stage = builder
+        .shards(1)
+        .on_shards()
+        .map_err(|e| EnrichError::Stage(e.to_string()))?;
+    let restored = stage.restored().cloned();
+    startup::check_restored(config, restored.as_ref())?;
+    let files = startup::open_files(config, restored.as_ref())?;
     let state = Arc::new(ReaderState::default());
     let room = Arc::new(AtomicWaker::new());
     let writer = Arc::new(Mutex::new(Writer::new(
@@ -163,7 +200,12 @@ pub(crate) fn run(
             state.clone(),
             room.clone(),
         );
+        let interval = config
+            .checkpoint_dir
+            .as_ref()
+            .map(|_| config.checkpoint_interval);
         move |_| LineSource {
+            checkpoints: interval.map(CheckpointClock::new),
             lines: lines
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -184,9 +226,8 @@ pub(crate) fn run(
             room: room.clone(),
         }
     };
-    let mut handle = builder
-        .shards(1)
-        .run_on_shards(source, sink)
+    let mut handle = stage
+        .run(source, sink)
         .map_err(|e| EnrichError::Stage(e.to_string()))?;
     let mut last_progress = Instant::now();
     let mut at_once = false;
@@ -228,7 +269,7 @@ pub(crate) fn run(
         sinks,
         at_once,
         failure,
-        restored: None,
+        restored,
     };
     let mut summary = summarize(run, ended, &mut writer);
     summary.on_one_thread = true;

@@ -135,6 +135,41 @@ impl Lines {
     pub(crate) fn last_watermark(&self) -> Option<u64> {
         self.watermarks.last()
     }
+
+    /// Where the input resumes: just after the last line read, with the CRC-32 of every byte
+    /// before it.
+    pub(crate) fn position(&self) -> SourcePosition {
+        SourcePosition {
+            offset: self.input.offset,
+            records: self.input.line,
+            digest: resume::source_digest(&self.input.hasher),
+        }
+    }
+}
+
+/// When a checkpoint is due: every `interval`, looked at between lines once per
+/// `CHECKPOINT_CHECK_EVERY` lines (the clock is not read per line).
+pub(crate) struct CheckpointClock {
+    interval: Duration,
+    last: Instant,
+}
+
+impl CheckpointClock {
+    pub(crate) fn new(interval: Duration) -> CheckpointClock {
+        CheckpointClock {
+            interval,
+            last: Instant::now(),
+        }
+    }
+
+    /// The position to checkpoint at, if one is due after the lines read so far.
+    pub(crate) fn due(&mut self, lines: &Lines) -> Option<SourcePosition> {
+        if lines.input.line % CHECKPOINT_CHECK_EVERY != 0 || self.last.elapsed() < self.interval {
+            return None;
+        }
+        self.last = Instant::now();
+        Some(lines.position())
+    }
 }
 
 /// Records the run's first failure.
@@ -165,24 +200,7 @@ impl ReaderContext {
         pushed
     }
 
-    /// Starts a checkpoint at the current position if the interval has passed since the last
-    /// one; `false` once the stage is gone.
-    fn checkpoint_if_due(&self, input: &ReaderInput, last: &mut Instant) -> bool {
-        let Some(interval) = self.checkpoint_interval else {
-            return true;
-        };
-        if input.line % CHECKPOINT_CHECK_EVERY != 0 || last.elapsed() < interval {
-            return true;
-        }
-        let at = SourcePosition {
-            offset: input.offset,
-            records: input.line,
-            digest: resume::source_digest(&input.hasher),
-        };
-        *last = Instant::now();
-        self.checkpoint(at)
-    }
-
+    /// Starts a checkpoint at `at`; `false` once the stage is gone.
     fn checkpoint(&self, at: SourcePosition) -> bool {
         // Still committing the previous one: try again at the next interval.
         self.with_producer(|p| {
@@ -203,10 +221,12 @@ impl ReaderContext {
             self.max_out_of_orderness,
             self.state.clone(),
         );
-        let mut last_checkpoint = Instant::now();
+        let mut clock = self.checkpoint_interval.map(CheckpointClock::new);
         while !self.stop.requested() {
-            if !self.checkpoint_if_due(&lines.input, &mut last_checkpoint) {
-                break;
+            if let Some(at) = clock.as_mut().and_then(|c| c.due(&lines)) {
+                if !self.checkpoint(at) {
+                    break;
+                }
             }
             let Some((line, watermark)) = lines.next_line() else {
                 break;

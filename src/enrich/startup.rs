@@ -248,21 +248,34 @@ pub(crate) fn start_stage(
     cluster: bool,
     budget: &Arc<Budget>,
 ) -> Result<(Stage<Arc<Line>, Enriched>, Sinks), EnrichError> {
-    let (mut builder, sinks) = stage_builder(config, cluster, budget);
-    if let Some(dir) = &config.checkpoint_dir {
-        builder = builder.checkpointing(Checkpointing::new(
-            dir,
-            resume::line_codec(),
-            resume::enriched_codec(),
-        ));
-    }
+    let (builder, sinks) = stage_builder(config, cluster, budget);
     let stage = builder
         .start()
         .map_err(|e| EnrichError::Stage(e.to_string()))?;
     Ok((stage, sinks))
 }
 
-/// The stage's settings: the lookup per shard, capacity, timeout, mode, retries and key; and
+/// Checks a restored checkpoint's settings against this run's (or records this run's in a
+/// fresh directory), and says which newer checkpoints were skipped.
+pub(crate) fn check_restored(
+    config: &EnrichConfig,
+    restored: Option<&RestoreInfo>,
+) -> Result<(), EnrichError> {
+    if let Some(dir) = &config.checkpoint_dir {
+        let settings = output_settings(config);
+        match restored {
+            Some(r) => guard::check_settings(dir, r.checkpoint_id, &settings)?,
+            None => guard::record_settings(dir, &settings)?,
+        }
+    }
+    for skipped in restored.iter().flat_map(|r| &r.skipped) {
+        eprintln!("sluice enrich: {skipped}");
+    }
+    Ok(())
+}
+
+/// The stage's settings: the lookup per shard, capacity, timeout, mode, retries, key and
+/// checkpoints; and
 /// where its shards add their wire times and layer figures.
 pub(crate) fn stage_builder(
     config: &EnrichConfig,
@@ -319,6 +332,13 @@ pub(crate) fn stage_builder(
             Line::Record(r) => crate::hash_key(&r.key),
             Line::Bad(b) => b.line,
         });
+    }
+    if let Some(dir) = &config.checkpoint_dir {
+        builder = builder.checkpointing(Checkpointing::new(
+            dir,
+            resume::line_codec(),
+            resume::enriched_codec(),
+        ));
     }
     (builder, sinks)
 }

@@ -120,10 +120,15 @@ impl Summary {
                 .into();
         }
         let mut s = format!(
-            "sluice enrich: {} lines in {:.2} s ({:.0} records/s){}\n",
+            "sluice enrich: {} lines in {:.2} s ({:.0} records/s{}){}\n",
             self.lines_read,
             self.elapsed_s,
             self.records_per_s,
+            if self.on_one_thread {
+                ", on one thread"
+            } else {
+                ""
+            },
             match (self.interrupted, self.stopped_at_once) {
                 (_, true) => ", stopped at once by a second signal",
                 (true, false) => ", interrupted",

@@ -12,7 +12,7 @@
 //! - a second signal stops the loop at once; what was handed to the files is flushed.
 
 use super::budget::Budget;
-use super::files::{DeadLetters, LineFile};
+use super::files::{DeadLetters, LineFile, PendingSync};
 use super::outcome::{Action, Policies};
 use super::summary::Summary;
 use super::{EnrichError, Enriched, Lookup, Stop};
@@ -195,14 +195,43 @@ impl Writer {
         consumer: &mut Consumer<Enriched>,
         id: u64,
     ) -> Result<(), EnrichError> {
+        let sink = self.durable_position()?;
+        let result = consumer.commit_checkpoint(id, sink);
+        self.committed(id, result)
+    }
+
+    /// Makes the dead letters, then the output, durable; where each of them ends.
+    pub(crate) fn durable_position(&mut self) -> Result<SinkPosition, EnrichError> {
+        let (position, syncs) = self.flush_for_checkpoint()?;
+        syncs.into_iter().try_for_each(PendingSync::sync)?;
+        Ok(position)
+    }
+
+    /// Flushes the dead letters and the output; where each of them ends, and their fsyncs
+    /// (dead letters first), which make that durable.
+    pub(crate) fn flush_for_checkpoint(
+        &mut self,
+    ) -> Result<(SinkPosition, Vec<PendingSync>), EnrichError> {
         self.last_flush = Instant::now();
-        let side_outputs = self.dead_letters.make_durable(&mut self.summary)?;
-        let position = self.output.make_durable(&mut self.summary)?;
-        let sink = SinkPosition {
+        let (side_outputs, mut syncs) =
+            self.dead_letters.flush_for_checkpoint(&mut self.summary)?;
+        let (position, sync) = self.output.flush_for_checkpoint(&mut self.summary)?;
+        syncs.push(sync);
+        let position = SinkPosition {
             position,
             side_outputs,
         };
-        match consumer.commit_checkpoint(id, sink) {
+        Ok((position, syncs))
+    }
+
+    /// Counts checkpoint `id`'s commit, or says why it failed and goes on; `Err` only for a
+    /// failed fsync, after which the run must stop.
+    pub(crate) fn committed(
+        &mut self,
+        id: u64,
+        result: Result<(), CheckpointError>,
+    ) -> Result<(), EnrichError> {
+        match result {
             Ok(()) => self.summary.checkpoints += 1,
             Err(e @ CheckpointError::Fsync { .. }) => {
                 return Err(EnrichError::Stage(e.to_string()))
