@@ -8,20 +8,23 @@
 //!  └──────────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! Owns: the per-shard pipeline, its end, and (one shard) its checkpoints. Invariants: each
-//! shard numbers its source's elements from 0 (after a restore: from the checkpoint's barrier
-//! on, its re-issued elements first) in the order the source yields them, and a record stays on
-//! that shard; the
-//! source is polled only when the operator has a free slot (a full queue is backpressure on the
-//! source, with nothing buffered between them); the sink gets outputs in the operator's emission
-//! order (`Ordered`: the source's order) and watermarks only when they advance; everything
-//! emitted before a failure reaches the sink before the shard stops; `finish` is called once,
-//! after the last output, and only when the source ended without a failure; the user's function
-//! is closed on every path. A checkpoint (`SourceItem::Checkpoint`) stops the source where it
-//! was yielded, snapshots the operator there (the elements before it that are still in it),
-//! asks the sink to make everything it got before it durable, and commits only after both: the
-//! snapshot file, then the merge's (nothing held) and the manifest, as a producer-fed stage
-//! writes them, so the same restore applies.
+//! Owns: the per-shard pipeline, its end, and (one shard) its checkpoints. Invariants:
+//! - each shard numbers its source's elements from 0 (after a restore: from the checkpoint's
+//!   barrier on, its re-issued elements first) in the order the source yields them, and a
+//!   record stays on that shard;
+//! - the source is polled only when the operator has a free slot (a full queue is backpressure
+//!   on the source, with nothing buffered between them);
+//! - the sink gets outputs in the operator's emission order (`Ordered`: the source's order) and
+//!   watermarks only when they advance; everything emitted before a failure reaches the sink
+//!   before the shard stops; `finish` is called once, after the last output and the last
+//!   checkpoint's commit, and only when the source ended without a failure; the user's
+//!   function is closed on every path;
+//! - a checkpoint (`SourceItem::Checkpoint`) stops the source where it was yielded, snapshots
+//!   the operator there (the elements before it still in it) and takes the sink's position
+//!   after everything it got before it; the commit (the sink's fsyncs, the snapshot file, the
+//!   merge's snapshot holding nothing, the manifest: the files a producer-fed stage writes, so
+//!   the same restore applies) runs on a blocking thread while the shard goes on, and one
+//!   checkpoint is in progress at a time.
 
 use super::merge::mode_code;
 use super::messages::Barrier;
