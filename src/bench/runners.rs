@@ -646,20 +646,22 @@ fn feed(
     (feeder, pushed)
 }
 
-fn sluice(
+/// The stage of a sluice mode's point: a Redis client and the point's lookup layer per shard,
+/// whose wire times and layer figures go to `figures` when the shard closes.
+fn stage_builder(
     mode: OutputMode,
     shards: usize,
     capacity: usize,
     w: &Workload,
-) -> Result<Measurement, String> {
+    figures: &Sinks,
+) -> crate::StageBuilder<KeyLookup, impl Fn(crate::ShardContext) -> KeyLookup + Send + Sync> {
     let (addr, client_config) = (w.addr, w.client.clone());
     let layer = shard_layer(w, shards, capacity);
-    let sinks = Sinks::new();
-    let shard_sinks = sinks.clone();
-    let mut builder = Stage::builder(move |_| {
+    let figures = figures.clone();
+    Stage::builder(move |_| {
         let client = RedisClient::new(addr, &client_config);
         let lookups = Rc::new(Lookups::new(client, layer.clone()));
-        KeyLookup::new(lookups, Some(shard_sinks.clone()))
+        KeyLookup::new(lookups, Some(figures.clone()))
     })
     .shards(shards)
     .capacity(capacity)
@@ -669,7 +671,17 @@ fn sluice(
         crate::engine::Pinning::Auto
     } else {
         crate::engine::Pinning::Off
-    });
+    })
+}
+
+fn sluice(
+    mode: OutputMode,
+    shards: usize,
+    capacity: usize,
+    w: &Workload,
+) -> Result<Measurement, String> {
+    let sinks = Sinks::new();
+    let mut builder = stage_builder(mode, shards, capacity, w, &sinks);
     if mode == OutputMode::KeyOrdered {
         builder = builder.key_by(|k: &u64| *k);
     }
@@ -741,45 +753,31 @@ fn on_shard(
     capacity: usize,
     w: &Workload,
 ) -> Result<Measurement, String> {
-    let (addr, client_config) = (w.addr, w.client.clone());
-    let layer = shard_layer(w, shards, capacity);
     let figures = Sinks::new();
-    let shard_figures = figures.clone();
+    let builder = stage_builder(mode, shards, capacity, w, &figures);
     let counted = Arc::new(AtomicU64::new(0));
     let total = counted.clone();
     let cpu = CpuMark::now();
     let start = Instant::now();
     let budget = Budget::new(w, start);
     let source_w = w.clone();
-    let mut handle = Stage::builder(move |_| {
-        let client = RedisClient::new(addr, &client_config);
-        let lookups = Rc::new(Lookups::new(client, layer.clone()));
-        KeyLookup::new(lookups, Some(shard_figures.clone()))
-    })
-    .shards(shards)
-    .capacity(capacity)
-    .timeout(LOOKUP_TIMEOUT)
-    .mode(mode)
-    .pinning(if w.pin {
-        crate::engine::Pinning::Auto
-    } else {
-        crate::engine::Pinning::Off
-    })
-    .run_on_shards(
-        move |ctx| {
-            let (mut budget, mut keys) = (budget.clone(), Keys::new(&source_w, ctx.index as u64));
-            futures::stream::iter(std::iter::from_fn(move || {
-                budget
-                    .take()
-                    .then(|| crate::SourceItem::Record(keys.next()))
-            }))
-        },
-        move |_| CountOutputs {
-            records: 0,
-            total: total.clone(),
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let mut handle = builder
+        .run_on_shards(
+            move |ctx| {
+                let (mut budget, mut keys) =
+                    (budget.clone(), Keys::new(&source_w, ctx.index as u64));
+                futures::stream::iter(std::iter::from_fn(move || {
+                    budget
+                        .take()
+                        .then(|| crate::SourceItem::Record(keys.next()))
+                }))
+            },
+            move |_| CountOutputs {
+                records: 0,
+                total: total.clone(),
+            },
+        )
+        .map_err(|e| e.to_string())?;
     let ended = handle.wait();
     let elapsed = start.elapsed();
     let cpu = cpu.client_since();

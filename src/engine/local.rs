@@ -29,7 +29,10 @@
 use super::merge::mode_code;
 use super::messages::Barrier;
 use super::routing::KeyFn;
-use super::shard::{gather, panic_message, write_snapshot, Gate, ShardCheckpoint, ShardContext};
+use super::shard::{
+    gather, panic_message, poll_or_barrier, write_snapshot, Gate, ShardCheckpoint, ShardContext,
+    Step,
+};
 use super::{placement, plan, Output, Plan, Spec, StageBuilder, StageHandle};
 use crate::checkpoint::coordinator::Coordinator;
 use crate::checkpoint::{
@@ -476,10 +479,10 @@ where
     result
 }
 
-enum Step<T> {
-    Item(Option<T>),
-    Barrier(Barrier),
-    /// A checkpoint's commit ended: `Err` when the sink could not make its output durable.
+/// What the loop waits for: the shard loop's steps, or the end of a checkpoint's commit (`Err`
+/// when the sink could not make its output durable).
+enum LocalStep<T> {
+    Shard(Step<T>),
     Committed(u64, Result<Result<(), CheckpointError>, SinkError>),
 }
 
@@ -511,22 +514,16 @@ where
         let step = futures::future::poll_fn(|cx| {
             if let Some((id, task)) = &mut commit {
                 if let Poll::Ready(result) = task.poll_unpin(cx) {
-                    return Poll::Ready(Step::Committed(*id, result));
+                    return Poll::Ready(LocalStep::Committed(*id, result));
                 }
             }
-            match op.poll_next_unpin(cx) {
-                Poll::Ready(item) => Poll::Ready(Step::Item(item)),
-                Poll::Pending => match gate.get() {
-                    Some(barrier) => Poll::Ready(Step::Barrier(barrier)),
-                    None => Poll::Pending,
-                },
-            }
+            poll_or_barrier(&mut op, gate, cx).map(LocalStep::Shard)
         })
         .await;
         let first = match step {
-            Step::Item(Some(first)) => first,
-            Step::Item(None) => break,
-            Step::Barrier(barrier) => {
+            LocalStep::Shard(Step::Item(Some(first))) => first,
+            LocalStep::Shard(Step::Item(None)) => break,
+            LocalStep::Shard(Step::Barrier(barrier)) => {
                 let checkpoint = checkpoint.expect("a barrier needs checkpointing");
                 let taken = take_checkpoint(&mut op, &mut sink, checkpoint, barrier, watermark);
                 let taken = taken.await;
@@ -540,7 +537,7 @@ where
                 }
                 continue;
             }
-            Step::Committed(id, result) => {
+            LocalStep::Committed(id, result) => {
                 commit = None;
                 let heard = match result {
                     Ok(committed) => sink.committed(id, committed).await,

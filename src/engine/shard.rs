@@ -139,9 +139,30 @@ pub(crate) struct ShardCheckpoint<I> {
     pub(crate) reports: flume::Sender<ShardReport>,
 }
 
-enum Step<T> {
+/// What the shard loop waits for: the operator's next item, or the checkpoint barrier its
+/// input stopped at.
+pub(crate) enum Step<T> {
     Item(Option<T>),
     Barrier(Barrier),
+}
+
+/// The operator's next item; when it has none, the barrier at its closed gate, if any.
+pub(crate) fn poll_or_barrier<S, F>(
+    op: &mut AsyncWait<S, F, GlommioClock>,
+    gate: &Gate,
+    cx: &mut Context<'_>,
+) -> Poll<Step<Result<Emitted<F::Out>, StageError>>>
+where
+    S: Stream<Item = Element<F::In>> + Unpin,
+    F: AsyncFunction,
+{
+    match op.poll_next_unpin(cx) {
+        Poll::Ready(item) => Poll::Ready(Step::Item(item)),
+        Poll::Pending => match gate.get() {
+            Some(barrier) => Poll::Ready(Step::Barrier(barrier)),
+            None => Poll::Pending,
+        },
+    }
 }
 
 /// What a shard learns about itself when its function is created.
@@ -231,14 +252,7 @@ where
     // aborted commit, are left to finish on their own): keep one, not a list.
     let mut last_write: Option<glommio::Task<()>> = None;
     loop {
-        let step = futures::future::poll_fn(|cx| match op.poll_next_unpin(cx) {
-            Poll::Ready(item) => Poll::Ready(Step::Item(item)),
-            Poll::Pending => match gate.get() {
-                Some(barrier) => Poll::Ready(Step::Barrier(barrier)),
-                None => Poll::Pending,
-            },
-        })
-        .await;
+        let step = futures::future::poll_fn(|cx| poll_or_barrier(&mut op, gate, cx)).await;
         let first = match step {
             Step::Item(Some(first)) => first,
             Step::Item(None) => break,
