@@ -70,6 +70,7 @@ mod engine;
 pub mod enrich;
 mod error;
 mod function;
+pub mod http;
 mod in_flight;
 pub mod lookup;
 mod metrics;

@@ -12,6 +12,7 @@
 
 mod breaker;
 mod cache;
+mod http;
 mod layer;
 mod limit;
 mod rate;
@@ -25,6 +26,7 @@ mod stats;
 pub use crate::redis::Invalidated;
 pub use breaker::BreakerConfig;
 pub use cache::{Cache, CacheConfig, Eviction};
+pub use http::{HttpFuture, HttpLookup};
 pub use layer::{Get, Lookups};
 pub use limit::{AdaptiveConfig, Limiter};
 pub use redis::RedisValues;

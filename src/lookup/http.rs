@@ -1,0 +1,52 @@
+//! `HttpLookup`: an HTTP API as the lookup layer's backend. A key is a request target (the
+//! path and query, `/users/42`), its value the response body: the layer's coalescing, cache,
+//! limits and breaker then apply to HTTP as to Redis.
+//!
+//! Owns: turning keys into requests. Invariants: one request per key (HTTP has no multi-get;
+//! a batch's keys go out at once, each on its own pooled connection, and the batch answers in
+//! key order); the status policy is the client's (2xx a value, 404 missing, 429 and 503
+//! retryable with `Retry-After`, other statuses an error).
+
+use super::{BatchLookup, Values};
+use crate::http::{HttpClient, HttpError};
+use std::future::Future;
+use std::pin::Pin;
+
+/// See the module documentation.
+pub struct HttpLookup {
+    client: HttpClient,
+}
+
+impl HttpLookup {
+    pub fn new(client: HttpClient) -> HttpLookup {
+        HttpLookup { client }
+    }
+
+    pub fn client(&self) -> &HttpClient {
+        &self.client
+    }
+}
+
+/// A batch's answer.
+pub type HttpFuture = Pin<Box<dyn Future<Output = Result<Values, HttpError>>>>;
+
+impl BatchLookup for HttpLookup {
+    type Error = HttpError;
+    type Future = HttpFuture;
+
+    fn get_many(&self, keys: &[&[u8]]) -> HttpFuture {
+        let requests: Vec<_> = keys
+            .iter()
+            .map(|key| {
+                let (client, target) = (self.client.clone(), key.to_vec());
+                async move { client.request(&target, None).await }
+            })
+            .collect();
+        Box::pin(futures::future::try_join_all(requests))
+    }
+
+    fn get_one(&self, key: &[u8]) -> HttpFuture {
+        let (client, target) = (self.client.clone(), key.to_vec());
+        Box::pin(async move { Ok(vec![client.request(&target, None).await?]) })
+    }
+}
