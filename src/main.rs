@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use loadgen::{LatencyModel, Server, ServerConfig};
 use sluice::bench::{self, Mode, SweepConfig};
+use sluice::enrich::BackendConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,14 +45,28 @@ struct EnrichArgs {
     #[arg(long, requires = "redis")]
     tls_key: Option<PathBuf>,
     /// What the keys hold: string (GET, or MGET when batching), hash (HGETALL: the hash's
-    /// fields become a JSON object), or hash:FIELD,FIELD,... (HMGET of those fields).
-    #[arg(long, default_value = "string")]
-    value: sluice::lookup::ValueKind,
+    /// fields become a JSON object), or hash:FIELD,FIELD,... (HMGET of those fields). Redis only.
+    #[arg(long)]
+    value: Option<sluice::lookup::ValueKind>,
     /// The Redis to look up in: redis://[USER:PASSWORD@]HOST[:PORT][/DB] (AUTH and SELECT on
     /// every connection; percent-escape special characters in the password), or
     /// unix:///PATH[?db=N&password=P]; rediss:// for TLS (see --tls-ca).
-    #[arg(long, required_unless_present = "loadgen", conflicts_with = "loadgen")]
+    #[arg(long, required_unless_present_any = ["loadgen", "http"], conflicts_with_all = ["loadgen", "http"])]
     redis: Option<String>,
+    /// Look up in an HTTP API instead: http://HOST[:PORT]/PATH[?QUERY] with the record's
+    /// fields in braces, e.g. 'http://127.0.0.1:8080/users/{user_id}' (each field's text
+    /// percent-encoded; this is the key, so --key is not given). A 2xx answer's body is the
+    /// value, 404 is missing, 429 and 503 are retried under --retry (at least as long as
+    /// Retry-After says), any other status is an error under --on-error. Plain HTTP/1.1 with
+    /// keep-alive, up to --capacity connections per shard; no TLS or redirects.
+    #[arg(long, conflicts_with_all = ["loadgen", "key", "value"])]
+    http: Option<String>,
+    /// With --http: the request method.
+    #[arg(long, default_value = "GET", requires = "http")]
+    http_method: String,
+    /// With --http: a header for every request, 'Name: value' (repeat the flag for more).
+    #[arg(long, requires = "http")]
+    http_header: Vec<String>,
     /// Look up in an embedded loadgen server instead (keys user:user_000000 ..., JSON profiles),
     /// to try the command with nothing installed.
     #[arg(long)]
@@ -63,8 +78,8 @@ struct EnrichArgs {
     #[arg(long, default_value_t = 100_000, requires = "loadgen", value_parser = at_least_one_u64())]
     loadgen_keys: u64,
     /// The key template, one or more fields of the record: 'user:{user_id}'.
-    #[arg(long)]
-    key: String,
+    #[arg(long, required_unless_present = "http")]
+    key: Option<String>,
     /// Input JSON Lines file, or - for standard input.
     #[arg(long, default_value = "-")]
     input: String,
@@ -332,9 +347,28 @@ fn main() -> ExitCode {
     }
 }
 
-/// The backend `sluice enrich` looks up in: the `--redis` address, or an embedded loadgen
-/// server (returned, to live as long as the run).
-fn enrich_backend(args: &EnrichArgs) -> Result<(sluice::redis::Endpoint, Option<Server>), String> {
+/// The backend `sluice enrich` looks up in: the `--redis` address, the `--http` API, or an
+/// embedded loadgen server (returned, to live as long as the run).
+fn enrich_backend(args: &EnrichArgs) -> Result<(BackendConfig, Option<Server>), String> {
+    if let Some(url) = &args.http {
+        let (endpoint, _) = sluice::http::parse_url(url).map_err(|e| format!("--http {e}"))?;
+        let mut headers = vec![];
+        for header in &args.http_header {
+            let (name, value) = header
+                .split_once(':')
+                .filter(|(n, _)| !n.trim().is_empty() && !n.contains(char::is_whitespace))
+                .ok_or_else(|| format!("--http-header `{header}`: expected 'Name: value'"))?;
+            headers.push((name.trim().to_string(), value.trim().to_string()));
+        }
+        let client = sluice::http::HttpConfig {
+            // One request per connection: as many connections as lookups in flight.
+            max_connections: args.capacity,
+            method: args.http_method.clone(),
+            headers,
+            ..sluice::http::HttpConfig::default()
+        };
+        return Ok((BackendConfig::Http { endpoint, client }, None));
+    }
     match &args.redis {
         Some(url) => {
             let mut endpoint = sluice::redis::Endpoint::parse(url).map_err(|e| e.to_string())?;
@@ -353,7 +387,7 @@ fn enrich_backend(args: &EnrichArgs) -> Result<(sluice::redis::Endpoint, Option<
             if args.tls_cert.is_some() != args.tls_key.is_some() {
                 return Err("--tls-cert and --tls-key go together".into());
             }
-            Ok((endpoint, None))
+            Ok((BackendConfig::Redis(endpoint), None))
         }
         None => {
             let server = Server::start(ServerConfig {
@@ -362,15 +396,15 @@ fn enrich_backend(args: &EnrichArgs) -> Result<(sluice::redis::Endpoint, Option<
                 ..Default::default()
             })
             .map_err(|e| e.to_string())?;
-            Ok((server.addr().into(), Some(server)))
+            Ok((BackendConfig::Redis(server.addr().into()), Some(server)))
         }
     }
 }
 
-/// The run's configuration from the command line; `redis` is where lookups go.
+/// The run's configuration from the command line; `backend` is where lookups go.
 fn enrich_config(
     args: EnrichArgs,
-    redis: sluice::redis::Endpoint,
+    backend: BackendConfig,
 ) -> Result<sluice::enrich::EnrichConfig, String> {
     use sluice::enrich::{EnrichConfig, KeyTemplate, OnBadRecord, OnFailedLookup, Placement};
     let mode = match args.mode.as_str() {
@@ -395,15 +429,29 @@ fn enrich_config(
     Ok(EnrichConfig {
         layer: args.layer.config(args.capacity)?,
         tracking: args.layer.tracking(),
-        value: args.value,
-        redis,
-        backend: match &args.redis {
+        value: args
+            .value
+            .clone()
+            .unwrap_or(sluice::lookup::ValueKind::String),
+        backend_config: backend,
+        backend: match (&args.redis, &args.http) {
             // As recorded with checkpoints and shown in the summary: never the password.
-            Some(url) => sluice::redis::redact_url(url),
-            None => format!("loadgen (keys {})", args.loadgen_keys),
+            (Some(url), _) => sluice::redis::redact_url(url),
+            (None, Some(url)) => url.clone(),
+            (None, None) => format!("loadgen (keys {})", args.loadgen_keys),
         },
         max_bytes_held: args.max_bytes_held,
-        key: KeyTemplate::parse(&args.key).map_err(|e| e.to_string())?,
+        key: match (&args.http, &args.key) {
+            (Some(url), _) => {
+                let (_, target) =
+                    sluice::http::parse_url(url).map_err(|e| format!("--http {e}"))?;
+                KeyTemplate::parse_target(&target).map_err(|e| e.to_string())?
+            }
+            (None, Some(key)) => KeyTemplate::parse(key).map_err(|e| e.to_string())?,
+            (None, None) => {
+                return Err("--key is required (or --http with fields in its URL)".into())
+            }
+        },
         input: path(&args.input),
         output: path(&args.output),
         placement: match args.into {
@@ -435,9 +483,9 @@ fn run_enrich(args: EnrichArgs) -> Result<ExitCode, String> {
     use std::io::IsTerminal;
     use std::sync::Arc;
 
-    let (redis, _server) = enrich_backend(&args)?;
+    let (backend, _server) = enrich_backend(&args)?;
     let metrics_json = args.metrics_json.clone();
-    let config = enrich_config(args, redis)?;
+    let config = enrich_config(args, backend)?;
     let stop = Arc::new(enrich::Stop::default());
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let stop = stop.clone();

@@ -4,7 +4,6 @@
 //! (the input line, the file with its role, the checkpoint directory, the backend, or the
 //! flags that conflict) and, where there is one, what the user can do about it.
 
-use crate::redis::Server;
 use serde::{Serialize, Serializer};
 use std::fmt;
 use std::path::PathBuf;
@@ -20,8 +19,14 @@ pub enum EnrichError {
     /// The checkpoint directory cannot hold this run (locked by another run, not writable, or
     /// written by a run with other settings).
     CheckpointDir { dir: PathBuf, reason: String },
-    /// The backend does not answer as Redis does.
-    Backend { addr: Server, reason: String },
+    /// The backend does not answer (as Redis or HTTP does).
+    Backend {
+        /// The server's address as the user gave it.
+        server: String,
+        /// The flag that named it (`--redis`, `--http`).
+        flag: &'static str,
+        reason: String,
+    },
     /// Flags that cannot go together (two roles on one file, checkpoints without files).
     Usage(String),
     /// The stage could not start or failed, or a thread of the run did.
@@ -62,9 +67,11 @@ impl fmt::Display for EnrichError {
             EnrichError::CheckpointDir { dir, reason } => {
                 write!(f, "checkpoint directory {}: {reason}", dir.display())
             }
-            EnrichError::Backend { addr, reason } => {
-                write!(f, "server at {addr} (--redis): {reason}")
-            }
+            EnrichError::Backend {
+                server,
+                flag,
+                reason,
+            } => write!(f, "server at {server} ({flag}): {reason}"),
             EnrichError::Usage(reason) | EnrichError::Stage(reason) => f.write_str(reason),
         }
     }

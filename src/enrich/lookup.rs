@@ -1,6 +1,6 @@
-//! `RedisEnrich`: the stage's function for `sluice enrich`, a lookup of the record's key
-//! through the shard's lookup layer (batching, coalescing, cache) over Redis, that carries the
-//! record through to the writer.
+//! `Enrich`: the stage's function for `sluice enrich`, a lookup of the record's key through
+//! the shard's lookup layer (batching, coalescing, cache) over the run's backend (Redis or an
+//! HTTP API, `backend.rs`), that carries the record through to the writer.
 //!
 //! Owns: turning a lookup (or its timeout or failure) into an `Enriched` outcome. Invariants:
 //! every input yields exactly one `Enriched`, a timeout and a failed lookup included (the
@@ -8,12 +8,13 @@
 //! one is written first); a bad record passes through with no lookup; the line travels in an
 //! `Arc`, so a retry or a timeout never copies it.
 
+use super::backend::{Backend, BackendConfig, BackendError};
 use super::budget::Budget;
 use super::record::Line;
 use crate::function::{AsyncFunction, Fallback, Outputs};
 use crate::lookup::{Get, LayerConfig, LookupError, Lookups, RedisLookup, Sinks, ValueKind};
 use crate::redis::cluster::RedisCluster;
-use crate::redis::{ClientConfig, RedisClient, RedisError};
+use crate::redis::{ClientConfig, RedisClient};
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
@@ -40,32 +41,46 @@ pub struct Enriched {
 }
 
 /// The error of a lookup.
-pub(crate) type EnrichError = LookupError<RedisError>;
+pub(crate) type EnrichError = LookupError<BackendError>;
 
-pub(crate) struct RedisEnrich {
-    lookups: Lookups<RedisLookup>,
+/// How a shard's backend is made: the run's backend and, for Redis, its client settings,
+/// whether it is a cluster and what its keys hold.
+pub(crate) struct BackendParts<'a> {
+    pub backend: &'a BackendConfig,
+    pub redis: &'a ClientConfig,
+    pub cluster: bool,
+    pub value: &'a ValueKind,
+}
+
+pub(crate) struct Enrich {
+    lookups: Lookups<Backend>,
     /// Found values count against the run's byte budget until the writer handled them.
     budget: Arc<Budget>,
     /// Where `close` adds this shard's wire times and layer figures (for the summary).
     sinks: Sinks,
 }
 
-impl RedisEnrich {
+impl Enrich {
     pub(crate) fn new(
-        endpoint: crate::redis::Endpoint,
-        config: &ClientConfig,
-        cluster: bool,
-        value: ValueKind,
+        parts: BackendParts<'_>,
         layer: LayerConfig,
         sinks: Sinks,
         budget: Arc<Budget>,
     ) -> Self {
-        let backend = if cluster {
-            RedisLookup::cluster(RedisCluster::new(endpoint, config), value)
-        } else {
-            RedisLookup::new(RedisClient::new(endpoint, config), value)
+        let backend = match parts.backend {
+            BackendConfig::Redis(endpoint) if parts.cluster => {
+                Backend::Redis(RedisLookup::cluster(
+                    RedisCluster::new(endpoint.clone(), parts.redis),
+                    parts.value.clone(),
+                ))
+            }
+            BackendConfig::Redis(endpoint) => Backend::Redis(RedisLookup::new(
+                RedisClient::new(endpoint.clone(), parts.redis),
+                parts.value.clone(),
+            )),
+            BackendConfig::Http { endpoint, client } => Backend::http(endpoint.clone(), client),
         };
-        RedisEnrich {
+        Enrich {
             lookups: Lookups::new(backend, layer),
             budget,
             sinks,
@@ -74,7 +89,7 @@ impl RedisEnrich {
 }
 
 pub(crate) enum EnrichFuture {
-    Get(Get<RedisLookup>, Option<Arc<Line>>, Arc<Budget>),
+    Get(Get<Backend>, Option<Arc<Line>>, Arc<Budget>),
     PassThrough(Option<Arc<Line>>),
 }
 
@@ -106,7 +121,7 @@ impl Future for EnrichFuture {
     }
 }
 
-impl AsyncFunction for RedisEnrich {
+impl AsyncFunction for Enrich {
     type In = Arc<Line>;
     type Out = Enriched;
     type Error = EnrichError;

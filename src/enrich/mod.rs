@@ -23,6 +23,7 @@
 //! - with a checkpoint directory: one run at a time holds it; a finished run's directory and
 //!   files are never touched again; output and dead letters are exactly-once (`resume.rs`).
 
+mod backend;
 mod budget;
 mod error;
 mod fields;
@@ -42,6 +43,7 @@ mod threads;
 mod watermarks;
 mod writer;
 
+pub use backend::{BackendConfig, BackendError};
 pub use error::EnrichError;
 pub use lookup::{Enriched, Lookup};
 pub use options::{OnBadRecord, OnFailedLookup, OnMissing, RetrySpec};
@@ -75,7 +77,8 @@ pub enum Placement {
 /// Everything `sluice enrich` needs.
 #[derive(Debug, Clone)]
 pub struct EnrichConfig {
-    pub redis: crate::redis::Endpoint,
+    /// Where values are looked up.
+    pub backend_config: BackendConfig,
     /// The backend as the user named it (`redis://host:port`, `loadgen`), recorded with
     /// checkpoints so that a resume against another backend is refused.
     pub backend: String,

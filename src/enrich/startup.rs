@@ -6,6 +6,7 @@
 //! completed marker, Redis answering; a resume cuts every file back to what its checkpoint
 //! committed, and only after the settings were found the same.
 
+use super::backend::{BackendConfig, BackendError};
 use super::budget::Budget;
 use super::files::{DeadLetters, LineFile, Target};
 use super::guard::{self, DirLock, Role};
@@ -16,8 +17,9 @@ use super::{
     OnFailedLookup, RetrySpec,
 };
 use crate::checkpoint::{Checkpointing, RestoreInfo};
+use crate::http::HttpEndpoint;
 use crate::lookup::Sinks;
-use crate::redis::{ClientConfig, Endpoint, RedisError, Server};
+use crate::redis::{ClientConfig, Endpoint, Server};
 use crate::{OutputMode, ShardContext, Stage, StageBuilder};
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -130,12 +132,30 @@ pub(crate) fn preflight(config: &EnrichConfig) -> Result<Preflight, EnrichError>
             });
         }
     }
-    let cluster = redis_answers(&config.redis, config.tracking)?;
+    let cluster = match &config.backend_config {
+        BackendConfig::Redis(endpoint) => redis_answers(endpoint, config.tracking)?,
+        BackendConfig::Http { endpoint, client } => {
+            http_answers(endpoint, client.connect_timeout)?;
+            false
+        }
+    };
     Ok(Preflight {
         lock,
         completed: false,
         cluster,
     })
+}
+
+/// Connects to the HTTP server, so that one that is not there is said before any line is read
+/// or any file created (no request is sent: the API's own paths are the records').
+fn http_answers(endpoint: &HttpEndpoint, timeout: Duration) -> Result<(), EnrichError> {
+    std::net::TcpStream::connect_timeout(&endpoint.addr, timeout)
+        .map(drop)
+        .map_err(|e| EnrichError::Backend {
+            server: endpoint.to_string(),
+            flag: "--http",
+            reason: format!("does not answer: {e}; check --http and that the server runs"),
+        })
 }
 
 /// Connects to Redis, logs in (`AUTH`, `SELECT`) and sends a PING (and with client tracking a
@@ -147,7 +167,8 @@ pub(crate) fn preflight(config: &EnrichConfig) -> Result<Preflight, EnrichError>
 fn redis_answers(endpoint: &Endpoint, tracking: bool) -> Result<bool, EnrichError> {
     let addr = endpoint.server.clone();
     let failed = |reason: String| EnrichError::Backend {
-        addr: addr.clone(),
+        server: addr.to_string(),
+        flag: "--redis",
         reason,
     };
     let unreachable = |e: std::io::Error| {
@@ -282,10 +303,10 @@ pub(crate) fn stage_builder(
     cluster: bool,
     budget: &Arc<Budget>,
 ) -> (
-    StageBuilder<lookup::RedisEnrich, impl Fn(ShardContext) -> lookup::RedisEnrich + Send + Sync>,
+    StageBuilder<lookup::Enrich, impl Fn(ShardContext) -> lookup::Enrich + Send + Sync>,
     Sinks,
 ) {
-    let addr = config.redis.clone();
+    let backend = config.backend_config.clone();
     // Requests on the wire per connection stay within twice the capacity: room for the
     // lookups in flight and as many abandoned by a timeout whose replies are still owed.
     // Against a stalled server the rest wait for a slot (not sent) until their timeout.
@@ -301,15 +322,13 @@ pub(crate) fn stage_builder(
     let value = config.value.clone();
     let mut builder = Stage::builder(move |shard| {
         let layer = layer.for_shard(shard.shards);
-        lookup::RedisEnrich::new(
-            addr.clone(),
-            &client,
+        let parts = lookup::BackendParts {
+            backend: &backend,
+            redis: &client,
             cluster,
-            value.clone(),
-            layer,
-            shard_sinks.clone(),
-            budget.clone(),
-        )
+            value: &value,
+        };
+        lookup::Enrich::new(parts, layer, shard_sinks.clone(), budget.clone())
     })
     .capacity(config.capacity)
     .timeout(config.timeout)
@@ -317,7 +336,7 @@ pub(crate) fn stage_builder(
     .retry({
         let policy = config
             .retry
-            .policy(|e: &lookup::EnrichError| e.is_retryable(RedisError::is_retryable));
+            .policy(|e: &lookup::EnrichError| e.is_retryable(BackendError::is_retryable));
         if config.retry_missing && config.retry != RetrySpec::None {
             policy.on_result(|outs: &[Enriched]| outs.iter().any(|e| e.lookup == Lookup::Missing))
         } else {

@@ -20,14 +20,18 @@ enum Part {
 pub struct KeyTemplate {
     parts: Vec<Part>,
     source: String,
+    /// Fields' text percent-encoded (an HTTP request target), or as it is (a Redis key).
+    url_encoded: bool,
 }
 
 /// Why a template could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid --key template `{template}`: {reason}. Example: 'user:{{user_id}}'")]
+#[error("invalid {flag} template `{template}`: {reason}. Example: {example}")]
 pub struct TemplateError {
+    flag: &'static str,
     template: String,
     reason: String,
+    example: &'static str,
 }
 
 /// Why a record could not be given a key.
@@ -125,9 +129,31 @@ fn append_value(key: &mut String, raw: &str, field: &str) -> Result<(), KeyError
 impl KeyTemplate {
     /// Parses `user:{user_id}`; `{{` and `}}` stand for literal braces.
     pub fn parse(template: &str) -> Result<KeyTemplate, TemplateError> {
+        Self::parse_as(template, "--key", "'user:{user_id}'", false)
+    }
+
+    /// Parses an HTTP request target, `/users/{user_id}?full=1`: each field's text goes in
+    /// percent-encoded (all but `A-Z a-z 0-9 - . _ ~`), so a value cannot change the path.
+    pub fn parse_target(template: &str) -> Result<KeyTemplate, TemplateError> {
+        Self::parse_as(
+            template,
+            "--http",
+            "'http://127.0.0.1:8080/users/{user_id}'",
+            true,
+        )
+    }
+
+    fn parse_as(
+        template: &str,
+        flag: &'static str,
+        example: &'static str,
+        url_encoded: bool,
+    ) -> Result<KeyTemplate, TemplateError> {
         let err = |reason: &str| TemplateError {
+            flag,
             template: template.to_string(),
             reason: reason.to_string(),
+            example,
         };
         let mut parts = vec![];
         let mut literal = String::new();
@@ -175,6 +201,7 @@ impl KeyTemplate {
         Ok(KeyTemplate {
             parts,
             source: template.to_string(),
+            url_encoded,
         })
     }
 
@@ -195,13 +222,30 @@ impl KeyTemplate {
     /// (so `18446744073709551617` stays itself, not a rounded float).
     pub fn render(&self, record: &Fields) -> Result<String, KeyError> {
         let mut key = String::with_capacity(self.source.len() + 16);
+        let mut value = String::new();
         for part in &self.parts {
             match part {
                 Part::Literal(l) => key.push_str(l),
+                Part::Field(f) if self.url_encoded => {
+                    value.clear();
+                    append_field(&mut value, record, f, f)?;
+                    percent_encode(&mut key, &value);
+                }
                 Part::Field(f) => append_field(&mut key, record, f, f)?,
             }
         }
         Ok(key)
+    }
+}
+
+/// Appends `text` with every byte but RFC 3986's unreserved characters as `%XX`.
+fn percent_encode(out: &mut String, text: &str) {
+    for &b in text.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
     }
 }
 
@@ -235,6 +279,17 @@ mod tests {
 
     fn raw(text: &str) -> Fields {
         Fields::parse(text).unwrap()
+    }
+
+    #[test]
+    fn request_targets_percent_encode_field_values() {
+        let t = KeyTemplate::parse_target("/users/{id}?region={r}").unwrap();
+        let r = obj(json!({"id": "a b/c", "r": "é&x"}));
+        assert_eq!(t.render(&r).unwrap(), "/users/a%20b%2Fc?region=%C3%A9%26x");
+        let err = KeyTemplate::parse_target("/users/")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--http"), "{err}");
     }
 
     #[test]

@@ -118,6 +118,9 @@ struct Inner {
     endpoint: HttpEndpoint,
     config: HttpConfig,
     pool: RefCell<Pool>,
+    /// Each answered request's time from its bytes handed to the socket to its whole response
+    /// read, in microseconds.
+    wire_us: RefCell<hdrhistogram::Histogram<u64>>,
 }
 
 /// See the module documentation. Cheap to clone (one shard's client).
@@ -165,8 +168,15 @@ impl HttpClient {
                 endpoint,
                 config,
                 pool: RefCell::new(Pool::default()),
+                wire_us: RefCell::new(crate::redis::wire_histogram()),
             }),
         }
+    }
+
+    /// Every answered request's time on the wire (microseconds): the server and the network,
+    /// without the wait for a connection.
+    pub fn wire_latency(&self) -> hdrhistogram::Histogram<u64> {
+        self.inner.wire_us.borrow().clone()
     }
 
     /// Connections opened so far.
@@ -183,6 +193,7 @@ impl HttpClient {
     ) -> Result<Option<Bytes>, HttpError> {
         let request = self.encode(target, body);
         let mut lease = self.lease().await?;
+        let sent = std::time::Instant::now();
         let head_and_body = match exchange(&mut lease, &request).await {
             Err(Exchange::Stale(_)) if lease.reused => {
                 // The server closed the idle connection: once more, on a new one.
@@ -193,6 +204,11 @@ impl HttpClient {
             other => other,
         };
         let (head, body) = head_and_body.map_err(|e| self.io_error(e))?;
+        let _ = self
+            .inner
+            .wire_us
+            .borrow_mut()
+            .record(sent.elapsed().as_micros() as u64);
         // Reusable when the response allows it and nothing followed it.
         if head.keep_alive && lease.conn.as_ref().is_some_and(|c| c.buf.is_empty()) {
             lease.give_back();

@@ -5,12 +5,30 @@
 //! Owns: turning keys into requests. Invariants: one request per key (HTTP has no multi-get;
 //! a batch's keys go out at once, each on its own pooled connection, and the batch answers in
 //! key order); the status policy is the client's (2xx a value, 404 missing, 429 and 503
-//! retryable with `Retry-After`, other statuses an error).
+//! retryable, other statuses an error); a busy answer with `Retry-After` fails only after that
+//! long (at most `MAX_RETRY_AFTER`), so that a retry policy's next attempt comes no sooner
+//! than the server asked.
 
 use super::{BatchLookup, Values};
 use crate::http::{HttpClient, HttpError};
+use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
+
+/// The longest `Retry-After` waited for; a record's timeout ends the wait sooner.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// One request; a busy answer waits out its `Retry-After` before it fails.
+async fn request(client: HttpClient, target: Vec<u8>) -> Result<Option<Bytes>, HttpError> {
+    let answer = client.request(&target, None).await;
+    if let Err(e) = &answer {
+        if let Some(wait) = e.retry_after() {
+            glommio::timer::sleep(wait.min(MAX_RETRY_AFTER)).await;
+        }
+    }
+    answer
+}
 
 /// See the module documentation.
 pub struct HttpLookup {
@@ -37,16 +55,13 @@ impl BatchLookup for HttpLookup {
     fn get_many(&self, keys: &[&[u8]]) -> HttpFuture {
         let requests: Vec<_> = keys
             .iter()
-            .map(|key| {
-                let (client, target) = (self.client.clone(), key.to_vec());
-                async move { client.request(&target, None).await }
-            })
+            .map(|key| request(self.client.clone(), key.to_vec()))
             .collect();
         Box::pin(futures::future::try_join_all(requests))
     }
 
     fn get_one(&self, key: &[u8]) -> HttpFuture {
-        let (client, target) = (self.client.clone(), key.to_vec());
-        Box::pin(async move { Ok(vec![client.request(&target, None).await?]) })
+        let answer = request(self.client.clone(), key.to_vec());
+        Box::pin(async move { Ok(vec![answer.await?]) })
     }
 }

@@ -1,0 +1,286 @@
+//! `sluice enrich --http` end to end: the real binary against Python's `http.server` (a server
+//! that is not ours; python3 is on every machine here, and the test says so when it is not)
+//! and against a server in this test that answers 503 with `Retry-After` before it answers,
+//! and 418 for one user.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn sluice(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `count` records `{"n":N,"user_id":"u N%30"}` (a space in the id: it goes percent-encoded).
+fn write_input(path: &Path, count: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    for n in 0..count {
+        writeln!(f, r#"{{"n":{n},"user_id":"u {}"}}"#, n % 30).unwrap();
+    }
+}
+
+fn python_server(dir: &Path) -> Option<(std::process::Child, u16)> {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let Ok(mut child) = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        eprintln!("SKIPPED: python3 is not installed; sluice enrich --http against http.server did not run");
+        return None;
+    };
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some((child, port));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("python3 -m http.server did not start on port {port}");
+}
+
+#[test]
+fn enrich_from_python_http_server_on_one_and_two_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(site.join("users")).unwrap();
+    // Users 0..25 exist; 25..30 do not (404: missing).
+    for u in 0..25 {
+        std::fs::write(
+            site.join(format!("users/u {u}")),
+            format!(r#"{{"segment":"s{}","since":{}}}"#, u % 3, 2000 + u),
+        )
+        .unwrap();
+    }
+    let Some((mut server, port)) = python_server(&site) else {
+        return;
+    };
+    let input = dir.path().join("in.jsonl");
+    write_input(&input, 600);
+    let url = format!("http://127.0.0.1:{port}/users/{{user_id}}");
+    let mut outputs = vec![];
+    for shards in ["1", "2"] {
+        let output = dir.path().join(format!("out-{shards}.jsonl"));
+        let metrics = dir.path().join(format!("m-{shards}.json"));
+        let out = sluice(&[
+            "enrich",
+            "--http",
+            &url,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--shards",
+            shards,
+            // Python's http.server listens with a backlog of 5: more connects at once are
+            // dropped and retried by TCP a second later.
+            "--capacity",
+            "4",
+            "--metrics-json",
+            metrics.to_str().unwrap(),
+        ]);
+        assert!(out.status.success());
+        let got = lines(&output);
+        assert_eq!(got.len(), 600);
+        for (n, record) in got.iter().enumerate() {
+            assert_eq!(record["n"], n, "ordered");
+            let u = n % 30;
+            if u < 25 {
+                assert_eq!(record["segment"], format!("s{}", u % 3), "{record}");
+                assert_eq!(record["since"], 2000 + u);
+            } else {
+                assert!(record.get("segment").is_none(), "missing: kept unchanged");
+            }
+        }
+        let m: Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+        assert_eq!(m["enriched"], 500);
+        assert_eq!(m["missing_kept"], 100);
+        assert_eq!(m["on_one_thread"], shards == "1");
+        assert!(m["lookups"]["requests"].as_u64().unwrap() >= 30, "{m}");
+        outputs.push(std::fs::read(&output).unwrap());
+    }
+    assert_eq!(outputs[0], outputs[1]);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// Answers each path 503 with `Retry-After: 1` the first time and `{"ok":true}` after; the
+/// path `/users/teapot` always 418.
+fn busy_then_ok_server() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                loop {
+                    let mut first = String::new();
+                    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let target = first.split(' ').nth(1).unwrap_or("").to_string();
+                    let earlier = {
+                        let mut log = log.lock().unwrap();
+                        let earlier = log.iter().filter(|t| **t == target).count();
+                        log.push(target.clone());
+                        earlier
+                    };
+                    let reply = if target == "/users/teapot" {
+                        "HTTP/1.1 418 I'm a teapot\r\nContent-Length: 9\r\n\r\nno coffee"
+                            .to_string()
+                    } else if earlier == 0 {
+                        "HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"
+                            .to_string()
+                    } else {
+                        "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"ok\":true}".to_string()
+                    };
+                    if writer.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn busy_answers_are_retried_after_retry_after_and_other_statuses_follow_on_error() {
+    let (port, seen) = busy_then_ok_server();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"user_id\":\"a\"}\n{\"user_id\":\"b\"}\n{\"user_id\":\"teapot\"}\n{\"user_id\":\"a\"}\n",
+    )
+    .unwrap();
+    let output = dir.path().join("out.jsonl");
+    let url = format!("http://127.0.0.1:{port}/users/{{user_id}}");
+    let started = Instant::now();
+    let out = sluice(&[
+        "enrich",
+        "--http",
+        &url,
+        "--http-header",
+        "X-Api-Key: secret",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--shards",
+        "1",
+        "--retry",
+        "fixed:3:10ms",
+        "--on-error",
+        "emit",
+    ]);
+    assert!(out.status.success());
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(1),
+        "Retry-After honoured: {elapsed:?}"
+    );
+    let got = lines(&output);
+    assert_eq!(got.len(), 4);
+    assert_eq!(got[0]["ok"], true);
+    assert_eq!(got[1]["ok"], true);
+    assert!(
+        got[2].get("ok").is_none(),
+        "418: emitted unenriched under --on-error emit"
+    );
+    assert_eq!(got[3]["ok"], true);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("retries"), "{stderr}");
+    // a and b were each asked twice (503, then 200); teapot once (not retryable).
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.iter().filter(|t| *t == "/users/a").count(),
+        2,
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|t| *t == "/users/teapot").count(),
+        1,
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn bad_http_flags_are_named() {
+    let out = sluice(&["enrich", "--http", "https://example.com/{id}"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("https is not supported"));
+    let out = sluice(&["enrich", "--http", "http://127.0.0.1:1/users/"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--http") && stderr.contains("no `{field}`"),
+        "{stderr}"
+    );
+    let out = sluice(&[
+        "enrich",
+        "--http",
+        "http://127.0.0.1:1/u/{id}",
+        "--key",
+        "x:{id}",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--key"));
+    let out = sluice(&[
+        "enrich",
+        "--http",
+        "http://127.0.0.1:1/u/{id}",
+        "--http-header",
+        "no colon",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--http-header"));
+    // Nothing listens on port 1: said before anything is read.
+    let out = sluice(&["enrich", "--http", "http://127.0.0.1:1/u/{id}"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("(--http)") && stderr.contains("does not answer"),
+        "{stderr}"
+    );
+}
