@@ -313,3 +313,55 @@ fn lookups_through_the_layer_against_python_http_server() {
     // HTTP/1.0 without keep-alive: a connection per request.
     assert_eq!(opened, 25);
 }
+
+/// loadgen's HTTP mode serves the keyspace the Redis mode serves: `GET /KEY` answers the value
+/// (after the latency model's delay), 404 for a key it lacks, and an injected error is a 503
+/// with `Retry-After: 0`; its connections are kept alive.
+#[test]
+fn loadgen_serves_its_keyspace_over_http() {
+    use loadgen::{keyspace, LatencyModel, Server, ServerConfig};
+    let server = Server::start(ServerConfig {
+        keys: 1_000,
+        latency: LatencyModel::Fixed(Duration::from_millis(1)),
+        http: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let url = format!("http://{}", server.addr());
+    let (answers, missing, opened) = run(move || async move {
+        let c = client(&url, 16);
+        let answers = futures::future::join_all((0..200u64).map(|i| {
+            let c = c.clone();
+            async move {
+                c.request(format!("/user:user_{:06}", i % 1_000).as_bytes(), None)
+                    .await
+            }
+        }))
+        .await;
+        let missing = c.request(b"/user:nobody", None).await;
+        (answers, missing, c.connections_opened())
+    });
+    for (i, answer) in answers.into_iter().enumerate() {
+        let expected = Bytes::from(keyspace::value(i as u64 % 1_000, 128));
+        assert_eq!(answer.unwrap(), Some(expected), "key {i}");
+    }
+    assert_eq!(missing.unwrap(), None);
+    assert!(opened <= 16, "{opened}");
+    assert_eq!(server.stats().gets.load(Ordering::SeqCst), 201);
+    server.stop();
+
+    let failing = Server::start(ServerConfig {
+        keys: 10,
+        latency: LatencyModel::Fixed(Duration::ZERO),
+        http: true,
+        error_rate: 1.0,
+        ..Default::default()
+    })
+    .unwrap();
+    let url = format!("http://{}", failing.addr());
+    let busy =
+        run(move || async move { client(&url, 1).request(b"/user:user_000001", None).await });
+    let busy = busy.unwrap_err();
+    assert!(busy.is_retryable(), "{busy}");
+    assert_eq!(busy.retry_after(), Some(Duration::ZERO));
+}

@@ -82,6 +82,38 @@ impl Context<'_> {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Answers an HTTP request for `target` (`/KEY`, percent-encoded): the value as a JSON
+    /// body with its length, or 404; any method but GET and HEAD is 405. The connection stays
+    /// open (HTTP/1.1 keep-alive).
+    pub(crate) fn http_get(&self, method: &[u8], target: &[u8], out: &mut Vec<u8>) {
+        if method != b"GET" && method != b"HEAD" {
+            out.extend_from_slice(
+                b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Length: 0\r\n\r\n",
+            );
+            return;
+        }
+        self.stats.gets.fetch_add(1, Ordering::Relaxed);
+        let path = target.split(|&b| b == b'?').next().unwrap_or(target);
+        let key = percent_decode(path.strip_prefix(b"/").unwrap_or(path));
+        let body = method == b"GET";
+        let found = self.lookup(&key, |v| {
+            out.extend_from_slice(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    v.len()
+                )
+                .as_bytes(),
+            );
+            if body {
+                out.extend_from_slice(v);
+            }
+        });
+        self.count_lookup(found.is_some());
+        if found.is_none() {
+            out.extend_from_slice(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        }
+    }
+
     /// Runs one command (`args[0]` is its name) and appends its reply to `out`. Over 70 lines:
     /// one arm per command, as a dispatch table reads.
     pub(crate) fn execute(&self, args: &[&[u8]], out: &mut Vec<u8>) -> Flow {
@@ -206,6 +238,30 @@ fn hello(out: &mut Vec<u8>) {
             BorrowedFrame::Array(&[]),
         ]),
     )
+}
+
+/// `%XX` escapes decoded (a malformed escape is kept as it is).
+fn percent_decode(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            text[i],
+            text.get(i + 1).copied().and_then(hex),
+            text.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

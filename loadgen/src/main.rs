@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a generated keyspace over the Redis protocol (RESP2) with delayed replies.
+    /// Serve a generated keyspace over the Redis protocol (RESP2), or HTTP with --http, with
+    /// delayed replies.
     Serve {
         /// Port to listen on (not 6379, where a real Redis may run).
         #[arg(long, default_value_t = DEFAULT_PORT)]
@@ -42,7 +43,7 @@ enum Command {
         /// Server threads (glommio executors), all on the same port.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
         shards: u16,
-        /// Fraction of replies replaced by an error reply.
+        /// Fraction of replies replaced by an error reply (with --http: 503, Retry-After: 0).
         #[arg(long, default_value_t = 0.0, value_parser = fraction)]
         error_rate: f64,
         /// Fraction of requests that reset the connection instead of a reply.
@@ -51,6 +52,10 @@ enum Command {
         /// Seed for delays and faults.
         #[arg(long, default_value_t = 0x10ad)]
         seed: u64,
+        /// Speak HTTP/1.1 instead: `GET /KEY` answers the value as a JSON body, or 404
+        /// (keep-alive; `/user:user_000042`).
+        #[arg(long)]
+        http: bool,
     },
     /// Print generated transactions as JSON Lines on stdout.
     Records {
@@ -122,6 +127,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             error_rate,
             reset_rate,
             seed,
+            http,
         } => {
             let server = Server::start(ServerConfig {
                 addr: SocketAddr::new(bind, port),
@@ -133,9 +139,11 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 error_rate,
                 reset_rate,
                 seed,
+                http,
             })?;
             eprintln!(
-                "loadgen: serving {keys} keys on {} ({shards} shard(s), latency {latency}); Ctrl-C stops",
+                "loadgen: serving {keys} keys over {} on {} ({shards} shard(s), latency {latency}); Ctrl-C stops",
+                if http { "HTTP" } else { "RESP2" },
                 server.addr()
             );
             let mut last = 0;

@@ -1,5 +1,6 @@
-//! The lookup server: RESP2 over glommio (io_uring) TCP, one executor per shard, all shards on
-//! one port (`SO_REUSEPORT`), each reply delayed by the latency model.
+//! The lookup server: RESP2 (or HTTP/1.1 GETs of `/KEY`, `ServerConfig::http`) over glommio
+//! (io_uring) TCP, one executor per shard, all shards on one port (`SO_REUSEPORT`), each reply
+//! delayed by the latency model.
 //!
 //! Owns: connections, reply timing and fault injection. Invariants:
 //! - replies on a connection leave in request order; reply `i` leaves no earlier than its
@@ -10,8 +11,9 @@
 //! - delays are timers on the connection's executor, never a blocked thread;
 //! - a connection's pending replies are bounded (`MAX_PENDING_REPLIES`): past that the server
 //!   stops reading from it, and TCP pushes back on the client;
-//! - an injected error replaces one reply; an injected reset closes the connection without
-//!   answering what it has read;
+//! - an injected error replaces one reply (RESP: `-ERR injected failure`; HTTP: `503` with
+//!   `Retry-After: 0`); an injected reset closes the connection without answering what it has
+//!   read;
 //! - stopping the server closes every connection (as a stopping Redis does), so clients see
 //!   the connection end instead of silence.
 
@@ -63,6 +65,8 @@ pub struct ServerConfig {
     pub reset_rate: f64,
     /// Seeds delays and fault injection.
     pub seed: u64,
+    /// Speak HTTP/1.1 (`GET /KEY`: the value as a JSON body, or 404) instead of RESP2.
+    pub http: bool,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +81,7 @@ impl Default for ServerConfig {
             error_rate: 0.0,
             reset_rate: 0.0,
             seed: 0x10ad,
+            http: false,
         }
     }
 }
@@ -161,6 +166,7 @@ impl Server {
                 error_rate: config.error_rate,
                 reset_rate: config.reset_rate,
                 seed: config.seed.wrapping_add(shard as u64),
+                http: config.http,
             };
             // Shards after the first bind the port the first one got.
             let addr = server.addr;
@@ -227,6 +233,7 @@ struct ShardContext {
     error_rate: f64,
     reset_rate: f64,
     seed: u64,
+    http: bool,
 }
 
 async fn run_shard(
@@ -501,21 +508,36 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
         let arrival = Instant::now();
         let mut args: Vec<&[u8]> = Vec::with_capacity(4);
         loop {
-            let (frame, used) = match decode_range(&buf[start..end]) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(_) => {
-                    close_with(last_due, b"-ERR Protocol error\r\n");
+            let used = if ctx.http {
+                match http_request(&buf[start..end], &mut args) {
+                    Ok(Some(used)) => used,
+                    Ok(None) => break,
+                    Err(()) => {
+                        close_with(
+                            last_due,
+                            b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                        );
+                        break 'read;
+                    }
+                }
+            } else {
+                let (frame, used) = match decode_range(&buf[start..end]) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(_) => {
+                        close_with(last_due, b"-ERR Protocol error\r\n");
+                        break 'read;
+                    }
+                };
+                if !command_args(&buf[start..start + used], &frame, &mut args) {
+                    close_with(
+                        last_due,
+                        b"-ERR Protocol error: expected an array of bulk strings\r\n",
+                    );
                     break 'read;
                 }
+                used
             };
-            if !command_args(&buf[start..start + used], &frame, &mut args) {
-                close_with(
-                    last_due,
-                    b"-ERR Protocol error: expected an array of bulk strings\r\n",
-                );
-                break 'read;
-            }
             ctx.stats.commands.fetch_add(1, Ordering::Relaxed);
             if ctx.reset_rate > 0.0 && rng.random_bool(ctx.reset_rate) {
                 ctx.stats.resets_injected.fetch_add(1, Ordering::Relaxed);
@@ -529,7 +551,14 @@ async fn serve_connection(stream: TcpStream, ctx: Rc<ShardContext>, seed: u64) {
                 let out = ob.buffer_for(due);
                 let flow = if ctx.error_rate > 0.0 && rng.random_bool(ctx.error_rate) {
                     ctx.stats.errors_injected.fetch_add(1, Ordering::Relaxed);
-                    out.extend_from_slice(b"-ERR injected failure\r\n");
+                    out.extend_from_slice(if ctx.http {
+                        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n".as_slice()
+                    } else {
+                        b"-ERR injected failure\r\n".as_slice()
+                    });
+                    Flow::Continue
+                } else if ctx.http {
+                    context.http_get(args[0], args[1], out);
                     Flow::Continue
                 } else {
                     context.execute(&args, out)
@@ -585,4 +614,36 @@ fn command_args<'a>(buf: &'a [u8], frame: &RangeFrame, args: &mut Vec<&'a [u8]>)
         }
     }
     !args.is_empty()
+}
+
+/// An HTTP request at the start of `buf`: its method and target into `args`, and the bytes it
+/// takes (its head and its `Content-Length` body); `Ok(None)` when more bytes are needed.
+fn http_request<'a>(buf: &'a [u8], args: &mut Vec<&'a [u8]>) -> Result<Option<usize>, ()> {
+    args.clear();
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    let head = match request.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let mut body = 0usize;
+    for h in request.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            body = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or(())?;
+        }
+    }
+    let (Some(method), Some(target)) = (request.method, request.path) else {
+        return Err(());
+    };
+    if buf.len() < head + body {
+        return Ok(None);
+    }
+    // The method and target are slices of `buf` (httparse borrows them from it).
+    args.push(method.as_bytes());
+    args.push(target.as_bytes());
+    Ok(Some(head + body))
 }
