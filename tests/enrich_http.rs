@@ -56,6 +56,10 @@ fn python_server(dir: &Path) -> Option<(std::process::Child, u16)> {
         .stderr(Stdio::null())
         .spawn()
     else {
+        assert!(
+            std::env::var_os("SLUICE_REQUIRE_PYTHON").is_none(),
+            "SLUICE_REQUIRE_PYTHON is set and python3 cannot be started"
+        );
         eprintln!("SKIPPED: python3 is not installed; sluice enrich --http against http.server did not run");
         return None;
     };

@@ -248,6 +248,10 @@ fn python_server(dir: &std::path::Path) -> Option<(std::process::Child, u16)> {
         .stderr(std::process::Stdio::null())
         .spawn();
     let Ok(mut child) = child else {
+        assert!(
+            std::env::var_os("SLUICE_REQUIRE_PYTHON").is_none(),
+            "SLUICE_REQUIRE_PYTHON is set and python3 cannot be started"
+        );
         eprintln!("SKIPPED: python3 is not installed; the http.server part did not run");
         return None;
     };
