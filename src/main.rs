@@ -228,6 +228,11 @@ struct BenchArgs {
     /// With --redis: first write loadgen's keyspace (--keys users, 128-byte values) into it.
     #[arg(long, requires = "redis")]
     load: bool,
+    /// What the embedded server speaks: redis (RESP2) or http (`GET /KEY`, keep-alive). With
+    /// http the modes that have an HTTP client run: sync-map, thread-pool and sluice's modes
+    /// (the tokio baselines speak Redis only).
+    #[arg(long, default_value = "redis", value_parser = ["redis", "http"], conflicts_with = "redis")]
+    backend: String,
     /// Shard counts to sweep, e.g. `1,2`.
     #[arg(long)]
     shards: Option<List<usize>>,
@@ -563,11 +568,21 @@ impl Plan {
         } else {
             Duration::from_secs(1)
         });
-        let modes = args
-            .modes
-            .clone()
-            .map(|l| l.0)
-            .unwrap_or_else(|| Mode::defaults().to_vec());
+        let http = args.backend == "http";
+        let modes = match args.modes.clone() {
+            Some(l) => l.0,
+            None => Mode::defaults()
+                .iter()
+                .copied()
+                .filter(|m| !http || m.speaks_http())
+                .collect(),
+        };
+        if let Some(m) = modes.iter().find(|m| http && !m.speaks_http()) {
+            return Err(format!(
+                "--modes {m}: it speaks Redis only; with --backend http run sync-map, \
+                 thread-pool and sluice's modes"
+            ));
+        }
         if shards.contains(&0) || capacities.contains(&0) {
             return Err("--shards and --capacities must each be at least 1".into());
         }
@@ -621,6 +636,7 @@ impl Servers {
                         keys: args.keys,
                         latency,
                         cores: args.server_core.map(|c| vec![c]),
+                        http: args.backend == "http",
                         ..Default::default()
                     })
                     .map_err(|e| e.to_string())
@@ -628,7 +644,10 @@ impl Servers {
                 let server = start(args.latency.clone())?;
                 let limit = start(LatencyModel::Fixed(Duration::ZERO))?;
                 let (addr, limit_addr) = (server.addr(), limit.addr());
-                let label = format!("embedded loadgen, latency {}", args.latency);
+                let label = format!(
+                    "embedded loadgen ({}), latency {}",
+                    args.backend, args.latency
+                );
                 Ok(Servers {
                     server: Some(server),
                     _limit_server: Some(limit),
@@ -689,7 +708,8 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         )
     };
     let late_mark = server.as_ref().map(lateness);
-    let round_trip = bench::probe_round_trip(addr, args.keys)?
+    let http = args.backend == "http";
+    let round_trip = bench::probe_round_trip(addr, args.keys, http)?
         .for_ideal(args.redis.is_none().then_some(&args.latency));
     let max_shards = *shards.iter().max().expect("non-empty");
     eprintln!(
@@ -701,7 +721,7 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
     );
     let limit = match args.server_limit {
         Some(rps) => rps,
-        None => bench::runners_limit(limit_addr, args.keys, max_shards, duration)?,
+        None => bench::runners_limit(limit_addr, args.keys, max_shards, duration, http)?,
     };
 
     let config = SweepConfig {
@@ -725,6 +745,7 @@ fn run_bench(args: BenchArgs) -> Result<(), String> {
         pin: !args.no_pin,
         distribution: args.key_distribution,
         layer,
+        http,
     };
     let bar = ProgressBar::new(1);
     bar.set_style(

@@ -15,7 +15,7 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
         ..Default::default()
     })
     .unwrap();
-    let round_trip = bench::probe_round_trip(server.addr(), 1_000)
+    let round_trip = bench::probe_round_trip(server.addr(), 1_000, false)
         .unwrap()
         .best_batch;
     assert!(
@@ -38,6 +38,7 @@ fn a_small_sweep_reports_every_mode_and_writes_json_and_svg() {
         pin: true,
         distribution: loadgen::KeyDistribution::Uniform,
         layer: Default::default(),
+        http: false,
     };
     let mut calls = 0;
     let report = bench::sweep(&config, 1e9, round_trip, &mut |_, _, _| calls += 1).unwrap();
@@ -148,6 +149,7 @@ fn a_record_budget_runs_exactly_that_many_lookups_per_point() {
         pin: true,
         distribution: loadgen::KeyDistribution::Uniform,
         layer: Default::default(),
+        http: false,
     };
     let report = bench::sweep(&config, 1e9, Duration::from_micros(50), &mut |_, _, _| {}).unwrap();
     assert_eq!(report.points.len(), Mode::ALL.len());
@@ -202,6 +204,7 @@ fn the_lookup_layer_shows_in_the_report() {
         pin: false,
         distribution: loadgen::KeyDistribution::Zipf(1.0),
         layer,
+        http: false,
     };
     let report = bench::sweep(&config, 1e9, Duration::from_millis(1), &mut |_, _, _| {}).unwrap();
     assert_eq!(report.key_distribution.as_deref(), Some("zipf:1"));
@@ -238,7 +241,7 @@ fn the_round_trip_probe_reports_the_median_of_all_lookups() {
         ..Default::default()
     })
     .unwrap();
-    let probed = bench::probe_round_trip(server.addr(), 1_000).unwrap();
+    let probed = bench::probe_round_trip(server.addr(), 1_000, false).unwrap();
     assert!(
         probed.overall >= Duration::from_micros(1_800),
         "the median of 500 delays of 1-3 ms: {probed:?}"
@@ -273,4 +276,48 @@ fn count_flags_below_one_are_refused_by_name() {
             "{flag}: {stderr}"
         );
     }
+}
+
+/// Against loadgen's HTTP mode the modes with an HTTP client run (the blocking baselines and
+/// sluice's modes), every lookup answered; a Redis-only mode is refused by name.
+#[test]
+fn a_sweep_over_http_runs_the_modes_that_speak_it() {
+    let server = Server::start(ServerConfig {
+        keys: 1_000,
+        latency: LatencyModel::Fixed(Duration::from_millis(1)),
+        http: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let round_trip = bench::probe_round_trip(server.addr(), 1_000, true)
+        .unwrap()
+        .best_batch;
+    assert!(round_trip >= Duration::from_millis(1));
+    let modes: Vec<Mode> = Mode::ALL.into_iter().filter(|m| m.speaks_http()).collect();
+    let mut config = SweepConfig {
+        addr: server.addr(),
+        server: "test http".into(),
+        configured_latency: Some(Duration::from_millis(1)),
+        keys: 1_000,
+        modes: modes.clone(),
+        shards: vec![1],
+        capacities: vec![4],
+        duration: Duration::from_millis(200),
+        records: None,
+        repeat: 1,
+        seed: 1,
+        client: Default::default(),
+        pin: true,
+        distribution: loadgen::KeyDistribution::Uniform,
+        layer: Default::default(),
+        http: true,
+    };
+    let report = bench::sweep(&config, 1e9, round_trip, &mut |_, _, _| {}).unwrap();
+    assert_eq!(report.points.len(), modes.len());
+    for p in &report.points {
+        assert!(p.records > 0 && p.p50_us >= 1_000, "{p:?}");
+    }
+    config.modes = vec![Mode::TokioUnordered];
+    let refused = bench::sweep(&config, 1e9, round_trip, &mut |_, _, _| {}).unwrap_err();
+    assert!(refused.contains("Redis only"), "{refused}");
 }

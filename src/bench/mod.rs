@@ -95,6 +95,18 @@ impl Mode {
         }
     }
 
+    /// Whether the mode has an HTTP client (the tokio baselines speak only Redis so far).
+    pub fn speaks_http(self) -> bool {
+        !matches!(
+            self,
+            Mode::TokioBuffered
+                | Mode::TokioUnordered
+                | Mode::TokioLocalUnordered
+                | Mode::TokioLocalBuffered
+                | Mode::TokioCachedUnordered
+        )
+    }
+
     /// Requests in flight this mode may have at `shards` and `capacity`.
     pub fn in_flight(self, shards: usize, capacity: usize) -> usize {
         match self {
@@ -148,6 +160,9 @@ pub struct SweepConfig {
     pub distribution: loadgen::records::KeyDistribution,
     /// The sluice modes' lookup layer.
     pub layer: crate::lookup::LayerConfig,
+    /// The server speaks HTTP (`GET /KEY`) instead of RESP: only the modes with an HTTP
+    /// client run (`Mode::speaks_http`).
+    pub http: bool,
 }
 
 /// Called before each point with (done, total, label).
@@ -181,14 +196,14 @@ impl RoundTrip {
 }
 
 /// Measures the round trip of sequential GETs (Little's law needs the real latency).
-pub fn probe_round_trip(addr: SocketAddr, keys: u64) -> Result<RoundTrip, String> {
+pub fn probe_round_trip(addr: SocketAddr, keys: u64, http: bool) -> Result<RoundTrip, String> {
     const BATCHES: u64 = 5;
     const PER_BATCH: u64 = 100;
     let mut all = runners::histogram();
     let mut best_batch = Duration::MAX;
     for batch in 0..BATCHES {
         let batch_keys = (batch * PER_BATCH..(batch + 1) * PER_BATCH).map(|i| i % keys);
-        let (_, latency_us) = runners::blocking_lookups(addr, batch_keys)
+        let (_, latency_us) = runners::blocking_lookups(addr, http, batch_keys)
             .map_err(|e| format!("probing the round trip: {e}"))?;
         best_batch = best_batch.min(Duration::from_micros(latency_us.value_at_quantile(0.5)));
         all.add(&latency_us).map_err(|e| e.to_string())?;
@@ -242,6 +257,7 @@ pub fn sweep(
                 pin: config.pin,
                 distribution: config.distribution,
                 layer: config.layer.clone(),
+                http: config.http,
             };
             let m = runners::run(mode, shards, capacity, &workload)
                 .map_err(|e| format!("{mode} shards={shards} capacity={capacity}: {e}"))?;
@@ -270,6 +286,7 @@ pub fn runners_limit(
     keys: u64,
     shards: usize,
     duration: Duration,
+    http: bool,
 ) -> Result<f64, String> {
     let w = Workload {
         addr,
@@ -281,6 +298,7 @@ pub fn runners_limit(
         pin: true,
         distribution: loadgen::records::KeyDistribution::Uniform,
         layer: Default::default(),
+        http,
     };
     let m = runners::run(
         Mode::AdapterUnordered,

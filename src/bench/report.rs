@@ -659,6 +659,7 @@ mod tests {
             pin: false,
             distribution: loadgen::KeyDistribution::Uniform,
             layer: Default::default(),
+            http: false,
         }
     }
 

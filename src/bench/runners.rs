@@ -8,11 +8,12 @@
 use super::blocking_client::BlockingClient;
 use super::cpu::CpuMark;
 use super::Mode;
+use crate::enrich::backend::{Backend, BackendError};
 use crate::function::{AsyncFunction, Outputs};
 use crate::lookup::{
     AdaptiveConfig, Concurrency, Get, LayerConfig, LayerStats, LookupError, Lookups, Sinks,
 };
-use crate::redis::{ClientConfig, RedisClient, RedisError};
+use crate::redis::{ClientConfig, RedisClient};
 use crate::{OutputMode, Stage};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -60,6 +61,29 @@ pub struct Workload {
     /// The sluice modes' lookup layer (batching, coalescing, cache, limits); the cache's
     /// entries and TTL also size the caching tokio baseline's cache.
     pub layer: LayerConfig,
+    /// The server speaks HTTP (`GET /KEY`, loadgen's `--http` mode) instead of RESP.
+    pub http: bool,
+}
+
+/// A sluice mode's backend on one shard: a Redis client, or an HTTP client with as many
+/// connections as the point's capacity (one request per connection).
+fn backend(w: &Workload, capacity: usize) -> Backend {
+    if w.http {
+        let endpoint = crate::http::HttpEndpoint {
+            addr: w.addr,
+            host_header: w.addr.to_string(),
+        };
+        let config = crate::http::HttpConfig {
+            max_connections: capacity,
+            ..Default::default()
+        };
+        Backend::http(endpoint, &config)
+    } else {
+        Backend::Redis(crate::lookup::RedisLookup::new(
+            RedisClient::new(w.addr, &w.client),
+            crate::lookup::ValueKind::String,
+        ))
+    }
 }
 
 /// When a point stops producing records: after `Workload::records` records in all (shared by
@@ -146,6 +170,9 @@ pub fn run(
     capacity: usize,
     w: &Workload,
 ) -> Result<Measurement, String> {
+    if w.http && !mode.speaks_http() {
+        return Err(format!("{mode} has no HTTP client (it speaks Redis only)"));
+    }
     match mode {
         Mode::SyncMap => sync_map(shards, w),
         Mode::ThreadPool => thread_pool((shards * capacity).min(512), w),
@@ -190,10 +217,9 @@ fn adapter(shards: usize, capacity: usize, w: &Workload) -> Result<Measurement, 
                     config.capacity = std::num::NonZeroUsize::new(capacity).expect("capacity >= 1");
                     config.mode = OutputMode::Unordered;
                     config.timeout = LOOKUP_TIMEOUT;
-                    let client = RedisClient::new(w.addr, &w.client);
                     let layer = shard_layer(&w, shards, capacity);
-                    let lookups = Rc::new(Lookups::new(client, layer));
-                    let lookup = KeyLookup::new(lookups.clone(), None);
+                    let lookups = Rc::new(Lookups::new(backend(&w, capacity), layer));
+                    let lookup = KeyLookup::new(lookups.clone(), None, w.http);
                     let mut outputs = input.async_wait(lookup, config);
                     let mut n = 0u64;
                     while let Some(r) = outputs.next().await {
@@ -241,6 +267,7 @@ fn sync_map(shards: usize, w: &Workload) -> Result<Measurement, String> {
                 let mut keys = Keys::new(&w, s);
                 blocking_lookups(
                     w.addr,
+                    w.http,
                     std::iter::from_fn(|| budget.take().then(|| keys.next())),
                 )
             })
@@ -253,8 +280,13 @@ fn sync_map(shards: usize, w: &Workload) -> Result<Measurement, String> {
 type WorkerResult = Result<(u64, Histogram<u64>), String>;
 
 /// One blocking client looking up `keys` one at a time, timing each.
-pub(crate) fn blocking_lookups(addr: SocketAddr, keys: impl Iterator<Item = u64>) -> WorkerResult {
-    let mut client = BlockingClient::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+pub(crate) fn blocking_lookups(
+    addr: SocketAddr,
+    http: bool,
+    keys: impl Iterator<Item = u64>,
+) -> WorkerResult {
+    let mut client =
+        BlockingClient::connect(addr, http).map_err(|e| format!("connect {addr}: {e}"))?;
     let mut hist = histogram();
     let mut buf = [0u8; 32];
     let mut n = 0;
@@ -311,8 +343,8 @@ fn thread_pool(threads: usize, w: &Workload) -> Result<Measurement, String> {
     };
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (rx, addr) = (rx.clone(), w.addr);
-            std::thread::spawn(move || -> WorkerResult { blocking_lookups(addr, rx.iter()) })
+            let (rx, addr, http) = (rx.clone(), w.addr, w.http);
+            std::thread::spawn(move || -> WorkerResult { blocking_lookups(addr, http, rx.iter()) })
         })
         .collect();
     drop(rx);
@@ -556,15 +588,21 @@ fn tokio_local(
 
 /// A lookup of a key index through the shard's lookup layer; fails on a missing key.
 pub(crate) struct KeyLookup {
-    lookups: Rc<Lookups<RedisClient>>,
+    lookups: Rc<Lookups<Backend>>,
     /// Where `close` adds the client's wire times and the layer's figures (the stage's
     /// shards).
     sinks: Option<Sinks>,
+    /// Keys are request targets (`/KEY`).
+    http: bool,
 }
 
 impl KeyLookup {
-    pub(crate) fn new(lookups: Rc<Lookups<RedisClient>>, sinks: Option<Sinks>) -> Self {
-        KeyLookup { lookups, sinks }
+    pub(crate) fn new(lookups: Rc<Lookups<Backend>>, sinks: Option<Sinks>, http: bool) -> Self {
+        KeyLookup {
+            lookups,
+            sinks,
+            http,
+        }
     }
 }
 
@@ -572,13 +610,13 @@ impl KeyLookup {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum KeyLookupError {
     #[error(transparent)]
-    Lookup(#[from] LookupError<RedisError>),
+    Lookup(#[from] LookupError<BackendError>),
     #[error("{0}")]
     Missing(String),
 }
 
 pub(crate) struct KeyLookupFuture {
-    get: Get<RedisClient>,
+    get: Get<Backend>,
     key: u64,
 }
 
@@ -599,11 +637,16 @@ impl AsyncFunction for KeyLookup {
     type Error = KeyLookupError;
     type Future = KeyLookupFuture;
     fn invoke(&self, key: &u64) -> KeyLookupFuture {
-        let mut buf = [0u8; 32];
-        KeyLookupFuture {
-            get: self.lookups.get(key_of(*key, &mut buf)),
-            key: *key,
-        }
+        let mut buf = [0u8; 33];
+        let get = if self.http {
+            buf[0] = b'/';
+            let len = key_of(*key, (&mut buf[1..]).try_into().expect("32 bytes")).len();
+            self.lookups.get(&buf[..1 + len])
+        } else {
+            let key_buf: &mut [u8; 32] = (&mut buf[..32]).try_into().expect("32 bytes");
+            self.lookups.get(key_of(*key, key_buf))
+        };
+        KeyLookupFuture { get, key: *key }
     }
 
     fn close(&mut self) {
@@ -655,13 +698,11 @@ fn stage_builder(
     w: &Workload,
     figures: &Sinks,
 ) -> crate::StageBuilder<KeyLookup, impl Fn(crate::ShardContext) -> KeyLookup + Send + Sync> {
-    let (addr, client_config) = (w.addr, w.client.clone());
     let layer = shard_layer(w, shards, capacity);
-    let figures = figures.clone();
+    let (figures, shard_w) = (figures.clone(), w.clone());
     Stage::builder(move |_| {
-        let client = RedisClient::new(addr, &client_config);
-        let lookups = Rc::new(Lookups::new(client, layer.clone()));
-        KeyLookup::new(lookups, Some(figures.clone()))
+        let lookups = Rc::new(Lookups::new(backend(&shard_w, capacity), layer.clone()));
+        KeyLookup::new(lookups, Some(figures.clone()), shard_w.http)
     })
     .shards(shards)
     .capacity(capacity)

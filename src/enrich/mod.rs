@@ -23,7 +23,7 @@
 //! - with a checkpoint directory: one run at a time holds it; a finished run's directory and
 //!   files are never touched again; output and dead letters are exactly-once (`resume.rs`).
 
-mod backend;
+pub(crate) mod backend;
 mod budget;
 mod error;
 mod fields;
