@@ -229,8 +229,8 @@ struct BenchArgs {
     #[arg(long, requires = "redis")]
     load: bool,
     /// What the embedded server speaks: redis (RESP2) or http (`GET /KEY`, keep-alive). With
-    /// http the modes that have an HTTP client run: sync-map, thread-pool and sluice's modes
-    /// (the tokio baselines speak Redis only).
+    /// http every mode uses its HTTP client: the blocking baselines HTTP/1.1 keep-alive, the
+    /// tokio ones reqwest, sluice's modes its io_uring HTTP client.
     #[arg(long, default_value = "redis", value_parser = ["redis", "http"], conflicts_with = "redis")]
     backend: String,
     /// Shard counts to sweep, e.g. `1,2`.
@@ -568,21 +568,11 @@ impl Plan {
         } else {
             Duration::from_secs(1)
         });
-        let http = args.backend == "http";
-        let modes = match args.modes.clone() {
-            Some(l) => l.0,
-            None => Mode::defaults()
-                .iter()
-                .copied()
-                .filter(|m| !http || m.speaks_http())
-                .collect(),
-        };
-        if let Some(m) = modes.iter().find(|m| http && !m.speaks_http()) {
-            return Err(format!(
-                "--modes {m}: it speaks Redis only; with --backend http run sync-map, \
-                 thread-pool and sluice's modes"
-            ));
-        }
+        let modes = args
+            .modes
+            .clone()
+            .map(|l| l.0)
+            .unwrap_or_else(|| Mode::defaults().to_vec());
         if shards.contains(&0) || capacities.contains(&0) {
             return Err("--shards and --capacities must each be at least 1".into());
         }

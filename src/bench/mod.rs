@@ -95,18 +95,6 @@ impl Mode {
         }
     }
 
-    /// Whether the mode has an HTTP client (the tokio baselines speak only Redis so far).
-    pub fn speaks_http(self) -> bool {
-        !matches!(
-            self,
-            Mode::TokioBuffered
-                | Mode::TokioUnordered
-                | Mode::TokioLocalUnordered
-                | Mode::TokioLocalBuffered
-                | Mode::TokioCachedUnordered
-        )
-    }
-
     /// Requests in flight this mode may have at `shards` and `capacity`.
     pub fn in_flight(self, shards: usize, capacity: usize) -> usize {
         match self {
@@ -160,8 +148,9 @@ pub struct SweepConfig {
     pub distribution: loadgen::records::KeyDistribution,
     /// The sluice modes' lookup layer.
     pub layer: crate::lookup::LayerConfig,
-    /// The server speaks HTTP (`GET /KEY`) instead of RESP: only the modes with an HTTP
-    /// client run (`Mode::speaks_http`).
+    /// The server speaks HTTP (`GET /KEY`) instead of RESP: every mode uses its HTTP client
+    /// (the blocking baselines HTTP/1.1 keep-alive, the tokio ones reqwest, sluice's
+    /// `HttpLookup`).
     pub http: bool,
 }
 

@@ -170,9 +170,6 @@ pub fn run(
     capacity: usize,
     w: &Workload,
 ) -> Result<Measurement, String> {
-    if w.http && !mode.speaks_http() {
-        return Err(format!("{mode} has no HTTP client (it speaks Redis only)"));
-    }
     match mode {
         Mode::SyncMap => sync_map(shards, w),
         Mode::ThreadPool => thread_pool((shards * capacity).min(512), w),
@@ -381,9 +378,47 @@ const PIPELINE_BUFFER_DEFAULT: usize = 50;
 /// of a shared machine, or a debug build under load, to fail a whole sweep).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The tokio baseline's connections, opened before the clock starts as the other contenders'
-/// are: as many multiplexed connections per worker as sluice's client opens per shard.
+/// A tokio worker's way to the server: redis-rs's multiplexed connections, or a reqwest
+/// client (its own keep-alive pool).
+#[derive(Clone)]
+enum TokioConns {
+    Redis(Vec<redis::aio::MultiplexedConnection>),
+    Http(reqwest::Client),
+}
+
+/// The tokio baseline's clients: redis-rs connections (`redis_connections`), or over HTTP a
+/// reqwest client per worker as a user configures one for a lookup service (HTTP/1.1,
+/// `TCP_NODELAY`, an idle pool as large as the requests in flight, the same timeout).
 fn tokio_connections(
+    runtime: &tokio::runtime::Runtime,
+    shards: usize,
+    capacity: usize,
+    w: &Workload,
+) -> Result<Vec<TokioConns>, String> {
+    if w.http {
+        return (0..shards)
+            .map(|_| {
+                reqwest::Client::builder()
+                    .http1_only()
+                    .tcp_nodelay(true)
+                    .pool_max_idle_per_host(capacity)
+                    .timeout(LOOKUP_TIMEOUT)
+                    .build()
+                    .map(TokioConns::Http)
+                    .map_err(|e| e.to_string())
+            })
+            .collect();
+    }
+    Ok(redis_connections(runtime, shards, capacity, w)?
+        .into_iter()
+        .map(TokioConns::Redis)
+        .collect())
+}
+
+/// The tokio baseline's Redis connections, opened before the clock starts as the other
+/// contenders' are: as many multiplexed connections per worker as sluice's client opens per
+/// shard.
+fn redis_connections(
     runtime: &tokio::runtime::Runtime,
     shards: usize,
     capacity: usize,
@@ -429,7 +464,7 @@ fn tokio_connections(
 /// `buffer_unordered`, until the time budget runs out; the records done and their latencies.
 async fn tokio_shard(
     s: usize,
-    conns: Vec<redis::aio::MultiplexedConnection>,
+    conns: TokioConns,
     w: Workload,
     mut budget: Budget,
     capacity: usize,
@@ -443,8 +478,11 @@ async fn tokio_shard(
     .enumerate()
     .map(move |(i, k)| {
         // Round-robin, as sluice's client spreads requests over its connections.
-        let mut conn = conns[i % conns.len()].clone();
-        let cache = cache.clone();
+        let conn = match &conns {
+            TokioConns::Redis(c) => futures::future::Either::Left(c[i % c.len()].clone()),
+            TokioConns::Http(client) => futures::future::Either::Right(client.clone()),
+        };
+        let (cache, addr) = (cache.clone(), w.addr);
         async move {
             let mut buf = [0u8; 32];
             let t = Instant::now();
@@ -453,14 +491,21 @@ async fn tokio_shard(
                     return Ok(t.elapsed());
                 }
             }
-            let v: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(key_of(k, &mut buf))
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
+            let v: Option<bytes::Bytes> = match conn {
+                futures::future::Either::Left(mut conn) => redis::cmd("GET")
+                    .arg(key_of(k, &mut buf))
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(bytes::Bytes::from),
+                futures::future::Either::Right(client) => {
+                    let key = String::from_utf8_lossy(key_of(k, &mut buf)).into_owned();
+                    reqwest_get(&client, format!("http://{addr}/{key}")).await?
+                }
+            };
             let v = v.ok_or_else(|| missing(k))?;
             if let Some(cache) = &cache {
-                cache.insert(k, bytes::Bytes::from(v));
+                cache.insert(k, v);
             }
             Ok::<_, String>(t.elapsed())
         }
@@ -485,8 +530,21 @@ async fn tokio_shard(
     Ok((n, hist))
 }
 
+/// A GET through reqwest: the body for 200, `None` for 404.
+async fn reqwest_get(
+    client: &reqwest::Client,
+    url: String,
+) -> Result<Option<bytes::Bytes>, String> {
+    let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+    match response.status().as_u16() {
+        200 => Ok(Some(response.bytes().await.map_err(|e| e.to_string())?)),
+        404 => Ok(None),
+        status => Err(format!("the server answered {status}")),
+    }
+}
+
 /// What a Rust user writes by hand: tokio (one worker thread per shard), redis-rs's multiplexed
-/// connection, and `buffered` / `buffer_unordered`.
+/// connection (or reqwest over HTTP), and `buffered` / `buffer_unordered`.
 fn tokio_futures(
     shards: usize,
     capacity: usize,
@@ -562,7 +620,8 @@ fn tokio_local(
                 .map_err(|e| e.to_string())
                 .and_then(|rt| {
                     let conns = tokio_connections(&rt, 1, capacity, &w)?;
-                    Ok((rt, conns.into_iter().next().unwrap_or_default()))
+                    let conns = conns.into_iter().next().ok_or("no connection")?;
+                    Ok((rt, conns))
                 });
             let _ = ready.send(connected.as_ref().map(|_| ()).map_err(Clone::clone));
             let (runtime, conns) = connected?;
