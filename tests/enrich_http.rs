@@ -3,11 +3,13 @@
 //! and against a server in this test that answers 503 with `Retry-After` before it answers,
 //! and 418 for one user.
 
+mod python_http;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,43 +38,6 @@ fn write_input(path: &Path, count: u64) {
     }
 }
 
-fn python_server(dir: &Path) -> Option<(std::process::Child, u16)> {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let Ok(mut child) = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-        ])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
-        assert!(
-            std::env::var_os("SLUICE_REQUIRE_PYTHON").is_none(),
-            "SLUICE_REQUIRE_PYTHON is set and python3 cannot be started"
-        );
-        eprintln!("SKIPPED: python3 is not installed; sluice enrich --http against http.server did not run");
-        return None;
-    };
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some((child, port));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    panic!("python3 -m http.server did not start on port {port}");
-}
-
 #[test]
 fn enrich_from_python_http_server_on_one_and_two_shards() {
     let dir = tempfile::tempdir().unwrap();
@@ -86,7 +51,7 @@ fn enrich_from_python_http_server_on_one_and_two_shards() {
         )
         .unwrap();
     }
-    let Some((mut server, port)) = python_server(&site) else {
+    let Some((mut server, port)) = python_http::python_server(&site) else {
         return;
     };
     let input = dir.path().join("in.jsonl");

@@ -4,6 +4,8 @@
 //! connection per request). Python is on every machine here; the test says so when it is not
 //! and skips that part.
 
+mod python_http;
+
 use bytes::Bytes;
 use sluice::http::{parse_url, HttpClient, HttpConfig, HttpError};
 use sluice::lookup::{CacheConfig, Eviction, HttpLookup, LayerConfig, LookupError, Lookups};
@@ -227,44 +229,6 @@ fn a_server_that_is_not_there_is_a_retryable_connect_error() {
     assert!(error.is_retryable());
 }
 
-/// Python's `http.server` on a free port, serving `dir`; `None` when python3 is missing.
-fn python_server(dir: &std::path::Path) -> Option<(std::process::Child, u16)> {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-        ])
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn();
-    let Ok(mut child) = child else {
-        assert!(
-            std::env::var_os("SLUICE_REQUIRE_PYTHON").is_none(),
-            "SLUICE_REQUIRE_PYTHON is set and python3 cannot be started"
-        );
-        eprintln!("SKIPPED: python3 is not installed; the http.server part did not run");
-        return None;
-    };
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some((child, port));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    panic!("python3 -m http.server did not start on port {port}");
-}
-
 #[test]
 fn lookups_through_the_layer_against_python_http_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -276,7 +240,7 @@ fn lookups_through_the_layer_against_python_http_server() {
         )
         .unwrap();
     }
-    let Some((mut child, port)) = python_server(dir.path()) else {
+    let Some((mut child, port)) = python_http::python_server(dir.path()) else {
         return;
     };
     let (answers, stats, opened) = run(move || async move {
