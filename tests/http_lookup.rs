@@ -32,7 +32,8 @@ where
 
 /// A small HTTP/1.1 server: `/users/N` answers `{"id":N}` (Content-Length, keep-alive),
 /// `/chunked/N` the same in three chunks, `/missing` 404, `/busy` 503 with `Retry-After: 1`,
-/// `/teapot` 418, `/close-after/N` answers and then closes the connection without saying so.
+/// `/teapot` 418, `/huge` announces a body of a gigabyte, `/close-after/N` answers and then
+/// closes the connection without saying so.
 struct TestServer {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
@@ -108,6 +109,12 @@ fn serve(stream: TcpStream) {
             )
         } else if target == "/teapot" {
             (reply("418 I'm a teapot", "", "no coffee"), false)
+        } else if target == "/huge" {
+            // A length no lookup value has; the body never comes.
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n".to_string(),
+                false,
+            )
         } else if let Some(n) = target.strip_prefix("/close-after/") {
             (reply("200 OK", "", &format!("{{\"id\":{n}}}")), true)
         } else {
@@ -158,6 +165,11 @@ fn statuses_bodies_and_framing() {
         assert!(
             text.contains("418") && text.contains("/teapot") && text.contains("no coffee"),
             "{text}"
+        );
+        let huge = c.request(b"/huge", None).await.unwrap_err();
+        assert!(
+            !huge.is_retryable() && huge.to_string().contains("999999999"),
+            "{huge}"
         );
         // A body goes with its length (the server reads it before answering).
         assert_eq!(

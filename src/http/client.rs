@@ -10,6 +10,7 @@
 //!   timeout) drops its connection, and its place in the pool is freed;
 //! - a request on a connection taken from the pool that fails before any byte of a response
 //!   arrived (the server closed the idle connection) is sent once more on a new connection;
+//! - a response body over `MAX_BODY` is refused (malformed, not retried) before it is all read;
 //! - the status decides the outcome: 2xx the body, 404 missing, 429 and 503 `Busy` (retryable,
 //!   with `Retry-After`), any other status an error; a reset, an early end or a failed connect
 //!   is retryable, a malformed response is not.
@@ -26,6 +27,9 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 const READ_CHUNK: usize = 16 * 1024;
+/// The largest response body taken: a value is one record's enrichment, and a server that
+/// sends more (a wrong URL answering a listing, say) must not exhaust the shard's memory.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// A client's settings.
 #[derive(Debug, Clone)]
@@ -350,6 +354,11 @@ async fn exchange(lease: &mut Lease, request: &[u8]) -> Result<(Head, Bytes), Ex
         }
     };
     let body = match head.framing {
+        Framing::Length(n) if n > MAX_BODY => {
+            return Err(Exchange::Malformed(Malformed {
+                what: format!("a body of {n} bytes, more than the {MAX_BODY} taken"),
+            }))
+        }
         Framing::Length(n) => {
             let end = head.len + n;
             while conn.buf.len() < end {
@@ -378,7 +387,13 @@ async fn exchange(lease: &mut Lease, request: &[u8]) -> Result<(Head, Bytes), Ex
             }
         },
         Framing::UntilClose => {
-            while read_more(conn).await? > 0 {}
+            while read_more(conn).await? > 0 {
+                if conn.buf.len() > head.len + MAX_BODY {
+                    return Err(Exchange::Malformed(Malformed {
+                        what: format!("a body of more than {MAX_BODY} bytes"),
+                    }));
+                }
+            }
             let body = Bytes::copy_from_slice(&conn.buf[head.len..]);
             conn.buf.clear();
             body
