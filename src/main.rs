@@ -61,12 +61,18 @@ struct EnrichArgs {
     /// keep-alive, up to --capacity connections per shard; no TLS or redirects.
     #[arg(long, conflicts_with_all = ["loadgen", "key", "value"])]
     http: Option<String>,
-    /// With --http: the request method.
-    #[arg(long, default_value = "GET", requires = "http")]
-    http_method: String,
+    /// With --http: the request method (default GET, or POST with --http-body).
+    #[arg(long, requires = "http")]
+    http_method: Option<String>,
     /// With --http: a header for every request, 'Name: value' (repeat the flag for more).
     #[arg(long, requires = "http")]
     http_header: Vec<String>,
+    /// With --http: a request body over the record's fields, each field's text as JSON string
+    /// content, literal braces doubled: '{{"user":"{user_id}","amount":{amount}}}'. Sent with
+    /// Content-Type: application/json unless --http-header gives one. The target and the body
+    /// together are the key the cache and coalescing go by.
+    #[arg(long, requires = "http")]
+    http_body: Option<String>,
     /// Look up in an embedded loadgen server instead (keys user:user_000000 ..., JSON profiles),
     /// to try the command with nothing installed.
     #[arg(long)]
@@ -368,7 +374,14 @@ fn enrich_backend(args: &EnrichArgs) -> Result<(BackendConfig, Option<Server>), 
         let client = sluice::http::HttpConfig {
             // One request per connection: as many connections as lookups in flight.
             max_connections: args.capacity,
-            method: args.http_method.clone(),
+            method: args.http_method.clone().unwrap_or_else(|| {
+                if args.http_body.is_some() {
+                    "POST"
+                } else {
+                    "GET"
+                }
+                .to_string()
+            }),
             headers,
             ..sluice::http::HttpConfig::default()
         };
@@ -450,7 +463,11 @@ fn enrich_config(
             (Some(url), _) => {
                 let (_, target) =
                     sluice::http::parse_url(url).map_err(|e| format!("--http {e}"))?;
-                KeyTemplate::parse_target(&target).map_err(|e| e.to_string())?
+                let key = KeyTemplate::parse_target(&target).map_err(|e| e.to_string())?;
+                match &args.http_body {
+                    Some(body) => key.with_body(body).map_err(|e| e.to_string())?,
+                    None => key,
+                }
             }
             (None, Some(key)) => KeyTemplate::parse(key).map_err(|e| e.to_string())?,
             (None, None) => {

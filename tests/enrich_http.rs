@@ -253,3 +253,91 @@ fn bad_http_flags_are_named() {
         "{stderr}"
     );
 }
+
+/// Answers a POST with `{"got":BODY,"target":"TARGET"}` (the body must be JSON), keep-alive.
+fn echo_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                loop {
+                    let mut first = String::new();
+                    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let (mut length, mut json) = (0, false);
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                            break;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        json |= lower.starts_with("content-type: application/json");
+                    }
+                    let mut body = vec![0; length];
+                    std::io::Read::read_exact(&mut reader, &mut body).unwrap();
+                    let mut parts = first.split(' ');
+                    let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
+                    let answer = format!(
+                        r#"{{"got":{},"target":"{target}","method":"{method}","json":{json}}}"#,
+                        String::from_utf8_lossy(&body)
+                    );
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if writer.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_body_template_posts_each_records_fields_as_json() {
+    let port = echo_server();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\":1,\"name\":\"a \\\"quoted\\\" name\",\"amount\":12.5}\n{\"id\":2,\"name\":\"b\",\"amount\":3}\n",
+    )
+    .unwrap();
+    let output = dir.path().join("out.jsonl");
+    let url = format!("http://127.0.0.1:{port}/score/{{id}}");
+    let out = sluice(&[
+        "enrich",
+        "--http",
+        &url,
+        "--http-body",
+        r#"{{"name":"{name}","amount":{amount}}}"#,
+        "--into",
+        "score",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--shards",
+        "1",
+    ]);
+    assert!(out.status.success());
+    let got = lines(&output);
+    assert_eq!(got[0]["score"]["got"]["name"], "a \"quoted\" name");
+    assert_eq!(got[0]["score"]["got"]["amount"], 12.5);
+    assert_eq!(got[0]["score"]["target"], "/score/1");
+    assert_eq!(
+        got[0]["score"]["method"], "POST",
+        "a body makes POST the default"
+    );
+    assert_eq!(got[0]["score"]["json"], true, "sent as application/json");
+    assert_eq!(got[1]["score"]["got"]["amount"], 3);
+}

@@ -12,16 +12,29 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Literal(String),
-    Field(String),
+    Field(String, Escape),
 }
+
+/// How a field's text goes into the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Escape {
+    /// As it is (a Redis key).
+    None,
+    /// Percent-encoded (an HTTP request target).
+    Url,
+    /// As the content of a JSON string (an HTTP request body).
+    Json,
+}
+
+/// The byte between an HTTP key's request target and its body (`KeyTemplate::with_body`,
+/// `lookup::BODY_SEPARATOR`): a target cannot hold it.
+const BODY_SEPARATOR: char = crate::lookup::BODY_SEPARATOR as char;
 
 /// A parsed key template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyTemplate {
     parts: Vec<Part>,
     source: String,
-    /// Fields' text percent-encoded (an HTTP request target), or as it is (a Redis key).
-    url_encoded: bool,
 }
 
 /// Why a template could not be parsed.
@@ -143,18 +156,52 @@ impl KeyTemplate {
         )
     }
 
+    /// This request target's template followed by a request body's (`--http-body`), after
+    /// `BODY_SEPARATOR`: the key then names both, so the cache and coalescing tell two bodies
+    /// apart. The body's fields go in as JSON string content (quotes and backslashes escaped);
+    /// write its literal braces as `{{` and `}}`. The body needs no field of its own.
+    pub fn with_body(mut self, body: &str) -> Result<KeyTemplate, TemplateError> {
+        let example = r#"'{{"user":"{user_id}"}}'"#;
+        let parsed = Self::parse_parts(body, "--http-body", example, Escape::Json, false)?;
+        self.parts.push(Part::Literal(BODY_SEPARATOR.to_string()));
+        self.parts.extend(parsed);
+        self.source = format!("{} with body {body}", self.source);
+        Ok(self)
+    }
+
     fn parse_as(
         template: &str,
         flag: &'static str,
         example: &'static str,
         url_encoded: bool,
     ) -> Result<KeyTemplate, TemplateError> {
+        let escape = if url_encoded {
+            Escape::Url
+        } else {
+            Escape::None
+        };
+        let parts = Self::parse_parts(template, flag, example, escape, true)?;
+        Ok(KeyTemplate {
+            parts,
+            source: template.to_string(),
+        })
+    }
+
+    /// The parts of `template`; with `needs_field`, one without a `{field}` is refused.
+    fn parse_parts(
+        template: &str,
+        flag: &'static str,
+        example: &'static str,
+        escape: Escape,
+        needs_field: bool,
+    ) -> Result<Vec<Part>, TemplateError> {
         let err = |reason: &str| TemplateError {
             flag,
             template: template.to_string(),
             reason: reason.to_string(),
             example,
         };
+
         let mut parts = vec![];
         let mut literal = String::new();
         let mut chars = template.chars().peekable();
@@ -184,7 +231,7 @@ impl KeyTemplate {
                     if !literal.is_empty() {
                         parts.push(Part::Literal(std::mem::take(&mut literal)));
                     }
-                    parts.push(Part::Field(field.trim().to_string()));
+                    parts.push(Part::Field(field.trim().to_string(), escape));
                 }
                 '}' => return Err(err("a `}` without its `{`")),
                 c => literal.push(c),
@@ -193,16 +240,12 @@ impl KeyTemplate {
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
         }
-        if !parts.iter().any(|p| matches!(p, Part::Field(_))) {
+        if needs_field && !parts.iter().any(|p| matches!(p, Part::Field(..))) {
             return Err(err(
                 "no `{field}` in it, so every record would get the same key",
             ));
         }
-        Ok(KeyTemplate {
-            parts,
-            source: template.to_string(),
-            url_encoded,
-        })
+        Ok(parts)
     }
 
     /// The template as given.
@@ -213,7 +256,7 @@ impl KeyTemplate {
     /// The fields the template reads.
     pub fn fields(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
-            Part::Field(f) => Some(f.as_str()),
+            Part::Field(f, _) => Some(f.as_str()),
             Part::Literal(_) => None,
         })
     }
@@ -226,12 +269,15 @@ impl KeyTemplate {
         for part in &self.parts {
             match part {
                 Part::Literal(l) => key.push_str(l),
-                Part::Field(f) if self.url_encoded => {
+                Part::Field(f, Escape::None) => append_field(&mut key, record, f, f)?,
+                Part::Field(f, escape) => {
                     value.clear();
                     append_field(&mut value, record, f, f)?;
-                    percent_encode(&mut key, &value);
+                    match escape {
+                        Escape::Url => percent_encode(&mut key, &value),
+                        _ => json_escape(&mut key, &value),
+                    }
                 }
-                Part::Field(f) => append_field(&mut key, record, f, f)?,
             }
         }
         Ok(key)
@@ -247,6 +293,12 @@ fn percent_encode(out: &mut String, text: &str) {
             out.push_str(&format!("%{b:02X}"));
         }
     }
+}
+
+/// Appends `text` as the content of a JSON string (without the quotes).
+fn json_escape(out: &mut String, text: &str) {
+    let quoted = serde_json::to_string(text).expect("a string serializes");
+    out.push_str(&quoted[1..quoted.len() - 1]);
 }
 
 /// serde_json's error for a string that does not decode, in a user's words: a lone
@@ -279,6 +331,24 @@ mod tests {
 
     fn raw(text: &str) -> Fields {
         Fields::parse(text).unwrap()
+    }
+
+    #[test]
+    fn a_body_follows_the_target_with_its_fields_json_escaped() {
+        let t = KeyTemplate::parse_target("/score/{id}")
+            .unwrap()
+            .with_body(r#"{{"user":"{name}","n":{n}}}"#)
+            .unwrap();
+        let r = obj(json!({"id": 7, "name": "a \"b\"", "n": 3}));
+        assert_eq!(
+            t.render(&r).unwrap(),
+            "/score/7\0{\"user\":\"a \\\"b\\\"\",\"n\":3}"
+        );
+        let fixed = KeyTemplate::parse_target("/s/{id}")
+            .unwrap()
+            .with_body("{{}}")
+            .unwrap();
+        assert_eq!(fixed.render(&r).unwrap(), "/s/7\0{}");
     }
 
     #[test]

@@ -253,6 +253,13 @@ impl HttpClient {
             out.extend_from_slice(b"\r\n");
         }
         if let Some(body) = body {
+            let typed = config
+                .headers
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
+            if !typed {
+                out.extend_from_slice(b"Content-Type: application/json\r\n");
+            }
             out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
             out.extend_from_slice(body);
         } else {

@@ -1,6 +1,7 @@
 //! `HttpLookup`: an HTTP API as the lookup layer's backend. A key is a request target (the
-//! path and query, `/users/42`), its value the response body: the layer's coalescing, cache,
-//! limits and breaker then apply to HTTP as to Redis.
+//! path and query, `/users/42`), optionally followed by `BODY_SEPARATOR` (a NUL byte, which no
+//! target holds) and a request body; its value is the response body. The layer's coalescing,
+//! cache, limits and breaker then apply to HTTP as to Redis, keyed on target and body.
 //!
 //! Owns: turning keys into requests. Invariants: one request per key (HTTP has no multi-get;
 //! a batch's keys go out at once, each on its own pooled connection, and the batch answers in
@@ -19,9 +20,16 @@ use std::time::Duration;
 /// The longest `Retry-After` waited for; a record's timeout ends the wait sooner.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
-/// One request; a busy answer waits out its `Retry-After` before it fails.
-async fn request(client: HttpClient, target: Vec<u8>) -> Result<Option<Bytes>, HttpError> {
-    let answer = client.request(&target, None).await;
+/// Between a key's request target and its body.
+pub const BODY_SEPARATOR: u8 = 0;
+
+/// One request for `key` (a target, or a target and a body); a busy answer waits out its
+/// `Retry-After` before it fails.
+async fn request(client: HttpClient, key: Vec<u8>) -> Result<Option<Bytes>, HttpError> {
+    let answer = match key.iter().position(|&b| b == BODY_SEPARATOR) {
+        Some(at) => client.request(&key[..at], Some(&key[at + 1..])).await,
+        None => client.request(&key, None).await,
+    };
     if let Err(e) = &answer {
         if let Some(wait) = e.retry_after() {
             glommio::timer::sleep(wait.min(MAX_RETRY_AFTER)).await;

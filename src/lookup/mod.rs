@@ -26,7 +26,7 @@ mod stats;
 pub use crate::redis::Invalidated;
 pub use breaker::BreakerConfig;
 pub use cache::{Cache, CacheConfig, Eviction};
-pub use http::{HttpFuture, HttpLookup};
+pub use http::{HttpFuture, HttpLookup, BODY_SEPARATOR};
 pub use layer::{Get, Lookups};
 pub use limit::{AdaptiveConfig, Limiter};
 pub use redis::RedisValues;
