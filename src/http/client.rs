@@ -4,10 +4,11 @@
 //! Owns: the shard's connections to one server. Invariants:
 //! - a connection carries one request at a time (no pipelining: HTTP/1.1 servers and proxies
 //!   handle it badly), so requests in flight never exceed `max_connections`; a request that
-//!   finds every connection busy and the pool full waits for one, in arrival order;
+//!   finds every connection busy and the pool full waits for one;
 //! - a connection goes back to the pool only after a whole response was read from it, the
 //!   response allows it (`keep_alive`) and nothing followed it; a request dropped midway (a
-//!   timeout) drops its connection, and its place in the pool is freed;
+//!   timeout) drops its connection, and its place in the pool is freed; whenever a connection
+//!   or a place is freed, every waiting request looks again (no waiter is left asleep);
 //! - a request on a connection taken from the pool that fails before any byte of a response
 //!   arrived (the server closed the idle connection) is sent once more on a new connection;
 //! - a response body over `MAX_BODY` is refused (malformed, not retried) before it is all read;
@@ -158,7 +159,12 @@ impl Drop for Lease {
         if !self.returned {
             pool.open -= 1;
         }
-        if let Some(w) = pool.waiters.pop_front() {
+        // Every waiter looks again: a request polled while waiting registered its waker once
+        // more, so waking only the oldest could wake one that no longer waits and leave the
+        // one that does asleep. Those that find no room register again.
+        let waiters = std::mem::take(&mut pool.waiters);
+        drop(pool);
+        for w in waiters {
             w.wake();
         }
     }
@@ -275,7 +281,9 @@ impl HttpClient {
             if !pool.idle.is_empty() || pool.open < self.inner.config.max_connections {
                 Poll::Ready(())
             } else {
-                pool.waiters.push_back(cx.waker().clone());
+                if !pool.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    pool.waiters.push_back(cx.waker().clone());
+                }
                 Poll::Pending
             }
         })
