@@ -103,16 +103,24 @@ fn enrich_from_python_http_server_on_one_and_two_shards() {
     let _ = server.wait();
 }
 
-/// Answers each path 503 with `Retry-After: 1` the first time and `{"ok":true}` after; the
-/// path `/users/teapot` always 418.
-fn busy_then_ok_server() -> (u16, Arc<Mutex<Vec<String>>>) {
+/// A request as the test servers see it.
+struct Request {
+    method: String,
+    target: String,
+    /// Header names lower-cased.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// An HTTP/1.1 server on a free port whose answer to each request (keep-alive) is `answer`'s
+/// whole response.
+fn serve_http(answer: impl Fn(Request) -> String + Send + Sync + 'static) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
-    let log = seen.clone();
+    let answer = Arc::new(answer);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let log = log.clone();
+            let answer = answer.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
                 let mut writer = stream;
@@ -121,33 +129,57 @@ fn busy_then_ok_server() -> (u16, Arc<Mutex<Vec<String>>>) {
                     if reader.read_line(&mut first).unwrap_or(0) == 0 {
                         return;
                     }
+                    let mut headers = vec![];
                     loop {
                         let mut line = String::new();
                         if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
                             break;
                         }
+                        if let Some((name, value)) = line.split_once(':') {
+                            headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
+                        }
                     }
-                    let target = first.split(' ').nth(1).unwrap_or("").to_string();
-                    let earlier = {
-                        let mut log = log.lock().unwrap();
-                        let earlier = log.iter().filter(|t| **t == target).count();
-                        log.push(target.clone());
-                        earlier
+                    let length = headers
+                        .iter()
+                        .find(|(n, _)| n == "content-length")
+                        .map_or(0, |(_, v)| v.parse().unwrap());
+                    let mut body = vec![0; length];
+                    std::io::Read::read_exact(&mut reader, &mut body).unwrap();
+                    let mut parts = first.split(' ');
+                    let request = Request {
+                        method: parts.next().unwrap_or("").to_string(),
+                        target: parts.next().unwrap_or("").to_string(),
+                        headers,
+                        body,
                     };
-                    let reply = if target == "/users/teapot" {
-                        "HTTP/1.1 418 I'm a teapot\r\nContent-Length: 9\r\n\r\nno coffee"
-                            .to_string()
-                    } else if earlier == 0 {
-                        "HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"
-                            .to_string()
-                    } else {
-                        "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"ok\":true}".to_string()
-                    };
-                    if writer.write_all(reply.as_bytes()).is_err() {
+                    if writer.write_all(answer(request).as_bytes()).is_err() {
                         return;
                     }
                 }
             });
+        }
+    });
+    port
+}
+
+/// Answers each path 503 with `Retry-After: 1` the first time and `{"ok":true}` after; the
+/// path `/users/teapot` always 418. The targets asked, in order.
+fn busy_then_ok_server() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let port = serve_http(move |request| {
+        let earlier = {
+            let mut log = log.lock().unwrap();
+            let earlier = log.iter().filter(|t| **t == request.target).count();
+            log.push(request.target.clone());
+            earlier
+        };
+        if request.target == "/users/teapot" {
+            "HTTP/1.1 418 I'm a teapot\r\nContent-Length: 9\r\n\r\nno coffee".into()
+        } else if earlier == 0 {
+            "HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n".into()
+        } else {
+            "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"ok\":true}".into()
         }
     });
     (port, seen)
@@ -254,52 +286,24 @@ fn bad_http_flags_are_named() {
     );
 }
 
-/// Answers a POST with `{"got":BODY,"target":"TARGET"}` (the body must be JSON), keep-alive.
+/// Answers `{"got":BODY,"target":..,"method":..,"json":..}` (the body must be JSON).
 fn echo_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut writer = stream;
-                loop {
-                    let mut first = String::new();
-                    if reader.read_line(&mut first).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let (mut length, mut json) = (0, false);
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                            break;
-                        }
-                        let lower = line.to_ascii_lowercase();
-                        if let Some(v) = lower.strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap();
-                        }
-                        json |= lower.starts_with("content-type: application/json");
-                    }
-                    let mut body = vec![0; length];
-                    std::io::Read::read_exact(&mut reader, &mut body).unwrap();
-                    let mut parts = first.split(' ');
-                    let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
-                    let answer = format!(
-                        r#"{{"got":{},"target":"{target}","method":"{method}","json":{json}}}"#,
-                        String::from_utf8_lossy(&body)
-                    );
-                    let reply = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
-                        answer.len()
-                    );
-                    if writer.write_all(reply.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
+    serve_http(|request| {
+        let json = request
+            .headers
+            .iter()
+            .any(|(n, v)| n == "content-type" && v == "application/json");
+        let answer = format!(
+            r#"{{"got":{},"target":"{}","method":"{}","json":{json}}}"#,
+            String::from_utf8_lossy(&request.body),
+            request.target,
+            request.method
+        );
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+            answer.len()
+        )
+    })
 }
 
 #[test]
