@@ -33,7 +33,7 @@ use super::shard::{
     gather, panic_message, poll_or_barrier, write_snapshot, Gate, ShardCheckpoint, ShardContext,
     Step,
 };
-use super::{placement, plan, Output, Plan, Spec, StageBuilder, StageHandle};
+use super::{placement, plan, spawn_executor, Output, Plan, Spec, StageBuilder, StageHandle};
 use crate::checkpoint::coordinator::Coordinator;
 use crate::checkpoint::{
     CheckpointError, MergeSnapshot, RestoreInfo, SinkPosition, SourcePosition,
@@ -44,7 +44,6 @@ use crate::function::AsyncFunction;
 use crate::metrics::{MetricsCell, MetricsSnapshot};
 use crate::operator::{AsyncWait, Element, Emitted, OperatorConfig, OutputMode};
 use futures::{FutureExt, Stream, StreamExt};
-use glommio::{LocalExecutorBuilder, Placement};
 use std::cell::Cell;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -161,31 +160,30 @@ where
                 Poll::Pending => return Poll::Pending,
             };
             let seq = this.next_seq;
-            return Poll::Ready(Some(match item {
-                SourceItem::Record(input) => {
-                    this.next_seq += 1;
-                    Element::Record {
-                        seq,
-                        key: this.key_fn.as_ref().map_or(seq, |key| key(&input)),
-                        input,
-                        pushed_at: None,
-                    }
-                }
-                SourceItem::Watermark(timestamp) => {
-                    this.next_seq += 1;
-                    Element::Watermark { seq, timestamp }
-                }
+            let element = match item {
+                SourceItem::Record(input) => Element::Record {
+                    seq,
+                    key: this.key_fn.as_ref().map_or(seq, |key| key(&input)),
+                    input,
+                    pushed_at: None,
+                },
+                SourceItem::Watermark(timestamp) => Element::Watermark { seq, timestamp },
                 SourceItem::Checkpoint(position) => {
-                    // The barrier takes a sequence number, as the producer's does.
-                    if let Some(Ok(id)) = this.checkpoints.as_ref().map(|c| c.begin(position)) {
-                        this.next_seq += 1;
-                        this.gate.set(Some(Barrier { seq, id }));
-                        // The shard loop sees the closed gate when the operator goes pending.
-                        return Poll::Pending;
+                    match this.checkpoints.as_ref().map(|c| c.begin(position)) {
+                        // The barrier takes a sequence number, as the producer's does; the
+                        // shard loop sees the closed gate when the operator goes pending.
+                        Some(Ok(id)) => {
+                            this.next_seq += 1;
+                            this.gate.set(Some(Barrier { seq, id }));
+                            return Poll::Pending;
+                        }
+                        // No checkpointing, or the previous one is still being committed.
+                        _ => continue,
                     }
-                    continue;
                 }
-            }));
+            };
+            this.next_seq += 1;
+            return Poll::Ready(Some(element));
         }
     }
 }
@@ -306,7 +304,6 @@ where
                  start() with a producer for checkpoints across several",
             ));
         }
-        let input_codec = self.checkpointing.as_ref().map(|c| c.input.clone());
         let mut checked: Plan<F::In, F::Out> = Plan::new(Spec {
             shards,
             capacity: self.capacity,
@@ -319,8 +316,8 @@ where
         })?;
         let shard_plan = checked.shard(0);
         let (coordinator, first_seq, restored) = checked.local_checkpoints()?;
-        let checkpoint = match (coordinator, shard_plan.checkpoint, input_codec) {
-            (Some(coordinator), Some(shard), Some(_)) => Some(LocalCheckpoint {
+        let checkpoint = match (coordinator, shard_plan.checkpoint) {
+            (Some(coordinator), Some(shard)) => Some(LocalCheckpoint {
                 coordinator,
                 shard,
                 mode: self.mode,
@@ -410,21 +407,10 @@ where
                 first_seq,
                 checkpoint: checkpoint.take(),
             };
-            let core = match placement.core {
-                Some(core) => Placement::Fixed(core),
-                None => Placement::Unbound,
-            };
             // A shard that cannot start fails the build; those already started run their
             // sources to the end on their own.
-            let join = LocalExecutorBuilder::new(core)
-                .name(&format!("sluice-shard-{}", placement.shard))
-                .io_memory(b.io_memory)
-                .ring_depth(b.ring_depth)
-                .spawn(move || run_local_shard(shard))
-                .map_err(|e| BuildError::Executor {
-                    shard: placement.shard,
-                    reason: e.to_string(),
-                })?;
+            let rings = (b.io_memory, b.ring_depth);
+            let join = spawn_executor(placement, rings, move || run_local_shard(shard))?;
             joins.push(join);
             cells.push(cell);
         }
@@ -525,8 +511,8 @@ where
             LocalStep::Shard(Step::Item(None)) => break,
             LocalStep::Shard(Step::Barrier(barrier)) => {
                 let checkpoint = checkpoint.expect("a barrier needs checkpointing");
-                let taken = take_checkpoint(&mut op, &mut sink, checkpoint, barrier, watermark);
-                let taken = taken.await;
+                let taken =
+                    take_checkpoint(&mut op, &mut sink, checkpoint, barrier, watermark).await;
                 gate.set(None);
                 match taken {
                     Ok(task) => commit = Some((barrier.id, task)),

@@ -292,7 +292,7 @@ impl<F: AsyncFunction, Fac> StageBuilder<F, Fac> {
 /// Starts one shard's executor thread where `placement` says.
 fn spawn_shard<F, Fac>(
     placement: &ShardPlacement,
-    (io_memory, ring_depth): (usize, usize),
+    rings: (usize, usize),
     factory: Arc<Fac>,
     parts: shard::ShardParts<F>,
     ended: Arc<AtomicUsize>,
@@ -303,6 +303,24 @@ where
     F::Out: Send,
     Fac: Fn(ShardContext) -> F + Send + Sync + 'static,
 {
+    spawn_executor(placement, rings, move || async move {
+        // Its failures travel to the merge, which reports them.
+        shard::run_shard(factory, parts).await;
+        ended.fetch_add(1, Ordering::Release);
+        Ok(())
+    })
+}
+
+/// A shard's executor thread where `placement` says, with its rings' `(io_memory,
+/// ring_depth)`, running what `body` makes there.
+pub(crate) fn spawn_executor<Fut>(
+    placement: &ShardPlacement,
+    (io_memory, ring_depth): (usize, usize),
+    body: impl FnOnce() -> Fut + Send + 'static,
+) -> Result<glommio::ExecutorJoinHandle<Result<(), StageError>>, BuildError>
+where
+    Fut: std::future::Future<Output = Result<(), StageError>> + 'static,
+{
     let glommio_placement = match placement.core {
         Some(core) => Placement::Fixed(core),
         None => Placement::Unbound,
@@ -311,12 +329,7 @@ where
         .name(&format!("sluice-shard-{}", placement.shard))
         .io_memory(io_memory)
         .ring_depth(ring_depth)
-        .spawn(move || async move {
-            // Its failures travel to the merge, which reports them.
-            shard::run_shard(factory, parts).await;
-            ended.fetch_add(1, Ordering::Release);
-            Ok(())
-        })
+        .spawn(body)
         .map_err(|e| BuildError::Executor {
             shard: placement.shard,
             reason: e.to_string(),
