@@ -238,11 +238,7 @@ fn run_threads(
     );
     let state = threads.state.clone();
     let mut report = |s: &mut Summary, handled: u64| {
-        s.lines_read = state.lines_read.load(Ordering::Relaxed);
-        s.retries = handle.sum(|m| m.retries);
-        s.elapsed_s = run.started.elapsed().as_secs_f64();
-        let accepted = state.accepted.load(Ordering::Relaxed);
-        progress(s, accepted.saturating_sub(handled));
+        report_progress(run, s, handled, &state, &handle, progress);
     };
     let ended = writer.run(&mut consumer, stop, &mut report);
     drop(consumer);
@@ -271,6 +267,23 @@ fn run_threads(
         restored,
     };
     Ok(summarize(run, ended, &mut writer))
+}
+
+/// Shows the summary so far: the writer's counts with the lines read, the retries and the
+/// time filled in, and the lines in flight (accepted, not yet `handled`).
+pub(crate) fn report_progress(
+    run: &Run<'_>,
+    summary: &mut Summary,
+    handled: u64,
+    state: &reader::ReaderState,
+    handle: &crate::StageHandle,
+    progress: &mut dyn FnMut(&Summary, u64),
+) {
+    summary.lines_read = state.lines_read.load(Ordering::Relaxed);
+    summary.retries = handle.sum(|m| m.retries);
+    summary.elapsed_s = run.started.elapsed().as_secs_f64();
+    let accepted = state.accepted.load(Ordering::Relaxed);
+    progress(summary, accepted.saturating_sub(handled));
 }
 
 /// The run's summary from what its writer counted and how it ended; marks a checkpointed

@@ -26,8 +26,8 @@ use super::files::PendingSync;
 use super::reader::{CheckpointClock, Lines, ReaderState};
 use super::writer::{Writer, PROGRESS_EVERY};
 use super::{
-    outcome, startup, summarize, EnrichConfig, EnrichError, Enriched, Line, Run, RunEnd, Stop,
-    Summary,
+    outcome, report_progress, startup, summarize, EnrichConfig, EnrichError, Enriched, Line, Run,
+    RunEnd, Stop, Summary,
 };
 use crate::checkpoint::CheckpointError;
 use crate::error::StageError;
@@ -243,11 +243,7 @@ pub(crate) fn run(
                 let w = writer.lock().unwrap_or_else(|p| p.into_inner());
                 (w.summary.clone(), w.handled)
             };
-            summary.lines_read = state.lines_read.load(Ordering::Relaxed);
-            summary.retries = handle.sum(|m| m.retries);
-            summary.elapsed_s = run.started.elapsed().as_secs_f64();
-            let accepted = state.accepted.load(Ordering::Relaxed);
-            progress(&summary, accepted.saturating_sub(handled));
+            report_progress(run, &mut summary, handled, &state, &handle, progress);
         }
     }
     let mut failure = None;
