@@ -106,7 +106,22 @@ impl HttpError {
 
 struct Conn {
     stream: TcpStream,
+    /// Read into; it grows when a response needs more and is zeroed only as it grows.
     buf: Vec<u8>,
+    /// Bytes of `buf` read and not yet taken.
+    end: usize,
+}
+
+impl Conn {
+    fn filled(&self) -> &[u8] {
+        &self.buf[..self.end]
+    }
+
+    /// Takes the first `n` bytes read: what follows them moves to the front.
+    fn consume(&mut self, n: usize) {
+        self.buf.copy_within(n..self.end, 0);
+        self.end -= n;
+    }
 }
 
 #[derive(Default)]
@@ -220,7 +235,7 @@ impl HttpClient {
             .borrow_mut()
             .record(sent.elapsed().as_micros() as u64);
         // Reusable when the response allows it and nothing followed it.
-        if head.keep_alive && lease.conn.as_ref().is_some_and(|c| c.buf.is_empty()) {
+        if head.keep_alive && lease.conn.as_ref().is_some_and(|c| c.end == 0) {
             lease.give_back();
         } else {
             drop(lease);
@@ -320,7 +335,8 @@ impl HttpClient {
         self.inner.pool.borrow_mut().opened += 1;
         lease.conn = Some(Conn {
             stream,
-            buf: Vec::with_capacity(READ_CHUNK),
+            buf: vec![0; READ_CHUNK],
+            end: 0,
         });
         Ok(lease)
     }
@@ -351,17 +367,17 @@ enum Exchange {
 /// Sends `request` on the lease's connection and reads one whole response.
 async fn exchange(lease: &mut Lease, request: &[u8]) -> Result<(Head, Bytes), Exchange> {
     let conn = lease.conn.as_mut().expect("a lease holds its connection");
-    conn.buf.clear();
+    conn.end = 0;
     conn.stream
         .write_all(request)
         .await
         .map_err(|e| Exchange::Stale(e.to_string()))?;
     let head = loop {
-        if let Some(head) = parse_head(&conn.buf).map_err(Exchange::Malformed)? {
+        if let Some(head) = parse_head(conn.filled()).map_err(Exchange::Malformed)? {
             break head;
         }
         if read_more(conn).await? == 0 {
-            return Err(if conn.buf.is_empty() {
+            return Err(if conn.end == 0 {
                 Exchange::Stale("closed before answering".into())
             } else {
                 Exchange::Broken("closed in the middle of the head".into())
@@ -376,24 +392,29 @@ async fn exchange(lease: &mut Lease, request: &[u8]) -> Result<(Head, Bytes), Ex
         }
         Framing::Length(n) => {
             let end = head.len + n;
-            while conn.buf.len() < end {
+            while conn.end < end {
                 if read_more(conn).await? == 0 {
                     return Err(Exchange::Broken(format!(
                         "closed after {} of {n} body bytes",
-                        conn.buf.len() - head.len
+                        conn.end - head.len
                     )));
                 }
             }
             let body = Bytes::copy_from_slice(&conn.buf[head.len..end]);
-            conn.buf.drain(..end);
+            conn.consume(end);
             body
         }
         Framing::Chunked => loop {
             if let Some((body, used)) =
-                decode_chunked(&conn.buf[head.len..]).map_err(Exchange::Malformed)?
+                decode_chunked(&conn.filled()[head.len..]).map_err(Exchange::Malformed)?
             {
-                conn.buf.drain(..head.len + used);
+                conn.consume(head.len + used);
                 break Bytes::from(body);
+            }
+            if conn.end > head.len + MAX_BODY {
+                return Err(Exchange::Malformed(Malformed {
+                    what: format!("a chunked body of more than {MAX_BODY} bytes"),
+                }));
             }
             if read_more(conn).await? == 0 {
                 return Err(Exchange::Broken(
@@ -403,32 +424,38 @@ async fn exchange(lease: &mut Lease, request: &[u8]) -> Result<(Head, Bytes), Ex
         },
         Framing::UntilClose => {
             while read_more(conn).await? > 0 {
-                if conn.buf.len() > head.len + MAX_BODY {
+                if conn.end > head.len + MAX_BODY {
                     return Err(Exchange::Malformed(Malformed {
                         what: format!("a body of more than {MAX_BODY} bytes"),
                     }));
                 }
             }
-            let body = Bytes::copy_from_slice(&conn.buf[head.len..]);
-            conn.buf.clear();
+            let body = Bytes::copy_from_slice(&conn.filled()[head.len..]);
+            conn.end = 0;
             body
         }
     };
     Ok((head, body))
 }
 
-/// Reads what the socket has into the connection's buffer; 0 at its end.
+/// Reads what the socket has into the connection's buffer (grown, never re-zeroed, when less
+/// than a chunk is free); 0 at its end.
 async fn read_more(conn: &mut Conn) -> Result<usize, Exchange> {
-    let start = conn.buf.len();
-    conn.buf.resize(start + READ_CHUNK, 0);
-    let read = conn.stream.read(&mut conn.buf[start..]).await;
-    let n = *read.as_ref().unwrap_or(&0);
-    conn.buf.truncate(start + n);
-    read.map_err(|e| {
-        if start == 0 {
-            Exchange::Stale(e.to_string())
-        } else {
-            Exchange::Broken(e.to_string())
-        }
-    })
+    let start = conn.end;
+    if conn.buf.len() - start < READ_CHUNK {
+        conn.buf.resize(start + READ_CHUNK, 0);
+    }
+    let n = conn
+        .stream
+        .read(&mut conn.buf[start..])
+        .await
+        .map_err(|e| {
+            if start == 0 {
+                Exchange::Stale(e.to_string())
+            } else {
+                Exchange::Broken(e.to_string())
+            }
+        })?;
+    conn.end += n;
+    Ok(n)
 }
