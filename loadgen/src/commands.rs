@@ -86,6 +86,7 @@ impl Context<'_> {
     /// body with its length, or 404; any method but GET and HEAD is 405. The connection stays
     /// open (HTTP/1.1 keep-alive).
     pub(crate) fn http_get(&self, method: &[u8], target: &[u8], out: &mut Vec<u8>) {
+        use std::io::Write;
         if method != b"GET" && method != b"HEAD" {
             out.extend_from_slice(
                 b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Length: 0\r\n\r\n",
@@ -94,16 +95,18 @@ impl Context<'_> {
         }
         self.stats.gets.fetch_add(1, Ordering::Relaxed);
         let path = target.split(|&b| b == b'?').next().unwrap_or(target);
-        let key = percent_decode(path.strip_prefix(b"/").unwrap_or(path));
+        let path = path.strip_prefix(b"/").unwrap_or(path);
+        // Keys without escapes (loadgen's own) are looked up where they lie.
+        let key = match path.contains(&b'%') {
+            true => std::borrow::Cow::Owned(percent_decode(path)),
+            false => std::borrow::Cow::Borrowed(path),
+        };
         let body = method == b"GET";
         let found = self.lookup(&key, |v| {
             out.extend_from_slice(
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                    v.len()
-                )
-                .as_bytes(),
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ",
             );
+            write!(out, "{}\r\n\r\n", v.len()).expect("writing to a Vec cannot fail");
             if body {
                 out.extend_from_slice(v);
             }
