@@ -590,6 +590,17 @@ impl Plan {
             .clone()
             .map(|l| l.0)
             .unwrap_or_else(|| Mode::defaults().to_vec());
+        let redis_defaults = sluice::redis::ClientConfig::default();
+        if args.backend == "http"
+            && (args.connections != redis_defaults.connections
+                || args.reply_split != redis_defaults.reply_split)
+        {
+            return Err(
+                "--connections and --reply-split set the Redis client; with --backend http \
+                 each request in flight has a connection of its own"
+                    .into(),
+            );
+        }
         if shards.contains(&0) || capacities.contains(&0) {
             return Err("--shards and --capacities must each be at least 1".into());
         }

@@ -322,3 +322,22 @@ fn a_sweep_over_http_runs_every_mode() {
         );
     }
 }
+
+/// The Redis client's settings do nothing over HTTP: asking for them there is refused by name,
+/// before anything runs.
+#[test]
+fn redis_client_flags_are_refused_over_http() {
+    // 3 is neither flag's default (1 connection, a reply split of 4).
+    for flag in ["--connections", "--reply-split"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["bench", "--backend", "http", flag, "3"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(flag) && stderr.contains("--backend http"),
+            "{stderr}"
+        );
+    }
+}

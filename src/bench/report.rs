@@ -269,9 +269,10 @@ impl Report {
             repeat: config.repeat,
             round_trip_us: round_trip.as_secs_f64() * 1e6,
             server_limit_rps,
-            reply_split: Some(config.client.reply_split),
+            // The Redis client's settings: an HTTP sweep uses neither.
+            reply_split: (!config.http).then_some(config.client.reply_split),
             pinned: Some(config.pin),
-            connections: Some(config.client.connections),
+            connections: (!config.http).then_some(config.client.connections),
             lookup_layer: Some(config.layer.describe()),
             key_distribution: Some(match config.distribution {
                 loadgen::KeyDistribution::Uniform => "uniform".to_string(),
