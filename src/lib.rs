@@ -75,6 +75,7 @@ mod in_flight;
 pub mod lookup;
 mod metrics;
 mod operator;
+pub mod postgres;
 mod queue;
 pub mod redis;
 mod retry;

@@ -15,6 +15,7 @@ mod cache;
 mod http;
 mod layer;
 mod limit;
+mod postgres;
 mod rate;
 mod redis;
 mod redis_lookup;
@@ -29,6 +30,7 @@ pub use cache::{Cache, CacheConfig, Eviction};
 pub use http::{HttpFuture, HttpLookup, BODY_SEPARATOR};
 pub use layer::{Get, Lookups};
 pub use limit::{AdaptiveConfig, Limiter};
+pub use postgres::{PostgresFuture, PostgresLookup};
 pub use redis::RedisValues;
 pub use redis_lookup::{ClusterValues, HashValues, LookupFuture, RedisLookup, ValueKind};
 #[cfg(feature = "tools")]
