@@ -51,7 +51,7 @@ struct EnrichArgs {
     /// The Redis to look up in: redis://[USER:PASSWORD@]HOST[:PORT][/DB] (AUTH and SELECT on
     /// every connection; percent-escape special characters in the password), or
     /// unix:///PATH[?db=N&password=P]; rediss:// for TLS (see --tls-ca).
-    #[arg(long, required_unless_present_any = ["loadgen", "http"], conflicts_with_all = ["loadgen", "http"])]
+    #[arg(long, required_unless_present_any = ["loadgen", "http", "postgres"], conflicts_with_all = ["loadgen", "http", "postgres"])]
     redis: Option<String>,
     /// Look up in an HTTP API instead: http://HOST[:PORT]/PATH[?QUERY] with the record's
     /// fields in braces, e.g. 'http://127.0.0.1:8080/users/{user_id}' (each field's text
@@ -73,6 +73,30 @@ struct EnrichArgs {
     /// together are the key the cache and coalescing go by.
     #[arg(long, requires = "http")]
     http_body: Option<String>,
+    /// Look up in PostgreSQL instead: postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (the
+    /// password may come from PGPASSWORD instead; trust, password, MD5 and SCRAM-SHA-256
+    /// logins; plain TCP, no TLS). Each record runs --query with --params; the row is the
+    /// value, a JSON object of its columns; no row is missing.
+    #[arg(long, conflicts_with_all = ["loadgen", "http", "key", "value"], requires_all = ["query", "params"])]
+    postgres: Option<String>,
+    /// With --postgres: the lookup, prepared once per connection:
+    /// 'SELECT name, tier FROM users WHERE id = $1'.
+    #[arg(long, requires = "postgres")]
+    query: Option<String>,
+    /// With --postgres: the query's parameters over the record's fields, one flag per $n in
+    /// order: --params '{user_id}' (each field's text, which the server casts). The
+    /// parameters together are the key the cache and coalescing go by.
+    #[arg(long, requires = "postgres")]
+    params: Vec<String>,
+    /// With --postgres and --batch-size N > 1: one execution for a batch of keys, $1 being
+    /// the keys as a text array; its first column must give each row's key back as --params
+    /// wrote it: 'SELECT id, name, tier FROM users WHERE id = ANY($1)'. One --params only.
+    #[arg(long, requires = "postgres")]
+    batch_query: Option<String>,
+    /// With --postgres, when a key has several rows: first (the first row), array (a JSON array
+    /// of all) or error (the record fails under --on-error; not with --batch-query).
+    #[arg(long, default_value = "first", requires = "postgres", value_parser = sluice::postgres::RowsPolicy::parse)]
+    rows: sluice::postgres::RowsPolicy,
     /// Look up in an embedded loadgen server instead (keys user:user_000000 ..., JSON profiles),
     /// to try the command with nothing installed.
     #[arg(long)]
@@ -84,7 +108,7 @@ struct EnrichArgs {
     #[arg(long, default_value_t = 100_000, requires = "loadgen", value_parser = at_least_one_u64())]
     loadgen_keys: u64,
     /// The key template, one or more fields of the record: 'user:{user_id}'.
-    #[arg(long, required_unless_present = "http")]
+    #[arg(long, required_unless_present_any = ["http", "postgres"])]
     key: Option<String>,
     /// Input JSON Lines file, or - for standard input.
     #[arg(long, default_value = "-")]
@@ -116,7 +140,7 @@ struct EnrichArgs {
     /// Shards (default: one per usable core, as many as the locked-memory limit allows).
     #[arg(long, value_parser = at_least_one())]
     shards: Option<usize>,
-    /// Connections per shard to Redis; more help when some replies are slow (a connection's
+    /// Connections per shard to Redis or PostgreSQL; more help when some replies are slow (a connection's
     /// replies come in order, so a slow one holds back those behind it).
     #[arg(long, default_value_t = sluice::redis::ClientConfig::default().connections,
           value_parser = at_least_one())]
@@ -358,9 +382,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--postgres` and its statements.
+fn postgres_backend(url: &str, args: &EnrichArgs) -> Result<BackendConfig, String> {
+    use sluice::postgres::{PgConfig, PgEndpoint, Statements};
+    let mut endpoint = PgEndpoint::parse(url).map_err(|e| format!("--postgres {e}"))?;
+    if endpoint.password.is_none() {
+        endpoint.password = std::env::var("PGPASSWORD").ok();
+    }
+    let statements = Statements {
+        query: args.query.clone().unwrap_or_default(),
+        batch_query: args.batch_query.clone(),
+        rows: args.rows,
+    };
+    statements.check().map_err(|e| format!("--rows: {e}"))?;
+    if statements.batch_query.is_some() {
+        if args.params.len() != 1 {
+            return Err(format!(
+                "--batch-query takes the keys as one array, so the query takes one --params \
+                 (got {})",
+                args.params.len()
+            ));
+        }
+        if args.layer.batch_size < 2 {
+            return Err(
+                "--batch-query runs for batches of keys: give --batch-size N (N > 1)".into(),
+            );
+        }
+    }
+    let mut client = PgConfig::new(statements);
+    client.connections = args.connections;
+    Ok(BackendConfig::Postgres {
+        endpoint,
+        client,
+        params: args.params.len(),
+    })
+}
+
 /// The backend `sluice enrich` looks up in: the `--redis` address, the `--http` API, or an
 /// embedded loadgen server (returned, to live as long as the run).
 fn enrich_backend(args: &EnrichArgs) -> Result<(BackendConfig, Option<Server>), String> {
+    if let Some(url) = &args.postgres {
+        return Ok((postgres_backend(url, args)?, None));
+    }
     if let Some(url) = &args.http {
         let (endpoint, _) = sluice::http::parse_url(url).map_err(|e| format!("--http {e}"))?;
         let mut headers = vec![];
@@ -452,14 +515,20 @@ fn enrich_config(
             .clone()
             .unwrap_or(sluice::lookup::ValueKind::String),
         backend_config: backend,
-        backend: match (&args.redis, &args.http) {
+        backend: match (&args.redis, &args.http, &args.postgres) {
             // As recorded with checkpoints and shown in the summary: never the password.
-            (Some(url), _) => sluice::redis::redact_url(url),
-            (None, Some(url)) => url.clone(),
-            (None, None) => format!("loadgen (keys {})", args.loadgen_keys),
+            (Some(url), _, _) => sluice::redis::redact_url(url),
+            (None, Some(url), _) => url.clone(),
+            (None, None, Some(url)) => sluice::postgres::PgEndpoint::parse(url)
+                .map(|e| format!("{e} ({})", args.query.as_deref().unwrap_or_default()))
+                .map_err(|e| format!("--postgres {e}"))?,
+            (None, None, None) => format!("loadgen (keys {})", args.loadgen_keys),
         },
         max_bytes_held: args.max_bytes_held,
         key: match (&args.http, &args.key) {
+            _ if args.postgres.is_some() => {
+                KeyTemplate::parse_params(&args.params).map_err(|e| e.to_string())?
+            }
             (Some(url), _) => {
                 let (_, target) =
                     sluice::http::parse_url(url).map_err(|e| format!("--http {e}"))?;

@@ -1,13 +1,17 @@
-//! The backend `sluice enrich` looks values up in: Redis (one server or a cluster) or an HTTP
-//! API, behind one `BatchLookup` so that the lookup layer, the policies and the summary are the
-//! same for both.
+//! The backend `sluice enrich` looks values up in: Redis (one server or a cluster), an HTTP
+//! API or a PostgreSQL table, behind one `BatchLookup` so that the lookup layer, the policies
+//! and the summary are the same for all.
 //!
 //! Owns: dispatching a batch to the backend the run was given. Invariant: a run has exactly
-//! one backend, chosen from the command line (`--redis`, `--http`, `--loadgen`); its errors keep
-//! their own retryability (`BackendError::is_retryable`).
+//! one backend, chosen from the command line (`--redis`, `--http`, `--postgres`, `--loadgen`);
+//! its errors keep their own retryability (`BackendError::is_retryable`).
 
 use crate::http::{HttpClient, HttpConfig, HttpEndpoint, HttpError};
-use crate::lookup::{BatchLookup, HttpFuture, HttpLookup, LookupFuture, RedisLookup, Values};
+use crate::lookup::{
+    BatchLookup, HttpFuture, HttpLookup, LookupFuture, PostgresFuture, PostgresLookup, RedisLookup,
+    Values,
+};
+use crate::postgres::{PgClient, PgConfig, PgEndpoint, PgError};
 use crate::redis::RedisError;
 use std::fmt;
 use std::future::Future;
@@ -25,12 +29,21 @@ pub enum BackendConfig {
         endpoint: HttpEndpoint,
         client: HttpConfig,
     },
+    /// A PostgreSQL server: each record's key is the query's parameters (`--params`), its
+    /// value the row as a JSON object.
+    Postgres {
+        endpoint: PgEndpoint,
+        client: PgConfig,
+        /// The parameters each key gives (`--params` templates), checked against the query's.
+        params: usize,
+    },
 }
 
 /// One shard's backend.
 pub(crate) enum Backend {
     Redis(RedisLookup),
     Http(HttpLookup),
+    Postgres(PostgresLookup),
 }
 
 impl Backend {
@@ -38,11 +51,16 @@ impl Backend {
         Backend::Http(HttpLookup::new(HttpClient::new(endpoint, config.clone())))
     }
 
+    pub(crate) fn postgres(endpoint: PgEndpoint, config: &PgConfig) -> Backend {
+        Backend::Postgres(PostgresLookup::new(PgClient::new(endpoint, config)))
+    }
+
     /// Every answered request's time on the wire.
     pub(crate) fn wire_latency(&self) -> hdrhistogram::Histogram<u64> {
         match self {
             Backend::Redis(r) => r.wire_latency(),
             Backend::Http(h) => h.client().wire_latency(),
+            Backend::Postgres(p) => p.client().wire_latency(),
         }
     }
 }
@@ -52,6 +70,7 @@ impl Backend {
 pub enum BackendError {
     Redis(RedisError),
     Http(HttpError),
+    Postgres(PgError),
 }
 
 impl BackendError {
@@ -59,6 +78,7 @@ impl BackendError {
         match self {
             BackendError::Redis(e) => e.is_retryable(),
             BackendError::Http(e) => e.is_retryable(),
+            BackendError::Postgres(e) => e.is_retryable(),
         }
     }
 }
@@ -68,6 +88,7 @@ impl fmt::Display for BackendError {
         match self {
             BackendError::Redis(e) => e.fmt(f),
             BackendError::Http(e) => e.fmt(f),
+            BackendError::Postgres(e) => e.fmt(f),
         }
     }
 }
@@ -76,6 +97,7 @@ impl fmt::Display for BackendError {
 pub(crate) enum BackendFuture {
     Redis(LookupFuture),
     Http(HttpFuture),
+    Postgres(PostgresFuture),
 }
 
 impl Future for BackendFuture {
@@ -84,6 +106,7 @@ impl Future for BackendFuture {
         match self.get_mut() {
             BackendFuture::Redis(f) => Pin::new(f).poll(cx).map_err(BackendError::Redis),
             BackendFuture::Http(f) => f.as_mut().poll(cx).map_err(BackendError::Http),
+            BackendFuture::Postgres(f) => Pin::new(f).poll(cx).map_err(BackendError::Postgres),
         }
     }
 }
@@ -96,6 +119,7 @@ impl BatchLookup for Backend {
         match self {
             Backend::Redis(r) => BackendFuture::Redis(r.get_many(keys)),
             Backend::Http(h) => BackendFuture::Http(h.get_many(keys)),
+            Backend::Postgres(p) => BackendFuture::Postgres(p.get_many(keys)),
         }
     }
 
@@ -103,13 +127,14 @@ impl BatchLookup for Backend {
         match self {
             Backend::Redis(r) => BackendFuture::Redis(r.get_one(key)),
             Backend::Http(h) => BackendFuture::Http(h.get_one(key)),
+            Backend::Postgres(p) => BackendFuture::Postgres(p.get_one(key)),
         }
     }
 
     fn invalidated(&self) -> Option<crate::lookup::Invalidated> {
         match self {
             Backend::Redis(r) => r.invalidated(),
-            Backend::Http(_) => None,
+            Backend::Http(_) | Backend::Postgres(_) => None,
         }
     }
 }

@@ -79,6 +79,9 @@ impl Enrich {
                 parts.value.clone(),
             )),
             BackendConfig::Http { endpoint, client } => Backend::http(endpoint.clone(), client),
+            BackendConfig::Postgres {
+                endpoint, client, ..
+            } => Backend::postgres(endpoint.clone(), client),
         };
         Enrich {
             lookups: Lookups::new(backend, layer),

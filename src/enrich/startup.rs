@@ -19,6 +19,7 @@ use super::{
 use crate::checkpoint::{Checkpointing, RestoreInfo};
 use crate::http::HttpEndpoint;
 use crate::lookup::Sinks;
+use crate::postgres::{PgConfig, PgEndpoint, PgError};
 use crate::redis::{ClientConfig, Endpoint, Server};
 use crate::{OutputMode, ShardContext, Stage, StageBuilder};
 use std::io::BufRead;
@@ -138,6 +139,14 @@ pub(crate) fn preflight(config: &EnrichConfig) -> Result<Preflight, EnrichError>
             http_answers(endpoint, client.connect_timeout)?;
             false
         }
+        BackendConfig::Postgres {
+            endpoint,
+            client,
+            params,
+        } => {
+            postgres_answers(endpoint, client, *params)?;
+            false
+        }
     };
     Ok(Preflight {
         lock,
@@ -156,6 +165,63 @@ fn http_answers(endpoint: &HttpEndpoint, timeout: Duration) -> Result<(), Enrich
             flag: "--http",
             reason: format!("does not answer: {e}; check --http and that the server runs"),
         })
+}
+
+/// Connects to PostgreSQL, logs in and prepares the statements, so that an unreachable
+/// server, a wrong login, a missing table or a query the server cannot prepare is said before
+/// any line is read or any file created; and checks that the query takes as many parameters as
+/// `--params` gives, and the batch query one.
+fn postgres_answers(
+    endpoint: &PgEndpoint,
+    client: &PgConfig,
+    params: usize,
+) -> Result<(), EnrichError> {
+    let failed = |flag: &'static str, reason: String| EnrichError::Backend {
+        server: endpoint.to_string(),
+        flag,
+        reason,
+    };
+    let prepared = crate::postgres::handshake::check_blocking(
+        endpoint,
+        &client.statements,
+        client.connect_timeout,
+    )
+    .map_err(|e| match e {
+        PgError::Connect { reason, .. } => failed(
+            "--postgres",
+            format!("does not answer: {reason}; check --postgres and that the server runs"),
+        ),
+        PgError::Refused { reason, .. } if reason.starts_with("the batch query") => {
+            failed("--batch-query", reason)
+        }
+        PgError::Refused { reason, .. } if reason.starts_with("the query") => {
+            failed("--query", reason)
+        }
+        other => failed("--postgres", other.to_string()),
+    })?;
+    if prepared.query.params != params {
+        return Err(failed(
+            "--params",
+            format!(
+                "the query takes {} parameters ($1..) and --params gives {params}: give one \
+                 --params template per parameter, in order",
+                prepared.query.params
+            ),
+        ));
+    }
+    if let Some(batch) = &prepared.batch_query {
+        if batch.params != 1 {
+            return Err(failed(
+                "--batch-query",
+                format!(
+                    "takes {} parameters; it takes one, $1, the keys as an array \
+                     (... WHERE id = ANY($1))",
+                    batch.params
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Connects to Redis, logs in (`AUTH`, `SELECT`) and sends a PING (and with client tracking a

@@ -169,6 +169,40 @@ impl KeyTemplate {
         Ok(self)
     }
 
+    /// The parameters of a PostgreSQL query, one template per `$n` (`--params`), each field's
+    /// text as it is (the server casts the text to the parameter's type); the key holds them
+    /// separated by `postgres::PARAM_SEPARATOR`, a byte a text parameter cannot hold.
+    pub fn parse_params(templates: &[String]) -> Result<KeyTemplate, TemplateError> {
+        let example = "'{user_id}'";
+        let mut parts = vec![];
+        for (i, template) in templates.iter().enumerate() {
+            if i > 0 {
+                parts.push(Part::Literal(
+                    (crate::postgres::PARAM_SEPARATOR as char).to_string(),
+                ));
+            }
+            parts.extend(Self::parse_parts(
+                template,
+                "--params",
+                example,
+                Escape::None,
+                false,
+            )?);
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Field(..))) {
+            return Err(TemplateError {
+                flag: "--params",
+                template: templates.join(" "),
+                reason: "no `{field}` in them, so every record would get the same key".into(),
+                example,
+            });
+        }
+        Ok(KeyTemplate {
+            parts,
+            source: templates.join(", "),
+        })
+    }
+
     fn parse_as(
         template: &str,
         flag: &'static str,
