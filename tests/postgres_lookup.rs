@@ -39,7 +39,10 @@ fn config(schema: &real_postgres::Schema, rows: RowsPolicy, batch: bool) -> PgCo
     PgConfig::new(Statements {
         query: format!("SELECT id, name, score, active, prefs, born FROM {users} WHERE id = $1"),
         batch_query: batch.then(|| {
-            format!("SELECT id, name, score, active, prefs, born FROM {users} WHERE id = ANY($1)")
+            format!(
+                "SELECT id AS key, id, name, score, active, prefs, born FROM {users} \
+                 WHERE id = ANY($1)"
+            )
         }),
         rows,
     })

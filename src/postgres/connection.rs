@@ -579,7 +579,15 @@ impl Io {
                     .take_while(|&&i| keys[i as usize] == key)
                 {
                     let (count, json) = &mut self.rows.per_key[i as usize];
-                    append_row(json, *count, policy, &batch.columns, row.buffer(), &fields);
+                    // The key column matched the row; the value is the other columns.
+                    append_row(
+                        json,
+                        *count,
+                        policy,
+                        &batch.columns[1..],
+                        row.buffer(),
+                        &fields[1..],
+                    );
                     *count += 1;
                 }
             }

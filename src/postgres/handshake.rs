@@ -367,10 +367,10 @@ async fn prepare<S: AsyncRead + AsyncWrite + Unpin>(
             "{what} `{sql}` was not described"
         )));
     };
-    if columns.is_empty() {
+    if columns.is_empty() || (name == BATCH_QUERY && columns.len() < 2) {
         return Err(PrepareError::Refused(format!(
             "{what} `{sql}` returns no columns (a lookup is a SELECT, or a statement with \
-             RETURNING)"
+             RETURNING; a batch query returns the key and at least one more)"
         )));
     }
     Ok(Statement { params, columns })

@@ -193,7 +193,8 @@ pub struct Statements {
     /// One key's lookup: `$1..$n` are the key's parameters.
     pub query: String,
     /// Many keys' lookup in one execution: `$1` is a text array of the keys, and the first
-    /// column of each row is the key it answers, as the key was written (`WHERE id = ANY($1)`).
+    /// column of each row is the key it answers, as the key was written (`SELECT id, name ...
+    /// WHERE id = ANY($1)`); the value is the other columns, as `query` would answer them.
     pub batch_query: Option<String>,
     pub rows: RowsPolicy,
 }
