@@ -3,9 +3,11 @@
 //!
 //! Owns: the socket and the lookups queued on it (`unsent`) and sent on it (`sent`). A lookup
 //! is a `Bind` and an `Execute` of a statement prepared at connect; each write of the driver
-//! sends every queued lookup followed by one `Sync`, so a window of lookups is one implicit
-//! transaction and one `ReadyForQuery` at the server (one reply flush, where tokio-postgres
-//! syncs, and the server flushes, after every query). Invariants:
+//! sends every queued lookup with a `Sync` after each quarter of the keys in flight (after at
+//! least `MIN_KEYS_PER_SYNC`), so several lookups are one implicit transaction and one
+//! `ReadyForQuery` at the server (one reply flush, where tokio-postgres syncs, and the server
+//! flushes, after every query), while the window still overlaps the server's work with the
+//! shard's. Invariants:
 //! - `sent` is the lookups and `Sync`s in the order written, and the server answers in that
 //!   order: `BindComplete`, rows, then `CommandComplete` or `PortalSuspended` per lookup,
 //!   `ReadyForQuery` per `Sync`; the answer at the front of `sent` is always the next one read;
@@ -39,6 +41,15 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+/// A write's lookups are closed by a `Sync` every `keys in flight / SYNC_SPLIT` keys (at least
+/// `MIN_KEYS_PER_SYNC`): the server flushes its answers only at a `Sync`, so one `Sync` per
+/// window would make the two sides take turns (the server works through the whole window while
+/// the shard waits, then the shard handles the whole window while the server waits); with four,
+/// the shard handles the first quarter's answers while the server works on the rest. The
+/// figures are in docs/benchmarks.md ("PostgreSQL").
+const SYNC_SPLIT: usize = 4;
+const MIN_KEYS_PER_SYNC: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Status {
@@ -423,7 +434,8 @@ impl Io {
     /// Moves every queued lookup whose future still waits into `writing`, then a `Sync`.
     fn encode_queued(&mut self) {
         let mut st = self.conn.state.borrow_mut();
-        let mut any = false;
+        let keys_per_sync = (st.keys_in_flight / SYNC_SPLIT).max(MIN_KEYS_PER_SYNC);
+        let mut keys_since_sync = 0;
         let now = Instant::now();
         while let Some(request) = st.unsent.pop_front() {
             if request.abandoned() {
@@ -441,10 +453,15 @@ impl Io {
                 continue;
             }
             request.sent_at.set(now);
+            keys_since_sync += request.kind.answers();
             st.sent.push_back(Sent::Lookup(request));
-            any = true;
+            if keys_since_sync >= keys_per_sync {
+                frontend::sync(&mut self.writing);
+                st.sent.push_back(Sent::Sync);
+                keys_since_sync = 0;
+            }
         }
-        if any {
+        if keys_since_sync > 0 {
             frontend::sync(&mut self.writing);
             st.sent.push_back(Sent::Sync);
         }
