@@ -27,6 +27,29 @@ impl fmt::Display for HttpEndpoint {
     }
 }
 
+/// Resolves a URL's `HOST[:PORT]` (`default_port` when it names none): the address, and the
+/// host with its port as a string. Errors name the URL.
+pub(crate) fn resolve(
+    url: &str,
+    authority: &str,
+    default_port: u16,
+) -> Result<(SocketAddr, String), String> {
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("`{url}`: cannot resolve {authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{url}`: {authority} resolves to no address"))?;
+    Ok((addr, with_port))
+}
+
 /// A URL split into the endpoint and the request target (path and query, `/` when empty).
 pub fn parse_url(url: &str) -> Result<(HttpEndpoint, String), String> {
     let rest = match url.split_once("://") {
@@ -48,19 +71,7 @@ pub fn parse_url(url: &str) -> Result<(HttpEndpoint, String), String> {
             "`{url}`: the host is missing or has user info (not supported)"
         ));
     }
-    let with_port = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    let addr = with_port
-        .to_socket_addrs()
-        .map_err(|e| format!("`{url}`: cannot resolve {authority}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("`{url}`: {authority} resolves to no address"))?;
+    let (addr, _) = resolve(url, authority, 80)?;
     let target = if target.starts_with('?') {
         format!("/{target}")
     } else {

@@ -18,7 +18,7 @@ pub use client::{PgClient, PgFuture};
 pub use handshake::Prepared;
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Between the parameters of one lookup's key (a text parameter cannot hold a NUL byte).
@@ -126,19 +126,7 @@ impl PgEndpoint {
                 }
             }
         }
-        let with_port = if host
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        {
-            host.to_string()
-        } else {
-            format!("{host}:5432")
-        };
-        let addr = with_port
-            .to_socket_addrs()
-            .map_err(|e| format!("`{url}`: cannot resolve {host}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("`{url}`: {host} resolves to no address"))?;
+        let (addr, with_port) = crate::http::resolve(url, host, 5432)?;
         let database = if database.is_empty() {
             user.clone()
         } else {
