@@ -74,6 +74,8 @@ pub mod http;
 mod in_flight;
 pub mod lookup;
 mod metrics;
+#[cfg(feature = "nats")]
+pub mod nats;
 mod operator;
 pub mod postgres;
 mod queue;

@@ -1,0 +1,227 @@
+//! NATS JetStream in and out of a stage, exactly once (feature `nats`): a durable pull
+//! consumer as the source ([`JetStreamSource`]), a subject of an output stream as the sink
+//! ([`JetStreamSink`]), and the rule that joins them: a source message is acknowledged only
+//! after the output it produced is acknowledged by the output stream.
+//!
+//! Owns: the NATS side of a stage. The client (`async-nats`) runs on tokio, on the threads that
+//! feed and drain the stage, never on a shard. Invariants:
+//! - the source is a durable pull consumer with explicit acks and at most `max_ack_pending`
+//!   messages unacknowledged, so a stage's memory bound is also the broker's redelivery bound;
+//! - every output is published with `Nats-Msg-Id` = the source message's stream and sequence
+//!   ([`Delivery::msg_id`]): a redelivered message enriched again publishes the same id, and
+//!   the output stream drops it as a duplicate within its duplicate window;
+//! - a source message is acknowledged (a double ack: the server confirms it) only after its
+//!   output's publish ack, so a crash at any moment leaves every unacknowledged message to be
+//!   redelivered and every acknowledged one published: exactly once in the output stream, as
+//!   long as a redelivery comes within the duplicate window (size it above the consumer's
+//!   `ack_wait` plus the longest a process may be down).
+
+use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
+use bytes::Bytes;
+use futures::StreamExt;
+use std::time::Duration;
+
+/// The header JetStream deduplicates publishes by.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+
+/// What went wrong talking to NATS: which step, and the client's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("NATS at {server}: {step}: {reason}")]
+pub struct NatsError {
+    pub server: String,
+    pub step: &'static str,
+    pub reason: String,
+}
+
+fn failed<'a>(server: &'a str, step: &'static str) -> impl Fn(String) -> NatsError + 'a {
+    move |reason| NatsError {
+        server: server.to_string(),
+        step,
+        reason,
+    }
+}
+
+/// The source's settings.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// `nats://HOST:PORT`.
+    pub server: String,
+    pub stream: String,
+    /// The durable consumer's name: a restarted process with the same name goes on where the
+    /// last one's acknowledgements ended.
+    pub consumer: String,
+    /// Messages handed out and not yet acknowledged, at most.
+    pub max_ack_pending: usize,
+    /// How long the server waits for an acknowledgement before it redelivers.
+    pub ack_wait: Duration,
+    /// Start again from the first message not acknowledged, in stream order: the consumer is
+    /// re-created from its acknowledgement floor (what was acknowledged after it is delivered
+    /// once more, and its outputs dropped as duplicates). Without it, messages a crashed run
+    /// left unacknowledged are redelivered only after `ack_wait`, behind newer ones: right for
+    /// an unordered stage, wrong for an ordered one. Only for a consumer this process owns
+    /// alone.
+    pub resume_in_order: bool,
+}
+
+/// A message from the source, with what acknowledges it.
+pub struct Delivery {
+    pub payload: Bytes,
+    pub stream: String,
+    pub sequence: u64,
+    /// 1 the first time, more on redelivery.
+    pub delivered: i64,
+    message: jetstream::Message,
+}
+
+impl Delivery {
+    /// The output's `Nats-Msg-Id`: the source stream and sequence, the same on redelivery.
+    pub fn msg_id(&self) -> String {
+        format!("{}:{}", self.stream, self.sequence)
+    }
+
+    /// Acknowledges the message and waits for the server to confirm it (a double ack): once
+    /// this returns, the message will not be redelivered.
+    pub async fn ack(self) -> Result<(), async_nats::Error> {
+        self.message.double_ack().await
+    }
+}
+
+/// A durable pull consumer on a stream; see the module documentation.
+pub struct JetStreamSource {
+    messages: pull::Stream,
+    server: String,
+}
+
+impl JetStreamSource {
+    /// Connects, and creates the durable consumer if it is not there (or takes it as it is).
+    pub async fn connect(config: &SourceConfig) -> Result<JetStreamSource, NatsError> {
+        let server = config.server.as_str();
+        let client = async_nats::connect(server)
+            .await
+            .map_err(|e| failed(server, "connect")(e.to_string()))?;
+        let js = jetstream::new(client);
+        let stream = js
+            .get_stream(&config.stream)
+            .await
+            .map_err(|e| failed(server, "find the input stream")(e.to_string()))?;
+        let mut deliver_policy = jetstream::consumer::DeliverPolicy::All;
+        if config.resume_in_order {
+            if let Ok(info) = stream.consumer_info(&config.consumer).await {
+                deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: info.ack_floor.stream_sequence + 1,
+                };
+                stream
+                    .delete_consumer(&config.consumer)
+                    .await
+                    .map_err(|e| failed(server, "re-create the consumer")(e.to_string()))?;
+            }
+        }
+        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(
+                &config.consumer,
+                pull::Config {
+                    durable_name: Some(config.consumer.clone()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: config.ack_wait,
+                    max_ack_pending: config.max_ack_pending as i64,
+                    deliver_policy,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| failed(server, "create the consumer")(e.to_string()))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(config.max_ack_pending.clamp(1, 1024))
+            .messages()
+            .await
+            .map_err(|e| failed(server, "pull messages")(e.to_string()))?;
+        Ok(JetStreamSource {
+            messages,
+            server: server.to_string(),
+        })
+    }
+
+    /// The next message (waiting for one); `None` when the subscription ended.
+    pub async fn next(&mut self) -> Option<Result<Delivery, NatsError>> {
+        let message = match self.messages.next().await? {
+            Ok(m) => m,
+            Err(e) => return Some(Err(failed(&self.server, "pull")(e.to_string()))),
+        };
+        let (stream, sequence, delivered) = match message.info() {
+            Ok(info) => (
+                info.stream.to_string(),
+                info.stream_sequence,
+                info.delivered,
+            ),
+            Err(e) => {
+                return Some(Err(failed(&self.server, "read the reply subject")(
+                    e.to_string(),
+                )))
+            }
+        };
+        Some(Ok(Delivery {
+            payload: message.payload.clone(),
+            stream,
+            sequence,
+            delivered,
+            message,
+        }))
+    }
+}
+
+/// Publishes outputs to a subject of a stream, each with its `Nats-Msg-Id`.
+#[derive(Clone)]
+pub struct JetStreamSink {
+    js: jetstream::Context,
+    subject: String,
+    server: String,
+}
+
+/// How a publish ended: stored, or dropped as a duplicate of one stored before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    Stored,
+    Duplicate,
+}
+
+impl JetStreamSink {
+    pub async fn connect(server: &str, subject: &str) -> Result<JetStreamSink, NatsError> {
+        let client = async_nats::connect(server)
+            .await
+            .map_err(|e| failed(server, "connect")(e.to_string()))?;
+        Ok(JetStreamSink {
+            js: jetstream::new(client),
+            subject: subject.to_string(),
+            server: server.to_string(),
+        })
+    }
+
+    /// Sends one output; the returned future waits for the stream's ack. Sends made one after
+    /// the other reach the stream in that order (one connection), so an ordered stage's
+    /// outputs are stored in input order while several acks are awaited at once.
+    pub async fn publish(
+        &self,
+        msg_id: &str,
+        payload: Bytes,
+    ) -> Result<impl std::future::Future<Output = Result<Published, NatsError>>, NatsError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(MSG_ID, msg_id);
+        let ack = self
+            .js
+            .publish_with_headers(self.subject.clone(), headers, payload)
+            .await
+            .map_err(|e| failed(&self.server, "publish")(e.to_string()))?;
+        let server = self.server.clone();
+        Ok(async move {
+            let ack = ack
+                .await
+                .map_err(|e| failed(&server, "the publish ack")(e.to_string()))?;
+            Ok(if ack.duplicate {
+                Published::Duplicate
+            } else {
+                Published::Stored
+            })
+        })
+    }
+}
