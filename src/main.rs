@@ -498,7 +498,30 @@ fn enrich_config(
             ))
         }
     };
-    let path = |p: &str| (p != "-").then(|| PathBuf::from(p));
+    let nats = sluice::enrich::parse_nats_ends(&args.input, &args.output)?;
+    let files = nats.is_none();
+    let path = |p: &str| (p != "-" && files).then(|| PathBuf::from(p));
+    if nats.is_some() {
+        let dead_letters = args
+            .on_bad_record
+            .iter()
+            .any(|p| p.starts_with("dead-letter"))
+            || [&args.on_timeout, &args.on_error]
+                .iter()
+                .any(|p| p.iter().any(|p| p.starts_with("dead-letter")));
+        let refused = if args.checkpoint_dir.is_some() {
+            Some("--checkpoint-dir: with NATS ends the acknowledgements are the checkpoint")
+        } else if args.emit_watermarks {
+            Some("--emit-watermarks: an output stream takes records only")
+        } else if dead_letters {
+            Some("dead-letter policies: a dead-letter file is not acknowledged with the stream (use emit, drop or fail)")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            return Err(format!("not with nats:// --input and --output: {why}"));
+        }
+    }
     let _ = args.merge; // the default; the flag exists to say so explicitly
     if args.layer.tracking() && args.redis.is_none() {
         return Err(
@@ -543,6 +566,7 @@ fn enrich_config(
                 return Err("--key is required (or --http with fields in its URL)".into())
             }
         },
+        nats,
         input: path(&args.input),
         output: path(&args.output),
         placement: match args.into {

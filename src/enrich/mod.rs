@@ -30,6 +30,7 @@ mod fields;
 mod files;
 mod guard;
 mod lookup;
+mod nats_io;
 mod on_shard;
 mod options;
 mod outcome;
@@ -46,6 +47,7 @@ mod writer;
 pub use backend::{BackendConfig, BackendError};
 pub use error::EnrichError;
 pub use lookup::{Enriched, Lookup};
+pub use nats_io::{parse_ends as parse_nats_ends, NatsEnds};
 pub use options::{OnBadRecord, OnFailedLookup, OnMissing, RetrySpec};
 pub use record::{BadRecord, Fields, Line, Record};
 pub use resume::completed_marker;
@@ -83,6 +85,8 @@ pub struct EnrichConfig {
     /// checkpoints so that a resume against another backend is refused.
     pub backend: String,
     pub key: KeyTemplate,
+    /// NATS JetStream in and out instead of `input` and `output` (`nats_io.rs`).
+    pub nats: Option<NatsEnds>,
     /// `None`: standard input.
     pub input: Option<PathBuf>,
     /// `None`: standard output.
@@ -228,6 +232,25 @@ fn run_threads(
     startup::check_restored(config, restored.as_ref())?;
     let files = startup::open_files(config, restored.as_ref())?;
     let (producer, mut consumer, handle) = stage.split();
+    let mut files = files;
+    let mut nats = None;
+    if let Some(ends) = &config.nats {
+        let pending = Arc::new(nats_io::Pending::default());
+        let counts = Arc::new(nats_io::NatsCounts::default());
+        let shards = config.shards.unwrap_or(1).max(1);
+        let max_ack_pending = (4 * config.capacity * shards).max(256);
+        let (lines, input_thread) = nats_io::start_input(
+            &ends.input,
+            max_ack_pending,
+            pending.clone(),
+            counts.clone(),
+            stop.clone(),
+        )?;
+        files.input.input = Box::new(lines);
+        let output =
+            nats_io::OutputThread::start(&ends.output, pending, counts.clone(), stop.clone())?;
+        nats = Some((output, input_thread, counts));
+    }
     let threads = Threads::start(config, producer, files.input, &run.budget, stop)?;
     let mut writer = Writer::new(
         outcome::Policies::of(config),
@@ -236,6 +259,13 @@ fn run_threads(
         run.budget.clone(),
         config.emit_watermarks,
     );
+    let mut nats_counts = None;
+    if let Some((output, input_thread, counts)) = nats {
+        writer.nats = Some(output);
+        nats_counts = Some(counts);
+        // Ends by itself once the reader is gone.
+        drop(input_thread);
+    }
     let state = threads.state.clone();
     let mut report = |s: &mut Summary, handled: u64| {
         report_progress(run, s, handled, &state, &handle, progress);
@@ -253,6 +283,9 @@ fn run_threads(
     if let Err(e) = writer.flush() {
         failure.get_or_insert(e);
     }
+    if let Some(nats) = writer.nats.as_mut() {
+        nats.finish();
+    }
     let metrics = (!at_once).then(|| {
         let m = handle.metrics();
         let _ = handle.join();
@@ -266,7 +299,9 @@ fn run_threads(
         failure,
         restored,
     };
-    Ok(summarize(run, ended, &mut writer))
+    let mut summary = summarize(run, ended, &mut writer);
+    summary.nats = nats_counts.map(|c| c.line());
+    Ok(summary)
 }
 
 /// Shows the summary so far: the writer's counts with the lines read, the retries and the

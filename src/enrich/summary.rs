@@ -71,6 +71,8 @@ pub struct Summary {
     /// The run read, looked up and wrote on one shard's thread (one shard, a file, no
     /// checkpoints); otherwise a reader thread and the writer ran beside the shards.
     pub on_one_thread: bool,
+    /// With NATS ends: deliveries, publishes, duplicates dropped, acknowledgements.
+    pub nats: Option<String>,
 }
 
 impl Summary {
@@ -177,6 +179,9 @@ impl Summary {
             self.wire_p99_us
         ));
         s.push_str(&self.lookup_line());
+        if let Some(nats) = &self.nats {
+            s.push_str(nats);
+        }
         for w in &self.warnings {
             s.push_str(&format!("  warning: {w}\n"));
         }

@@ -50,6 +50,9 @@ pub(crate) struct Writer {
     pub budget: Arc<Budget>,
     /// Lines whose action was applied.
     pub handled: u64,
+    /// With NATS ends: outputs go to the output stream instead of `output`, and each line's
+    /// delivery is acknowledged after its output is stored or its drop decided.
+    pub nats: Option<super::nats_io::OutputThread>,
     last_flush: Instant,
 }
 
@@ -69,6 +72,7 @@ impl Writer {
             emit_watermarks,
             budget,
             handled: 0,
+            nats: None,
             last_flush: Instant::now(),
         }
     }
@@ -162,9 +166,28 @@ impl Writer {
                 Lookup::Found(v) => reserved.beyond(v.len() as u64),
                 _ => 0,
             };
+        let line = enriched.line.line();
         let action = self.policies.decide(enriched);
         self.budget.release(held);
         let s = &mut self.summary;
+        if let Some(nats) = &self.nats {
+            match action {
+                Action::Write(fields, count) => {
+                    let mut bytes = Vec::with_capacity(256);
+                    fields.write_json(&mut bytes);
+                    nats.publish(line, bytes);
+                    s.add(count, 1);
+                }
+                Action::Drop(count) => {
+                    nats.done(line);
+                    s.add(count, 1);
+                }
+                Action::DeadLetter(..) => unreachable!("dead letters are refused with NATS ends"),
+                Action::Fail(why) => return Err(why),
+            }
+            self.handled += 1;
+            return Ok(());
+        }
         match action {
             Action::Write(fields, count) => self.output.push_record(&fields, count, s)?,
             Action::DeadLetter(path, entry, count) => {

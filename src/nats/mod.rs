@@ -80,8 +80,8 @@ impl Delivery {
     }
 
     /// Acknowledges the message and waits for the server to confirm it (a double ack): once
-    /// this returns, the message will not be redelivered.
-    pub async fn ack(self) -> Result<(), async_nats::Error> {
+    /// this returns, the message will not be redelivered. May be tried again after an error.
+    pub async fn ack(&self) -> Result<(), async_nats::Error> {
         self.message.double_ack().await
     }
 }
