@@ -93,7 +93,7 @@ async fn run(
         }
         if published <= ack_up_to {
             let delivery = deliveries.lock().unwrap().remove(&id).unwrap();
-            delivery.ack().await.unwrap();
+            delivery.ack_confirmed().await.unwrap();
             acked += 1;
         }
     }

@@ -6,7 +6,8 @@
 //! pulls messages and hands their payloads to the reader as lines (a payload's newlines become
 //! spaces: JSON white space), numbered in delivery order, so line `n` is delivery `n`; the
 //! writer hands each line's outcome to the output thread. Invariants:
-//! - a delivery is acknowledged only after its output's publish ack (`Nats-Msg-Id` = the
+//! - a delivery is acknowledged (sent, not confirmed: a lost ack is a redelivery whose output
+//!   the output stream drops) only after its output's publish ack (`Nats-Msg-Id` = the
 //!   source's stream and sequence), or, for a line that writes nothing (dropped, skipped,
 //!   dead-lettered), after the writer decided so and flushed its dead letters; so a crash at
 //!   any moment leaves each message either acknowledged with its output stored, or

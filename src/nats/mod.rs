@@ -10,11 +10,11 @@
 //! - every output is published with `Nats-Msg-Id` = the source message's stream and sequence
 //!   ([`Delivery::msg_id`]): a redelivered message enriched again publishes the same id, and
 //!   the output stream drops it as a duplicate within its duplicate window;
-//! - a source message is acknowledged (a double ack: the server confirms it) only after its
-//!   output's publish ack, so a crash at any moment leaves every unacknowledged message to be
-//!   redelivered and every acknowledged one published: exactly once in the output stream, as
-//!   long as a redelivery comes within the duplicate window (size it above the consumer's
-//!   `ack_wait` plus the longest a process may be down).
+//! - a source message is acknowledged only after its output's publish ack, so a crash at any
+//!   moment leaves every message not acknowledged (or whose ack was lost) to be redelivered,
+//!   and every acknowledged one published: exactly once in the output stream, as long as a
+//!   redelivery comes within the duplicate window (size it above the consumer's `ack_wait`
+//!   plus the longest a process may be down).
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
 use bytes::Bytes;
@@ -79,9 +79,17 @@ impl Delivery {
         format!("{}:{}", self.stream, self.sequence)
     }
 
-    /// Acknowledges the message and waits for the server to confirm it (a double ack): once
-    /// this returns, the message will not be redelivered. May be tried again after an error.
+    /// Acknowledges the message: the ack is sent, not confirmed, so one lost on the way (a
+    /// crash, a dropped connection) brings the message back, and its output, published again
+    /// with the same `msg_id`, is dropped by the output stream as a duplicate. One message
+    /// each way per delivery is the cheapest exactly-once there is with JetStream.
     pub async fn ack(&self) -> Result<(), async_nats::Error> {
+        self.message.ack().await
+    }
+
+    /// Acknowledges the message and waits for the server to confirm it (a double ack): once
+    /// this returns, the message will not be redelivered. A round trip per message.
+    pub async fn ack_confirmed(&self) -> Result<(), async_nats::Error> {
         self.message.double_ack().await
     }
 }
