@@ -35,6 +35,7 @@ use glommio::net::TcpStream;
 use postgres_protocol::message::backend::{DataRowBody, Message};
 use postgres_protocol::message::frontend;
 use postgres_protocol::IsNull;
+use smallvec::SmallVec;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -559,10 +560,15 @@ impl Io {
             drop(st);
             return Err(self.protocol("a row with no lookup sent"));
         };
-        let fields: Vec<_> = row.ranges().collect().map_err(|e| PgError::Protocol {
+        // Inline up to 16 columns: no allocation per row.
+        let mut fields: SmallVec<[_; 16]> = SmallVec::new();
+        let mut ranges = row.ranges();
+        while let Some(range) = ranges.next().map_err(|e| PgError::Protocol {
             server: self.conn.endpoint.host.clone(),
             reason: e.to_string(),
-        })?;
+        })? {
+            fields.push(range);
+        }
         let policy = self.conn.statements.rows;
         match &request.kind {
             Kind::One(_) => {
@@ -677,7 +683,9 @@ fn encode(
     kind: &Kind,
 ) -> Result<(), PgError> {
     let mut array = Vec::new();
-    let (statement, name, params, max_rows): (&Statement, &str, Vec<&[u8]>, i32) = match kind {
+    // Inline up to 4 parameters: no allocation per lookup.
+    type Params<'a> = SmallVec<[&'a [u8]; 4]>;
+    let (statement, name, params, max_rows): (&Statement, &str, Params<'_>, i32) = match kind {
         Kind::One(key) => (
             &prepared.query,
             QUERY,
@@ -694,7 +702,7 @@ fn encode(
             };
             let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
             write_text_array(&mut array, &keys);
-            (batch, BATCH_QUERY, vec![array.as_slice()], 0)
+            (batch, BATCH_QUERY, smallvec::smallvec![array.as_slice()], 0)
         }
     };
     if params.len() != statement.params {
