@@ -142,3 +142,110 @@ fn the_nats_server_restarted_mid_run_loses_nothing() {
         "every input exactly once"
     );
 }
+
+/// Three processes share six partitions; one is killed for good mid-run. Its partitions are
+/// taken over by the other two (their leases expire after 3 lease periods), the output stream
+/// holds every input once, and each key's records are stored in input order.
+#[test]
+fn three_processes_share_six_partitions_and_one_dies() {
+    let Some(url) = real_nats::nats_url() else {
+        return;
+    };
+    const COUNT: u64 = 6000;
+    let rt = runtime();
+    let tag = format!("group{}", std::process::id());
+    let js = rt.block_on(async { jetstream::new(async_nats::connect(&url).await.unwrap()) });
+    rt.block_on(real_nats::partitioned_streams(&js, &tag, COUNT, 6));
+    let input = format!("{url}/IN_{tag}?consumer=enrich&group={tag}&partitions=6&lease=500ms");
+    let slow = ["--capacity", "8", "--loadgen-latency", "5ms"];
+    let mut members: Vec<_> = (0..3)
+        .map(|_| real_nats::enrich_from(&input, &url, &tag, &slow))
+        .collect();
+    let started = Instant::now();
+    let mut before = 0;
+    while before < COUNT / 4 {
+        before = rt.block_on(stored(&js, &tag));
+        let ended = members.iter_mut().any(|m| m.try_wait().unwrap().is_some());
+        if ended || started.elapsed() > Duration::from_secs(60) {
+            for mut m in members {
+                let _ = m.kill();
+                let stderr = std::io::read_to_string(m.stderr.take().unwrap()).unwrap();
+                eprintln!("a member said:\n{stderr}");
+            }
+            panic!("{before} stored, a member ended or 60 s passed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut dead = members.remove(0);
+    // The partitions it leased (a member's name holds its process id).
+    let pid = format!("-{}-", dead.id());
+    let held = rt.block_on(async {
+        let leases = js
+            .get_key_value(format!("sluice_group_{tag}"))
+            .await
+            .unwrap();
+        let mut held = vec![];
+        for p in 0..6 {
+            if let Some(owner) = leases.get(format!("partition.{p}")).await.unwrap() {
+                if String::from_utf8_lossy(&owner).contains(&pid) {
+                    held.push(p);
+                }
+            }
+        }
+        held
+    });
+    assert!(!held.is_empty(), "the member to kill leased no partition");
+    dead.kill().unwrap(); // SIGKILL, not started again
+    dead.wait().unwrap();
+    assert!(before < COUNT, "the kill came too late to test anything");
+    while rt.block_on(stored(&js, &tag)) < COUNT {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the output stream holds {} of {COUNT}",
+            rt.block_on(stored(&js, &tag))
+        );
+        for m in &mut members {
+            assert!(m.try_wait().unwrap().is_none(), "a member ended early");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stderrs: Vec<String> = members.into_iter().map(real_nats::interrupt).collect();
+    let taken: u64 = stderrs
+        .iter()
+        .map(|e| {
+            let at = e.find(" leases taken").expect("a group line");
+            let number = e[..at].rsplit(' ').next().unwrap();
+            number.parse::<u64>().unwrap()
+        })
+        .sum();
+    eprintln!(
+        "killed holding partitions {held:?} with {before} of {COUNT} stored\n{}",
+        stderrs.join("\n")
+    );
+    assert!(
+        taken >= 6,
+        "the dead member's partitions {held:?} were not taken over ({taken} leases taken)"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rt.block_on(stored(&js, &tag)), COUNT);
+    let ns = rt.block_on(outputs(&js, &tag, COUNT));
+    let mut sorted = ns.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..COUNT).collect::<Vec<_>>(), "every input once");
+    let mut last = std::collections::HashMap::new();
+    for &n in &ns {
+        let user = real_nats::user_of(n);
+        if let Some(previous) = last.insert(user, n) {
+            assert!(
+                previous < n,
+                "user {user}: record {n} stored after {previous}"
+            );
+        }
+    }
+    rt.block_on(async {
+        for name in [format!("IN_{tag}"), format!("OUT_{tag}")] {
+            let _ = js.delete_stream(&name).await;
+        }
+        let _ = js.delete_key_value(format!("sluice_group_{tag}")).await;
+    });
+}

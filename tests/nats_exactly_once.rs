@@ -156,6 +156,7 @@ fn outputs_are_stored_once_through_a_crash_between_publish_and_ack() {
             max_ack_pending: 200,
             ack_wait: Duration::from_secs(30),
             resume_in_order: true,
+            filter_subject: None,
         };
         let first = run(&source, &url, &out_subject, 350, 250).await;
         assert_eq!(first, (350, 0, 250));

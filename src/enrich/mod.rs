@@ -235,17 +235,11 @@ fn run_threads(
     let mut files = files;
     let mut nats = None;
     if let Some(ends) = &config.nats {
-        let pending = Arc::new(nats_io::Pending::default());
         let counts = Arc::new(nats_io::NatsCounts::default());
         let shards = config.shards.unwrap_or(1).max(1);
         let max_ack_pending = (4 * config.capacity * shards).max(256);
-        let (lines, input_thread) = nats_io::start_input(
-            &ends.input,
-            max_ack_pending,
-            pending.clone(),
-            counts.clone(),
-            stop.clone(),
-        )?;
+        let (lines, input_thread, pending) =
+            nats_io::start_input(&ends.input, max_ack_pending, counts.clone(), stop.clone())?;
         files.input.input = Box::new(lines);
         let output =
             nats_io::OutputThread::start(&ends.output, pending, counts.clone(), stop.clone())?;
@@ -260,11 +254,11 @@ fn run_threads(
         config.emit_watermarks,
     );
     let mut nats_counts = None;
+    let mut nats_input = None;
     if let Some((output, input_thread, counts)) = nats {
         writer.nats = Some(output);
         nats_counts = Some(counts);
-        // Ends by itself once the reader is gone.
-        drop(input_thread);
+        nats_input = Some(input_thread);
     }
     let state = threads.state.clone();
     let mut report = |s: &mut Summary, handled: u64| {
@@ -286,6 +280,10 @@ fn run_threads(
     if let Some(nats) = writer.nats.as_mut() {
         nats.finish();
     }
+    // After the outputs: a group's leases are kept until they are published.
+    if let Some(input) = nats_input.as_mut() {
+        input.finish();
+    }
     let metrics = (!at_once).then(|| {
         let m = handle.metrics();
         let _ = handle.join();
@@ -300,7 +298,11 @@ fn run_threads(
         restored,
     };
     let mut summary = summarize(run, ended, &mut writer);
-    summary.nats = nats_counts.map(|c| c.line());
+    let group = config
+        .nats
+        .as_ref()
+        .is_some_and(|n| n.input.group.is_some());
+    summary.nats = nats_counts.map(|c| c.line(group));
     Ok(summary)
 }
 

@@ -1,11 +1,14 @@
 //! `sluice enrich` between two JetStream streams: `--input nats://HOST:PORT/STREAM?consumer=NAME`
-//! and `--output nats://HOST:PORT/SUBJECT`.
+//! (with `&group=NAME&partitions=P`, one of a group of processes sharing the stream's
+//! partitions) and `--output nats://HOST:PORT/SUBJECT`.
 //!
 //! Owns: the two NATS threads of a run (each a tokio current-thread runtime: the NATS client
 //! never runs on a shard) and the table of deliveries not yet acknowledged. The input thread
-//! pulls messages and hands their payloads to the reader as lines (a payload's newlines become
-//! spaces: JSON white space), numbered in delivery order, so line `n` is delivery `n`; the
-//! writer hands each line's outcome to the output thread. Invariants:
+//! pulls messages (from one durable consumer, or one per partition leased, `<NAME>-p<P>`, each
+//! in a task of its own that the lease loop starts and stops) and hands their payloads to the
+//! reader as lines (a payload's newlines become spaces: JSON white space), numbered in the
+//! order they are handed over, so line `n` is delivery `n`; the writer hands each line's
+//! outcome to the output thread. Invariants:
 //! - a delivery is acknowledged (sent, not confirmed: a lost ack is a redelivery whose output
 //!   the output stream drops) only after its output's publish ack (`Nats-Msg-Id` = the
 //!   source's stream and sequence), or, for a line that writes nothing (dropped, skipped,
@@ -20,18 +23,25 @@
 //! - a publish or an ack that fails (NATS restarting) is tried again with backoff until it
 //!   succeeds or the run is stopped at once: the duplicate window makes a publish sent twice
 //!   count once (a retried output may then land after later ones);
+//! - in a group, an output is published only while the lease its delivery was read under is
+//!   held and not lapsed ([`Leases::holds`]); a fenced output is neither published nor
+//!   acknowledged (the partition's next owner reads it again); the leases are renewed until
+//!   every output is done, and given up when the run ends;
+//! - one partition's messages reach the reader in stream order, so a key (which stays on
+//!   its partition) keeps its order in an ordered run, across the group;
 //! - the reader sees the end of its input when the run is asked to stop (a signal); NATS
 //!   input has no other end.
 
 use super::{EnrichError, Stop};
-use crate::nats::{Delivery, JetStreamSink, JetStreamSource, Published, SourceConfig};
+use crate::nats::group::{Group, GroupConfig, Leases};
+use crate::nats::{Delivery, JetStreamSink, JetStreamSource, NatsError, Published, SourceConfig};
+use async_nats::jetstream;
 use bytes::Bytes;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::io::{BufRead, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -42,6 +52,9 @@ pub struct NatsInput {
     pub server: String,
     pub stream: String,
     pub consumer: String,
+    /// `&group=NAME&partitions=P[&lease=DURATION]`: share the stream's partitions with the
+    /// group's other processes.
+    pub group: Option<GroupConfig>,
 }
 
 /// `--output nats://HOST:PORT/SUBJECT`.
@@ -112,19 +125,46 @@ pub fn parse_ends(input: &str, output: &str) -> Result<Option<NatsEnds>, String>
         path: stream,
         pairs,
     } = split_url("--input", input)?;
-    let mut consumer = None;
+    let (mut consumer, mut group, mut partitions, mut lease) = (None, None, None, None);
     for (name, value) in pairs {
+        let bad = |what: &str| format!("--input `{input}`: `{name}={value}`: {what}");
         match name {
             "consumer" => consumer = Some(value.to_string()),
+            "group" if crate::nats::group::valid_name(value) => group = Some(value.to_string()),
+            "group" => return Err(bad("a group's name is letters, digits, `-` and `_`")),
+            "partitions" => match value.parse::<u32>() {
+                Ok(p) if p > 0 => partitions = Some(p),
+                _ => return Err(bad("not a number of partitions (1 or more)")),
+            },
+            "lease" => match humantime::parse_duration(value) {
+                Ok(d) if d >= Duration::from_millis(100) => lease = Some(d),
+                _ => return Err(bad("not a lease period of 100ms or more (`2s`, `500ms`)")),
+            },
             other => {
                 return Err(format!(
-                    "--input `{input}`: `{other}` is not a parameter (consumer=NAME)"
+                    "--input `{input}`: `{other}` is not a parameter (consumer=NAME, group=NAME, \
+                     partitions=P, lease=DURATION)"
                 ))
             }
         }
     }
     let consumer = consumer
         .ok_or_else(|| format!("--input `{input}`: name the durable consumer: ?consumer=NAME"))?;
+    let group = match (group, partitions) {
+        (Some(name), Some(partitions)) => Some(GroupConfig {
+            server: server.clone(),
+            name,
+            partitions,
+            lease: lease.unwrap_or(Duration::from_secs(2)),
+        }),
+        (None, None) if lease.is_none() => None,
+        _ => {
+            return Err(format!(
+                "--input `{input}`: a group needs both group=NAME and partitions=P (lease= \
+                 only with them)"
+            ))
+        }
+    };
     let UrlParts {
         server: out_server,
         path: subject,
@@ -138,6 +178,7 @@ pub fn parse_ends(input: &str, output: &str) -> Result<Option<NatsEnds>, String>
             server,
             stream: stream.to_string(),
             consumer,
+            group,
         },
         output: NatsOutput {
             server: out_server,
@@ -155,6 +196,12 @@ pub struct NatsCounts {
     pub duplicates: AtomicU64,
     pub acked: AtomicU64,
     pub retried: AtomicU64,
+    /// Outputs not published because their partition's lease was lost.
+    pub fenced: AtomicU64,
+    /// Partitions held now, leases taken, leases lost or given up (in a group).
+    pub partitions: AtomicU64,
+    pub leases_gained: AtomicU64,
+    pub leases_lost: AtomicU64,
 }
 
 impl NatsCounts {
@@ -165,9 +212,21 @@ impl NatsCounts {
         }
     }
 
-    pub fn line(&self) -> String {
+    pub fn line(&self, group: bool) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        format!(
+        let group = if group {
+            format!(
+                "  group: {} leases taken, {} lost or given up; {} outputs fenced (not \
+                 published: their lease was lost)\n",
+                get(&self.leases_gained),
+                get(&self.leases_lost),
+                get(&self.fenced),
+            )
+        } else {
+            String::new()
+        };
+        group
+            + &format!(
             "  nats: {} delivered ({} redelivered), {} published ({} duplicates dropped by the \
              output stream), {} acknowledged, {} publishes or acks tried again\n",
             get(&self.delivered),
@@ -180,26 +239,51 @@ impl NatsCounts {
     }
 }
 
-/// Deliveries handed to the reader and not yet acknowledged, by line number.
-#[derive(Default)]
+/// A delivery handed to the reader, with the lease it was read under (in a group).
+struct Entry {
+    delivery: Delivery,
+    /// The partition and the lease's epoch.
+    lease: Option<(u32, u64)>,
+}
+
+/// Deliveries handed to the reader and not yet acknowledged, by line number, and the group's
+/// leases that decide whether their outputs may still be published.
 pub struct Pending {
-    deliveries: Mutex<HashMap<u64, Delivery>>,
+    deliveries: Mutex<HashMap<u64, Entry>>,
+    leases: Option<Arc<Leases>>,
+}
+
+/// Whether a line's output may be published.
+enum Ready {
+    /// Yes, with this `Nats-Msg-Id`.
+    Publish(String),
+    /// No: its partition's lease was lost; the next owner reads it again.
+    Fenced,
+    /// The line has no delivery (the run is stopping).
+    Gone,
 }
 
 impl Pending {
-    fn take(&self, line: u64) -> Option<Delivery> {
-        self.deliveries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&line)
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.deliveries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn msg_id(&self, line: u64) -> Option<String> {
-        self.deliveries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&line)
-            .map(Delivery::msg_id)
+    fn take(&self, line: u64) -> Option<Delivery> {
+        self.lock().remove(&line).map(|e| e.delivery)
+    }
+
+    fn ready(&self, line: u64) -> Ready {
+        let mut deliveries = self.lock();
+        let Some(entry) = deliveries.get(&line) else {
+            return Ready::Gone;
+        };
+        match (entry.lease, &self.leases) {
+            (Some((p, epoch)), Some(leases)) if !leases.holds(p, epoch) => {
+                deliveries.remove(&line);
+                Ready::Fenced
+            }
+            _ => Ready::Publish(entry.delivery.msg_id()),
+        }
     }
 }
 
@@ -213,17 +297,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, EnrichError> {
 /// The reader's side of the input thread: payloads as lines; the end of input when the run
 /// is asked to stop or the input thread ends.
 pub(crate) struct ChannelLines {
-    rx: Receiver<Vec<u8>>,
+    rx: flume::Receiver<Vec<u8>>,
     current: Vec<u8>,
     at: usize,
     stop: Arc<Stop>,
-    closed: Arc<AtomicBool>,
-}
-
-impl Drop for ChannelLines {
-    fn drop(&mut self) {
-        self.closed.store(true, Ordering::SeqCst);
-    }
 }
 
 impl Read for ChannelLines {
@@ -247,8 +324,8 @@ impl BufRead for ChannelLines {
                     self.current = line;
                     self.at = 0;
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(&[]),
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => return Ok(&[]),
             }
         }
         Ok(&self.current[self.at..])
@@ -259,15 +336,43 @@ impl BufRead for ChannelLines {
     }
 }
 
-/// Starts the input thread: connects (said at once if it cannot), then pulls until the
-/// reader is gone. Returns the reader's input.
+/// The input thread, kept until the output thread is done: in a group it renews the leases
+/// the outputs still in flight are published under, and leaves the group at the end.
+pub(crate) struct InputThread {
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl InputThread {
+    /// Called once every output is published and acknowledged: leaves the group (unless the
+    /// run stops at once) and ends the thread.
+    pub(crate) fn finish(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the input thread runs: one source, or a group's partitions.
+enum Sources {
+    One(JetStreamSource),
+    Group {
+        group: Box<Group>,
+        js: jetstream::Context,
+        config: SourceConfig,
+        subject: Box<dyn Fn(u32) -> String + Send>,
+    },
+}
+
+/// Starts the input thread: connects (said at once if it cannot) and, in a group, joins it;
+/// then pulls until the reader is gone. Returns the reader's input and the deliveries' table.
 pub(crate) fn start_input(
     input: &NatsInput,
     max_ack_pending: usize,
-    pending: Arc<Pending>,
     counts: Arc<NatsCounts>,
     stop: Arc<Stop>,
-) -> Result<(ChannelLines, JoinHandle<()>), EnrichError> {
+) -> Result<(ChannelLines, InputThread, Arc<Pending>), EnrichError> {
     let config = SourceConfig {
         server: input.server.clone(),
         stream: input.stream.clone(),
@@ -275,88 +380,245 @@ pub(crate) fn start_input(
         max_ack_pending,
         ack_wait: Duration::from_secs(30),
         resume_in_order: true,
+        filter_subject: None,
     };
     let rt = runtime()?;
-    let source = rt
-        .block_on(JetStreamSource::connect(&config))
-        .map_err(|e| EnrichError::Usage(format!("--input: {e}")))?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(256);
-    let closed = Arc::new(AtomicBool::new(false));
-    let reader_closed = closed.clone();
-    let reader_stop = stop.clone();
+    let usage = |e: NatsError| EnrichError::Usage(format!("--input: {e}"));
+    let sources = match &input.group {
+        None => Sources::One(
+            rt.block_on(JetStreamSource::connect(&config))
+                .map_err(usage)?,
+        ),
+        Some(spec) => rt
+            .block_on(async {
+                let server = config.server.as_str();
+                let client = async_nats::connect(server).await.map_err(|e| NatsError {
+                    server: server.to_string(),
+                    step: "connect",
+                    reason: e.to_string(),
+                })?;
+                let js = jetstream::new(client);
+                let subject = crate::nats::partition_subjects(&js, server, &config.stream).await?;
+                let group = Group::join(&js, spec, &member_id()).await?;
+                Ok(Sources::Group {
+                    group: Box::new(group),
+                    js,
+                    config: config.clone(),
+                    subject: Box::new(subject),
+                })
+            })
+            .map_err(usage)?,
+    };
+    let leases = match &sources {
+        Sources::Group { group, .. } => Some(group.leases()),
+        Sources::One(_) => None,
+    };
+    let pending = Arc::new(Pending {
+        deliveries: Mutex::default(),
+        leases,
+    });
+    let (tx, rx) = flume::bounded::<Vec<u8>>(256);
+    let done = Arc::new(AtomicBool::new(false));
+    let feed = Feed {
+        tx,
+        pending: pending.clone(),
+        counts,
+        stop: stop.clone(),
+        done: done.clone(),
+    };
     let thread = std::thread::Builder::new()
         .name("sluice-nats-in".into())
-        .spawn(move || rt.block_on(pull(source, tx, pending, counts, closed, reader_stop)))
+        .spawn(move || rt.block_on(feed.run(sources)))
         .map_err(|e| EnrichError::Usage(format!("cannot start the NATS thread: {e}")))?;
-    Ok((
-        ChannelLines {
-            rx,
-            current: Vec::new(),
-            at: 0,
-            stop,
-            closed: reader_closed,
-        },
-        thread,
-    ))
+    let lines = ChannelLines {
+        rx,
+        current: Vec::new(),
+        at: 0,
+        stop,
+    };
+    let thread = InputThread {
+        done,
+        thread: Some(thread),
+    };
+    Ok((lines, thread, pending))
 }
 
-async fn pull(
-    mut source: JetStreamSource,
-    tx: SyncSender<Vec<u8>>,
+/// This process's name in a group: host, process id and a random part.
+fn member_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!("{host}-{}-{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+/// A delivery on its way from a source's task to the reader, with its lease.
+type Pulled = (Delivery, Option<(u32, u64)>);
+
+/// The input thread's state.
+struct Feed {
+    tx: flume::Sender<Vec<u8>>,
     pending: Arc<Pending>,
     counts: Arc<NatsCounts>,
-    closed: Arc<AtomicBool>,
     stop: Arc<Stop>,
-) {
-    let mut line = 0u64;
-    while !closed.load(Ordering::SeqCst) {
-        let next = tokio::time::timeout(Duration::from_millis(200), source.next()).await;
-        let delivery = match next {
-            Err(_) => continue, // nothing for a while: look at `closed` again
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                eprintln!("sluice enrich: {e} (pulling again)");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    done: Arc<AtomicBool>,
+}
+
+impl Feed {
+    /// Hands deliveries to the reader as numbered lines until the reader is gone; in a group,
+    /// then keeps the leases until the outputs are done.
+    async fn run(self, sources: Sources) {
+        let (dtx, mut drx) = tokio::sync::mpsc::channel::<Pulled>(256);
+        let leases = match sources {
+            Sources::One(source) => {
+                tokio::spawn(pull(source, None, dtx));
+                None
+            }
+            Sources::Group {
+                group,
+                js,
+                config,
+                subject,
+            } => Some(tokio::spawn(keep_leases(
+                *group,
+                js,
+                config,
+                subject,
+                dtx,
+                self.counts.clone(),
+                self.done.clone(),
+                self.stop.clone(),
+            ))),
+        };
+        let mut line = 0u64;
+        while !self.tx.is_disconnected() {
+            let next = tokio::time::timeout(Duration::from_millis(200), drx.recv()).await;
+            let (delivery, lease) = match next {
+                Err(_) => continue, // nothing for a while: is the reader still there?
+                Ok(None) => break,
+                Ok(Some(pulled)) => pulled,
+            };
+            self.counts.delivered.fetch_add(1, Ordering::Relaxed);
+            if delivery.delivered > 1 {
+                self.counts.redelivered.fetch_add(1, Ordering::Relaxed);
+            }
+            if delivery.payload.iter().all(u8::is_ascii_whitespace) {
+                ack_until_done(&delivery, &self.counts, &self.stop).await;
                 continue;
             }
-            Ok(Some(Ok(d))) => d,
-        };
-        counts.delivered.fetch_add(1, Ordering::Relaxed);
-        if delivery.delivered > 1 {
-            counts.redelivered.fetch_add(1, Ordering::Relaxed);
+            let mut text: Vec<u8> = delivery
+                .payload
+                .iter()
+                .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
+                .collect();
+            text.push(b'\n');
+            line += 1;
+            self.pending.lock().insert(line, Entry { delivery, lease });
+            // Bounded: waits for room; an error is the reader gone.
+            if self.tx.send_async(text).await.is_err() {
+                break;
+            }
         }
-        if delivery.payload.iter().all(u8::is_ascii_whitespace) {
-            ack_until_done(&delivery, &counts, &stop).await;
-            continue;
+        // The reader is gone: no more pulls. A group's leases are kept until the outputs in
+        // flight are published.
+        drop(drx);
+        if let Some(leases) = leases {
+            let _ = leases.await;
         }
-        let mut text: Vec<u8> = delivery
-            .payload
-            .iter()
-            .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
-            .collect();
-        text.push(b'\n');
-        line += 1;
-        pending
-            .deliveries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(line, delivery);
-        // The channel is bounded: wait for room, unless the reader is gone.
-        let mut text = Some(text);
-        while let Some(t) = text.take() {
-            match tx.try_send(t) {
-                Ok(()) => {}
-                Err(std::sync::mpsc::TrySendError::Full(t)) => {
-                    if closed.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    text = Some(t);
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Pulls a source's messages into `out`, each with `lease`, until `out` is closed (or the
+/// task is aborted: its partition was lost).
+async fn pull(
+    mut source: JetStreamSource,
+    lease: Option<(u32, u64)>,
+    out: tokio::sync::mpsc::Sender<Pulled>,
+) {
+    while let Some(next) = source.next().await {
+        match next {
+            Ok(delivery) => {
+                if out.send((delivery, lease)).await.is_err() {
+                    return;
                 }
-                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+            }
+            Err(e) => {
+                eprintln!("sluice enrich: {e} (pulling again)");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
+}
+
+/// A group member's lease loop: every lease period, renews, takes and gives up partitions,
+/// starting a pull task (a durable consumer `<consumer>-p<P>` on the partition's subject) for
+/// each partition taken and stopping it for each lost. Ends, leaving the group, once the
+/// outputs are done.
+#[allow(clippy::too_many_arguments)]
+async fn keep_leases(
+    mut group: Group,
+    js: jetstream::Context,
+    config: SourceConfig,
+    subject: Box<dyn Fn(u32) -> String + Send>,
+    out: tokio::sync::mpsc::Sender<Pulled>,
+    counts: Arc<NatsCounts>,
+    done: Arc<AtomicBool>,
+    stop: Arc<Stop>,
+) {
+    let leases = group.leases();
+    let mut tasks: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut next_tick = tokio::time::Instant::now();
+    while !done.load(Ordering::SeqCst) {
+        if tokio::time::Instant::now() < next_tick {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        next_tick += group.period();
+        let changes = group.tick().await;
+        for p in changes.lost {
+            counts.leases_lost.fetch_add(1, Ordering::Relaxed);
+            if let Some(task) = tasks.remove(&p) {
+                task.abort();
+            }
+            eprintln!("sluice enrich: partition {p} lost or given up");
+        }
+        for p in changes.gained {
+            counts.leases_gained.fetch_add(1, Ordering::Relaxed);
+            if out.is_closed() {
+                continue; // the reader is gone: hold the lease, read nothing
+            }
+            let partition = SourceConfig {
+                consumer: format!("{}-p{p}", config.consumer),
+                filter_subject: Some(subject(p)),
+                ..config.clone()
+            };
+            match JetStreamSource::open(&js, &partition).await {
+                Ok(source) => {
+                    let lease = Some((p, leases.epoch(p)));
+                    tasks.insert(p, tokio::spawn(pull(source, lease, out.clone())));
+                    eprintln!("sluice enrich: partition {p} taken");
+                }
+                // Not read: given back, for this member or another to take again.
+                Err(e) => {
+                    eprintln!("sluice enrich: partition {p}: {e} (giving it back)");
+                    group.give_up(p).await;
+                    counts.leases_lost.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        counts
+            .partitions
+            .store(leases.owned() as u64, Ordering::Relaxed);
+    }
+    for task in tasks.into_values() {
+        task.abort();
+    }
+    if !stop.at_once() {
+        group.leave().await;
+    }
+    counts.partitions.store(0, Ordering::Relaxed);
 }
 
 /// Acknowledges, trying again (with backoff) until the server confirms or the run is stopped
@@ -470,7 +732,14 @@ async fn publish(sink: JetStreamSink, mut rx: tokio::sync::mpsc::Receiver<Outcom
         tokio::select! {
             outcome = rx.recv(), if open && publishes.len() < PUBLISHES_IN_FLIGHT => match outcome {
                 Some(Outcome::Publish(line, bytes)) => {
-                    let Some(id) = ends.pending.msg_id(line) else { continue };
+                    let id = match ends.pending.ready(line) {
+                        Ready::Publish(id) => id,
+                        Ready::Fenced => {
+                            ends.counts.fenced.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        Ready::Gone => continue,
+                    };
                     // Sent here, in the order handed over; only the acks are awaited together.
                     let first = sink.publish(&id, bytes.clone()).await;
                     let (sink, ends) = (sink.clone(), ends.clone());
@@ -550,5 +819,46 @@ mod tests {
         assert!(parse_ends("nats://h:1?consumer=c", "nats://h:1/o")
             .unwrap_err()
             .contains("no /STREAM"));
+    }
+
+    #[test]
+    fn a_group_needs_a_name_and_partitions() {
+        let out = "nats://h:1/o";
+        let ends = parse_ends("nats://h:1/S?consumer=c&group=g-1&partitions=6", out)
+            .unwrap()
+            .unwrap();
+        let group = ends.input.group.unwrap();
+        assert_eq!((group.name.as_str(), group.partitions), ("g-1", 6));
+        assert_eq!(group.lease, Duration::from_secs(2));
+        let ends = parse_ends(
+            "nats://h:1/S?consumer=c&group=g&partitions=2&lease=500ms",
+            out,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(ends.input.group.unwrap().lease, Duration::from_millis(500));
+        for (url, says) in [
+            (
+                "nats://h:1/S?consumer=c&group=g",
+                "both group=NAME and partitions=P",
+            ),
+            ("nats://h:1/S?consumer=c&partitions=3", "both group=NAME"),
+            ("nats://h:1/S?consumer=c&lease=1s", "lease= only with them"),
+            (
+                "nats://h:1/S?consumer=c&group=a.b&partitions=3",
+                "`group=a.b`",
+            ),
+            (
+                "nats://h:1/S?consumer=c&group=g&partitions=0",
+                "`partitions=0`",
+            ),
+            (
+                "nats://h:1/S?consumer=c&group=g&partitions=2&lease=5ms",
+                "`lease=5ms`",
+            ),
+        ] {
+            let e = parse_ends(url, out).unwrap_err();
+            assert!(e.contains(says), "{url}: {e}");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! NATS JetStream in and out of a stage, exactly once (feature `nats`): a durable pull
 //! consumer as the source ([`JetStreamSource`]), a subject of an output stream as the sink
 //! ([`JetStreamSink`]), and the rule that joins them: a source message is acknowledged only
-//! after the output it produced is acknowledged by the output stream.
+//! after the output it produced is acknowledged by the output stream. [`group`] splits a
+//! stream's partitions between processes, with leases in a key-value bucket.
 //!
 //! Owns: the NATS side of a stage. The client (`async-nats`) runs on tokio, on the threads that
 //! feed and drain the stage, never on a shard. Invariants:
@@ -15,6 +16,8 @@
 //!   and every acknowledged one published: exactly once in the output stream, as long as a
 //!   redelivery comes within the duplicate window (size it above the consumer's `ack_wait`
 //!   plus the longest a process may be down).
+
+pub mod group;
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
 use bytes::Bytes;
@@ -61,6 +64,8 @@ pub struct SourceConfig {
     /// an unordered stage, wrong for an ordered one. Only for a consumer this process owns
     /// alone.
     pub resume_in_order: bool,
+    /// Only the stream's messages on this subject (a partition's), if given.
+    pub filter_subject: Option<String>,
 }
 
 /// A message from the source, with what acknowledges it.
@@ -107,7 +112,15 @@ impl JetStreamSource {
         let client = async_nats::connect(server)
             .await
             .map_err(|e| failed(server, "connect")(e.to_string()))?;
-        let js = jetstream::new(client);
+        Self::open(&jetstream::new(client), config).await
+    }
+
+    /// As [`JetStreamSource::connect`], on a connection already made.
+    pub async fn open(
+        js: &jetstream::Context,
+        config: &SourceConfig,
+    ) -> Result<JetStreamSource, NatsError> {
+        let server = config.server.as_str();
         let stream = js
             .get_stream(&config.stream)
             .await
@@ -133,6 +146,7 @@ impl JetStreamSource {
                     ack_wait: config.ack_wait,
                     max_ack_pending: config.max_ack_pending as i64,
                     deliver_policy,
+                    filter_subject: config.filter_subject.clone().unwrap_or_default(),
                     ..Default::default()
                 },
             )
@@ -176,6 +190,37 @@ impl JetStreamSource {
             message,
         }))
     }
+}
+
+/// The subject of partition `p` of a stream whose subjects end in a partition number: the
+/// stream's first subject of the form `PREFIX.*` gives `PREFIX.<p>`.
+pub async fn partition_subjects(
+    js: &jetstream::Context,
+    server: &str,
+    stream: &str,
+) -> Result<impl Fn(u32) -> String, NatsError> {
+    let mut stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| failed(server, "find the input stream")(e.to_string()))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| failed(server, "find the input stream")(e.to_string()))?;
+    let prefix = info
+        .config
+        .subjects
+        .iter()
+        .find_map(|s| s.strip_suffix(".*"))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            failed(server, "find the input stream's partitions")(format!(
+                "stream {} has no subject PREFIX.* (its subjects: {:?}): a group needs \
+                 subjects ending in a partition number",
+                info.config.name, info.config.subjects
+            ))
+        })?;
+    Ok(move |p: u32| format!("{prefix}.{p}"))
 }
 
 /// Publishes outputs to a subject of a stream, each with its `Nats-Msg-Id`.

@@ -177,6 +177,11 @@ pub fn finish(
         assert!(child.try_wait().unwrap().is_none(), "the run ended early");
         std::thread::sleep(Duration::from_millis(50));
     }
+    interrupt(child)
+}
+
+/// Stops a run with SIGINT and returns its stderr, checking that it drained and summarised.
+pub fn interrupt(mut child: Child) -> String {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let stopping = Instant::now();
