@@ -155,6 +155,11 @@ pub trait AsyncFunction: 'static {
     /// Called once at shutdown on the shard's thread, after the last output left the shard
     /// (Flink's `RichAsyncFunction.close`).
     fn close(&mut self) {}
+
+    /// Called on the shard's thread each time the operator publishes its metrics (every 1024
+    /// records, when it goes idle, at most every 50 ms), for a function that publishes
+    /// figures of its own at the same cadence. The default does nothing.
+    fn metrics_published(&self) {}
 }
 
 /// An [`AsyncFunction`] made from a closure that returns a future: no trait impl, no boxing.

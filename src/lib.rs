@@ -88,8 +88,8 @@ pub use engine::{
     default_shards, hash_key, locked_memory_per_shard, memlock_limit, plan, shards_that_fit,
     usable_cores, Consumer, KeyFn, OnShards, Output, Pinning, Producer, RecvTimedOut, Routing,
     ShardContext, ShardPlacement, ShardSink, SinkCheckpoint, SinkError, SourceItem, Stage,
-    StageBuilder, StageHandle, DEFAULT_IO_MEMORY, DEFAULT_RING_DEPTH, MAX_CAPACITY, MAX_SHARDS,
-    MIN_CHANNEL_CAPACITY, QUEUE_WAIT_SAMPLE,
+    StageBuilder, StageHandle, StageObserver, DEFAULT_IO_MEMORY, DEFAULT_RING_DEPTH, MAX_CAPACITY,
+    MAX_SHARDS, MIN_CHANNEL_CAPACITY, QUEUE_WAIT_SAMPLE,
 };
 pub use error::{BuildError, PushError, StageError};
 pub use function::{from_fn, AsyncFunction, Fallback, FnFunction, Outputs, OutputsIter};

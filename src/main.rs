@@ -179,6 +179,11 @@ struct EnrichArgs {
     /// Also write the summary as JSON here.
     #[arg(long)]
     metrics_json: Option<PathBuf>,
+    /// Serve the run's metrics at http://HOST:PORT/metrics in the Prometheus text format
+    /// while it runs (records, latency histograms, retries, lookups and cache, NATS acks and
+    /// partitions).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
     /// Take exactly-once checkpoints here and resume from the newest one when re-run with the
     /// same command (needs --input FILE and --output FILE). A finished run leaves a
     /// `completed` marker, and a re-run then does nothing.
@@ -590,6 +595,7 @@ fn enrich_config(
         emit_watermarks: args.emit_watermarks,
         checkpoint_dir: args.checkpoint_dir,
         checkpoint_interval: args.checkpoint_interval,
+        metrics_addr: args.metrics_addr,
     })
 }
 

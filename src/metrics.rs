@@ -3,7 +3,10 @@
 //!
 //! Owns: what is counted and when it becomes visible. Invariant: the operator updates plain
 //! local fields on its hot path and publishes a copy at most every `PUBLISH_EVERY` records, when
-//! it goes idle, and at the end, so readers never contend with the per-record path.
+//! it goes idle (at most every `PUBLISH_IDLE_INTERVAL`: an operator that goes idle sooner
+//! after a publish arms its timer for [`OperatorMetrics::publish_due`], so what it did last is
+//! published even if it then stays idle for good), and at the end, so readers never contend
+//! with the per-record path.
 
 use hdrhistogram::Histogram;
 use std::sync::{Arc, Mutex};
@@ -85,6 +88,8 @@ pub(crate) struct OperatorMetrics {
     pub(crate) local: MetricsSnapshot,
     unpublished: u64,
     last_publish: Option<Instant>,
+    /// Records in at the last publish.
+    published_in: u64,
     cell: Option<MetricsCell>,
 }
 
@@ -94,6 +99,7 @@ impl OperatorMetrics {
             local: MetricsSnapshot::default(),
             unpublished: 0,
             last_publish: None,
+            published_in: 0,
             cell,
         }
     }
@@ -102,30 +108,45 @@ impl OperatorMetrics {
         hist.saturating_record((d.as_micros() as u64).clamp(1, HIGHEST_US));
     }
 
-    /// Counts an emitted record; publishes every `PUBLISH_EVERY`.
-    pub(crate) fn emitted(&mut self, invoke_to_emit: Duration, in_flight: usize) {
+    /// Counts an emitted record; publishes every `PUBLISH_EVERY` (and says so).
+    pub(crate) fn emitted(&mut self, invoke_to_emit: Duration, in_flight: usize) -> bool {
         self.local.records_out += 1;
         Self::record_latency(&mut self.local.invoke_to_emit_us, invoke_to_emit);
         self.unpublished += 1;
         if self.unpublished >= PUBLISH_EVERY {
             self.publish(in_flight);
+            return true;
         }
+        false
     }
 
-    /// Publishes when going idle, unless a publish happened recently.
-    pub(crate) fn publish_if_stale(&mut self, now: Instant, in_flight: usize) {
+    /// Publishes when going idle, unless a publish happened recently; says whether it did.
+    pub(crate) fn publish_if_stale(&mut self, now: Instant, in_flight: usize) -> bool {
         let stale = self
             .last_publish
             .is_none_or(|at| now.saturating_duration_since(at) >= PUBLISH_IDLE_INTERVAL);
         if stale && self.cell.is_some() {
             self.last_publish = Some(now);
             self.publish(in_flight);
+            return true;
+        }
+        false
+    }
+
+    /// When the figures not published yet are due (an idle operator arms its timer for it),
+    /// if anything was counted since the last publish.
+    pub(crate) fn publish_due(&self) -> Option<Instant> {
+        let changed = self.unpublished > 0 || self.local.records_in != self.published_in;
+        match (&self.cell, self.last_publish) {
+            (Some(_), Some(at)) if changed => Some(at + PUBLISH_IDLE_INTERVAL),
+            _ => None,
         }
     }
 
     pub(crate) fn publish(&mut self, in_flight: usize) {
         self.local.in_flight = in_flight as u64;
         self.unpublished = 0;
+        self.published_in = self.local.records_in;
         if let Some(cell) = &self.cell {
             let mut shared = cell.lock().unwrap_or_else(|p| p.into_inner());
             shared.clone_from(&self.local);

@@ -498,7 +498,9 @@ where
         match state {
             SlotState::Done(outputs) => {
                 let latency = now.saturating_duration_since(s.first_invoke_at);
-                self.metrics.emitted(latency, occupied);
+                if self.metrics.emitted(latency, occupied) {
+                    self.func.metrics_published();
+                }
                 Emitted::Record {
                     seq: s.seq,
                     outputs,
@@ -643,13 +645,19 @@ where
                 this.metrics.publish(0);
                 return Poll::Ready(None);
             }
-            if let Some(at) = this.next_wake() {
+            if this.metrics.publish_if_stale(now, this.occupied()) {
+                this.func.metrics_published();
+            }
+            let wake = match (this.next_wake(), this.metrics.publish_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(at) = wake {
                 if this.timer.poll_at(at, cx).is_ready() {
                     this.refresh_now();
                     continue;
                 }
             }
-            this.metrics.publish_if_stale(now, this.occupied());
             // Time passes while pending: read the clock on the next poll.
             this.polls_since_now = POLLS_PER_CLOCK_READ;
             return Poll::Pending;

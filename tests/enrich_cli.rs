@@ -1014,3 +1014,122 @@ fn a_real_redis_that_stops_mid_run_is_handled_by_retry_and_timeout_policy() {
         "enriched records carry the profile, the others do not"
     );
 }
+
+/// `GET /metrics` on `port`: the body of a 200, or the status line of anything else.
+fn scrape(port: u16, path: &str) -> Result<String, String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    let status = head.lines().next().unwrap().to_string();
+    if status.contains(" 200 ") {
+        assert!(head.contains("application/openmetrics-text"), "{head}");
+        Ok(body.to_string())
+    } else {
+        Err(status)
+    }
+}
+
+/// A sample's value in a scrape: `name` followed by a space.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_addr_serves_the_running_counts_in_the_prometheus_format() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Standard input left open: the run is alive (and idle) while it is scraped.
+    let mut child = sluice()
+        .args([
+            "enrich",
+            "--loadgen",
+            "--key",
+            "user:{user_id}",
+            "--shards",
+            "2",
+        ])
+        .args(["--on-bad-record", "skip"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for n in 0..500 {
+        writeln!(stdin, r#"{{"n":{n},"user_id":"user_{:06}"}}"#, n % 50).unwrap();
+    }
+    writeln!(stdin, "not json").unwrap();
+    stdin.flush().unwrap();
+    // Each part publishes on its own cadence (the writer's counts every 100 ms, the shards'
+    // when they go idle): scrape until all have caught up with the input.
+    let expected = [
+        ("sluice_lines_read_total", 501.0),
+        ("sluice_lookups_total", 500.0),
+        ("sluice_records_enriched_total", 500.0),
+        ("sluice_records_bad_skipped_total", 1.0),
+        ("sluice_lines_in_flight", 0.0),
+        ("sluice_stage_records_out_total", 501.0),
+        // The bad record passes through the stage (with no lookup) and is timed too.
+        ("sluice_latency_seconds_count", 501.0),
+        ("sluice_latency_seconds_bucket{le=\"+Inf\"}", 501.0),
+    ];
+    let started = std::time::Instant::now();
+    let body = loop {
+        let body = scrape(port, "/metrics").unwrap_or_default();
+        if expected
+            .iter()
+            .all(|&(name, value)| sample(&body, name) == Some(value))
+        {
+            break body;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the counts never reached {expected:?}:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Coalesced or not, every lookup is accounted for by a request or a share of one.
+    let requests = sample(&body, "sluice_backend_requests_total").unwrap();
+    let coalesced = sample(&body, "sluice_lookups_coalesced_total").unwrap();
+    assert_eq!(requests + coalesced, 500.0, "{body}");
+    assert!(
+        body.contains("# TYPE sluice_latency_seconds histogram"),
+        "{body}"
+    );
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    assert_eq!(scrape(port, "/"), Err("HTTP/1.1 404 Not Found".into()));
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_metrics_addr_that_cannot_be_served_is_refused_by_name() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for bad in ["nowhere", addr.as_str()] {
+        let out = sluice()
+            .args(["enrich", "--loadgen", "--key", "user:{user_id}"])
+            .args(["--metrics-addr", bad])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("--metrics-addr {bad}")),
+            "{stderr}"
+        );
+    }
+}

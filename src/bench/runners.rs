@@ -710,7 +710,7 @@ impl AsyncFunction for KeyLookup {
 
     fn close(&mut self) {
         if let Some(sinks) = &self.sinks {
-            sinks.add(self.lookups.backend().wire_latency(), &self.lookups);
+            sinks.add(None, self.lookups.backend().wire_latency(), &self.lookups);
         }
     }
 }

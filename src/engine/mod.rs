@@ -336,6 +336,24 @@ where
         })
 }
 
+/// Reads a stage's metrics from any thread, for as long as it is kept: what each shard last
+/// published (they publish as they run, and a last time when they end).
+#[derive(Clone)]
+pub struct StageObserver {
+    cells: Vec<MetricsCell>,
+}
+
+impl StageObserver {
+    /// All shards' metrics merged.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let mut total = MetricsSnapshot::default();
+        for cell in &self.cells {
+            total.merge(&cell.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        total
+    }
+}
+
 /// Observes and joins a running stage.
 pub struct StageHandle {
     cells: Vec<MetricsCell>,
@@ -376,11 +394,14 @@ impl StageHandle {
 
     /// All shards' metrics merged.
     pub fn metrics(&self) -> MetricsSnapshot {
-        let mut total = MetricsSnapshot::default();
-        for shard in self.shard_metrics() {
-            total.merge(&shard);
+        self.observer().metrics()
+    }
+
+    /// A reader of the shards' metrics that another thread can keep (a metrics endpoint).
+    pub fn observer(&self) -> StageObserver {
+        StageObserver {
+            cells: self.cells.clone(),
         }
-        total
     }
 
     /// Waits for every shard thread to end (after the input finished and the consumer read

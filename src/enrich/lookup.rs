@@ -56,8 +56,11 @@ pub(crate) struct Enrich {
     lookups: Lookups<Backend>,
     /// Found values count against the run's byte budget until the writer handled them.
     budget: Arc<Budget>,
-    /// Where `close` adds this shard's wire times and layer figures (for the summary).
+    /// Where `close` adds this shard's wire times and layer figures (for the summary), and
+    /// where its layer figures so far are published with the operator's metrics (for
+    /// `--metrics-addr`).
     sinks: Sinks,
+    slot: usize,
 }
 
 impl Enrich {
@@ -86,6 +89,7 @@ impl Enrich {
         Enrich {
             lookups: Lookups::new(backend, layer),
             budget,
+            slot: sinks.slot(),
             sinks,
         }
     }
@@ -148,9 +152,16 @@ impl AsyncFunction for Enrich {
         }))
     }
 
+    fn metrics_published(&self) {
+        self.sinks.publish(self.slot, self.lookups.stats());
+    }
+
     fn close(&mut self) {
-        self.sinks
-            .add(self.lookups.backend().wire_latency(), &self.lookups);
+        self.sinks.add(
+            Some(self.slot),
+            self.lookups.backend().wire_latency(),
+            &self.lookups,
+        );
     }
 
     fn on_error(&self, input: &Arc<Line>, error: &EnrichError) -> Fallback<Enriched> {

@@ -26,6 +26,7 @@
 pub(crate) mod backend;
 mod budget;
 mod error;
+mod exporter;
 mod fields;
 mod files;
 mod guard;
@@ -87,6 +88,8 @@ pub struct EnrichConfig {
     pub key: KeyTemplate,
     /// NATS JetStream in and out instead of `input` and `output` (`nats_io.rs`).
     pub nats: Option<NatsEnds>,
+    /// Serve the run's metrics there in the Prometheus text format (`exporter.rs`).
+    pub metrics_addr: Option<String>,
     /// `None`: standard input.
     pub input: Option<PathBuf>,
     /// `None`: standard output.
@@ -187,12 +190,17 @@ pub fn run(
         });
     }
     let budget = Arc::new(Budget::new(config.max_bytes_held));
+    let exporter = match &config.metrics_addr {
+        Some(addr) => Some(exporter::Exporter::start(addr)?),
+        None => None,
+    };
     let run = Run {
         config,
         cluster,
         budget,
         stop,
         started,
+        exporter,
     };
     if on_shard::applies(config) {
         on_shard::run(&run, progress)
@@ -208,6 +216,8 @@ pub(crate) struct Run<'a> {
     pub budget: Arc<Budget>,
     pub stop: Arc<Stop>,
     pub started: Instant,
+    /// `--metrics-addr`'s endpoint.
+    pub exporter: Option<exporter::Exporter>,
 }
 
 /// How a run ended, for its summary.
@@ -232,6 +242,9 @@ fn run_threads(
     startup::check_restored(config, restored.as_ref())?;
     let files = startup::open_files(config, restored.as_ref())?;
     let (producer, mut consumer, handle) = stage.split();
+    if let Some(e) = &run.exporter {
+        e.attach_stage(handle.observer(), sinks.clone());
+    }
     let mut files = files;
     let mut nats = None;
     if let Some(ends) = &config.nats {
@@ -240,6 +253,9 @@ fn run_threads(
         let max_ack_pending = (4 * config.capacity * shards).max(256);
         let (lines, input_thread, pending) =
             nats_io::start_input(&ends.input, max_ack_pending, counts.clone(), stop.clone())?;
+        if let Some(e) = &run.exporter {
+            e.attach_nats(counts.clone());
+        }
         files.input.input = Box::new(lines);
         let output =
             nats_io::OutputThread::start(&ends.output, pending, counts.clone(), stop.clone())?;
@@ -320,7 +336,11 @@ pub(crate) fn report_progress(
     summary.retries = handle.sum(|m| m.retries);
     summary.elapsed_s = run.started.elapsed().as_secs_f64();
     let accepted = state.accepted.load(Ordering::Relaxed);
-    progress(summary, accepted.saturating_sub(handled));
+    let in_flight = accepted.saturating_sub(handled);
+    if let Some(e) = &run.exporter {
+        e.update(summary, in_flight);
+    }
+    progress(summary, in_flight);
 }
 
 /// The run's summary from what its writer counted and how it ended; marks a checkpointed

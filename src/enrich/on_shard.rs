@@ -229,6 +229,9 @@ pub(crate) fn run(
     let mut handle = stage
         .run(source, sink)
         .map_err(|e| EnrichError::Stage(e.to_string()))?;
+    if let Some(e) = &run.exporter {
+        e.attach_stage(handle.observer(), sinks.clone());
+    }
     let mut last_progress = Instant::now();
     let mut at_once = false;
     while !handle.finished() {

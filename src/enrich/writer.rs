@@ -109,6 +109,11 @@ impl Writer {
                     if let Err(e) = self.flush() {
                         return Ended::Failed(e);
                     }
+                    // Idle (a stream with nothing new): the counts so far are still reported.
+                    if last_progress.elapsed() >= PROGRESS_EVERY {
+                        progress(&mut self.summary, self.handled);
+                        last_progress = Instant::now();
+                    }
                     continue;
                 }
                 Ok(None) => return Ended::Finished,
