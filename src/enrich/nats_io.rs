@@ -39,8 +39,10 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::StreamExt;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io::{BufRead, Read};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -648,14 +650,21 @@ enum Outcome {
     Done(u64),
 }
 
-/// The writer's side of the output thread.
+/// The writer's side of the output thread: outcomes are handed over in batches, of what the
+/// writer had at hand when the stage had nothing more ready (or `BATCH` of them), so a busy
+/// run wakes the output thread once per batch, not once per record, and a trickle is handed
+/// over record by record, without waiting.
 pub(crate) struct OutputThread {
-    tx: Option<tokio::sync::mpsc::Sender<Outcome>>,
+    batch: Vec<Outcome>,
+    tx: Option<tokio::sync::mpsc::Sender<Vec<Outcome>>>,
     thread: Option<JoinHandle<()>>,
 }
 
 /// Publish acks awaited at once, at most.
 const PUBLISHES_IN_FLIGHT: usize = 256;
+
+/// Outcomes in a batch, at most.
+const BATCH: usize = 256;
 
 impl OutputThread {
     pub(crate) fn start(
@@ -668,36 +677,54 @@ impl OutputThread {
         let sink = rt
             .block_on(JetStreamSink::connect(&output.server, &output.subject))
             .map_err(|e| EnrichError::Usage(format!("--output: {e}")))?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Outcome>(1024);
-        let ends = Ends {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Outcome>>(16);
+        let out = Out {
+            sink,
             pending,
             counts,
             stop,
         };
         let thread = std::thread::Builder::new()
             .name("sluice-nats-out".into())
-            .spawn(move || rt.block_on(publish(sink, rx, ends)))
+            .spawn(move || rt.block_on(publish(Rc::new(out), rx)))
             .map_err(|e| EnrichError::Usage(format!("cannot start the NATS thread: {e}")))?;
         Ok(OutputThread {
+            batch: Vec::with_capacity(BATCH),
             tx: Some(tx),
             thread: Some(thread),
         })
     }
 
-    pub(crate) fn publish(&self, line: u64, bytes: Vec<u8>) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.blocking_send(Outcome::Publish(line, bytes.into()));
+    fn push(&mut self, outcome: Outcome) {
+        self.batch.push(outcome);
+        if self.batch.len() >= BATCH {
+            self.hand_over();
         }
     }
 
-    pub(crate) fn done(&self, line: u64) {
+    pub(crate) fn publish(&mut self, line: u64, bytes: Vec<u8>) {
+        self.push(Outcome::Publish(line, bytes.into()));
+    }
+
+    pub(crate) fn done(&mut self, line: u64) {
+        self.push(Outcome::Done(line));
+    }
+
+    /// Hands the outcomes gathered so far to the output thread (waiting while it is
+    /// `16 x BATCH` outcomes behind).
+    pub(crate) fn hand_over(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
         if let Some(tx) = &self.tx {
-            let _ = tx.blocking_send(Outcome::Done(line));
+            let _ = tx.blocking_send(batch);
         }
     }
 
     /// Waits until every output handed over is published and its delivery acknowledged.
     pub(crate) fn finish(&mut self) {
+        self.hand_over();
         self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -705,61 +732,69 @@ impl OutputThread {
     }
 }
 
-/// What the output thread's tasks share.
-#[derive(Clone)]
-struct Ends {
+/// What the output thread's tasks share (one thread: an `Rc` per task).
+struct Out {
+    sink: JetStreamSink,
     pending: Arc<Pending>,
     counts: Arc<NatsCounts>,
     stop: Arc<Stop>,
 }
 
-impl Ends {
-    async fn ack_line(self, line: u64) {
-        if let Some(delivery) = self.pending.take(line) {
-            ack_until_done(&delivery, &self.counts, &self.stop).await;
+async fn ack_line(out: Rc<Out>, line: u64) {
+    if let Some(delivery) = out.pending.take(line) {
+        ack_until_done(&delivery, &out.counts, &out.stop).await;
+    }
+}
+
+/// Sends line `line`'s output; the future returned waits for its publish ack (and publishes
+/// again until it is stored) and gives the line back.
+async fn send(out: &Rc<Out>, line: u64, id: String, bytes: Bytes) -> impl Future<Output = u64> {
+    let first = out.sink.publish(&id, bytes.clone()).await;
+    let out = out.clone();
+    async move {
+        let stored = match first {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match stored {
+            Ok(stored) => out.counts.stored(stored),
+            // Rare: kept out of the common future, which is moved once per record.
+            Err(_) => Box::pin(publish_until_done(&out, &id, bytes)).await,
         }
+        line
     }
 }
 
 /// Publishes in the order handed over (so an ordered run's outputs are stored in input order),
 /// with up to `PUBLISHES_IN_FLIGHT` publish acks awaited at once, and acknowledges each
 /// delivery after its output's ack.
-async fn publish(sink: JetStreamSink, mut rx: tokio::sync::mpsc::Receiver<Outcome>, ends: Ends) {
+async fn publish(out: Rc<Out>, mut rx: tokio::sync::mpsc::Receiver<Vec<Outcome>>) {
     let mut publishes = FuturesOrdered::new();
     let mut acks = FuturesUnordered::new();
+    let mut queue: VecDeque<Outcome> = VecDeque::new();
     let mut open = true;
     loop {
+        // Sent here, in the order handed over; only the acks are awaited together.
+        while publishes.len() < PUBLISHES_IN_FLIGHT {
+            match queue.pop_front() {
+                Some(Outcome::Publish(line, bytes)) => match out.pending.ready(line) {
+                    Ready::Publish(id) => publishes.push_back(send(&out, line, id, bytes).await),
+                    Ready::Fenced => {
+                        out.counts.fenced.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ready::Gone => {}
+                },
+                Some(Outcome::Done(line)) => acks.push(ack_line(out.clone(), line)),
+                None => break,
+            }
+        }
         tokio::select! {
-            outcome = rx.recv(), if open && publishes.len() < PUBLISHES_IN_FLIGHT => match outcome {
-                Some(Outcome::Publish(line, bytes)) => {
-                    let id = match ends.pending.ready(line) {
-                        Ready::Publish(id) => id,
-                        Ready::Fenced => {
-                            ends.counts.fenced.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        Ready::Gone => continue,
-                    };
-                    // Sent here, in the order handed over; only the acks are awaited together.
-                    let first = sink.publish(&id, bytes.clone()).await;
-                    let (sink, ends) = (sink.clone(), ends.clone());
-                    publishes.push_back(async move {
-                        let stored = match first {
-                            Ok(ack) => ack.await,
-                            Err(e) => Err(e),
-                        };
-                        match stored {
-                            Ok(stored) => ends.counts.stored(stored),
-                            Err(_) => publish_until_done(&sink, &id, bytes, &ends).await,
-                        }
-                        line
-                    });
-                }
-                Some(Outcome::Done(line)) => acks.push(ends.clone().ack_line(line)),
+            batch = rx.recv(), if open && queue.is_empty() => match batch {
+                Some(batch) => queue.extend(batch),
                 None => open = false,
             },
             Some(line) = publishes.next(), if !publishes.is_empty() => {
-                acks.push(ends.clone().ack_line(line));
+                acks.push(ack_line(out.clone(), line));
             }
             Some(()) = acks.next(), if !acks.is_empty() => {}
             else => break,
@@ -771,18 +806,18 @@ async fn publish(sink: JetStreamSink, mut rx: tokio::sync::mpsc::Receiver<Outcom
 /// backoff) until the output stream acknowledges or the run is stopped at once. A retried
 /// output may be stored after outputs sent later (the broker was failing): each is still
 /// stored once.
-async fn publish_until_done(sink: &JetStreamSink, id: &str, bytes: Bytes, ends: &Ends) {
+async fn publish_until_done(out: &Out, id: &str, bytes: Bytes) {
     let mut wait = Duration::from_millis(50);
     loop {
-        let sent = match sink.publish(id, bytes.clone()).await {
+        let sent = match out.sink.publish(id, bytes.clone()).await {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
         };
         match sent {
-            Ok(stored) => return ends.counts.stored(stored),
-            Err(_) if ends.stop.at_once() => return,
+            Ok(stored) => return out.counts.stored(stored),
+            Err(_) if out.stop.at_once() => return,
             Err(e) => {
-                ends.counts.retried.fetch_add(1, Ordering::Relaxed);
+                out.counts.retried.fetch_add(1, Ordering::Relaxed);
                 eprintln!("sluice enrich: publishing {id}: {e} (trying again)");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));

@@ -96,6 +96,10 @@ impl Writer {
             let ready = match consumer.recv_timeout(Duration::ZERO) {
                 Ok(item) => Ok(item),
                 Err(RecvTimedOut) => {
+                    // Nothing more at hand: what was gathered for NATS goes now.
+                    if let Some(nats) = &mut self.nats {
+                        nats.hand_over();
+                    }
                     if self.last_flush.elapsed() >= MAX_FLUSH_DELAY {
                         if let Err(e) = self.flush() {
                             return Ended::Failed(e);
@@ -175,7 +179,7 @@ impl Writer {
         let action = self.policies.decide(enriched);
         self.budget.release(held);
         let s = &mut self.summary;
-        if let Some(nats) = &self.nats {
+        if let Some(nats) = &mut self.nats {
             match action {
                 Action::Write(fields, count) => {
                     let mut bytes = Vec::with_capacity(256);
@@ -211,6 +215,9 @@ impl Writer {
     /// Writes out what the files buffer.
     pub(crate) fn flush(&mut self) -> Result<(), EnrichError> {
         self.last_flush = Instant::now();
+        if let Some(nats) = &mut self.nats {
+            nats.hand_over();
+        }
         let dead = self.dead_letters.flush(&mut self.summary);
         self.output.flush(&mut self.summary).and(dead)
     }
