@@ -157,6 +157,7 @@ fn outputs_are_stored_once_through_a_crash_between_publish_and_ack() {
             ack_wait: Duration::from_secs(30),
             resume_in_order: true,
             filter_subject: None,
+            ack_all: false,
         };
         let first = run(&source, &url, &out_subject, 350, 250).await;
         assert_eq!(first, (350, 0, 250));

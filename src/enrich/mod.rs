@@ -251,14 +251,26 @@ fn run_threads(
         let counts = Arc::new(nats_io::NatsCounts::default());
         let shards = config.shards.unwrap_or(1).max(1);
         let max_ack_pending = (4 * config.capacity * shards).max(256);
-        let (lines, input_thread, pending) =
-            nats_io::start_input(&ends.input, max_ack_pending, counts.clone(), stop.clone())?;
+        // Ordered: outcomes come in input order, so a consumer's prefix is acknowledged at once.
+        let ack_all = config.mode == crate::OutputMode::Ordered;
+        let (lines, input_thread, pending) = nats_io::start_input(
+            &ends.input,
+            max_ack_pending,
+            ack_all,
+            counts.clone(),
+            stop.clone(),
+        )?;
         if let Some(e) = &run.exporter {
             e.attach_nats(counts.clone());
         }
         files.input.input = Box::new(lines);
-        let output =
-            nats_io::OutputThread::start(&ends.output, pending, counts.clone(), stop.clone())?;
+        let output = nats_io::OutputThread::start(
+            &ends.output,
+            ack_all,
+            pending,
+            counts.clone(),
+            stop.clone(),
+        )?;
         nats = Some((output, input_thread, counts));
     }
     let threads = Threads::start(config, producer, files.input, &run.budget, stop)?;

@@ -17,7 +17,15 @@
 //!   redelivered, and its output, published again, dropped as a duplicate;
 //! - the consumer is re-created from its acknowledgement floor at start, so a restarted run
 //!   resumes in stream order (an ordered run's outputs stay in input order across a crash);
-//! - a blank payload is acknowledged at once and never becomes a line;
+//! - in an ordered run the consumers acknowledge prefixes (ack policy `all`): outcomes reach the
+//!   output thread in input order, lines that write nothing take their turn among the
+//!   publishes, and one ack per consumer covers every line done before it, sent every
+//!   `ACK_WINDOW` lines done and whenever nothing is left in flight; a redelivery out of stream
+//!   order re-opens the consumer from its acknowledgement floor, so an ack's prefix is always a
+//!   prefix of the stream; unordered and key-ordered runs acknowledge each message;
+//! - a blank payload never becomes a line; it is acknowledged at once (with the `all` policy
+//!   only when no message before it from its consumer is still in flight: else the ack of a
+//!   later message covers it);
 //! - outputs are sent in the order the writer handed them over (input order in ordered mode)
 //!   and only their acks are awaited together, so a healthy broker stores them in that order;
 //! - a publish or an ack that fails (NATS restarting) is tried again with backoff until it
@@ -37,6 +45,7 @@ use crate::nats::group::{Group, GroupConfig, Leases};
 use crate::nats::{Delivery, JetStreamSink, JetStreamSource, NatsError, Published, SourceConfig};
 use async_nats::jetstream;
 use bytes::Bytes;
+use futures::future::Either;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::StreamExt;
 use std::collections::{HashMap, VecDeque};
@@ -270,8 +279,13 @@ impl Pending {
         self.deliveries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take(&self, line: u64) -> Option<Delivery> {
-        self.lock().remove(&line).map(|e| e.delivery)
+    fn take(&self, line: u64) -> Option<Entry> {
+        self.lock().remove(&line)
+    }
+
+    /// Whether a delivery read under `lease` (from the same consumer) is still in the table.
+    fn holds_from(&self, lease: Option<(u32, u64)>) -> bool {
+        self.lock().values().any(|e| e.lease == lease)
     }
 
     fn ready(&self, line: u64) -> Ready {
@@ -358,7 +372,7 @@ impl InputThread {
 
 /// What the input thread runs: one source, or a group's partitions.
 enum Sources {
-    One(JetStreamSource),
+    One(Box<Opened>),
     Group {
         group: Box<Group>,
         js: jetstream::Context,
@@ -372,6 +386,7 @@ enum Sources {
 pub(crate) fn start_input(
     input: &NatsInput,
     max_ack_pending: usize,
+    ack_all: bool,
     counts: Arc<NatsCounts>,
     stop: Arc<Stop>,
 ) -> Result<(ChannelLines, InputThread, Arc<Pending>), EnrichError> {
@@ -383,14 +398,29 @@ pub(crate) fn start_input(
         ack_wait: Duration::from_secs(30),
         resume_in_order: true,
         filter_subject: None,
+        ack_all,
     };
     let rt = runtime()?;
     let usage = |e: NatsError| EnrichError::Usage(format!("--input: {e}"));
     let sources = match &input.group {
-        None => Sources::One(
-            rt.block_on(JetStreamSource::connect(&config))
-                .map_err(usage)?,
-        ),
+        None => Sources::One(Box::new(
+            rt.block_on(async {
+                let server = config.server.as_str();
+                let client = async_nats::connect(server).await.map_err(|e| NatsError {
+                    server: server.to_string(),
+                    step: "connect",
+                    reason: e.to_string(),
+                })?;
+                let js = jetstream::new(client);
+                let source = JetStreamSource::open(&js, &config).await?;
+                Ok(Opened {
+                    source,
+                    js,
+                    config: config.clone(),
+                })
+            })
+            .map_err(usage)?,
+        )),
         Some(spec) => rt
             .block_on(async {
                 let server = config.server.as_str();
@@ -423,6 +453,7 @@ pub(crate) fn start_input(
     let done = Arc::new(AtomicBool::new(false));
     let feed = Feed {
         tx,
+        ack_all,
         pending: pending.clone(),
         counts,
         stop: stop.clone(),
@@ -462,6 +493,8 @@ type Pulled = (Delivery, Option<(u32, u64)>);
 /// The input thread's state.
 struct Feed {
     tx: flume::Sender<Vec<u8>>,
+    /// The consumers' ack policy is `all` (an ordered run).
+    ack_all: bool,
     pending: Arc<Pending>,
     counts: Arc<NatsCounts>,
     stop: Arc<Stop>,
@@ -474,8 +507,8 @@ impl Feed {
     async fn run(self, sources: Sources) {
         let (dtx, mut drx) = tokio::sync::mpsc::channel::<Pulled>(256);
         let leases = match sources {
-            Sources::One(source) => {
-                tokio::spawn(pull(source, None, dtx));
+            Sources::One(opened) => {
+                tokio::spawn(pull(*opened, None, dtx));
                 None
             }
             Sources::Group {
@@ -507,7 +540,12 @@ impl Feed {
                 self.counts.redelivered.fetch_add(1, Ordering::Relaxed);
             }
             if delivery.payload.iter().all(u8::is_ascii_whitespace) {
-                ack_until_done(&delivery, &self.counts, &self.stop).await;
+                // With the `all` policy its ack would acknowledge the messages before it still
+                // in flight: it is left to the ack of a later message (or, when none comes, to
+                // its redelivery once they are done).
+                if !self.ack_all || !self.pending.holds_from(lease) {
+                    ack_until_done(&delivery, 1, &self.counts, &self.stop).await;
+                }
                 continue;
             }
             let mut text: Vec<u8> = delivery
@@ -532,16 +570,39 @@ impl Feed {
     }
 }
 
+/// A source, with what opens it again.
+struct Opened {
+    source: JetStreamSource,
+    js: jetstream::Context,
+    config: SourceConfig,
+}
+
 /// Pulls a source's messages into `out`, each with `lease`, until `out` is closed (or the
-/// task is aborted: its partition was lost).
-async fn pull(
-    mut source: JetStreamSource,
-    lease: Option<(u32, u64)>,
-    out: tokio::sync::mpsc::Sender<Pulled>,
-) {
+/// task is aborted: its partition was lost). With the `all` ack policy, a message delivered
+/// out of stream order (a redelivery: the server lost acks in a restart, or an ack wait ran
+/// out) would break the prefix an ack stands for, so the consumer is opened again from its
+/// acknowledgement floor and read on in order; what was already handed over finishes (its
+/// outputs, published again, are dropped as duplicates).
+async fn pull(opened: Opened, lease: Option<(u32, u64)>, out: tokio::sync::mpsc::Sender<Pulled>) {
+    let Opened {
+        mut source,
+        js,
+        config,
+    } = opened;
+    let mut last = 0u64;
     while let Some(next) = source.next().await {
         match next {
+            Ok(delivery) if config.ack_all && delivery.sequence <= last => {
+                eprintln!(
+                    "sluice enrich: {} redelivered out of order: reading on from the \
+                     consumer's acknowledgement floor",
+                    delivery.msg_id()
+                );
+                source = reopen(&js, &config).await;
+                last = 0;
+            }
             Ok(delivery) => {
+                last = delivery.sequence;
                 if out.send((delivery, lease)).await.is_err() {
                     return;
                 }
@@ -549,6 +610,22 @@ async fn pull(
             Err(e) => {
                 eprintln!("sluice enrich: {e} (pulling again)");
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Opens `config`'s consumer again (re-created from its acknowledgement floor), trying until
+/// it opens.
+async fn reopen(js: &jetstream::Context, config: &SourceConfig) -> JetStreamSource {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match JetStreamSource::open(js, config).await {
+            Ok(source) => return source,
+            Err(e) => {
+                eprintln!("sluice enrich: {e} (trying again)");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
             }
         }
     }
@@ -599,7 +676,12 @@ async fn keep_leases(
             match JetStreamSource::open(&js, &partition).await {
                 Ok(source) => {
                     let lease = Some((p, leases.epoch(p)));
-                    tasks.insert(p, tokio::spawn(pull(source, lease, out.clone())));
+                    let opened = Opened {
+                        source,
+                        js: js.clone(),
+                        config: partition,
+                    };
+                    tasks.insert(p, tokio::spawn(pull(opened, lease, out.clone())));
                     eprintln!("sluice enrich: partition {p} taken");
                 }
                 // Not read: given back, for this member or another to take again.
@@ -625,7 +707,8 @@ async fn keep_leases(
 
 /// Acknowledges, trying again (with backoff) until the server confirms or the run is stopped
 /// at once.
-async fn ack_until_done(delivery: &Delivery, counts: &NatsCounts, stop: &Stop) {
+/// `covered`: the messages the ack acknowledges (more than one with the `all` ack policy).
+async fn ack_until_done(delivery: &Delivery, covered: u64, counts: &NatsCounts, stop: &Stop) {
     let mut wait = Duration::from_millis(50);
     while let Err(e) = delivery.ack().await {
         if stop.at_once() {
@@ -639,7 +722,7 @@ async fn ack_until_done(delivery: &Delivery, counts: &NatsCounts, stop: &Stop) {
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(2));
     }
-    counts.acked.fetch_add(1, Ordering::Relaxed);
+    counts.acked.fetch_add(covered, Ordering::Relaxed);
 }
 
 /// What the writer tells the output thread about a line.
@@ -667,8 +750,10 @@ const PUBLISHES_IN_FLIGHT: usize = 256;
 const BATCH: usize = 256;
 
 impl OutputThread {
+    /// `ack_all`: outcomes come in input order and the consumers' ack policy is `all`.
     pub(crate) fn start(
         output: &NatsOutput,
+        ack_all: bool,
         pending: Arc<Pending>,
         counts: Arc<NatsCounts>,
         stop: Arc<Stop>,
@@ -686,7 +771,7 @@ impl OutputThread {
         };
         let thread = std::thread::Builder::new()
             .name("sluice-nats-out".into())
-            .spawn(move || rt.block_on(publish(Rc::new(out), rx)))
+            .spawn(move || rt.block_on(publish(Rc::new(out), ack_all, rx)))
             .map_err(|e| EnrichError::Usage(format!("cannot start the NATS thread: {e}")))?;
         Ok(OutputThread {
             batch: Vec::with_capacity(BATCH),
@@ -740,11 +825,16 @@ struct Out {
     stop: Arc<Stop>,
 }
 
-async fn ack_line(out: Rc<Out>, line: u64) {
-    if let Some(delivery) = out.pending.take(line) {
-        ack_until_done(&delivery, &out.counts, &out.stop).await;
-    }
+async fn ack(out: Rc<Out>, delivery: Delivery, covered: u64) {
+    ack_until_done(&delivery, covered, &out.counts, &out.stop).await;
 }
+
+/// With the `all` ack policy: per consumer (by the lease its messages were read under), the
+/// last delivery done and how many were done since the last ack.
+type Prefixes = HashMap<Option<(u32, u64)>, (Delivery, u64)>;
+
+/// Completions between two acks of a consumer's prefix, at most, with the `all` ack policy.
+const ACK_WINDOW: u64 = 128;
 
 /// Sends line `line`'s output; the future returned waits for its publish ack (and publishes
 /// again until it is stored) and gives the line back.
@@ -767,26 +857,41 @@ async fn send(out: &Rc<Out>, line: u64, id: String, bytes: Bytes) -> impl Future
 
 /// Publishes in the order handed over (so an ordered run's outputs are stored in input order),
 /// with up to `PUBLISHES_IN_FLIGHT` publish acks awaited at once, and acknowledges each
-/// delivery after its output's ack.
-async fn publish(out: Rc<Out>, mut rx: tokio::sync::mpsc::Receiver<Vec<Outcome>>) {
+/// delivery after its output's ack: on its own, or with `ack_all` (outcomes in input order,
+/// consumers acknowledging prefixes) one ack per consumer for every `ACK_WINDOW` lines done,
+/// and whenever nothing is left in flight. Lines that write nothing take their turn in the
+/// same queue, so a prefix acknowledged is done.
+async fn publish(out: Rc<Out>, ack_all: bool, mut rx: tokio::sync::mpsc::Receiver<Vec<Outcome>>) {
     let mut publishes = FuturesOrdered::new();
     let mut acks = FuturesUnordered::new();
     let mut queue: VecDeque<Outcome> = VecDeque::new();
+    let mut prefixes = Prefixes::new();
+    let mut since_ack = 0u64;
     let mut open = true;
     loop {
         // Sent here, in the order handed over; only the acks are awaited together.
         while publishes.len() < PUBLISHES_IN_FLIGHT {
             match queue.pop_front() {
                 Some(Outcome::Publish(line, bytes)) => match out.pending.ready(line) {
-                    Ready::Publish(id) => publishes.push_back(send(&out, line, id, bytes).await),
+                    Ready::Publish(id) => {
+                        publishes.push_back(Either::Left(send(&out, line, id, bytes).await))
+                    }
                     Ready::Fenced => {
                         out.counts.fenced.fetch_add(1, Ordering::Relaxed);
                     }
                     Ready::Gone => {}
                 },
-                Some(Outcome::Done(line)) => acks.push(ack_line(out.clone(), line)),
+                Some(Outcome::Done(line)) => {
+                    publishes.push_back(Either::Right(futures::future::ready(line)))
+                }
                 None => break,
             }
+        }
+        if ack_all && (since_ack >= ACK_WINDOW || (publishes.is_empty() && !prefixes.is_empty())) {
+            for (_, (delivery, covered)) in prefixes.drain() {
+                acks.push(ack(out.clone(), delivery, covered));
+            }
+            since_ack = 0;
         }
         tokio::select! {
             batch = rx.recv(), if open && queue.is_empty() => match batch {
@@ -794,7 +899,14 @@ async fn publish(out: Rc<Out>, mut rx: tokio::sync::mpsc::Receiver<Vec<Outcome>>
                 None => open = false,
             },
             Some(line) = publishes.next(), if !publishes.is_empty() => {
-                acks.push(ack_line(out.clone(), line));
+                let Some(Entry { delivery, lease }) = out.pending.take(line) else { continue };
+                if ack_all {
+                    let covered = prefixes.remove(&lease).map_or(0, |(_, n)| n) + 1;
+                    prefixes.insert(lease, (delivery, covered));
+                    since_ack += 1;
+                } else {
+                    acks.push(ack(out.clone(), delivery, 1));
+                }
             }
             Some(()) = acks.next(), if !acks.is_empty() => {}
             else => break,

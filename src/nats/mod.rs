@@ -66,6 +66,10 @@ pub struct SourceConfig {
     pub resume_in_order: bool,
     /// Only the stream's messages on this subject (a partition's), if given.
     pub filter_subject: Option<String>,
+    /// Acknowledging a message acknowledges every one before it (the consumer's ack policy
+    /// `all`): one ack per window of messages handled in order, for a program that finishes
+    /// them in stream order. Otherwise each message is acknowledged on its own (`explicit`).
+    pub ack_all: bool,
 }
 
 /// A message from the source, with what acknowledges it.
@@ -142,7 +146,11 @@ impl JetStreamSource {
                 &config.consumer,
                 pull::Config {
                     durable_name: Some(config.consumer.clone()),
-                    ack_policy: AckPolicy::Explicit,
+                    ack_policy: if config.ack_all {
+                        AckPolicy::All
+                    } else {
+                        AckPolicy::Explicit
+                    },
                     ack_wait: config.ack_wait,
                     max_ack_pending: config.max_ack_pending as i64,
                     deliver_policy,

@@ -169,11 +169,11 @@ pub fn finish(
 ) -> String {
     let started = Instant::now();
     while rt.block_on(stored(js, tag)) < count {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the output stream holds {} of {count}",
-            rt.block_on(stored(js, tag))
-        );
+        if started.elapsed() > Duration::from_secs(120) {
+            let held = rt.block_on(stored(js, tag));
+            let stderr = interrupt(child);
+            panic!("the output stream holds {held} of {count}; the run said:\n{stderr}");
+        }
         assert!(child.try_wait().unwrap().is_none(), "the run ended early");
         std::thread::sleep(Duration::from_millis(50));
     }
