@@ -373,12 +373,15 @@ impl InputThread {
 /// What the input thread runs: one source, or a group's partitions.
 enum Sources {
     One(Box<Opened>),
-    Group {
-        group: Box<Group>,
-        js: jetstream::Context,
-        config: SourceConfig,
-        subject: Box<dyn Fn(u32) -> String + Send>,
-    },
+    Group(Box<Partitions>),
+}
+
+/// A group's side of the input: its membership, and what opens a partition's consumer.
+struct Partitions {
+    group: Group,
+    js: jetstream::Context,
+    config: SourceConfig,
+    subject: Box<dyn Fn(u32) -> String + Send>,
 }
 
 /// Starts the input thread: connects (said at once if it cannot) and, in a group, joins it;
@@ -432,17 +435,17 @@ pub(crate) fn start_input(
                 let js = jetstream::new(client);
                 let subject = crate::nats::partition_subjects(&js, server, &config.stream).await?;
                 let group = Group::join(&js, spec, &member_id()).await?;
-                Ok(Sources::Group {
-                    group: Box::new(group),
+                Ok(Sources::Group(Box::new(Partitions {
+                    group,
                     js,
                     config: config.clone(),
                     subject: Box::new(subject),
-                })
+                })))
             })
             .map_err(usage)?,
     };
     let leases = match &sources {
-        Sources::Group { group, .. } => Some(group.leases()),
+        Sources::Group(partitions) => Some(partitions.group.leases()),
         Sources::One(_) => None,
     };
     let pending = Arc::new(Pending {
@@ -511,16 +514,8 @@ impl Feed {
                 tokio::spawn(pull(*opened, None, dtx));
                 None
             }
-            Sources::Group {
-                group,
-                js,
-                config,
-                subject,
-            } => Some(tokio::spawn(keep_leases(
-                *group,
-                js,
-                config,
-                subject,
+            Sources::Group(partitions) => Some(tokio::spawn(keep_leases(
+                *partitions,
                 dtx,
                 self.counts.clone(),
                 self.done.clone(),
@@ -635,17 +630,19 @@ async fn reopen(js: &jetstream::Context, config: &SourceConfig) -> JetStreamSour
 /// starting a pull task (a durable consumer `<consumer>-p<P>` on the partition's subject) for
 /// each partition taken and stopping it for each lost. Ends, leaving the group, once the
 /// outputs are done.
-#[allow(clippy::too_many_arguments)]
 async fn keep_leases(
-    mut group: Group,
-    js: jetstream::Context,
-    config: SourceConfig,
-    subject: Box<dyn Fn(u32) -> String + Send>,
+    partitions: Partitions,
     out: tokio::sync::mpsc::Sender<Pulled>,
     counts: Arc<NatsCounts>,
     done: Arc<AtomicBool>,
     stop: Arc<Stop>,
 ) {
+    let Partitions {
+        mut group,
+        js,
+        config,
+        subject,
+    } = partitions;
     let leases = group.leases();
     let mut tasks: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut next_tick = tokio::time::Instant::now();
