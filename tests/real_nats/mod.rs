@@ -138,13 +138,39 @@ pub async fn outputs(js: &jetstream::Context, tag: &str, count: u64) -> Vec<u64>
     ns
 }
 
-pub fn enrich(url: &str, tag: &str, extra: &[&str]) -> Child {
+/// A `sluice enrich` run, killed (SIGKILL) if it is still running when dropped: a test that
+/// fails leaves no run behind.
+pub struct Run(pub Child);
+
+impl std::ops::Deref for Run {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Run {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+pub fn enrich(url: &str, tag: &str, extra: &[&str]) -> Run {
     enrich_from(&format!("{url}/IN_{tag}?consumer=enrich"), url, tag, extra)
 }
 
 /// `sluice enrich` (ordered, embedded lookups) from `input` to `out.<tag>` at `url`.
-pub fn enrich_from(input: &str, url: &str, tag: &str, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+pub fn enrich_from(input: &str, url: &str, tag: &str, extra: &[&str]) -> Run {
+    Run(Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["enrich", "--loadgen", "--key", "user:{user_id}"])
         .arg("--input")
         .arg(input)
@@ -155,7 +181,7 @@ pub fn enrich_from(input: &str, url: &str, tag: &str, extra: &[&str]) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap())
 }
 
 /// Waits until the output stream holds `count` messages, then stops the run with SIGINT
@@ -165,7 +191,7 @@ pub fn finish(
     js: &jetstream::Context,
     tag: &str,
     count: u64,
-    mut child: Child,
+    mut child: Run,
 ) -> String {
     let started = Instant::now();
     while rt.block_on(stored(js, tag)) < count {
@@ -181,7 +207,7 @@ pub fn finish(
 }
 
 /// Stops a run with SIGINT and returns its stderr, checking that it drained and summarised.
-pub fn interrupt(mut child: Child) -> String {
+pub fn interrupt(mut child: Run) -> String {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let stopping = Instant::now();
