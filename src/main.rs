@@ -507,19 +507,10 @@ fn enrich_config(
     let files = nats.is_none();
     let path = |p: &str| (p != "-" && files).then(|| PathBuf::from(p));
     if nats.is_some() {
-        let dead_letters = args
-            .on_bad_record
-            .iter()
-            .any(|p| p.starts_with("dead-letter"))
-            || [&args.on_timeout, &args.on_error]
-                .iter()
-                .any(|p| p.iter().any(|p| p.starts_with("dead-letter")));
         let refused = if args.checkpoint_dir.is_some() {
             Some("--checkpoint-dir: with NATS ends the acknowledgements are the checkpoint")
         } else if args.emit_watermarks {
             Some("--emit-watermarks: an output stream takes records only")
-        } else if dead_letters {
-            Some("dead-letter policies: a dead-letter file is not acknowledged with the stream (use emit, drop or fail)")
         } else {
             None
         };

@@ -249,3 +249,109 @@ fn three_processes_share_six_partitions_and_one_dies() {
         let _ = js.delete_key_value(format!("sluice_group_{tag}")).await;
     });
 }
+
+/// Bad records dead-lettered to a subject of another stream: each input is in the output
+/// stream or the dead-letter stream, once, and every input is acknowledged (a second run
+/// reads nothing). A dead-letter file, or a subject no stream captures, is refused at start.
+#[test]
+fn dead_letters_go_to_a_stream_and_are_acknowledged_with_it() {
+    let Some(url) = real_nats::nats_url() else {
+        return;
+    };
+    const COUNT: u64 = 1000;
+    let rt = runtime();
+    let tag = format!("dead{}", std::process::id());
+    let js = rt.block_on(async { jetstream::new(async_nats::connect(&url).await.unwrap()) });
+    rt.block_on(async {
+        streams(&js, &tag, 0).await;
+        let _ = js.delete_stream(format!("DL_{tag}")).await;
+        js.create_stream(jetstream::stream::Config {
+            name: format!("DL_{tag}"),
+            subjects: vec![format!("dl.{tag}")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for n in 0..COUNT {
+            // Every tenth record has no key field: a bad record.
+            let record = if n % 10 == 3 {
+                format!(r#"{{"n":{n}}}"#)
+            } else {
+                format!(r#"{{"n":{n},"user_id":"user_{:06}"}}"#, n % 100)
+            };
+            js.publish(format!("in.{tag}"), record.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let dead_letter = format!("{url}/dl.{tag}");
+    let refused = |target: &str, says: &str| {
+        let mut child = enrich(&url, &tag, &["--on-bad-record", "dead-letter", target]);
+        let status = child.wait().unwrap();
+        let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+        assert!(!status.success(), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    };
+    refused("bad.jsonl", "dead letters go to a subject");
+    refused(&format!("{url}/nowhere.{tag}"), &format!("nowhere.{tag}"));
+    let dead_letters = ["--on-bad-record", "dead-letter", &dead_letter];
+    let child = enrich(
+        &url,
+        &tag,
+        &[&dead_letters[..], &["--shards", "2"]].concat(),
+    );
+    let started = Instant::now();
+    let dead = |js: &jetstream::Context| {
+        rt.block_on(async {
+            let mut s = js.get_stream(format!("DL_{tag}")).await.unwrap();
+            s.info().await.unwrap().state.messages
+        })
+    };
+    while dead(&js) < COUNT / 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "dead letters missing"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stderr = finish(&rt, &js, &tag, COUNT - COUNT / 10, child);
+    assert!(
+        stderr.contains(&format!("{COUNT} acknowledged")),
+        "{stderr}"
+    );
+    assert_eq!(dead(&js), COUNT / 10);
+    let ns = rt.block_on(outputs(&js, &tag, COUNT - COUNT / 10));
+    let expected: Vec<u64> = (0..COUNT).filter(|n| n % 10 != 3).collect();
+    assert_eq!(ns, expected, "the good records once, in order");
+    let letters = rt.block_on(real_nats::records(&js, &format!("DL_{tag}"), COUNT / 10));
+    let bad: Vec<u64> = letters
+        .iter()
+        .map(|letter| {
+            assert!(
+                letter["error"].as_str().unwrap().contains("user_id"),
+                "{letter}"
+            );
+            let input: serde_json::Value =
+                serde_json::from_str(letter["input"].as_str().unwrap()).unwrap();
+            input["n"].as_u64().unwrap()
+        })
+        .collect();
+    let expected: Vec<u64> = (0..COUNT).filter(|n| n % 10 == 3).collect();
+    assert_eq!(bad, expected, "the bad records once, in order");
+    // Run again: everything was acknowledged.
+    let child = enrich(&url, &tag, &dead_letters);
+    std::thread::sleep(Duration::from_millis(1500));
+    let stderr = real_nats::interrupt(child);
+    assert!(stderr.contains("nats: 0 delivered"), "{stderr}");
+    rt.block_on(async {
+        for name in [
+            format!("IN_{tag}"),
+            format!("OUT_{tag}"),
+            format!("DL_{tag}"),
+        ] {
+            let _ = js.delete_stream(&name).await;
+        }
+    });
+}

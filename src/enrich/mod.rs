@@ -264,8 +264,13 @@ fn run_threads(
             e.attach_nats(counts.clone());
         }
         files.input.input = Box::new(lines);
+        let dead_letters: Vec<String> = startup::dead_letter_targets(config)
+            .iter()
+            .filter_map(|t| nats_io::dead_letter_subject(t))
+            .collect();
         let output = nats_io::OutputThread::start(
             &ends.output,
+            &dead_letters,
             ack_all,
             pending,
             counts.clone(),

@@ -11,10 +11,11 @@
 //! outcome to the output thread. Invariants:
 //! - a delivery is acknowledged (sent, not confirmed: a lost ack is a redelivery whose output
 //!   the output stream drops) only after its output's publish ack (`Nats-Msg-Id` = the
-//!   source's stream and sequence), or, for a line that writes nothing (dropped, skipped,
-//!   dead-lettered), after the writer decided so and flushed its dead letters; so a crash at
-//!   any moment leaves each message either acknowledged with its output stored, or
-//!   redelivered, and its output, published again, dropped as a duplicate;
+//!   source's stream and sequence), or its dead letter's (published with the same id to a
+//!   subject of a dead-letter stream on the output's server), or, for a line that writes
+//!   nothing (dropped, skipped), after the writer decided so; so a crash at any moment leaves
+//!   each message either acknowledged with its output stored, or redelivered, and its output,
+//!   published again, dropped as a duplicate;
 //! - the consumer is re-created from its acknowledgement floor at start, so a restarted run
 //!   resumes in stream order (an ordered run's outputs stay in input order across a crash);
 //! - in an ordered run the consumers acknowledge prefixes (ack policy `all`): outcomes reach the
@@ -196,6 +197,54 @@ pub fn parse_ends(input: &str, output: &str) -> Result<Option<NatsEnds>, String>
             subject: subject.to_string(),
         },
     }))
+}
+
+/// Dead-letter targets against the run's ends: with NATS ends each must be a subject on the
+/// output's server, `nats://HOST:PORT/SUBJECT` (a dead letter is published, and its input
+/// acknowledged after its publish ack, as an output is); without them none may be.
+pub(crate) fn check_dead_letters(
+    ends: Option<&NatsEnds>,
+    targets: &[std::path::PathBuf],
+) -> Result<(), String> {
+    for target in targets {
+        let text = target.to_string_lossy();
+        let nats = text.starts_with("nats://");
+        match ends {
+            None if nats => {
+                return Err(format!(
+                    "dead-letter `{text}`: a nats:// dead-letter subject needs nats:// --input \
+                     and --output"
+                ))
+            }
+            None => {}
+            Some(_) if !nats => {
+                return Err(format!(
+                    "dead-letter `{text}`: with nats:// --input and --output, dead letters go to \
+                     a subject of the output's server, `dead-letter nats://HOST:PORT/SUBJECT` (a \
+                     file is not acknowledged with the stream)"
+                ))
+            }
+            Some(ends) => {
+                let parts = split_url("dead-letter", &text)?;
+                if parts.server != ends.output.server {
+                    return Err(format!(
+                        "dead-letter `{text}`: not on the output's server {}",
+                        ends.output.server
+                    ));
+                }
+                if let Some((name, _)) = parts.pairs.first() {
+                    return Err(format!("dead-letter `{text}`: `{name}` is not a parameter"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The subject of a dead-letter target `nats://HOST:PORT/SUBJECT` (checked at start).
+pub(crate) fn dead_letter_subject(target: &std::path::Path) -> Option<String> {
+    let text = target.to_str()?.strip_prefix("nats://")?;
+    Some(text.split_once('/')?.1.to_string())
 }
 
 /// What the summary says of the NATS ends.
@@ -726,6 +775,8 @@ async fn ack_until_done(delivery: &Delivery, covered: u64, counts: &NatsCounts, 
 enum Outcome {
     /// Publish this output, then acknowledge the line's delivery.
     Publish(u64, Bytes),
+    /// Publish this dead letter to this subject, then acknowledge the line's delivery.
+    DeadLetter(u64, Arc<str>, Bytes),
     /// The line writes nothing: acknowledge its delivery.
     Done(u64),
 }
@@ -736,6 +787,8 @@ enum Outcome {
 /// over record by record, without waiting.
 pub(crate) struct OutputThread {
     batch: Vec<Outcome>,
+    /// The dead-letter subjects, shared by their outcomes.
+    subjects: Vec<Arc<str>>,
     tx: Option<tokio::sync::mpsc::Sender<Vec<Outcome>>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -750,6 +803,7 @@ impl OutputThread {
     /// `ack_all`: outcomes come in input order and the consumers' ack policy is `all`.
     pub(crate) fn start(
         output: &NatsOutput,
+        dead_letters: &[String],
         ack_all: bool,
         pending: Arc<Pending>,
         counts: Arc<NatsCounts>,
@@ -759,6 +813,13 @@ impl OutputThread {
         let sink = rt
             .block_on(JetStreamSink::connect(&output.server, &output.subject))
             .map_err(|e| EnrichError::Usage(format!("--output: {e}")))?;
+        // Each subject published to must be a stream's, or its publishes are never stored.
+        rt.block_on(sink.stream_of(None))
+            .map_err(|e| EnrichError::Usage(format!("--output: {e}")))?;
+        for subject in dead_letters {
+            rt.block_on(sink.stream_of(Some(subject)))
+                .map_err(|e| EnrichError::Usage(format!("dead-letter: {e}")))?;
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Outcome>>(16);
         let out = Out {
             sink,
@@ -772,6 +833,7 @@ impl OutputThread {
             .map_err(|e| EnrichError::Usage(format!("cannot start the NATS thread: {e}")))?;
         Ok(OutputThread {
             batch: Vec::with_capacity(BATCH),
+            subjects: Vec::new(),
             tx: Some(tx),
             thread: Some(thread),
         })
@@ -790,6 +852,20 @@ impl OutputThread {
 
     pub(crate) fn done(&mut self, line: u64) {
         self.push(Outcome::Done(line));
+    }
+
+    /// Line `line` is dead-lettered to `target` (`nats://HOST:PORT/SUBJECT`, checked at start).
+    pub(crate) fn dead_letter(&mut self, line: u64, target: &std::path::Path, entry: String) {
+        let subject = dead_letter_subject(target).unwrap_or_default();
+        let subject = match self.subjects.iter().find(|s| ***s == *subject) {
+            Some(s) => s.clone(),
+            None => {
+                let s: Arc<str> = subject.into();
+                self.subjects.push(s.clone());
+                s
+            }
+        };
+        self.push(Outcome::DeadLetter(line, subject, entry.into()));
     }
 
     /// Hands the outcomes gathered so far to the output thread (waiting while it is
@@ -835,8 +911,17 @@ const ACK_WINDOW: u64 = 128;
 
 /// Sends line `line`'s output; the future returned waits for its publish ack (and publishes
 /// again until it is stored) and gives the line back.
-async fn send(out: &Rc<Out>, line: u64, id: String, bytes: Bytes) -> impl Future<Output = u64> {
-    let first = out.sink.publish(&id, bytes.clone()).await;
+async fn send(
+    out: &Rc<Out>,
+    line: u64,
+    subject: Option<Arc<str>>,
+    id: String,
+    bytes: Bytes,
+) -> impl Future<Output = u64> {
+    let first = out
+        .sink
+        .publish_to(subject.as_deref(), &id, bytes.clone())
+        .await;
     let out = out.clone();
     async move {
         let stored = match first {
@@ -846,7 +931,7 @@ async fn send(out: &Rc<Out>, line: u64, id: String, bytes: Bytes) -> impl Future
         match stored {
             Ok(stored) => out.counts.stored(stored),
             // Rare: kept out of the common future, which is moved once per record.
-            Err(_) => Box::pin(publish_until_done(&out, &id, bytes)).await,
+            Err(_) => Box::pin(publish_until_done(&out, subject.as_deref(), &id, bytes)).await,
         }
         line
     }
@@ -871,7 +956,18 @@ async fn publish(out: Rc<Out>, ack_all: bool, mut rx: tokio::sync::mpsc::Receive
             match queue.pop_front() {
                 Some(Outcome::Publish(line, bytes)) => match out.pending.ready(line) {
                     Ready::Publish(id) => {
-                        publishes.push_back(Either::Left(send(&out, line, id, bytes).await))
+                        let sent = send(&out, line, None, id, bytes).await;
+                        publishes.push_back(Either::Left(sent))
+                    }
+                    Ready::Fenced => {
+                        out.counts.fenced.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ready::Gone => {}
+                },
+                Some(Outcome::DeadLetter(line, subject, bytes)) => match out.pending.ready(line) {
+                    Ready::Publish(id) => {
+                        let sent = send(&out, line, Some(subject), id, bytes).await;
+                        publishes.push_back(Either::Left(sent))
                     }
                     Ready::Fenced => {
                         out.counts.fenced.fetch_add(1, Ordering::Relaxed);
@@ -915,10 +1011,10 @@ async fn publish(out: Rc<Out>, ack_all: bool, mut rx: tokio::sync::mpsc::Receive
 /// backoff) until the output stream acknowledges or the run is stopped at once. A retried
 /// output may be stored after outputs sent later (the broker was failing): each is still
 /// stored once.
-async fn publish_until_done(out: &Out, id: &str, bytes: Bytes) {
+async fn publish_until_done(out: &Out, subject: Option<&str>, id: &str, bytes: Bytes) {
     let mut wait = Duration::from_millis(50);
     loop {
-        let sent = match out.sink.publish(id, bytes.clone()).await {
+        let sent = match out.sink.publish_to(subject, id, bytes.clone()).await {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
         };

@@ -35,7 +35,16 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(3);
 const PING_WAIT: Duration = Duration::from_secs(1);
 
 /// The dead-letter files the policies name, each once.
+/// The dead-letter files (none with NATS ends: their dead letters go to subjects).
 pub(crate) fn dead_letter_paths(config: &EnrichConfig) -> Vec<PathBuf> {
+    if config.nats.is_some() {
+        return vec![];
+    }
+    dead_letter_targets(config)
+}
+
+/// Every dead-letter target the policies name, files or `nats://` subjects.
+pub(crate) fn dead_letter_targets(config: &EnrichConfig) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = [
         match &config.on_bad_record {
             OnBadRecord::DeadLetter(p) => Some(p.clone()),
@@ -96,6 +105,8 @@ pub(crate) struct Preflight {
 }
 
 pub(crate) fn preflight(config: &EnrichConfig) -> Result<Preflight, EnrichError> {
+    super::nats_io::check_dead_letters(config.nats.as_ref(), &dead_letter_targets(config))
+        .map_err(EnrichError::Usage)?;
     let dead = dead_letter_paths(config);
     let mut roles = vec![];
     if let Some(p) = &config.input {

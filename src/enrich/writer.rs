@@ -191,7 +191,10 @@ impl Writer {
                     nats.done(line);
                     s.add(count, 1);
                 }
-                Action::DeadLetter(..) => unreachable!("dead letters are refused with NATS ends"),
+                Action::DeadLetter(target, entry, count) => {
+                    nats.dead_letter(line, &target, entry);
+                    s.add(count, 1);
+                }
                 Action::Fail(why) => return Err(why),
             }
             self.handled += 1;

@@ -258,6 +258,15 @@ impl JetStreamSink {
         })
     }
 
+    /// The stream that captures `subject` (the sink's when `None`): an error, naming the
+    /// subject, when none does (a publish there would never be acknowledged).
+    pub async fn stream_of(&self, subject: Option<&str>) -> Result<String, NatsError> {
+        let subject = subject.unwrap_or(&self.subject);
+        self.js.stream_by_subject(subject).await.map_err(|e| {
+            failed(&self.server, "find the stream of a subject")(format!("{subject}: {e}"))
+        })
+    }
+
     /// Sends one output; the returned future waits for the stream's ack. Sends made one after
     /// the other reach the stream in that order (one connection), so an ordered stage's
     /// outputs are stored in input order while several acks are awaited at once.
@@ -266,11 +275,23 @@ impl JetStreamSink {
         msg_id: &str,
         payload: Bytes,
     ) -> Result<impl std::future::Future<Output = Result<Published, NatsError>>, NatsError> {
+        self.publish_to(None, msg_id, payload).await
+    }
+
+    /// As [`JetStreamSink::publish`], to `subject` instead of the sink's when given (a
+    /// dead-letter subject of another stream on the same server).
+    pub async fn publish_to(
+        &self,
+        subject: Option<&str>,
+        msg_id: &str,
+        payload: Bytes,
+    ) -> Result<impl std::future::Future<Output = Result<Published, NatsError>>, NatsError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(MSG_ID, msg_id);
+        let subject = subject.unwrap_or(&self.subject).to_string();
         let ack = self
             .js
-            .publish_with_headers(self.subject.clone(), headers, payload)
+            .publish_with_headers(subject, headers, payload)
             .await
             .map_err(|e| failed(&self.server, "publish")(e.to_string()))?;
         let server = self.server.clone();

@@ -108,7 +108,19 @@ pub async fn stored(js: &jetstream::Context, tag: &str) -> u64 {
 
 /// The output stream's records' `n`, in stored order; each must be enriched.
 pub async fn outputs(js: &jetstream::Context, tag: &str, count: u64) -> Vec<u64> {
-    let stream = js.get_stream(format!("OUT_{tag}")).await.unwrap();
+    let records = records(js, &format!("OUT_{tag}"), count).await;
+    records
+        .iter()
+        .map(|record| {
+            assert!(record.get("segment").is_some(), "not enriched: {record}");
+            record["n"].as_u64().unwrap()
+        })
+        .collect()
+}
+
+/// Up to `count` JSON messages of a stream, in stored order.
+pub async fn records(js: &jetstream::Context, stream: &str, count: u64) -> Vec<serde_json::Value> {
+    let stream = js.get_stream(stream).await.unwrap();
     let reader = stream
         .create_consumer(jetstream::consumer::pull::Config {
             ack_policy: jetstream::consumer::AckPolicy::None,
@@ -116,8 +128,8 @@ pub async fn outputs(js: &jetstream::Context, tag: &str, count: u64) -> Vec<u64>
         })
         .await
         .unwrap();
-    let mut ns = vec![];
-    while (ns.len() as u64) < count {
+    let mut records = vec![];
+    while (records.len() as u64) < count {
         let mut batch = reader
             .fetch()
             .max_messages(1000)
@@ -125,17 +137,15 @@ pub async fn outputs(js: &jetstream::Context, tag: &str, count: u64) -> Vec<u64>
             .messages()
             .await
             .unwrap();
-        let before = ns.len();
+        let before = records.len();
         while let Some(m) = batch.next().await {
-            let record: serde_json::Value = serde_json::from_slice(&m.unwrap().payload).unwrap();
-            assert!(record.get("segment").is_some(), "not enriched: {record}");
-            ns.push(record["n"].as_u64().unwrap());
+            records.push(serde_json::from_slice(&m.unwrap().payload).unwrap());
         }
-        if ns.len() == before {
+        if records.len() == before {
             break;
         }
     }
-    ns
+    records
 }
 
 /// A `sluice enrich` run, killed (SIGKILL) if it is still running when dropped: a test that
