@@ -7,7 +7,7 @@
 mod real_nats;
 
 use async_nats::jetstream;
-use real_nats::{enrich, finish, outputs, runtime, stored, streams};
+use real_nats::{enrich, finish, outputs, stored, streams};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -15,9 +15,8 @@ fn stream_to_stream_enriches_every_message_once_in_order() {
     let Some(url) = real_nats::nats_url() else {
         return;
     };
-    let rt = runtime();
     let tag = format!("once{}", std::process::id());
-    let js = rt.block_on(async { jetstream::new(async_nats::connect(&url).await.unwrap()) });
+    let (rt, js) = real_nats::client(&url);
     rt.block_on(streams(&js, &tag, 3000));
     let child = enrich(&url, &tag, &["--shards", "2", "--capacity", "64"]);
     let stderr = finish(&rt, &js, &tag, 3000, child);
@@ -33,11 +32,7 @@ fn stream_to_stream_enriches_every_message_once_in_order() {
     std::thread::sleep(Duration::from_millis(1500));
     let stderr = finish(&rt, &js, &tag, 3000, child);
     assert!(stderr.contains("nats: 0 delivered"), "{stderr}");
-    rt.block_on(async {
-        for name in [format!("IN_{tag}"), format!("OUT_{tag}")] {
-            let _ = js.delete_stream(&name).await;
-        }
-    });
+    real_nats::drop_streams(&rt, &js, &tag, &[]);
 }
 
 #[test]
@@ -46,9 +41,8 @@ fn killed_again_and_again_the_output_stream_holds_every_input_once() {
         return;
     };
     const COUNT: u64 = 6000;
-    let rt = runtime();
     let tag = format!("kill{}", std::process::id());
-    let js = rt.block_on(async { jetstream::new(async_nats::connect(&url).await.unwrap()) });
+    let (rt, js) = real_nats::client(&url);
     rt.block_on(streams(&js, &tag, COUNT));
     let slow = [
         "--shards",
@@ -85,11 +79,7 @@ fn killed_again_and_again_the_output_stream_holds_every_input_once() {
         (0..COUNT).collect::<Vec<_>>(),
         "exactly once, in input order"
     );
-    rt.block_on(async {
-        for name in [format!("IN_{tag}"), format!("OUT_{tag}")] {
-            let _ = js.delete_stream(&name).await;
-        }
-    });
+    real_nats::drop_streams(&rt, &js, &tag, &[]);
 }
 
 #[test]
@@ -99,9 +89,8 @@ fn the_nats_server_restarted_mid_run_loses_nothing() {
     };
     const COUNT: u64 = 4000;
     let url = server.url.clone();
-    let rt = runtime();
     let tag = "restart";
-    let js = rt.block_on(async { jetstream::new(async_nats::connect(&url).await.unwrap()) });
+    let (rt, js) = real_nats::client(&url);
     rt.block_on(streams(&js, tag, COUNT));
     let child = enrich(
         &url,
@@ -152,9 +141,8 @@ fn three_processes_share_six_partitions_and_one_dies() {
         return;
     };
     const COUNT: u64 = 6000;
-    let rt = runtime();
     let tag = format!("group{}", std::process::id());
-    let js = rt.block_on(async { jetstream::new(async_nats::connect(&url).await.unwrap()) });
+    let (rt, js) = real_nats::client(&url);
     rt.block_on(real_nats::partitioned_streams(&js, &tag, COUNT, 6));
     let input = format!("{url}/IN_{tag}?consumer=enrich&group={tag}&partitions=6&lease=500ms");
     let slow = ["--capacity", "8", "--loadgen-latency", "5ms"];
@@ -242,12 +230,7 @@ fn three_processes_share_six_partitions_and_one_dies() {
             );
         }
     }
-    rt.block_on(async {
-        for name in [format!("IN_{tag}"), format!("OUT_{tag}")] {
-            let _ = js.delete_stream(&name).await;
-        }
-        let _ = js.delete_key_value(format!("sluice_group_{tag}")).await;
-    });
+    real_nats::drop_streams(&rt, &js, &tag, &[format!("KV_sluice_group_{tag}")]);
 }
 
 /// Bad records dead-lettered to a subject of another stream: each input is in the output
@@ -259,9 +242,8 @@ fn dead_letters_go_to_a_stream_and_are_acknowledged_with_it() {
         return;
     };
     const COUNT: u64 = 1000;
-    let rt = runtime();
     let tag = format!("dead{}", std::process::id());
-    let js = rt.block_on(async { jetstream::new(async_nats::connect(&url).await.unwrap()) });
+    let (rt, js) = real_nats::client(&url);
     rt.block_on(async {
         streams(&js, &tag, 0).await;
         let _ = js.delete_stream(format!("DL_{tag}")).await;
@@ -345,13 +327,5 @@ fn dead_letters_go_to_a_stream_and_are_acknowledged_with_it() {
     std::thread::sleep(Duration::from_millis(1500));
     let stderr = real_nats::interrupt(child);
     assert!(stderr.contains("nats: 0 delivered"), "{stderr}");
-    rt.block_on(async {
-        for name in [
-            format!("IN_{tag}"),
-            format!("OUT_{tag}"),
-            format!("DL_{tag}"),
-        ] {
-            let _ = js.delete_stream(&name).await;
-        }
-    });
+    real_nats::drop_streams(&rt, &js, &tag, &[format!("DL_{tag}")]);
 }

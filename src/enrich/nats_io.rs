@@ -457,13 +457,7 @@ pub(crate) fn start_input(
     let sources = match &input.group {
         None => Sources::One(Box::new(
             rt.block_on(async {
-                let server = config.server.as_str();
-                let client = async_nats::connect(server).await.map_err(|e| NatsError {
-                    server: server.to_string(),
-                    step: "connect",
-                    reason: e.to_string(),
-                })?;
-                let js = jetstream::new(client);
+                let js = crate::nats::connect(&config.server).await?;
                 let source = JetStreamSource::open(&js, &config).await?;
                 Ok(Opened {
                     source,
@@ -475,14 +469,9 @@ pub(crate) fn start_input(
         )),
         Some(spec) => rt
             .block_on(async {
-                let server = config.server.as_str();
-                let client = async_nats::connect(server).await.map_err(|e| NatsError {
-                    server: server.to_string(),
-                    step: "connect",
-                    reason: e.to_string(),
-                })?;
-                let js = jetstream::new(client);
-                let subject = crate::nats::partition_subjects(&js, server, &config.stream).await?;
+                let js = crate::nats::connect(&config.server).await?;
+                let subject =
+                    crate::nats::partition_subjects(&js, &config.server, &config.stream).await?;
                 let group = Group::join(&js, spec, &member_id()).await?;
                 Ok(Sources::Group(Box::new(Partitions {
                     group,

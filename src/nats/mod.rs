@@ -44,6 +44,14 @@ fn failed<'a>(server: &'a str, step: &'static str) -> impl Fn(String) -> NatsErr
     }
 }
 
+/// Connects to `server` (`nats://HOST:PORT`) for JetStream.
+pub async fn connect(server: &str) -> Result<jetstream::Context, NatsError> {
+    let client = async_nats::connect(server)
+        .await
+        .map_err(|e| failed(server, "connect")(e.to_string()))?;
+    Ok(jetstream::new(client))
+}
+
 /// The source's settings.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -112,11 +120,7 @@ pub struct JetStreamSource {
 impl JetStreamSource {
     /// Connects, and creates the durable consumer if it is not there (or takes it as it is).
     pub async fn connect(config: &SourceConfig) -> Result<JetStreamSource, NatsError> {
-        let server = config.server.as_str();
-        let client = async_nats::connect(server)
-            .await
-            .map_err(|e| failed(server, "connect")(e.to_string()))?;
-        Self::open(&jetstream::new(client), config).await
+        Self::open(&connect(&config.server).await?, config).await
     }
 
     /// As [`JetStreamSource::connect`], on a connection already made.
@@ -248,11 +252,8 @@ pub enum Published {
 
 impl JetStreamSink {
     pub async fn connect(server: &str, subject: &str) -> Result<JetStreamSink, NatsError> {
-        let client = async_nats::connect(server)
-            .await
-            .map_err(|e| failed(server, "connect")(e.to_string()))?;
         Ok(JetStreamSink {
-            js: jetstream::new(client),
+            js: connect(server).await?,
             subject: subject.to_string(),
             server: server.to_string(),
         })

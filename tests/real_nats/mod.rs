@@ -238,6 +238,30 @@ pub fn interrupt(mut child: Run) -> String {
     stderr
 }
 
+/// A runtime for the test's own client, and that client's JetStream context on `url`.
+pub fn client(url: &str) -> (tokio::runtime::Runtime, jetstream::Context) {
+    let rt = runtime();
+    let js = rt.block_on(async { jetstream::new(async_nats::connect(url).await.unwrap()) });
+    (rt, js)
+}
+
+/// Deletes the streams `IN_<tag>`, `OUT_<tag>` and those named in `more`.
+pub fn drop_streams(
+    rt: &tokio::runtime::Runtime,
+    js: &jetstream::Context,
+    tag: &str,
+    more: &[String],
+) {
+    rt.block_on(async {
+        for name in [format!("IN_{tag}"), format!("OUT_{tag}")]
+            .iter()
+            .chain(more)
+        {
+            let _ = js.delete_stream(name).await;
+        }
+    });
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
