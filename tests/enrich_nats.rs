@@ -201,6 +201,7 @@ fn three_processes_share_six_partitions_and_one_dies() {
     let taken: u64 = stderrs
         .iter()
         .map(|e| {
+            assert!(e.contains("group: held up to "), "{e}");
             let at = e.find(" leases taken").expect("a group line");
             let number = e[..at].rsplit(' ').next().unwrap();
             number.parse::<u64>().unwrap()

@@ -258,8 +258,9 @@ pub struct NatsCounts {
     pub retried: AtomicU64,
     /// Outputs not published because their partition's lease was lost.
     pub fenced: AtomicU64,
-    /// Partitions held now, leases taken, leases lost or given up (in a group).
+    /// Partitions held now and at most, leases taken, leases lost or given up (in a group).
     pub partitions: AtomicU64,
+    pub partitions_peak: AtomicU64,
     pub leases_gained: AtomicU64,
     pub leases_lost: AtomicU64,
 }
@@ -276,8 +277,9 @@ impl NatsCounts {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let group = if group {
             format!(
-                "  group: {} leases taken, {} lost or given up; {} outputs fenced (not \
-                 published: their lease was lost)\n",
+                "  group: held up to {} partitions; {} leases taken, {} lost or given up; {} \
+                 outputs fenced (not published: their lease was lost)\n",
+                get(&self.partitions_peak),
                 get(&self.leases_gained),
                 get(&self.leases_lost),
                 get(&self.fenced),
@@ -727,14 +729,17 @@ async fn keep_leases(
                 }
             }
         }
-        counts
-            .partitions
-            .store(leases.owned() as u64, Ordering::Relaxed);
+        let owned = leases.owned() as u64;
+        counts.partitions.store(owned, Ordering::Relaxed);
+        counts.partitions_peak.fetch_max(owned, Ordering::Relaxed);
     }
     for task in tasks.into_values() {
         task.abort();
     }
     if !stop.at_once() {
+        counts
+            .leases_lost
+            .fetch_add(leases.owned() as u64, Ordering::Relaxed);
         group.leave().await;
     }
     counts.partitions.store(0, Ordering::Relaxed);
