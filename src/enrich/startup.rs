@@ -19,7 +19,7 @@ use super::{
 use crate::checkpoint::{Checkpointing, RestoreInfo};
 use crate::http::HttpEndpoint;
 use crate::lookup::Sinks;
-use crate::postgres::{PgConfig, PgEndpoint, PgError};
+use crate::postgres::{PgConfig, PgEndpoint, PgError, Which};
 use crate::redis::{ClientConfig, Endpoint, Server};
 use crate::{OutputMode, ShardContext, Stage, StageBuilder};
 use std::io::BufRead;
@@ -202,12 +202,14 @@ fn postgres_answers(
             "--postgres",
             format!("does not answer: {reason}; check --postgres and that the server runs"),
         ),
-        PgError::Refused { reason, .. } if reason.starts_with("the batch query") => {
-            failed("--batch-query", reason)
-        }
-        PgError::Refused { reason, .. } if reason.starts_with("the query") => {
-            failed("--query", reason)
-        }
+        PgError::Refused {
+            reason,
+            statement: Some(which),
+            ..
+        } => match which {
+            Which::Query => failed("--query", reason),
+            Which::BatchQuery => failed("--batch-query", reason),
+        },
         other => failed("--postgres", other.to_string()),
     })?;
     if prepared.query.params != params {

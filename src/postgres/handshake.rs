@@ -11,7 +11,7 @@
 //! result columns before any lookup.
 
 use super::row::Column;
-use super::{PgEndpoint, PgError, Statements};
+use super::{PgEndpoint, PgError, Statements, Which};
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -185,10 +185,14 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         server: server.clone(),
         reason: e.to_string(),
     };
-    let refused = |reason: String| PgError::Refused {
-        server: endpoint.host.clone(),
-        reason,
+    let refused_at = |statement: Option<Which>| {
+        move |reason: String| PgError::Refused {
+            server: endpoint.host.clone(),
+            reason,
+            statement,
+        }
     };
+    let refused = refused_at(None);
     let mut out = BytesMut::new();
     frontend::startup_message(
         [
@@ -287,13 +291,13 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let query = prepare(stream, reader, QUERY, &statements.query, "the query")
         .await
-        .map_err(|e| e.into_error(&refused, &lost))?;
+        .map_err(|e| e.into_error(&refused_at(Some(Which::Query)), &lost))?;
     let batch_query = match &statements.batch_query {
         None => None,
         Some(sql) => Some(
             prepare(stream, reader, BATCH_QUERY, sql, "the batch query")
                 .await
-                .map_err(|e| e.into_error(&refused, &lost))?,
+                .map_err(|e| e.into_error(&refused_at(Some(Which::BatchQuery)), &lost))?,
         ),
     };
     Ok(Prepared { query, batch_query })

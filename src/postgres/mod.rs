@@ -225,16 +225,27 @@ impl PgConfig {
     }
 }
 
+/// One of the statements a connection prepares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    Query,
+    BatchQuery,
+}
+
 /// Why a lookup got no answer to use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PgError {
     #[error("cannot connect to PostgreSQL at {server}: {reason}")]
     Connect { server: String, reason: String },
-    /// Start-up failed at the server: the login, the database, or preparing a statement.
-    /// Retrying does not help until the setting is fixed.
+    /// Start-up failed at the server: the login, the database, or preparing a statement
+    /// (`statement` says which). Retrying does not help until the setting is fixed.
     #[error("PostgreSQL at {server} refused the connection: {reason}")]
-    Refused { server: String, reason: String },
+    Refused {
+        server: String,
+        reason: String,
+        statement: Option<Which>,
+    },
     /// The connection broke with this lookup sent; it is sent again only by a retry policy.
     #[error("connection to PostgreSQL at {server} lost with the lookup in flight: {reason}")]
     ConnectionLost { server: String, reason: String },
