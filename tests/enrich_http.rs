@@ -3,32 +3,16 @@
 //! and against a server in this test that answers 503 with `Retry-After` before it answers,
 //! and 418 for one user.
 
+mod helpers;
 mod python_http;
 
+use helpers::{lines, sluice};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn sluice(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .output()
-        .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// `count` records `{"n":N,"user_id":"u N%30"}` (a space in the id: it goes percent-encoded).
 fn write_input(path: &Path, count: u64) {

@@ -4,34 +4,19 @@
 //! error under `--on-error`; bad flags and a missing table are refused naming the flag; and a
 //! run killed again and again with checkpoints writes every record exactly once.
 
+mod helpers;
 mod real_postgres;
 
+use helpers::{lines, sluice};
 use serde_json::Value;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const USERS: &str = "CREATE TABLE users (id int PRIMARY KEY, name text, tier text, since int); \
     INSERT INTO users SELECT i, 'user ' || i, CASE WHEN i % 3 = 0 THEN 'gold' ELSE 'free' END, \
     2000 + i % 20 FROM generate_series(1, 400) AS i;";
-
-fn sluice(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .output()
-        .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// `count` records `{"n":N,"user_id":N*7%500}`: ids 401..499 and 0 have no row.
 fn write_input(path: &Path, count: u64) {

@@ -4,9 +4,11 @@
 //! connection per request). Python is on every machine here; the test says so when it is not
 //! and skips that part.
 
+mod helpers;
 mod python_http;
 
 use bytes::Bytes;
+use helpers::run;
 use sluice::http::{parse_url, HttpClient, HttpConfig, HttpError};
 use sluice::lookup::{CacheConfig, Eviction, HttpLookup, LayerConfig, LookupError, Lookups};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,20 +17,6 @@ use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Runs the future `make` makes on a glommio executor of its own (it may hold `Rc`s).
-fn run<T, Fut>(make: impl FnOnce() -> Fut + Send + 'static) -> T
-where
-    T: Send + 'static,
-    Fut: std::future::Future<Output = T> + 'static,
-{
-    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .io_memory(sluice::DEFAULT_IO_MEMORY)
-        .spawn(make)
-        .unwrap()
-        .join()
-        .unwrap()
-}
 
 /// A small HTTP/1.1 server: `/users/N` answers `{"id":N}` (Content-Length, keep-alive),
 /// `/chunked/N` the same in three chunks, `/missing` 404, `/busy` 503 with `Retry-After: 1`,

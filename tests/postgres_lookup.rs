@@ -3,27 +3,16 @@
 //! per-key query, a failing key among pipelined ones, a query the server cannot prepare, and
 //! a connection the server terminates mid-run. Each test makes its own schema and drops it.
 
+mod helpers;
 mod real_postgres;
 
 use bytes::Bytes;
+use helpers::run;
 use sluice::lookup::{BatchLookup, LayerConfig, Lookups, PostgresLookup};
 use sluice::postgres::handshake::check_blocking;
 use sluice::postgres::{PgClient, PgConfig, PgEndpoint, PgError, RowsPolicy, Statements, Which};
 use std::num::NonZeroUsize;
 use std::time::Duration;
-
-fn run<T, Fut>(make: impl FnOnce() -> Fut + Send + 'static) -> T
-where
-    T: Send + 'static,
-    Fut: std::future::Future<Output = T> + 'static,
-{
-    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .io_memory(sluice::DEFAULT_IO_MEMORY)
-        .spawn(make)
-        .unwrap()
-        .join()
-        .unwrap()
-}
 
 const USERS: &str = "CREATE TABLE users (id int PRIMARY KEY, name text, score float8, \
     active bool, prefs jsonb, born date); \
