@@ -132,6 +132,13 @@ fn the_nats_server_restarted_mid_run_loses_nothing() {
     );
 }
 
+/// The leases a group member's summary says it took.
+fn leases_taken(stderr: &str) -> u64 {
+    assert!(stderr.contains("group: held up to "), "{stderr}");
+    let at = stderr.find(" leases taken").expect("a group line");
+    stderr[..at].rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 /// Three processes share six partitions; one is killed for good mid-run. Its partitions are
 /// taken over by the other two (their leases expire after 3 lease periods), the output stream
 /// holds every input once, and each key's records are stored in input order.
@@ -198,15 +205,7 @@ fn three_processes_share_six_partitions_and_one_dies() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let stderrs: Vec<String> = members.into_iter().map(real_nats::interrupt).collect();
-    let taken: u64 = stderrs
-        .iter()
-        .map(|e| {
-            assert!(e.contains("group: held up to "), "{e}");
-            let at = e.find(" leases taken").expect("a group line");
-            let number = e[..at].rsplit(' ').next().unwrap();
-            number.parse::<u64>().unwrap()
-        })
-        .sum();
+    let taken: u64 = stderrs.iter().map(|e| leases_taken(e)).sum();
     eprintln!(
         "killed holding partitions {held:?} with {before} of {COUNT} stored\n{}",
         stderrs.join("\n")
@@ -329,4 +328,68 @@ fn dead_letters_go_to_a_stream_and_are_acknowledged_with_it() {
     let stderr = real_nats::interrupt(child);
     assert!(stderr.contains("nats: 0 delivered"), "{stderr}");
     real_nats::drop_streams(&rt, &js, &tag, &[format!("DL_{tag}")]);
+}
+
+/// Two processes share four partitions; one is stopped (SIGSTOP) for longer than its leases
+/// last, and the other takes its partitions. When it goes on (SIGCONT) its leases have lapsed:
+/// it publishes nothing more for them (its outputs in flight are fenced) and acknowledges
+/// nothing for them. The output stream holds every input once, each key in input order.
+#[test]
+fn a_stopped_member_is_fenced_when_it_goes_on() {
+    let Some(url) = real_nats::nats_url() else {
+        return;
+    };
+    const COUNT: u64 = 4000;
+    let tag = format!("fence{}", std::process::id());
+    let (rt, js) = real_nats::client(&url);
+    rt.block_on(real_nats::partitioned_streams(&js, &tag, COUNT, 4));
+    let input = format!("{url}/IN_{tag}?consumer=enrich&group={tag}&partitions=4&lease=300ms");
+    let slow = ["--capacity", "8", "--loadgen-latency", "5ms"];
+    let mut members: Vec<_> = (0..2)
+        .map(|_| real_nats::enrich_from(&input, &url, &tag, &slow))
+        .collect();
+    let started = Instant::now();
+    while rt.block_on(stored(&js, &tag)) < COUNT / 5 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped = members[0].id() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(stopped, libc::SIGSTOP) };
+    // Longer than the TTL (3 x 300 ms) and the other's next ticks.
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: as above.
+    unsafe { libc::kill(stopped, libc::SIGCONT) };
+    while rt.block_on(stored(&js, &tag)) < COUNT {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the output stream holds {} of {COUNT}",
+            rt.block_on(stored(&js, &tag))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stderrs: Vec<String> = members.drain(..).map(real_nats::interrupt).collect();
+    eprintln!("{}", stderrs.join("\n"));
+    assert!(
+        leases_taken(&stderrs[1]) >= 4,
+        "the other member did not take the stopped one's partitions:\n{}",
+        stderrs[1]
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rt.block_on(stored(&js, &tag)), COUNT);
+    let ns = rt.block_on(outputs(&js, &tag, COUNT));
+    let mut sorted = ns.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..COUNT).collect::<Vec<_>>(), "every input once");
+    let mut last = std::collections::HashMap::new();
+    for &n in &ns {
+        let user = real_nats::user_of(n);
+        if let Some(previous) = last.insert(user, n) {
+            assert!(
+                previous < n,
+                "user {user}: record {n} stored after {previous}"
+            );
+        }
+    }
+    real_nats::drop_streams(&rt, &js, &tag, &[format!("KV_sluice_group_{tag}")]);
 }

@@ -2,7 +2,8 @@
 //! saying so, when none answers, unless SLUICE_REQUIRE_NATS=1): two members split four
 //! partitions; a member that stops renewing finds its leases lapsed after 2 lease periods,
 //! before any renewal is refused, and the other takes its partitions once they expire; a
-//! member that leaves hands its partitions over at once.
+//! member that leaves hands its partitions over at once; a member given other partitions is
+//! refused.
 
 use async_nats::jetstream;
 use sluice::nats::group::{Group, GroupConfig};
@@ -99,5 +100,15 @@ async fn members_split_partitions_and_take_over_a_stalled_ones() {
     assert!(tick_until(&mut a, 3, |g| held(g).len() == 4).await);
     assert!(left.elapsed() < a.period() * 3, "{:?}", left.elapsed());
     a.leave().await;
+    // A member given other partitions is refused, naming both.
+    let other = GroupConfig {
+        partitions: PARTITIONS + 2,
+        ..config.clone()
+    };
+    let refused = Group::join(&js, &other, "c").await.err().expect("refused");
+    assert!(
+        refused.reason.contains("4 partitions") && refused.reason.contains("given 6"),
+        "{refused}"
+    );
     let _ = js.delete_key_value(format!("sluice_group_{name}")).await;
 }

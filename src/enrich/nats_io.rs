@@ -334,6 +334,14 @@ impl Pending {
         self.lock().remove(&line)
     }
 
+    /// Whether the lease a delivery was read under is still held (always, outside a group).
+    fn lease_holds(&self, lease: Option<(u32, u64)>) -> bool {
+        match (lease, &self.leases) {
+            (Some((p, epoch)), Some(leases)) => leases.holds(p, epoch),
+            _ => true,
+        }
+    }
+
     /// Whether a delivery read under `lease` (from the same consumer) is still in the table.
     fn holds_from(&self, lease: Option<(u32, u64)>) -> bool {
         self.lock().values().any(|e| e.lease == lease)
@@ -975,8 +983,12 @@ async fn publish(out: Rc<Out>, ack_all: bool, mut rx: tokio::sync::mpsc::Receive
             }
         }
         if ack_all && (since_ack >= ACK_WINDOW || (publishes.is_empty() && !prefixes.is_empty())) {
-            for (_, (delivery, covered)) in prefixes.drain() {
-                acks.push(ack(out.clone(), delivery, covered));
+            for (lease, (delivery, covered)) in prefixes.drain() {
+                // A lease lost since: its consumer may be another owner's now, and an ack from
+                // here would move that one's floor; the new owner reads these again instead.
+                if out.pending.lease_holds(lease) {
+                    acks.push(ack(out.clone(), delivery, covered));
+                }
             }
             since_ack = 0;
         }

@@ -12,7 +12,9 @@
 //! - a process counts its lease valid for 2 periods after it *sent* its last successful renewal
 //!   (so at least one period before the key can expire on the server, whatever the round
 //!   trip), and fences itself ([`Leases::holds`] turns false) when that passes: a lease that
-//!   could have been taken by another is never used for publishing;
+//!   could have been taken by another is never used for publishing; a lapsed lease is given
+//!   up, never renewed, so within one lease (one epoch) no output is published after one that
+//!   was fenced;
 //! - a lease given up is fenced first and deleted after, so its next owner starts after this
 //!   process has stopped publishing for it;
 //! - each member takes at most its fair share, ceil(partitions / live members), and gives up
@@ -127,6 +129,11 @@ pub struct Group {
     leases: Arc<Leases>,
 }
 
+/// The bucket's description: how many partitions the group splits.
+fn describe(partitions: u32) -> String {
+    format!("sluice group of {partitions} partitions")
+}
+
 fn member_key(id: &str) -> String {
     format!("member.{id}")
 }
@@ -165,6 +172,7 @@ impl Group {
                 deny_delete: true,
                 allow_direct: true,
                 discard: jetstream::stream::DiscardPolicy::New,
+                description: Some(describe(config.partitions)),
                 ..Default::default()
             })
             .await;
@@ -179,6 +187,16 @@ impl Group {
             .status()
             .await
             .map_err(|e| failed(server, "read the group's bucket")(e.to_string()))?;
+        // Members that disagree on the partitions would leave some unread or read some twice.
+        if let Some(said) = &status.info.config.description {
+            if *said != describe(config.partitions) {
+                return Err(failed(server, "join the group")(format!(
+                    "bucket {bucket} is a group of other partitions ({said}); this process was \
+                     given {}: give every member the same partitions=P",
+                    config.partitions
+                )));
+            }
+        }
         let ttl = status.info.config.max_age;
         if ttl.is_zero() {
             return Err(failed(server, "read the group's bucket")(format!(
@@ -227,6 +245,13 @@ impl Group {
         }
         let owned: Vec<u32> = self.held.keys().copied().collect();
         for p in owned {
+            // Lapsed (a stall, NATS out of reach): its outputs were fenced, so it is not renewed
+            // into the same epoch, where a later output could be published after a fenced one.
+            if self.held[&p].renewed.elapsed() >= self.period * 2 {
+                self.give_up(p).await;
+                changes.lost.push(p);
+                continue;
+            }
             let sent = Instant::now();
             let revision = self.held[&p].revision;
             let renewed = self
@@ -245,16 +270,11 @@ impl Group {
                     self.fence(p);
                     changes.lost.push(p);
                 }
-                Err(e) => {
-                    eprintln!(
-                        "sluice enrich: NATS at {}: renewing the lease of partition {p}: {e}",
-                        self.server
-                    );
-                    if self.held[&p].renewed.elapsed() >= self.period * 2 {
-                        self.fence(p);
-                        changes.lost.push(p);
-                    }
-                }
+                // Left to lapse: the next tick gives it up if it has.
+                Err(e) => eprintln!(
+                    "sluice enrich: NATS at {}: renewing the lease of partition {p}: {e}",
+                    self.server
+                ),
             }
         }
         if self.joined.elapsed() < self.period {
