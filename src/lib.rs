@@ -79,6 +79,7 @@ pub mod nats;
 mod operator;
 pub mod postgres;
 mod queue;
+mod reconnect;
 pub mod redis;
 mod retry;
 pub mod sim;

@@ -5,9 +5,10 @@
 //! single lookups spread by work, not by count; the connections' drivers run on the shard's
 //! executor and exit when the client is dropped.
 
-use super::connection::{Backoff, Connection, Kind, Request};
+use super::connection::{Connection, Kind, Request};
 use super::{PgConfig, PgEndpoint, PgError};
 use crate::lookup::Values;
+use crate::reconnect::{self, Backoff};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -26,15 +27,12 @@ impl PgClient {
     pub fn new(endpoint: PgEndpoint, config: &PgConfig) -> PgClient {
         let endpoint = Rc::new(endpoint);
         let statements = Rc::new(config.statements.clone());
-        let backoff = Backoff {
-            initial: config.reconnect_initial,
-            max: config.reconnect_max.max(config.reconnect_initial),
-        };
+        let backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
         let connections = (0..config.connections.max(1))
             .map(|_| {
                 let conn =
                     Connection::new(endpoint.clone(), statements.clone(), config.connect_timeout);
-                glommio::spawn_local(conn.clone().drive(backoff)).detach();
+                glommio::spawn_local(reconnect::drive(conn.clone(), backoff)).detach();
                 conn
             })
             .collect();

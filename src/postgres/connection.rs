@@ -28,6 +28,7 @@ use super::handshake::{self, Prepared, Reader, Statement, BATCH_QUERY, QUERY};
 use super::row::{write_row, write_text_array};
 use super::{PgEndpoint, PgError, RowsPolicy, Statements, PARAM_SEPARATOR};
 use crate::lookup::Values;
+use crate::reconnect::{Ended, Reconnect};
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use futures::io::AsyncWrite;
@@ -164,13 +165,6 @@ struct State {
     driver: Option<Waker>,
 }
 
-/// Reconnect backoff.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Backoff {
-    pub(crate) initial: Duration,
-    pub(crate) max: Duration,
-}
-
 pub(crate) struct Connection {
     endpoint: Rc<PgEndpoint>,
     statements: Rc<Statements>,
@@ -272,48 +266,6 @@ impl Connection {
         for request in failed {
             self.state.borrow_mut().keys_in_flight -= request.kind.answers();
             request.complete(Err(error.clone()));
-        }
-    }
-
-    /// The connection's driver: connect, run, and on failure fail what is pending and
-    /// reconnect with backoff, until the client is closed.
-    pub(crate) async fn drive(self: Rc<Self>, backoff: Backoff) {
-        let mut delay = backoff.initial;
-        loop {
-            let failure = match self.connect().await {
-                Ok(mut io) => {
-                    if !self.set_status(Status::Connected) {
-                        return;
-                    }
-                    delay = backoff.initial;
-                    match std::future::poll_fn(|cx| io.poll(cx)).await {
-                        Ok(()) => return,
-                        Err(e) => Err(e),
-                    }
-                }
-                Err(e) => Ok(e),
-            };
-            // Ok: the connect failed (everything queued fails, and new lookups at once);
-            // Err: the connection broke (what was written fails, the rest waits).
-            match failure {
-                Ok(connect_failed) => {
-                    if !self.set_status(Status::Unreachable(connect_failed.clone())) {
-                        return;
-                    }
-                    self.fail_pending(&connect_failed, true);
-                }
-                Err(lost) => {
-                    if !self.set_status(Status::Down) {
-                        return;
-                    }
-                    self.fail_pending(&lost, false);
-                }
-            }
-            glommio::timer::sleep(delay).await;
-            delay = (delay * 2).min(backoff.max);
-            if !self.set_status(Status::Connecting) {
-                return;
-            }
         }
     }
 
@@ -738,4 +690,49 @@ fn encode(
         why: "the execute message could not be encoded",
     })?;
     Ok(())
+}
+
+/// The driver (`reconnect::drive`): a connect that fails fails everything queued, and new
+/// lookups at once, until a connect succeeds; a connection that broke fails what was written
+/// on it, and the rest waits for the next one.
+impl Reconnect for Connection {
+    type Error = PgError;
+
+    async fn session(self: &Rc<Self>) -> Ended<PgError> {
+        let mut io = match self.connect().await {
+            Ok(io) => io,
+            Err(e) => return Ended::ConnectFailed(e),
+        };
+        if !self.set_status(Status::Connected) {
+            return Ended::Closed;
+        }
+        match std::future::poll_fn(|cx| io.poll(cx)).await {
+            Ok(()) => Ended::Closed,
+            Err(e) => Ended::Lost(e),
+        }
+    }
+
+    fn failed(&self, ended: Ended<PgError>) -> bool {
+        match ended {
+            Ended::Closed => false,
+            Ended::ConnectFailed(e) => {
+                let up = self.set_status(Status::Unreachable(e.clone()));
+                if up {
+                    self.fail_pending(&e, true);
+                }
+                up
+            }
+            Ended::Lost(e) => {
+                let up = self.set_status(Status::Down);
+                if up {
+                    self.fail_pending(&e, false);
+                }
+                up
+            }
+        }
+    }
+
+    fn connecting(&self) -> bool {
+        self.set_status(Status::Connecting)
+    }
 }

@@ -37,6 +37,7 @@ use super::error::RedisError;
 use super::reply::{decode, Protocol, Reply};
 use super::tracking::Invalidations;
 use super::{Endpoint, Server};
+use crate::reconnect::{Ended, Reconnect};
 use futures::io::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpStream, UnixStream};
 use std::cell::RefCell;
@@ -45,7 +46,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -106,13 +107,6 @@ impl State {
     }
 }
 
-/// Reconnect backoff.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Backoff {
-    pub(crate) initial: Duration,
-    pub(crate) max: Duration,
-}
-
 pub(crate) struct Connection {
     endpoint: Rc<Endpoint>,
     /// With TLS: its configuration, or why it could not be made (each connect attempt then
@@ -126,7 +120,7 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// A connection to `addr` whose driver must be spawned with [`Connection::drive`].
+    /// A connection to `addr` whose driver must be spawned with `reconnect::drive`.
     /// At most `in flight / reply_split` replies (at least `MIN_REPLIES_PER_TURN`) are
     /// completed per turn of the driver (see `Io::poll`); 1 completes all that arrived.
     pub(crate) fn new(
@@ -287,64 +281,6 @@ impl Connection {
         }
         st.status = status;
         true
-    }
-
-    /// The connection's driver: connect, run, and on failure fail what is pending and
-    /// reconnect with backoff, until the client is dropped.
-    pub(crate) async fn drive(self: Rc<Self>, backoff: Backoff) {
-        let mut delay = backoff.initial;
-        loop {
-            let failure = match self.connect().await {
-                Ok(mut io) => {
-                    if !self.set_status(Status::Connected) {
-                        return;
-                    }
-                    delay = backoff.initial;
-                    match std::future::poll_fn(|cx| io.poll(cx)).await {
-                        Ok(()) => return, // closed by the client
-                        Err(e) => e,
-                    }
-                }
-                Err(e) => e,
-            };
-            // What the server said was written while this connection tracked it may be lost
-            // with it: the cache forgets everything.
-            if let Some(t) = &self.tracking {
-                t.flush_all();
-            }
-            let reason = failure.to_string();
-            let lost = match failure {
-                RedisError::Connect { .. }
-                | RedisError::Refused { .. }
-                | RedisError::Protocol { .. }
-                | RedisError::ConnectionLost { .. } => failure,
-                other => RedisError::ConnectionLost {
-                    addr: self.endpoint.server.clone(),
-                    reason: other.to_string(),
-                },
-            };
-            // A failed connect is the attempt of every request waiting for it, and requests
-            // fail at once until a connect succeeds; a connection that broke costs only the
-            // requests on the wire an attempt, and the others wait for the reconnect.
-            let connect_failed = matches!(
-                lost,
-                RedisError::Connect { .. } | RedisError::Refused { .. }
-            );
-            let status = if connect_failed {
-                Status::Unreachable(reason)
-            } else {
-                Status::Down(reason)
-            };
-            if !self.set_status(status) {
-                return;
-            }
-            self.fail_pending(lost, connect_failed);
-            glommio::timer::sleep(delay).await;
-            delay = (delay * 2).min(backoff.max);
-            if !self.set_status(Status::Connecting) {
-                return;
-            }
-        }
     }
 }
 
@@ -826,5 +762,67 @@ impl Drop for ReplyFuture {
                 _ => st.free(index),
             }
         }
+    }
+}
+
+/// The driver (`reconnect::drive`). A failed connect (refused included) is the attempt of every
+/// request waiting for it, and requests fail at once until a connect succeeds; a connection
+/// that broke costs only the requests on the wire an attempt, and the others wait for the
+/// reconnect. With client tracking, the cache forgets everything when a connection ends: what
+/// the server said was written while it tracked may be lost with it.
+impl Reconnect for Connection {
+    type Error = RedisError;
+
+    async fn session(self: &Rc<Self>) -> Ended<RedisError> {
+        let mut io = match self.connect().await {
+            Ok(io) => io,
+            Err(e) => return Ended::ConnectFailed(e),
+        };
+        if !self.set_status(Status::Connected) {
+            return Ended::Closed;
+        }
+        match std::future::poll_fn(|cx| io.poll(cx)).await {
+            Ok(()) => Ended::Closed,
+            Err(e) => Ended::Lost(e),
+        }
+    }
+
+    fn failed(&self, ended: Ended<RedisError>) -> bool {
+        let failure = match ended {
+            Ended::Closed => return false,
+            Ended::ConnectFailed(e) | Ended::Lost(e) => e,
+        };
+        if let Some(t) = &self.tracking {
+            t.flush_all();
+        }
+        let reason = failure.to_string();
+        let lost = match failure {
+            RedisError::Connect { .. }
+            | RedisError::Refused { .. }
+            | RedisError::Protocol { .. }
+            | RedisError::ConnectionLost { .. } => failure,
+            other => RedisError::ConnectionLost {
+                addr: self.endpoint.server.clone(),
+                reason: other.to_string(),
+            },
+        };
+        let connect_failed = matches!(
+            lost,
+            RedisError::Connect { .. } | RedisError::Refused { .. }
+        );
+        let status = if connect_failed {
+            Status::Unreachable(reason)
+        } else {
+            Status::Down(reason)
+        };
+        if !self.set_status(status) {
+            return false;
+        }
+        self.fail_pending(lost, connect_failed);
+        true
+    }
+
+    fn connecting(&self) -> bool {
+        self.set_status(Status::Connecting)
     }
 }

@@ -20,9 +20,10 @@ pub use reply::{decode, decode_reply, get_values, Decoded, Protocol, Reply, MAX_
 pub use tracking::{Invalidated, Invalidations};
 
 // For the tools' summaries of wire times.
+use crate::reconnect::{self, Backoff};
 #[cfg_attr(not(feature = "tools"), allow(unused_imports))]
 pub(crate) use connection::wire_histogram;
-use connection::{Backoff, Connection};
+use connection::Connection;
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -110,10 +111,7 @@ impl RedisClient {
     /// connected (or fail with `Connect` if the server cannot be reached).
     pub fn new(endpoint: impl Into<Endpoint>, config: &ClientConfig) -> RedisClient {
         let endpoint = Rc::new(endpoint.into());
-        let backoff = Backoff {
-            initial: config.reconnect_initial,
-            max: config.reconnect_max.max(config.reconnect_initial),
-        };
+        let backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
         let invalidations = config.tracking.then(Rc::default);
         let connections = (0..config.connection_count())
             .map(|_| {
@@ -123,7 +121,7 @@ impl RedisClient {
                     config.reply_split,
                     invalidations.clone(),
                 );
-                glommio::spawn_local(conn.clone().drive(backoff)).detach();
+                glommio::spawn_local(reconnect::drive(conn.clone(), backoff)).detach();
                 conn
             })
             .collect();
