@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// The wait between connect attempts.
@@ -43,10 +44,17 @@ pub(crate) enum Ended<E> {
 /// What a connection gives its driver.
 pub(crate) trait Reconnect {
     type Error;
+    /// A connection that is up.
+    type Io;
 
-    /// Connects, says it is up (`Ended::Closed` if the client closed it meanwhile), and runs
-    /// the connection until it ends.
-    fn session(self: &Rc<Self>) -> impl Future<Output = Ended<Self::Error>>;
+    /// Connects (the handshake included).
+    fn connect(self: &Rc<Self>) -> impl Future<Output = Result<Self::Io, Self::Error>>;
+
+    /// Runs the connection: `Ready(Ok)` when the client closed it, `Ready(Err)` when it broke.
+    fn poll_io(io: &mut Self::Io, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>>;
+
+    /// The connection is up. `false` when the client closed it meanwhile.
+    fn connected(&self) -> bool;
 
     /// After a failed session: records why and fails the requests that must fail. `false`
     /// when the client closed the connection.
@@ -56,11 +64,26 @@ pub(crate) trait Reconnect {
     fn connecting(&self) -> bool;
 }
 
+/// One session: connect, say so, run until the connection ends.
+async fn session<C: Reconnect>(connection: &Rc<C>) -> Ended<C::Error> {
+    let mut io = match connection.connect().await {
+        Ok(io) => io,
+        Err(e) => return Ended::ConnectFailed(e),
+    };
+    if !connection.connected() {
+        return Ended::Closed;
+    }
+    match std::future::poll_fn(|cx| C::poll_io(&mut io, cx)).await {
+        Ok(()) => Ended::Closed,
+        Err(e) => Ended::Lost(e),
+    }
+}
+
 /// Runs `connection` until its client closes it; see the module documentation.
 pub(crate) async fn drive<C: Reconnect>(connection: Rc<C>, backoff: Backoff) {
     let mut delay = backoff.initial;
     loop {
-        let ended = connection.session().await;
+        let ended = session(&connection).await;
         let wait = match &ended {
             Ended::Closed => return,
             Ended::Lost(_) => backoff.initial,

@@ -132,6 +132,34 @@ fn the_nats_server_restarted_mid_run_loses_nothing() {
     );
 }
 
+/// A group's run is over: (after a moment, for anything still in flight) the output stream
+/// holds every input once, and each key's records in input order. Then the streams and the
+/// group's bucket go.
+fn group_output_is_exact(
+    rt: &tokio::runtime::Runtime,
+    js: &jetstream::Context,
+    tag: &str,
+    count: u64,
+) {
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rt.block_on(stored(js, tag)), count);
+    let ns = rt.block_on(outputs(js, tag, count));
+    let mut sorted = ns.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..count).collect::<Vec<_>>(), "every input once");
+    let mut last = std::collections::HashMap::new();
+    for &n in &ns {
+        let user = real_nats::user_of(n);
+        if let Some(previous) = last.insert(user, n) {
+            assert!(
+                previous < n,
+                "user {user}: record {n} stored after {previous}"
+            );
+        }
+    }
+    real_nats::drop_streams(rt, js, tag, &[format!("KV_sluice_group_{tag}")]);
+}
+
 /// The leases a group member's summary says it took.
 fn leases_taken(stderr: &str) -> u64 {
     assert!(stderr.contains("group: held up to "), "{stderr}");
@@ -214,23 +242,7 @@ fn three_processes_share_six_partitions_and_one_dies() {
         taken >= 6,
         "the dead member's partitions {held:?} were not taken over ({taken} leases taken)"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(rt.block_on(stored(&js, &tag)), COUNT);
-    let ns = rt.block_on(outputs(&js, &tag, COUNT));
-    let mut sorted = ns.clone();
-    sorted.sort_unstable();
-    assert_eq!(sorted, (0..COUNT).collect::<Vec<_>>(), "every input once");
-    let mut last = std::collections::HashMap::new();
-    for &n in &ns {
-        let user = real_nats::user_of(n);
-        if let Some(previous) = last.insert(user, n) {
-            assert!(
-                previous < n,
-                "user {user}: record {n} stored after {previous}"
-            );
-        }
-    }
-    real_nats::drop_streams(&rt, &js, &tag, &[format!("KV_sluice_group_{tag}")]);
+    group_output_is_exact(&rt, &js, &tag, COUNT);
 }
 
 /// Bad records dead-lettered to a subject of another stream: each input is in the output
@@ -375,21 +387,5 @@ fn a_stopped_member_is_fenced_when_it_goes_on() {
         "the other member did not take the stopped one's partitions:\n{}",
         stderrs[1]
     );
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(rt.block_on(stored(&js, &tag)), COUNT);
-    let ns = rt.block_on(outputs(&js, &tag, COUNT));
-    let mut sorted = ns.clone();
-    sorted.sort_unstable();
-    assert_eq!(sorted, (0..COUNT).collect::<Vec<_>>(), "every input once");
-    let mut last = std::collections::HashMap::new();
-    for &n in &ns {
-        let user = real_nats::user_of(n);
-        if let Some(previous) = last.insert(user, n) {
-            assert!(
-                previous < n,
-                "user {user}: record {n} stored after {previous}"
-            );
-        }
-    }
-    real_nats::drop_streams(&rt, &js, &tag, &[format!("KV_sluice_group_{tag}")]);
+    group_output_is_exact(&rt, &js, &tag, COUNT);
 }

@@ -269,7 +269,7 @@ impl Connection {
         }
     }
 
-    async fn connect(self: &Rc<Self>) -> Result<Io, PgError> {
+    async fn open(self: &Rc<Self>) -> Result<Io, PgError> {
         let failed = |reason: String| PgError::Connect {
             server: self.endpoint.host.clone(),
             reason,
@@ -304,7 +304,7 @@ struct Rows {
     per_key: Vec<(usize, Vec<u8>)>,
 }
 
-struct Io {
+pub(crate) struct Io {
     conn: Rc<Connection>,
     stream: TcpStream,
     reader: Reader,
@@ -698,18 +698,18 @@ fn encode(
 impl Reconnect for Connection {
     type Error = PgError;
 
-    async fn session(self: &Rc<Self>) -> Ended<PgError> {
-        let mut io = match self.connect().await {
-            Ok(io) => io,
-            Err(e) => return Ended::ConnectFailed(e),
-        };
-        if !self.set_status(Status::Connected) {
-            return Ended::Closed;
-        }
-        match std::future::poll_fn(|cx| io.poll(cx)).await {
-            Ok(()) => Ended::Closed,
-            Err(e) => Ended::Lost(e),
-        }
+    type Io = Io;
+
+    fn connect(self: &Rc<Self>) -> impl std::future::Future<Output = Result<Io, PgError>> {
+        self.open()
+    }
+
+    fn poll_io(io: &mut Io, cx: &mut Context<'_>) -> Poll<Result<(), PgError>> {
+        io.poll(cx)
+    }
+
+    fn connected(&self) -> bool {
+        self.set_status(Status::Connected)
     }
 
     fn failed(&self, ended: Ended<PgError>) -> bool {

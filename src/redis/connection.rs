@@ -287,7 +287,7 @@ impl Connection {
 impl Connection {
     /// Connects, and with client tracking says `HELLO 3` and `CLIENT TRACKING ON` before any
     /// request: a server that refuses either fails the connect attempt with its answer.
-    async fn connect(self: &Rc<Self>) -> Result<Io, RedisError> {
+    async fn open(self: &Rc<Self>) -> Result<Io, RedisError> {
         let failed = |reason: String| RedisError::Connect {
             addr: self.endpoint.server.clone(),
             reason,
@@ -444,7 +444,7 @@ impl AsyncWrite for Stream {
     }
 }
 
-struct Io {
+pub(crate) struct Io {
     conn: Rc<Connection>,
     stream: Stream,
     writing: Vec<u8>,
@@ -773,18 +773,18 @@ impl Drop for ReplyFuture {
 impl Reconnect for Connection {
     type Error = RedisError;
 
-    async fn session(self: &Rc<Self>) -> Ended<RedisError> {
-        let mut io = match self.connect().await {
-            Ok(io) => io,
-            Err(e) => return Ended::ConnectFailed(e),
-        };
-        if !self.set_status(Status::Connected) {
-            return Ended::Closed;
-        }
-        match std::future::poll_fn(|cx| io.poll(cx)).await {
-            Ok(()) => Ended::Closed,
-            Err(e) => Ended::Lost(e),
-        }
+    type Io = Io;
+
+    fn connect(self: &Rc<Self>) -> impl std::future::Future<Output = Result<Io, RedisError>> {
+        self.open()
+    }
+
+    fn poll_io(io: &mut Io, cx: &mut Context<'_>) -> Poll<Result<(), RedisError>> {
+        io.poll(cx)
+    }
+
+    fn connected(&self) -> bool {
+        self.set_status(Status::Connected)
     }
 
     fn failed(&self, ended: Ended<RedisError>) -> bool {
