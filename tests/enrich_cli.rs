@@ -1039,11 +1039,7 @@ fn sample(body: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn metrics_addr_serves_the_running_counts_in_the_prometheus_format() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = real_redis::free_port();
     // Standard input left open: the run is alive (and idle) while it is scraped.
     let mut child = sluice()
         .args([

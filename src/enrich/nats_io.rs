@@ -352,12 +352,11 @@ impl Pending {
         let Some(entry) = deliveries.get(&line) else {
             return Ready::Gone;
         };
-        match (entry.lease, &self.leases) {
-            (Some((p, epoch)), Some(leases)) if !leases.holds(p, epoch) => {
-                deliveries.remove(&line);
-                Ready::Fenced
-            }
-            _ => Ready::Publish(entry.delivery.msg_id()),
+        if self.lease_holds(entry.lease) {
+            Ready::Publish(entry.delivery.msg_id())
+        } else {
+            deliveries.remove(&line);
+            Ready::Fenced
         }
     }
 }
@@ -591,11 +590,14 @@ impl Feed {
                 }
                 continue;
             }
-            let mut text: Vec<u8> = delivery
-                .payload
-                .iter()
-                .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
-                .collect();
+            let mut text = Vec::with_capacity(delivery.payload.len() + 1);
+            text.extend(delivery.payload.iter().map(|&b| {
+                if b == b'\n' || b == b'\r' {
+                    b' '
+                } else {
+                    b
+                }
+            }));
             text.push(b'\n');
             line += 1;
             self.pending.lock().insert(line, Entry { delivery, lease });
@@ -778,7 +780,7 @@ enum Outcome {
     /// Publish this output, then acknowledge the line's delivery.
     Publish(u64, Bytes),
     /// Publish this dead letter to this subject, then acknowledge the line's delivery.
-    DeadLetter(u64, Arc<str>, Bytes),
+    DeadLetter(u64, async_nats::Subject, Bytes),
     /// The line writes nothing: acknowledge its delivery.
     Done(u64),
 }
@@ -790,7 +792,7 @@ enum Outcome {
 pub(crate) struct OutputThread {
     batch: Vec<Outcome>,
     /// The dead-letter subjects, shared by their outcomes.
-    subjects: Vec<Arc<str>>,
+    subjects: Vec<async_nats::Subject>,
     tx: Option<tokio::sync::mpsc::Sender<Vec<Outcome>>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -859,10 +861,10 @@ impl OutputThread {
     /// Line `line` is dead-lettered to `target` (`nats://HOST:PORT/SUBJECT`, checked at start).
     pub(crate) fn dead_letter(&mut self, line: u64, target: &std::path::Path, entry: String) {
         let subject = dead_letter_subject(target).unwrap_or_default();
-        let subject = match self.subjects.iter().find(|s| ***s == *subject) {
+        let subject = match self.subjects.iter().find(|s| s.as_str() == subject) {
             Some(s) => s.clone(),
             None => {
-                let s: Arc<str> = subject.into();
+                let s = async_nats::Subject::from(subject);
                 self.subjects.push(s.clone());
                 s
             }
@@ -916,13 +918,13 @@ const ACK_WINDOW: u64 = 128;
 async fn send(
     out: &Rc<Out>,
     line: u64,
-    subject: Option<Arc<str>>,
+    subject: Option<async_nats::Subject>,
     id: String,
     bytes: Bytes,
 ) -> impl Future<Output = u64> {
     let first = out
         .sink
-        .publish_to(subject.as_deref(), &id, bytes.clone())
+        .publish_to(subject.as_ref(), &id, bytes.clone())
         .await;
     let out = out.clone();
     async move {
@@ -933,7 +935,7 @@ async fn send(
         match stored {
             Ok(stored) => out.counts.stored(stored),
             // Rare: kept out of the common future, which is moved once per record.
-            Err(_) => Box::pin(publish_until_done(&out, subject.as_deref(), &id, bytes)).await,
+            Err(_) => Box::pin(publish_until_done(&out, subject.as_ref(), &id, bytes)).await,
         }
         line
     }
@@ -1017,7 +1019,12 @@ async fn publish(out: Rc<Out>, ack_all: bool, mut rx: tokio::sync::mpsc::Receive
 /// backoff) until the output stream acknowledges or the run is stopped at once. A retried
 /// output may be stored after outputs sent later (the broker was failing): each is still
 /// stored once.
-async fn publish_until_done(out: &Out, subject: Option<&str>, id: &str, bytes: Bytes) {
+async fn publish_until_done(
+    out: &Out,
+    subject: Option<&async_nats::Subject>,
+    id: &str,
+    bytes: Bytes,
+) {
     let mut wait = Duration::from_millis(50);
     loop {
         let sent = match out.sink.publish_to(subject, id, bytes.clone()).await {

@@ -22,6 +22,7 @@ pub mod group;
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
 use bytes::Bytes;
 use futures::StreamExt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The header JetStream deduplicates publishes by.
@@ -83,7 +84,8 @@ pub struct SourceConfig {
 /// A message from the source, with what acknowledges it.
 pub struct Delivery {
     pub payload: Bytes,
-    pub stream: String,
+    /// The source's stream (shared by its deliveries).
+    pub stream: Arc<str>,
     pub sequence: u64,
     /// 1 the first time, more on redelivery.
     pub delivered: i64,
@@ -115,6 +117,8 @@ impl Delivery {
 pub struct JetStreamSource {
     messages: pull::Stream,
     server: String,
+    /// The stream's name, shared by its deliveries.
+    stream: Arc<str>,
 }
 
 impl JetStreamSource {
@@ -173,6 +177,7 @@ impl JetStreamSource {
         Ok(JetStreamSource {
             messages,
             server: server.to_string(),
+            stream: config.stream.as_str().into(),
         })
     }
 
@@ -182,12 +187,9 @@ impl JetStreamSource {
             Ok(m) => m,
             Err(e) => return Some(Err(failed(&self.server, "pull")(e.to_string()))),
         };
-        let (stream, sequence, delivered) = match message.info() {
-            Ok(info) => (
-                info.stream.to_string(),
-                info.stream_sequence,
-                info.delivered,
-            ),
+        // The consumer is on `self.stream`: its messages' stream is that one.
+        let (sequence, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered),
             Err(e) => {
                 return Some(Err(failed(&self.server, "read the reply subject")(
                     e.to_string(),
@@ -196,7 +198,7 @@ impl JetStreamSource {
         };
         Some(Ok(Delivery {
             payload: message.payload.clone(),
-            stream,
+            stream: self.stream.clone(),
             sequence,
             delivered,
             message,
@@ -239,8 +241,9 @@ pub async fn partition_subjects(
 #[derive(Clone)]
 pub struct JetStreamSink {
     js: jetstream::Context,
-    subject: String,
-    server: String,
+    /// Shared, not copied, by every publish (and the server by every publish ack's error).
+    subject: async_nats::Subject,
+    server: Arc<str>,
 }
 
 /// How a publish ended: stored, or dropped as a duplicate of one stored before.
@@ -254,15 +257,15 @@ impl JetStreamSink {
     pub async fn connect(server: &str, subject: &str) -> Result<JetStreamSink, NatsError> {
         Ok(JetStreamSink {
             js: connect(server).await?,
-            subject: subject.to_string(),
-            server: server.to_string(),
+            subject: subject.to_string().into(),
+            server: server.into(),
         })
     }
 
     /// The stream that captures `subject` (the sink's when `None`): an error, naming the
     /// subject, when none does (a publish there would never be acknowledged).
     pub async fn stream_of(&self, subject: Option<&str>) -> Result<String, NatsError> {
-        let subject = subject.unwrap_or(&self.subject);
+        let subject = subject.unwrap_or(self.subject.as_str());
         self.js.stream_by_subject(subject).await.map_err(|e| {
             failed(&self.server, "find the stream of a subject")(format!("{subject}: {e}"))
         })
@@ -283,13 +286,13 @@ impl JetStreamSink {
     /// dead-letter subject of another stream on the same server).
     pub async fn publish_to(
         &self,
-        subject: Option<&str>,
+        subject: Option<&async_nats::Subject>,
         msg_id: &str,
         payload: Bytes,
     ) -> Result<impl std::future::Future<Output = Result<Published, NatsError>>, NatsError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(MSG_ID, msg_id);
-        let subject = subject.unwrap_or(&self.subject).to_string();
+        let subject = subject.unwrap_or(&self.subject).clone();
         let ack = self
             .js
             .publish_with_headers(subject, headers, payload)
