@@ -87,8 +87,8 @@ mod stream_ext;
 
 pub use engine::{
     default_shards, hash_key, locked_memory_per_shard, memlock_limit, plan, shards_that_fit,
-    usable_cores, Consumer, KeyFn, OnShards, Output, Pinning, Producer, RecvTimedOut, Routing,
-    ShardContext, ShardPlacement, ShardSink, SinkCheckpoint, SinkError, SourceItem, Stage,
+    usable_cores, Consumer, KeyFn, OnShards, Output, Pinning, Producer, RecvTimedOut, Routed,
+    Routing, ShardContext, ShardPlacement, ShardSink, SinkCheckpoint, SinkError, SourceItem, Stage,
     StageBuilder, StageHandle, StageObserver, DEFAULT_IO_MEMORY, DEFAULT_RING_DEPTH, MAX_CAPACITY,
     MAX_SHARDS, MIN_CHANNEL_CAPACITY, QUEUE_WAIT_SAMPLE,
 };

@@ -23,6 +23,7 @@ mod placement;
 mod plan;
 mod producer;
 pub(crate) mod restore;
+mod routed;
 mod routing;
 mod shard;
 
@@ -35,6 +36,7 @@ pub use placement::{
 pub(crate) use plan::{Plan, Spec};
 pub use plan::{MAX_CAPACITY, MAX_SHARDS, MIN_CHANNEL_CAPACITY};
 pub use producer::{Producer, QUEUE_WAIT_SAMPLE};
+pub use routed::Routed;
 pub use routing::{hash_key, KeyFn, Routing};
 pub use shard::ShardContext;
 pub(crate) use shard::{shard_input, Gate, ShardCheckpoint, ShardInput};
@@ -199,6 +201,15 @@ where
 
     /// Starts the shards.
     pub fn start(self) -> Result<Stage<F::In, F::Out>, BuildError> {
+        self.start_with_edges(None)
+    }
+
+    /// Starts the shards; shard 0 also runs what `edges` hands it (a routed stage's source and
+    /// sink), before it counts itself ended.
+    fn start_with_edges(
+        self,
+        mut edges: Option<routed::EdgeSlot>,
+    ) -> Result<Stage<F::In, F::Out>, BuildError> {
         let mut wiring = Plan::new(Spec {
             shards: self.shard_count()?,
             capacity: self.capacity,
@@ -246,7 +257,15 @@ where
                 checkpoint: shard_plan.checkpoint,
             };
             let rings = (self.io_memory, self.ring_depth);
-            let join = spawn_shard(placement, rings, factory.clone(), parts, ended.clone())?;
+            let edge = edges.take();
+            let join = spawn_shard(
+                placement,
+                rings,
+                factory.clone(),
+                parts,
+                ended.clone(),
+                edge,
+            )?;
             senders.push(in_tx);
             receivers.push(out_rx);
             cells.push(cell);
@@ -296,6 +315,7 @@ fn spawn_shard<F, Fac>(
     factory: Arc<Fac>,
     parts: shard::ShardParts<F>,
     ended: Arc<AtomicUsize>,
+    edge: Option<routed::EdgeSlot>,
 ) -> Result<glommio::ExecutorJoinHandle<Result<(), StageError>>, BuildError>
 where
     F: AsyncFunction,
@@ -303,11 +323,18 @@ where
     F::Out: Send,
     Fac: Fn(ShardContext) -> F + Send + Sync + 'static,
 {
+    let shard = placement.shard;
     spawn_executor(placement, rings, move || async move {
+        let edge = edge.map(|slot| glommio::spawn_local(routed::run_edge(slot, shard)));
         // Its failures travel to the merge, which reports them.
         shard::run_shard(factory, parts).await;
+        // A routed stage's source and sink report theirs (the merge's included) here.
+        let result = match edge {
+            Some(edge) => edge.await,
+            None => Ok(()),
+        };
         ended.fetch_add(1, Ordering::Release);
-        Ok(())
+        result
     })
 }
 

@@ -135,23 +135,55 @@ impl<I> Producer<I> {
     /// `Output::Checkpoint(id)` where the barrier reaches the output; the sink then makes its
     /// output durable and calls `Consumer::commit_checkpoint`. One checkpoint at a time.
     pub fn checkpoint(&mut self, source: SourcePosition) -> Result<u64, CheckpointRefused> {
+        let (id, barrier) = self.begin_checkpoint(source)?;
+        for sender in &self.senders {
+            if sender.send_blocking(Inbound::Barrier(barrier)).is_err() {
+                return Err(self.abort_checkpoint(id));
+            }
+        }
+        self.take_seq();
+        Ok(id)
+    }
+
+    /// [`Producer::checkpoint`], awaiting while a shard's channel is full (for a source that
+    /// runs on an executor, which must not block).
+    pub async fn checkpoint_async(
+        &mut self,
+        source: SourcePosition,
+    ) -> Result<u64, CheckpointRefused> {
+        let (id, barrier) = self.begin_checkpoint(source)?;
+        for sender in &self.senders {
+            if sender.send(Inbound::Barrier(barrier)).await.is_err() {
+                return Err(self.abort_checkpoint(id));
+            }
+        }
+        self.take_seq();
+        Ok(id)
+    }
+
+    fn begin_checkpoint(
+        &self,
+        source: SourcePosition,
+    ) -> Result<(u64, Barrier), CheckpointRefused> {
         let coordinator = self
             .checkpoints
             .as_ref()
             .ok_or(CheckpointRefused::NotConfigured)?;
         let id = coordinator.begin(source)?;
-        let seq = self.next_seq;
-        for sender in &self.senders {
-            if sender
-                .send_blocking(Inbound::Barrier(Barrier { seq, id }))
-                .is_err()
-            {
-                coordinator.abort(id);
-                return Err(CheckpointRefused::Closed);
-            }
+        Ok((
+            id,
+            Barrier {
+                seq: self.next_seq,
+                id,
+            },
+        ))
+    }
+
+    fn abort_checkpoint(&self, id: u64) -> CheckpointRefused {
+        if let Some(coordinator) = &self.checkpoints {
+            coordinator.abort(id);
         }
-        self.take_seq();
-        Ok(id)
+        CheckpointRefused::Closed
     }
 
     fn take_seq(&mut self) -> u64 {

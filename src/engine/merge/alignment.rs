@@ -124,6 +124,16 @@ impl<O> Alignment<O> {
 
     /// Commits checkpoint `id`, aligned before (see `Consumer::commit_checkpoint`).
     pub(super) fn commit(&mut self, id: u64, sink: SinkPosition) -> Result<(), CheckpointError> {
+        self.commit_later(id, sink)()
+    }
+
+    /// The commit of checkpoint `id` (aligned before) as a job for another thread: it waits
+    /// for the shards' snapshots, so a shard's own thread must not run it.
+    pub(super) fn commit_later(
+        &mut self,
+        id: u64,
+        sink: SinkPosition,
+    ) -> impl FnOnce() -> Result<(), CheckpointError> + Send + 'static {
         let snapshot = match self.aligned.take() {
             Some(s) if s.checkpoint_id == id => s,
             other => panic!(
@@ -131,6 +141,7 @@ impl<O> Alignment<O> {
                 other.map(|s| s.checkpoint_id)
             ),
         };
-        self.checkpoint.coordinator.commit(&snapshot, &sink)
+        let coordinator = self.checkpoint.coordinator.clone();
+        move || coordinator.commit(&snapshot, &sink)
     }
 }

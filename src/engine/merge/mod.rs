@@ -206,6 +206,19 @@ impl<O: 'static> Consumer<O> {
         }
     }
 
+    /// [`Consumer::commit_checkpoint`] as a job for a blocking thread (it waits for the
+    /// shards' snapshot reports): for a consumer on a shard's own executor.
+    pub(crate) fn commit_later(
+        &mut self,
+        id: u64,
+        sink: SinkPosition,
+    ) -> impl FnOnce() -> Result<(), CheckpointError> + Send + 'static {
+        match &mut self.alignment {
+            Some(alignment) => alignment.commit_later(id, sink),
+            None => panic!("commit_checkpoint({id}) on a stage without checkpointing"),
+        }
+    }
+
     /// Takes port `p`'s checkpoint barrier; aligns when it is the last one.
     fn checkpoint_arrived(&mut self, p: usize, barrier: Barrier) {
         let alignment = self
