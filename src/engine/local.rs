@@ -31,7 +31,7 @@ use super::messages::Barrier;
 use super::routing::KeyFn;
 use super::shard::{
     gather, panic_message, poll_or_barrier, write_snapshot, Gate, ShardCheckpoint, ShardContext,
-    Step,
+    SnapshotWrites, Step,
 };
 use super::{placement, plan, spawn_executor, Output, Plan, Spec, StageBuilder, StageHandle};
 use crate::checkpoint::coordinator::Coordinator;
@@ -452,7 +452,12 @@ where
         let sink = (shard.sinks)(shard.context);
         let op =
             AsyncWait::with_metrics(input, func, shard.config, GlommioClock, Some(shard.metrics));
-        drive_local(op, sink, index, &gate, shard.checkpoint.as_ref()).await
+        let mut writes = SnapshotWrites::default();
+        let checkpoint = shard.checkpoint.as_ref();
+        let result = drive_local(op, sink, index, &gate, checkpoint, &mut writes).await;
+        // On every path: a write dropped with the executor corrupts memory (`SnapshotWrites`).
+        writes.finish().await;
+        result
     });
     let result = match body.catch_unwind().await {
         Ok(result) => result,
@@ -486,6 +491,7 @@ async fn drive_local<S, F, K>(
     shard: usize,
     gate: &Gate,
     checkpoint: Option<&LocalCheckpoint<F::In>>,
+    writes: &mut SnapshotWrites,
 ) -> Result<(), StageError>
 where
     S: Stream<Item = Element<F::In>> + Unpin,
@@ -512,7 +518,8 @@ where
             LocalStep::Shard(Step::Barrier(barrier)) => {
                 let checkpoint = checkpoint.expect("a barrier needs checkpointing");
                 let taken =
-                    take_checkpoint(&mut op, &mut sink, checkpoint, barrier, watermark).await;
+                    take_checkpoint(&mut op, &mut sink, checkpoint, barrier, watermark, writes)
+                        .await;
                 gate.set(None);
                 match taken {
                     Ok(task) => commit = Some((barrier.id, task)),
@@ -586,6 +593,7 @@ async fn take_checkpoint<S, F, K>(
     checkpoint: &LocalCheckpoint<F::In>,
     barrier: Barrier,
     watermark: Option<u64>,
+    writes: &mut SnapshotWrites,
 ) -> Result<glommio::Task<Result<Result<(), CheckpointError>, SinkError>>, SinkError>
 where
     S: Stream<Item = Element<F::In>> + Unpin,
@@ -600,7 +608,7 @@ where
         OutputMode::Ordered => snapshot.entries.first().map_or(barrier.seq, |e| e.seq),
         _ => 0,
     };
-    write_snapshot(&checkpoint.shard, snapshot).detach();
+    writes.push(write_snapshot(&checkpoint.shard, snapshot));
     let SinkCheckpoint {
         position,
         make_durable,

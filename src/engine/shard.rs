@@ -237,7 +237,7 @@ pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 /// snapshotted where the operator's input stopped before it goes on. Returns `true` when the
 /// input ended or the consumer went away, `false` after it sent a failure.
 async fn drive<S, F>(
-    mut op: AsyncWait<S, F, GlommioClock>,
+    op: AsyncWait<S, F, GlommioClock>,
     gate: &Gate,
     egress: &handoff::Sender<Egress<F::Out>>,
     checkpoint: Option<&ShardCheckpoint<F::In>>,
@@ -247,10 +247,25 @@ where
     S: Stream<Item = Element<F::In>> + Unpin,
     F: AsyncFunction,
 {
-    // The last checkpoint's file write. One checkpoint is in progress at a time and the next
-    // begins only after every shard reported, so earlier writes have finished (or, after an
-    // aborted commit, are left to finish on their own): keep one, not a list.
-    let mut last_write: Option<glommio::Task<()>> = None;
+    let mut writes = SnapshotWrites::default();
+    let ended = drive_until_end(op, gate, egress, checkpoint, shard, &mut writes).await;
+    writes.finish().await;
+    ended
+}
+
+/// [`drive`]'s loop; the snapshot writes it starts are left in `writes`.
+async fn drive_until_end<S, F>(
+    mut op: AsyncWait<S, F, GlommioClock>,
+    gate: &Gate,
+    egress: &handoff::Sender<Egress<F::Out>>,
+    checkpoint: Option<&ShardCheckpoint<F::In>>,
+    shard: usize,
+    writes: &mut SnapshotWrites,
+) -> bool
+where
+    S: Stream<Item = Element<F::In>> + Unpin,
+    F: AsyncFunction,
+{
     loop {
         let step = futures::future::poll_fn(|cx| poll_or_barrier(&mut op, gate, cx)).await;
         let first = match step {
@@ -259,10 +274,7 @@ where
             Step::Barrier(barrier) => {
                 let checkpoint =
                     checkpoint.expect("barriers come only from a stage with checkpointing");
-                let write = snapshot(&mut op, checkpoint, barrier, shard);
-                if let Some(previous) = last_write.replace(write) {
-                    previous.detach();
-                }
+                writes.push(snapshot(&mut op, checkpoint, barrier, shard));
                 gate.set(None);
                 if egress.send(Egress::Barrier(barrier)).await.is_err() {
                     op.close();
@@ -284,10 +296,33 @@ where
         }
     }
     op.close();
-    if let Some(write) = last_write {
-        write.await;
-    }
     true
+}
+
+/// A shard's snapshot writes still running. A shard awaits them before it ends, on every path
+/// (a consumer gone included): a task dropped with its executor would leave the kernel an
+/// io_uring operation whose completion writes into memory already freed (opening the file
+/// runs `statx` in the kernel's worker pool, which fills a buffer of the task's), and the
+/// heap corrupts.
+#[derive(Default)]
+pub(crate) struct SnapshotWrites {
+    tasks: Vec<glommio::Task<()>>,
+}
+
+impl SnapshotWrites {
+    /// Keeps `write`, dropping the writes that have finished (one checkpoint is in progress at
+    /// a time, so this holds one or two).
+    pub(crate) fn push(&mut self, write: glommio::Task<()>) {
+        self.tasks.retain_mut(|t| t.now_or_never().is_none());
+        self.tasks.push(write);
+    }
+
+    /// Waits for every write to finish.
+    pub(crate) async fn finish(self) {
+        for task in self.tasks {
+            task.await;
+        }
+    }
 }
 
 /// Takes the operator's part of `barrier`'s checkpoint where its input stopped, and writes it
