@@ -41,7 +41,8 @@ fn write_input_with_bad(path: &Path, lines: u64, bad_every: u64) {
 }
 
 /// Bad lines go to `DIR/bad.jsonl`. With one shard the run reads, looks up and writes on the
-/// shard's thread; with two it has a reader thread.
+/// shard's thread; with two it reads and writes on shard 0 and routes the lookups to both
+/// (checkpoints across the two shards).
 fn enrich(server: &Server, dir: &Path, mode: &str, shards: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
     c.args(["enrich", "--redis"])

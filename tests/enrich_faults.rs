@@ -590,8 +590,8 @@ fn the_bytes_held_stay_under_the_bound_with_large_values() {
     })
     .unwrap();
     let limit = 2 * 1024 * 1024;
-    // One shard runs on its own thread (the source waits on the budget without blocking the
-    // shard), two shards with a reader thread.
+    // One shard runs on its own thread, two read and write on shard 0 (either way the source
+    // waits on the budget without blocking the shard).
     for shards in ["1", "2"] {
         let f = Files::with_input(200);
         let flags = [

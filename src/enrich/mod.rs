@@ -8,6 +8,9 @@
 //!    watermarks.rs, budget.rs)
 //! ```
 //!
+//! That is the shape for standard input and NATS streams; a file is read and written on shard
+//! 0's thread instead, the same parts as the shard's source and sink (`on_shard.rs`).
+//!
 //! Owns: the command's orchestration: checks before any file is touched (`guard.rs`), the
 //! stage, the threads, and the summary at the end. Invariants:
 //! - memory is bounded by the stage (shards x (capacity + channels) lines) and by bytes
@@ -169,8 +172,8 @@ impl Stop {
 /// is a setup error (files, Redis, the checkpoint directory); run failures are in
 /// `Summary::failure`. `progress` gets the summary so far and the lines in flight.
 ///
-/// One shard reading a file without checkpoints runs on that shard's thread (`on_shard.rs`);
-/// otherwise a reader thread feeds the stage and this thread writes.
+/// A run that reads a file reads and writes on shard 0's thread (`on_shard.rs`); otherwise
+/// (standard input, NATS) a reader thread feeds the stage and this thread writes.
 pub fn run(
     config: &EnrichConfig,
     stop: Arc<Stop>,

@@ -1,25 +1,32 @@
-//! `sluice enrich` on one shard: the input read, parsed and keyed, looked up, merged and
-//! written on the shard's thread (`StageBuilder::run_on_shards`); the calling thread only
-//! reports progress and waits.
+//! `sluice enrich` on the shards: the input read, parsed and keyed, and the outputs merged,
+//! serialized and written on shard 0's thread; the lookups on every shard. The calling thread
+//! only reports progress and waits.
 //!
 //! ```text
-//!  shard 0 (one thread)
+//!  one shard (one thread)
 //!  ┌────────────────────────────────────────────────────────────────────────────┐
 //!  │ Source: Lines (read, parse, key) ─▶ AsyncWait(RedisEnrich) ─▶ Sink: Writer  │
 //!  │   waits (Pending) while the budget is full ◀── woken after each write ──┘   │
 //!  └────────────────────────────────────────────────────────────────────────────┘
+//!
+//!  N shards (StageBuilder::routed)
+//!  shard 0: Lines ─▶ route by key ─┬─▶ AsyncWait (shard 0) ─┐
+//!                                  └─▶ shard i: AsyncWait ──┴─▶ merge ─▶ Writer (shard 0)
 //! ```
 //!
-//! Owns: the run when it has one shard and reads a file (a pipe on standard input would block
-//! the shard while it waits for a line: those runs use the reader thread). Invariants: the
-//! same as the threaded run's (`mod.rs`), kept by the same parts: `Lines` reads and says when
-//! a checkpoint is due (`CheckpointClock`), `Budget` bounds the bytes
-//! (the source waits without blocking: it returns `Pending` and the sink wakes it after the
-//! lines it handled released their bytes), `Writer` applies every line's policy in the order
-//! the operator releases them and makes the files durable for a checkpoint, whose commit the
-//! stage does (`ShardSink::checkpoint`, `committed`); a signal ends the source, so what is in
-//! flight drains and is written; a second one stops at once, after flushing what the writer
-//! holds.
+//! Owns: the run when it reads a file (a pipe on standard input would block the shard while
+//! it waits for a line: those runs use the reader thread; so do NATS streams, whose client
+//! runs on tokio). With one shard the operator reads the source itself
+//! (`StageBuilder::run_on_shards`); with several the source and the sink run on shard 0 and the
+//! stage routes and merges (`StageBuilder::routed`), checkpoints across shards included.
+//! Invariants: the same as the threaded run's (`mod.rs`), kept by the same parts: `Lines` reads
+//! and says when a checkpoint is due (`CheckpointClock`), `Budget` bounds the bytes (the source
+//! waits without blocking: it returns `Pending` and the sink wakes it after the lines it
+//! handled released their bytes; both are on shard 0), `Writer` applies every line's policy
+//! in the order the stage releases them and makes the files durable for a checkpoint, whose
+//! commit the stage does (`ShardSink::checkpoint`, `committed`); a signal ends the source, so
+//! what is in flight drains and is written; a second one stops at once, after flushing what
+//! the writer holds.
 
 use super::budget::Budget;
 use super::files::PendingSync;
@@ -30,8 +37,9 @@ use super::{
     RunEnd, Stop, Summary,
 };
 use crate::checkpoint::CheckpointError;
+use crate::checkpoint::RestoreInfo;
 use crate::error::StageError;
-use crate::{Output, ShardSink, SinkCheckpoint, SinkError, SourceItem};
+use crate::{Output, ShardSink, SinkCheckpoint, SinkError, SourceItem, StageHandle};
 use futures::task::AtomicWaker;
 use futures::Stream;
 use std::pin::Pin;
@@ -43,10 +51,9 @@ use std::time::{Duration, Instant};
 /// How often the calling thread looks at the shard and the signals while the run goes on.
 const WATCH_EVERY: Duration = Duration::from_millis(20);
 
-/// Whether `config`'s run goes on one shard's thread.
+/// Whether `config`'s run goes on the shards: it reads a file.
 pub(crate) fn applies(config: &EnrichConfig) -> bool {
-    let shards = config.shards.unwrap_or_else(crate::default_shards);
-    shards == 1 && config.input.is_some()
+    config.input.is_some()
 }
 
 /// The input as the shard's source: a line whenever the operator has room and the budget
@@ -161,19 +168,53 @@ impl ShardSink<Enriched> for WriterSink {
     }
 }
 
-/// Runs `run` on one shard; this thread reports progress until the shard ends or a second
-/// signal.
+/// Makes the source or the sink on the shard.
+type Make<T> = Box<dyn FnOnce() -> T + Send>;
+
+/// What `made` makes, on the one shard that calls it.
+fn make_once<T>(made: &Mutex<Option<Make<T>>>) -> T {
+    let make = made
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .expect("one shard: made once");
+    make()
+}
+
+/// A stage checked and restored, waiting for its source and sink.
+type Start =
+    Box<dyn FnOnce(Make<LineSource>, Make<WriterSink>) -> Result<StageHandle, EnrichError>>;
+
+/// Runs `run` on the shards (the input and output on shard 0); this thread reports progress
+/// until the stage ends or a second signal.
 pub(crate) fn run(
     run: &Run<'_>,
     progress: &mut dyn FnMut(&Summary, u64),
 ) -> Result<Summary, EnrichError> {
     let config = run.config;
+    let shards = config.shards.unwrap_or_else(crate::default_shards);
     let (builder, sinks) = startup::stage_builder(config, run.cluster, &run.budget);
-    let stage = builder
-        .shards(1)
-        .on_shards()
-        .map_err(|e| EnrichError::Stage(e.to_string()))?;
-    let restored = stage.restored().cloned();
+    let stage_error = |e: crate::BuildError| EnrichError::Stage(e.to_string());
+    let builder = builder.shards(shards);
+    // One shard: the operator reads the source itself, no channel between them. Several: the
+    // source and the sink on shard 0, records routed to the shards and merged back.
+    let (restored, start): (Option<RestoreInfo>, Start) = if shards == 1 {
+        let stage = builder.on_shards().map_err(stage_error)?;
+        let restored = stage.restored().cloned();
+        let start: Start = Box::new(move |source, sink| {
+            // One shard: each factory is called once.
+            let (source, sink) = (Mutex::new(Some(source)), Mutex::new(Some(sink)));
+            stage
+                .run(move |_| make_once(&source), move |_| make_once(&sink))
+                .map_err(stage_error)
+        });
+        (restored, start)
+    } else {
+        let stage = builder.routed().map_err(stage_error)?;
+        let restored = stage.restored().cloned();
+        let start: Start = Box::new(move |source, sink| Ok(stage.run(source, sink)));
+        (restored, start)
+    };
     startup::check_restored(config, restored.as_ref())?;
     let files = startup::open_files(config, restored.as_ref())?;
     let state = Arc::new(ReaderState::default());
@@ -185,15 +226,14 @@ pub(crate) fn run(
         run.budget.clone(),
         config.emit_watermarks,
     )));
-    // Taken by the source's factory on the shard (one shard: called once).
-    let lines = Mutex::new(Some(Lines::new(
+    let lines = Lines::new(
         files.input,
         config.key.clone(),
         config.event_time.clone(),
         config.max_out_of_orderness,
         state.clone(),
-    )));
-    let source = {
+    );
+    let source: Make<LineSource> = {
         let (budget, stop, state, room) = (
             run.budget.clone(),
             run.stop.clone(),
@@ -204,31 +244,22 @@ pub(crate) fn run(
             .checkpoint_dir
             .as_ref()
             .map(|_| config.checkpoint_interval);
-        move |_| LineSource {
+        Box::new(move || LineSource {
             checkpoints: interval.map(CheckpointClock::new),
-            lines: lines
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .expect("one shard: its source is made once"),
-            budget: budget.clone(),
-            stop: stop.clone(),
-            state: state.clone(),
-            room: room.clone(),
+            lines,
+            budget,
+            stop,
+            state,
+            room,
             watermark: None,
             ended: false,
-        }
+        })
     };
-    let sink = {
+    let sink: Make<WriterSink> = {
         let writer = writer.clone();
-        move |_| WriterSink {
-            writer: writer.clone(),
-            room: room.clone(),
-        }
+        Box::new(move || WriterSink { writer, room })
     };
-    let mut handle = stage
-        .run(source, sink)
-        .map_err(|e| EnrichError::Stage(e.to_string()))?;
+    let mut handle = start(source, sink)?;
     if let Some(e) = &run.exporter {
         e.attach_stage(handle.observer(), sinks.clone());
     }
@@ -271,7 +302,7 @@ pub(crate) fn run(
         restored,
     };
     let mut summary = summarize(run, ended, &mut writer);
-    summary.on_one_thread = true;
+    summary.on_one_thread = shards == 1;
     Ok(summary)
 }
 
