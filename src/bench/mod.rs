@@ -48,6 +48,11 @@ pub enum Mode {
     /// thread.
     OnShardOrdered,
     OnShardUnordered,
+    /// The stage with one source and one sink on shard 0 (`StageBuilder::routed`, the way
+    /// `sluice enrich --shards N` reads a file): records generated on shard 0, routed to the
+    /// shards, merged and counted back on shard 0.
+    RoutedOrdered,
+    RoutedUnordered,
     /// The operator as a `Stream` combinator on one glommio executor: records generated and
     /// consumed on that thread, as the tokio baseline and redis-benchmark do (no producer or
     /// consumer thread).
@@ -55,7 +60,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 13] = [
+    pub const ALL: [Mode; 15] = [
         Mode::SyncMap,
         Mode::ThreadPool,
         Mode::TokioBuffered,
@@ -66,6 +71,8 @@ impl Mode {
         Mode::KeyOrdered,
         Mode::OnShardOrdered,
         Mode::OnShardUnordered,
+        Mode::RoutedOrdered,
+        Mode::RoutedUnordered,
         Mode::TokioLocalBuffered,
         Mode::TokioCachedUnordered,
         Mode::AdapterUnordered,
@@ -91,6 +98,8 @@ impl Mode {
             Mode::KeyOrdered => "key-ordered",
             Mode::OnShardOrdered => "on-shard-ordered",
             Mode::OnShardUnordered => "on-shard-unordered",
+            Mode::RoutedOrdered => "routed-ordered",
+            Mode::RoutedUnordered => "routed-unordered",
             Mode::AdapterUnordered => "adapter-unordered",
         }
     }

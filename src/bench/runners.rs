@@ -183,6 +183,8 @@ pub fn run(
         Mode::KeyOrdered => sluice(OutputMode::KeyOrdered, shards, capacity, w),
         Mode::OnShardOrdered => on_shard(OutputMode::Ordered, shards, capacity, w),
         Mode::OnShardUnordered => on_shard(OutputMode::Unordered, shards, capacity, w),
+        Mode::RoutedOrdered => routed(OutputMode::Ordered, shards, capacity, w),
+        Mode::RoutedUnordered => routed(OutputMode::Unordered, shards, capacity, w),
         Mode::AdapterUnordered => adapter(shards, capacity, w),
     }
 }
@@ -878,6 +880,50 @@ fn on_shard(
             },
         )
         .map_err(|e| e.to_string())?;
+    let ended = handle.wait();
+    let elapsed = start.elapsed();
+    let cpu = cpu.client_since();
+    ended.map_err(|e| e.to_string())?;
+    let metrics = handle.metrics();
+    let records = counted.load(Ordering::Relaxed);
+    assert_eq!(records, metrics.records_in, "every record read came out");
+    Ok(Measurement {
+        records,
+        elapsed,
+        latency_us: metrics.invoke_to_emit_us,
+        cpu,
+        wire_us: Some(figures.wire_us()),
+        layer: Some(figures.layer()),
+    })
+}
+
+/// The stage with one source and one sink on shard 0: keys drawn there until the budget runs
+/// out, routed to the shards, looked up, merged and counted back on shard 0.
+fn routed(
+    mode: OutputMode,
+    shards: usize,
+    capacity: usize,
+    w: &Workload,
+) -> Result<Measurement, String> {
+    let figures = Sinks::new();
+    let stage = stage_builder(mode, shards, capacity, w, &figures)
+        .routed()
+        .map_err(|e| e.to_string())?;
+    let counted = Arc::new(AtomicU64::new(0));
+    let total = counted.clone();
+    let cpu = CpuMark::now();
+    let start = Instant::now();
+    let (mut budget, mut keys) = (Budget::new(w, start), Keys::new(w, 0));
+    let mut handle = stage.run(
+        move || {
+            futures::stream::iter(std::iter::from_fn(move || {
+                budget
+                    .take()
+                    .then(|| crate::SourceItem::Record(keys.next()))
+            }))
+        },
+        move || CountOutputs { records: 0, total },
+    );
     let ended = handle.wait();
     let elapsed = start.elapsed();
     let cpu = cpu.client_since();
