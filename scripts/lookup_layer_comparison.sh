@@ -11,11 +11,8 @@ out=docs/figures
 rounds=${ROUNDS:-3}
 batch=${BATCH:-16}
 mkdir -p "$out"
-taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-    --daemonize yes --logfile "/tmp/redis-$port.log"
-trap 'redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true' EXIT
-for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-url=redis://127.0.0.1:$port
+. scripts/pinned_redis.sh
+start_pinned_redis "$port"
 # redis-benchmark's own keyspace (key:000000xxxxxx, 128-byte values) so that its GETs hit,
 # and loadgen's (user:user_xxxxxx) for sluice, the baselines and the enrich input.
 redis-benchmark -p "$port" -t set -n 4000000 -r 1000000 -d 128 -P 64 -q >/dev/null

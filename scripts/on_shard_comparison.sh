@@ -11,11 +11,8 @@ port=${PORT:-16381}
 out=docs/figures
 rounds=${ROUNDS:-3}
 mkdir -p "$out"
-taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-    --daemonize yes --logfile "/tmp/redis-$port.log"
-trap 'redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true' EXIT
-for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-url=redis://127.0.0.1:$port
+. scripts/pinned_redis.sh
+start_pinned_redis "$port"
 ./target/release/sluice bench --redis "$url" --load --keys 1000000 --shards 1 --capacities 1 \
     --modes unordered --duration 0.1s --server-limit 1e9 --json /tmp/on-shard-load.json \
     --svg /tmp/on-shard-load.svg >/dev/null

@@ -8,10 +8,8 @@ set -euo pipefail
 port=${PORT:-16380}
 out=docs/figures
 mkdir -p "$out"
-taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-    --daemonize yes --logfile "/tmp/redis-$port.log"
-trap 'redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true' EXIT
-for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+. scripts/pinned_redis.sh
+start_pinned_redis "$port"
 # redis-benchmark's own keys (key:000000xxxxxx), 128-byte values, 100k keys.
 redis-benchmark -p "$port" -t set -n 300000 -r 100000 -d 128 -q >/dev/null
 # Rounds, each with redis-benchmark at 64 and 256 in flight and then every client mode at both,

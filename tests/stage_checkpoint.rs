@@ -7,50 +7,14 @@
 
 mod common;
 
-use common::{check_merged, In, Out};
+use common::{check_merged, input_codec, logical_input, In, Input, Out};
 use sluice::checkpoint::{CheckpointRefused, Checkpointing, Codec, SourcePosition};
 use sluice::{from_fn, Output, OutputMode, Outputs, Stage};
 use std::path::Path;
 use std::time::Duration;
 
-type Input = (u64, u64, u64); // (logical position, key, latency us)
-
-/// The logical input: records with a key and a latency, a watermark after every 7th record.
-fn logical_input(records: u64) -> Vec<In> {
-    let mut input = vec![];
-    let mut ts = 0;
-    for i in 0..records {
-        let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
-        input.push(In::Rec {
-            seq: input.len() as u64,
-            key: h % 5,
-        });
-        if i % 7 == 6 {
-            ts += 10;
-            input.push(In::Wm {
-                seq: input.len() as u64,
-                ts,
-            });
-        }
-    }
-    input
-}
-
 fn latency_us(position: u64) -> u64 {
     (position.wrapping_mul(0xff51_afd7_ed55_8ccd) >> 50) % 1500
-}
-
-fn input_codec() -> Codec<Input> {
-    Codec::new(
-        |&(p, k, l): &Input| [p, k, l].iter().flat_map(|v| v.to_le_bytes()).collect(),
-        |b| {
-            if b.len() != 24 {
-                return Err(format!("{} bytes, an input is 24", b.len()));
-            }
-            let word = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
-            Ok((word(0), word(1), word(2)))
-        },
-    )
 }
 
 fn start(dir: &Path, mode: OutputMode, shards: usize) -> Stage<Input, u64> {

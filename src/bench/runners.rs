@@ -863,7 +863,7 @@ fn on_shard(
     let start = Instant::now();
     let budget = Budget::new(w, start);
     let source_w = w.clone();
-    let mut handle = builder
+    let handle = builder
         .run_on_shards(
             move |ctx| {
                 let (mut budget, mut keys) =
@@ -880,6 +880,17 @@ fn on_shard(
             },
         )
         .map_err(|e| e.to_string())?;
+    measure_sinks(handle, start, cpu, &counted, &figures)
+}
+
+/// Waits for a stage whose sinks count into `counted`, and measures it from `start` and `cpu`.
+fn measure_sinks(
+    mut handle: crate::StageHandle,
+    start: Instant,
+    cpu: CpuMark,
+    counted: &AtomicU64,
+    figures: &Sinks,
+) -> Result<Measurement, String> {
     let ended = handle.wait();
     let elapsed = start.elapsed();
     let cpu = cpu.client_since();
@@ -914,7 +925,7 @@ fn routed(
     let cpu = CpuMark::now();
     let start = Instant::now();
     let (mut budget, mut keys) = (Budget::new(w, start), Keys::new(w, 0));
-    let mut handle = stage.run(
+    let handle = stage.run(
         move || {
             futures::stream::iter(std::iter::from_fn(move || {
                 budget
@@ -924,21 +935,7 @@ fn routed(
         },
         move || CountOutputs { records: 0, total },
     );
-    let ended = handle.wait();
-    let elapsed = start.elapsed();
-    let cpu = cpu.client_since();
-    ended.map_err(|e| e.to_string())?;
-    let metrics = handle.metrics();
-    let records = counted.load(Ordering::Relaxed);
-    assert_eq!(records, metrics.records_in, "every record read came out");
-    Ok(Measurement {
-        records,
-        elapsed,
-        latency_us: metrics.invoke_to_emit_us,
-        cpu,
-        wire_us: Some(figures.wire_us()),
-        layer: Some(figures.layer()),
-    })
+    measure_sinks(handle, start, cpu, &counted, &figures)
 }
 
 #[cfg(test)]

@@ -348,3 +348,42 @@ pub fn check_merged(mode: sluice::OutputMode, input: &[In], output: &[Out]) {
         sluice::OutputMode::Unordered => {}
     }
 }
+
+/// A checkpointed test's input: (logical position, key, latency us).
+pub type Input = (u64, u64, u64);
+
+/// The logical input of the checkpoint tests: records with one of 5 keys, a watermark after
+/// every 7th record.
+pub fn logical_input(records: u64) -> Vec<In> {
+    let mut input = vec![];
+    let mut ts = 0;
+    for i in 0..records {
+        let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+        input.push(In::Rec {
+            seq: input.len() as u64,
+            key: h % 5,
+        });
+        if i % 7 == 6 {
+            ts += 10;
+            input.push(In::Wm {
+                seq: input.len() as u64,
+                ts,
+            });
+        }
+    }
+    input
+}
+
+/// [`Input`] as 24 little-endian bytes in a checkpoint.
+pub fn input_codec() -> sluice::checkpoint::Codec<Input> {
+    sluice::checkpoint::Codec::new(
+        |&(p, k, l): &Input| [p, k, l].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        |b| {
+            if b.len() != 24 {
+                return Err(format!("{} bytes, an input is 24", b.len()));
+            }
+            let word = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+            Ok((word(0), word(1), word(2)))
+        },
+    )
+}
