@@ -68,8 +68,9 @@ pub struct Summary {
     pub resumed_after_line: Option<u64>,
     /// The checkpoint directory says a previous run finished: nothing was done.
     pub already_completed: bool,
-    /// The run read, looked up and wrote on one shard's thread (one shard, a file, no
-    /// checkpoints); otherwise a reader thread and the writer ran beside the shards.
+    /// The run read, looked up and wrote on one shard's thread (one shard reading a file);
+    /// with several shards a file is read and written on shard 0, and standard input and NATS
+    /// streams through a reader thread and the writer beside the shards.
     pub on_one_thread: bool,
     /// With NATS ends: deliveries, publishes, duplicates dropped, acknowledgements.
     pub nats: Option<String>,
