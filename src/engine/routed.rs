@@ -19,8 +19,9 @@
 //!   threads that push and pull are gone (the hand-overs to and from shard 0's own operator stay
 //!   on its thread, and a shard that waits is woken through its executor, not a parked thread);
 //! - the source is read only while the producer takes what it yields (a full shard channel
-//!   waits, nothing is buffered between them), and the task yields to the shard's operator
-//!   every `YIELD_EVERY` records, so reading never starves the lookups on the same core;
+//!   waits, nothing is buffered between them), and every `YIELD_EVERY` records the task yields
+//!   if its time slice is spent (`glommio::yield_if_needed`), so reading never starves the
+//!   lookups on the same core;
 //! - the sink gets outputs in the merge's order, in batches of what it had ready at once;
 //!   everything the merge released before a failure reaches the sink before the failure is
 //!   reported; `finish` is called once, after the last output, only when the stream ended
@@ -50,7 +51,8 @@ pub(crate) type EdgeJob =
 /// Where shard 0 waits for its edge job (none comes if the routed stage is dropped unrun).
 pub(crate) type EdgeSlot = flume::Receiver<EdgeJob>;
 
-/// The source task yields to the shard's other tasks after this many records in a row.
+/// The source task asks whether to yield to the shard's other tasks after this many records
+/// in a row.
 const YIELD_EVERY: usize = 64;
 
 /// The sink takes at most this many outputs in one `write`.
