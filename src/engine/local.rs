@@ -438,7 +438,9 @@ where
 {
     let index = shard.context.index;
     let ended = shard.ended.clone();
-    let body = AssertUnwindSafe(async move {
+    // Outside the body: awaited after a panic too (`SnapshotWrites`).
+    let mut writes = SnapshotWrites::default();
+    let body = AssertUnwindSafe(async {
         let func = (shard.factory)(shard.context);
         let gate: Gate = Rc::new(Cell::new(None));
         let input = LocalInput {
@@ -452,14 +454,12 @@ where
         let sink = (shard.sinks)(shard.context);
         let op =
             AsyncWait::with_metrics(input, func, shard.config, GlommioClock, Some(shard.metrics));
-        let mut writes = SnapshotWrites::default();
         let checkpoint = shard.checkpoint.as_ref();
-        let result = drive_local(op, sink, index, &gate, checkpoint, &mut writes).await;
-        // On every path: a write dropped with the executor corrupts memory (`SnapshotWrites`).
-        writes.finish().await;
-        result
+        drive_local(op, sink, index, &gate, checkpoint, &mut writes).await
     });
-    let result = match body.catch_unwind().await {
+    let outcome = body.catch_unwind().await;
+    writes.finish().await;
+    let result = match outcome {
         Ok(result) => result,
         Err(panic) => Err(StageError::ShardPanicked {
             shard: index,

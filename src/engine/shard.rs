@@ -201,14 +201,19 @@ where
         restore,
         checkpoint,
     } = parts;
+    // Outside the body: awaited after a panic too (`SnapshotWrites`).
+    let mut writes = SnapshotWrites::default();
     let body = AssertUnwindSafe(async {
         let func = factory(context);
         let gate: Gate = Rc::new(Cell::new(None));
         let input = shard_input(restore, ingress, &gate);
         let op = AsyncWait::with_metrics(input, func, config, GlommioClock, Some(metrics));
-        drive(op, &gate, &egress, checkpoint.as_ref(), context.index).await
+        let shard = context.index;
+        drive(op, &gate, &egress, checkpoint.as_ref(), shard, &mut writes).await
     });
-    match body.catch_unwind().await {
+    let ended = body.catch_unwind().await;
+    writes.finish().await;
+    match ended {
         Ok(true) => {
             let _ = egress.send(Egress::Finished).await;
         }
@@ -234,27 +239,10 @@ pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// The shard's loop: outputs gathered into batches for the merge, and each checkpoint barrier
-/// snapshotted where the operator's input stopped before it goes on. Returns `true` when the
-/// input ended or the consumer went away, `false` after it sent a failure.
+/// snapshotted where the operator's input stopped before it goes on (the writes left in
+/// `writes`). Returns `true` when the input ended or the consumer went away, `false` after it
+/// sent a failure.
 async fn drive<S, F>(
-    op: AsyncWait<S, F, GlommioClock>,
-    gate: &Gate,
-    egress: &handoff::Sender<Egress<F::Out>>,
-    checkpoint: Option<&ShardCheckpoint<F::In>>,
-    shard: usize,
-) -> bool
-where
-    S: Stream<Item = Element<F::In>> + Unpin,
-    F: AsyncFunction,
-{
-    let mut writes = SnapshotWrites::default();
-    let ended = drive_until_end(op, gate, egress, checkpoint, shard, &mut writes).await;
-    writes.finish().await;
-    ended
-}
-
-/// [`drive`]'s loop; the snapshot writes it starts are left in `writes`.
-async fn drive_until_end<S, F>(
     mut op: AsyncWait<S, F, GlommioClock>,
     gate: &Gate,
     egress: &handoff::Sender<Egress<F::Out>>,
@@ -300,7 +288,7 @@ where
 }
 
 /// A shard's snapshot writes still running. A shard awaits them before it ends, on every path
-/// (a consumer gone included): a task dropped with its executor would leave the kernel an
+/// (a consumer gone and a panic included): a task dropped with its executor would leave the kernel an
 /// io_uring operation whose completion writes into memory already freed (opening the file
 /// runs `statx` in the kernel's worker pool, which fills a buffer of the task's), and the
 /// heap corrupts.
