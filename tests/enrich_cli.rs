@@ -468,10 +468,13 @@ fn every_shape_of_a_run_writes_the_same() {
     let (one, out1, dead1, m1) = run_with("1", &[]);
     assert!(one.status.success());
     assert_eq!(m1["on_one_thread"], true, "{m1}");
+    assert_eq!(m1["on_the_shards"], true, "{m1}");
     for shape in ["2", "2-stdin"] {
         let (two, out2, dead2, m2) = run_with(shape, &[]);
         assert!(two.status.success(), "{shape}");
         assert_eq!(m2["on_one_thread"], false, "{m2}");
+        // Two shards reading the file are routed from shard 0; standard input has its threads.
+        assert_eq!(m2["on_the_shards"], shape == "2", "{shape}: {m2}");
         assert_eq!(
             std::fs::read_to_string(&out1).unwrap(),
             std::fs::read_to_string(&out2).unwrap(),

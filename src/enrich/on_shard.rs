@@ -181,9 +181,41 @@ fn make_once<T>(made: &Mutex<Option<Make<T>>>) -> T {
     make()
 }
 
-/// A stage checked and restored, waiting for its source and sink.
-type Start =
-    Box<dyn FnOnce(Make<LineSource>, Make<WriterSink>) -> Result<StageHandle, EnrichError>>;
+/// The stage in its shape, started and restored, waiting for its source and sink: with one
+/// shard the operator reads the source itself (no channel between them); with several the
+/// source and the sink run on shard 0 and records are routed to the shards and merged back.
+enum Shape<F: crate::AsyncFunction, Fac> {
+    One(crate::OnShards<F, Fac>),
+    Routed(crate::Routed<F::In, F::Out>),
+}
+
+impl<F, Fac> Shape<F, Fac>
+where
+    F: crate::AsyncFunction<In = Arc<Line>, Out = Enriched>,
+    Fac: Fn(crate::ShardContext) -> F + Send + Sync + 'static,
+{
+    fn restored(&self) -> Option<&RestoreInfo> {
+        match self {
+            Shape::One(stage) => stage.restored(),
+            Shape::Routed(stage) => stage.restored(),
+        }
+    }
+
+    fn run(
+        self,
+        source: Make<LineSource>,
+        sink: Make<WriterSink>,
+    ) -> Result<StageHandle, crate::BuildError> {
+        match self {
+            Shape::One(stage) => {
+                // One shard: each factory is called once.
+                let (source, sink) = (Mutex::new(Some(source)), Mutex::new(Some(sink)));
+                stage.run(move |_| make_once(&source), move |_| make_once(&sink))
+            }
+            Shape::Routed(stage) => Ok(stage.run(source, sink)),
+        }
+    }
+}
 
 /// Runs `run` on the shards (the input and output on shard 0); this thread reports progress
 /// until the stage ends or a second signal.
@@ -196,25 +228,12 @@ pub(crate) fn run(
     let (builder, sinks) = startup::stage_builder(config, run.cluster, &run.budget);
     let stage_error = |e: crate::BuildError| EnrichError::Stage(e.to_string());
     let builder = builder.shards(shards);
-    // One shard: the operator reads the source itself, no channel between them. Several: the
-    // source and the sink on shard 0, records routed to the shards and merged back.
-    let (restored, start): (Option<RestoreInfo>, Start) = if shards == 1 {
-        let stage = builder.on_shards().map_err(stage_error)?;
-        let restored = stage.restored().cloned();
-        let start: Start = Box::new(move |source, sink| {
-            // One shard: each factory is called once.
-            let (source, sink) = (Mutex::new(Some(source)), Mutex::new(Some(sink)));
-            stage
-                .run(move |_| make_once(&source), move |_| make_once(&sink))
-                .map_err(stage_error)
-        });
-        (restored, start)
+    let stage = if shards == 1 {
+        Shape::One(builder.on_shards().map_err(stage_error)?)
     } else {
-        let stage = builder.routed().map_err(stage_error)?;
-        let restored = stage.restored().cloned();
-        let start: Start = Box::new(move |source, sink| Ok(stage.run(source, sink)));
-        (restored, start)
+        Shape::Routed(builder.routed().map_err(stage_error)?)
     };
+    let restored = stage.restored().cloned();
     startup::check_restored(config, restored.as_ref())?;
     let files = startup::open_files(config, restored.as_ref())?;
     let state = Arc::new(ReaderState::default());
@@ -259,7 +278,7 @@ pub(crate) fn run(
         let writer = writer.clone();
         Box::new(move || WriterSink { writer, room })
     };
-    let mut handle = start(source, sink)?;
+    let mut handle = stage.run(source, sink).map_err(stage_error)?;
     if let Some(e) = &run.exporter {
         e.attach_stage(handle.observer(), sinks.clone());
     }
@@ -302,6 +321,7 @@ pub(crate) fn run(
         restored,
     };
     let mut summary = summarize(run, ended, &mut writer);
+    summary.on_the_shards = true;
     summary.on_one_thread = shards == 1;
     Ok(summary)
 }

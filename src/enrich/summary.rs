@@ -68,9 +68,10 @@ pub struct Summary {
     pub resumed_after_line: Option<u64>,
     /// The checkpoint directory says a previous run finished: nothing was done.
     pub already_completed: bool,
-    /// The run read, looked up and wrote on one shard's thread (one shard reading a file);
-    /// with several shards a file is read and written on shard 0, and standard input and NATS
-    /// streams through a reader thread and the writer beside the shards.
+    /// The run read and wrote on shard 0's thread (a file): no reader or writer thread beside
+    /// the shards (standard input and NATS streams have them).
+    pub on_the_shards: bool,
+    /// On the shards with one shard: read, looked up and written on one thread.
     pub on_one_thread: bool,
     /// With NATS ends: deliveries, publishes, duplicates dropped, acknowledgements.
     pub nats: Option<String>,
@@ -129,6 +130,8 @@ impl Summary {
             self.records_per_s,
             if self.on_one_thread {
                 ", on one thread"
+            } else if self.on_the_shards {
+                ", on the shards"
             } else {
                 ""
             },
