@@ -282,9 +282,10 @@ struct BenchArgs {
     /// unordered, key-ordered (the stage fed by a producer thread, read by a consumer thread),
     /// on-shard-ordered, on-shard-unordered (the stage with its source and sink on each shard),
     /// routed-ordered, routed-unordered (one source and sink on shard 0, records routed to the
-    /// shards and merged back) (the default set); tokio-local-buffered (the current-thread baseline, ordered),
-    /// tokio-cached-unordered (the current-thread baseline with a moka cache in front of Redis)
-    /// and adapter-unordered (the operator as a single-threaded Stream combinator).
+    /// shards and merged back) (the default set); tokio-local-buffered (the current-thread
+    /// baseline, ordered), tokio-cached-unordered (the current-thread baseline with a moka
+    /// cache in front of Redis) and adapter-unordered (the operator as a single-threaded
+    /// Stream combinator).
     #[arg(long)]
     modes: Option<List<Mode>>,
     /// Wall time per point.
